@@ -5,5 +5,7 @@ from setuptools import setup
 setup(
     cffi_modules=[
         "pymvm/kvm/_build.py:ffibuilder",
+        "pymvm/vhost/_build.py:ffibuilder",
+        "pymvm/boot/_build.py:ffibuilder",
     ],
 )

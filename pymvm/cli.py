@@ -1,0 +1,143 @@
+"""`pymvm ...`: run and validate VMs, build the guest kernel and the test initramfs.
+
+User errors (bad config, unloadable kernel, missing host support) print one line on
+stderr, `pymvm: error: ...`, and exit with status 2; no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import structlog
+
+from . import logging as pymvm_logging
+
+EXIT_USAGE = 2
+
+
+def _resolve_artifact(name: str) -> Path:
+    """Resolve the `@name` shorthand of a config's kernel/initrd to a built artifact."""
+    from .config import ConfigError
+
+    if name == "microvm-kernel":
+        from .images.kernel import kernel_status
+
+        images = kernel_status()
+        if images is None:
+            raise ConfigError("the microVM kernel is not built yet: run 'pymvm build-kernel'")
+        return images.vmlinux
+    if name == "test-initramfs":
+        from .images.initramfs import initramfs_status
+
+        path = initramfs_status()
+        if path is None:
+            raise ConfigError("the test initramfs is not built yet: run 'pymvm build-initramfs'")
+        return path
+    raise ConfigError(f"unknown artifact @{name}: use @microvm-kernel or @test-initramfs")
+
+
+def _load(path: str):
+    from .config import load_config
+
+    return load_config(Path(path), resolve_artifact=_resolve_artifact)
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+    print(f"{args.config}: ok (vm {config.id}: {config.machine.vcpus} vCPUs, "
+          f"{config.machine.memory_mib} MiB, kernel {config.boot.kernel})")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .nested import can_boot_linux_here
+    from .vmm import run_vm
+
+    config = _load(args.config)
+    structlog.contextvars.bind_contextvars(vm_id=config.id)
+    ok, why = can_boot_linux_here()
+    if not ok:
+        structlog.get_logger().warning(
+            "host_cannot_boot_linux", reason=why,
+            hint="run it in the nested KVM host: python -m pymvm.nested -- pymvm run " + args.config)
+    return run_vm(config)
+
+
+def cmd_build_kernel(args: argparse.Namespace) -> int:
+    from .images.kernel import build_kernel
+
+    images = build_kernel(jobs=args.jobs, log=lambda msg: print(msg, file=sys.stderr, flush=True))
+    print(images.vmlinux)
+    print(images.bzimage)
+    return 0
+
+
+def cmd_build_initramfs(args: argparse.Namespace) -> int:
+    from .images.initramfs import build_initramfs
+
+    path = build_initramfs(out=Path(args.output) if args.output else None,
+                           extra_binaries=args.with_binaries,
+                           log=lambda msg: print(msg, file=sys.stderr, flush=True))
+    print(path)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pymvm", description="A KVM microVM monitor with vhost data planes.")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="boot a VM from a TOML file, in the foreground")
+    run.add_argument("config")
+    run.set_defaults(func=cmd_run)
+
+    val = sub.add_parser("validate", help="check a VM's TOML file without starting it")
+    val.add_argument("config")
+    val.set_defaults(func=cmd_validate)
+
+    bk = sub.add_parser("build-kernel", help="build (or find cached) the microVM guest kernel")
+    bk.add_argument("-j", "--jobs", type=int, default=None)
+    bk.set_defaults(func=cmd_build_kernel)
+
+    bi = sub.add_parser("build-initramfs", help="build (or find cached) the test initramfs")
+    bi.add_argument("-o", "--output")
+    bi.add_argument("--with", dest="with_binaries", action="append", default=[],
+                    metavar="BINARY", help="also include a host binary and its libraries (e.g. iperf3)")
+    bi.set_defaults(func=cmd_build_initramfs)
+    return p
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    from .boot.loader import BootError
+    from .config import ConfigError
+    from .kvm import KvmError
+    from .memory import GuestMemoryError
+
+    errors: list[type[BaseException]] = [ConfigError, BootError, GuestMemoryError, KvmError]
+    for mod, name in (("pymvm.images.kernel", "KernelBuildError"),
+                      ("pymvm.images.initramfs", "InitramfsError"),
+                      ("pymvm.devices.bus", "BusError")):
+        try:
+            errors.append(getattr(__import__(mod, fromlist=[name]), name))
+        except (ImportError, AttributeError):
+            pass
+    return tuple(errors)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    pymvm_logging.configure(args.log_level)
+    try:
+        return args.func(args)
+    except user_errors() as e:
+        print(f"pymvm: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

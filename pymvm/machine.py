@@ -1,0 +1,279 @@
+"""A running KVM machine: VM fd, guest memory, MMIO/PIO buses and the vCPU threads.
+
+This is the part shared by Linux boots (pymvm.vmm) and the small guest programs of the
+kvm test tier: it knows nothing about kernels or config files. Each vCPU has one thread
+blocked in KVM_RUN; exits are dispatched to the buses from that thread.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import enum
+import os
+import signal
+import threading
+from dataclasses import dataclass
+from typing import Callable
+
+import structlog
+
+from . import layout
+from .devices.bus import Bus
+from .kvm import EXIT_INTERRUPTED, Kvm, KvmError, Vcpu, Vm, constants as k
+from .memory import GuestMemory
+
+log = structlog.get_logger()
+
+# The signal that knocks a vCPU thread out of KVM_RUN (EINTR); its handler does nothing.
+KICK_SIGNAL = signal.SIGUSR1
+
+
+class StopKind(enum.Enum):
+    GUEST_RESET = "guest-reset"  # i8042 reset, triple fault, KVM reset event
+    GUEST_SHUTDOWN = "guest-shutdown"  # KVM shutdown event
+    GUEST_HALTED = "guest-halted"  # HLT with no in-kernel irqchip (test programs)
+    SIGNAL = "signal"  # SIGINT/SIGTERM to the VMM
+    REQUESTED = "requested"  # the embedding program asked
+    ERROR = "error"  # the guest or the VMM failed
+
+
+@dataclass(frozen=True)
+class StopReason:
+    kind: StopKind
+    message: str
+    exit_status: int
+
+
+class MachineState(enum.Enum):
+    CREATED = "created"
+    RUNNING = "running"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+    CLOSED = "closed"
+
+
+class MachineStateError(Exception):
+    """An operation was asked of a machine in a state that does not allow it."""
+
+
+def requires_state(*states: MachineState):
+    """Refuse a call unless the machine is in one of ``states`` (qemu.qmp's pattern)."""
+
+    def wrap(func):
+        def inner(self, *args, **kwargs):
+            if self.state not in states:
+                allowed = ", ".join(s.value for s in states)
+                raise MachineStateError(f"{func.__name__}() needs the machine {allowed}, it is {self.state.value}")
+            return func(self, *args, **kwargs)
+
+        inner.__name__ = func.__name__
+        inner.__doc__ = func.__doc__
+        return inner
+
+    return wrap
+
+
+def _install_kick_handler() -> None:
+    if threading.current_thread() is threading.main_thread():
+        if signal.getsignal(KICK_SIGNAL) in (signal.SIG_DFL, None):
+            signal.signal(KICK_SIGNAL, lambda *_: None)
+
+
+class Machine:
+    """KVM VM + memory + buses + vCPUs. Owns every fd it opens."""
+
+    def __init__(self, memory_size: int, *, vcpus: int = 1, hugepages: bool = False,
+                 irqchip: bool = True, kvm: Kvm | None = None) -> None:
+        self.state = MachineState.CREATED
+        self.mmio_bus = Bus("mmio")
+        self.pio_bus = Bus("pio")
+        self.irqchip = irqchip
+        self._threads: list[threading.Thread] = []
+        self._stop_lock = threading.Lock()
+        self._stopped = threading.Event()
+        self.stop_reason: StopReason | None = None
+        self.on_stop: Callable[[StopReason], None] | None = None
+        self.exit_counts: dict[str, int] = {}
+        self._eventfds: list[int] = []
+        self._owns_kvm = kvm is None
+        self.kvm = kvm or Kvm()
+        self.vm: Vm | None = None
+        self.memory: GuestMemory | None = None
+        try:
+            self.kvm.require()
+            max_vcpus = self.kvm.max_vcpus()
+            if not 1 <= vcpus <= max_vcpus:
+                raise KvmError(f"{vcpus} vCPUs requested, this host's KVM allows 1 to {max_vcpus}")
+            self.vm = self.kvm.create_vm()
+            self.vm.set_tss_addr(layout.KVM_TSS_ADDR)
+            self.vm.set_identity_map_addr(layout.KVM_IDENTITY_MAP_ADDR)
+            if irqchip:
+                self.vm.create_irqchip()
+                self.vm.create_pit2()
+            self.memory = GuestMemory(memory_size, hugepages=hugepages)
+            for region in self.memory.regions:
+                self.vm.set_user_memory_region(region.gpa, region.size, region.host_addr)
+            self.vcpus: list[Vcpu] = [self.vm.create_vcpu(i) for i in range(vcpus)]
+        except BaseException:
+            self.close()
+            raise
+
+    # ---- interrupts ------------------------------------------------------------------------
+    def irq_eventfd(self, gsi: int) -> Callable[[], None]:
+        """An edge-triggered interrupt line for a device: an eventfd bound to ``gsi`` by irqfd."""
+        fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self._eventfds.append(fd)
+        assert self.vm is not None
+        self.vm.register_irqfd(fd, gsi)
+
+        def trigger() -> None:
+            try:
+                os.eventfd_write(fd, 1)
+            except BlockingIOError:  # counter saturated: an interrupt is pending anyway
+                pass
+
+        return trigger
+
+    # ---- running ---------------------------------------------------------------------------
+    @requires_state(MachineState.CREATED)
+    def start(self) -> None:
+        _install_kick_handler()
+        self.state = MachineState.RUNNING
+        for vcpu in self.vcpus:
+            ctx = contextvars.copy_context()
+            t = threading.Thread(target=ctx.run, args=(self._vcpu_thread, vcpu),
+                                 name=f"vcpu{vcpu.id}", daemon=True)
+            self._threads.append(t)
+        for t in self._threads:
+            t.start()
+
+    def wait(self, timeout: float | None = None) -> StopReason | None:
+        self._stopped.wait(timeout)
+        return self.stop_reason
+
+    def request_stop(self, reason: StopReason) -> None:
+        """Stop every vCPU; thread-safe and idempotent (the first reason wins)."""
+        with self._stop_lock:
+            if self.stop_reason is not None:
+                return
+            self.stop_reason = reason
+            if self.state == MachineState.RUNNING:
+                self.state = MachineState.STOPPING
+        log.info("vm_stopping", reason=reason.kind.value, detail=reason.message, exit_status=reason.exit_status)
+        for vcpu in self.vcpus:
+            if vcpu.fd >= 0:
+                vcpu.set_immediate_exit(True)
+        me = threading.current_thread()
+        for t in self._threads:
+            if t is not me and t.is_alive() and t.ident is not None:
+                try:
+                    signal.pthread_kill(t.ident, KICK_SIGNAL)
+                except ProcessLookupError:
+                    pass
+        self._stopped.set()
+        if self.on_stop is not None:
+            self.on_stop(reason)
+
+    def join(self, timeout: float = 5.0) -> None:
+        me = threading.current_thread()
+        for t in self._threads:
+            if t is not me:
+                t.join(timeout)
+                if t.is_alive():
+                    # Still inside KVM_RUN: kick again (the signal may have raced the entry).
+                    if t.ident is not None:
+                        signal.pthread_kill(t.ident, KICK_SIGNAL)
+                    t.join(timeout)
+        if self.state == MachineState.STOPPING:
+            self.state = MachineState.STOPPED
+
+    def _vcpu_thread(self, vcpu: Vcpu) -> None:
+        structlog.contextvars.bind_contextvars(vcpu=vcpu.id)
+        try:
+            self._run_loop(vcpu)
+        except Exception as e:  # a bug or a KVM failure: stop the VM, never hang it
+            log.exception("vcpu_failed")
+            self.request_stop(StopReason(StopKind.ERROR, f"vcpu {vcpu.id}: {e}", 1))
+
+    def _run_loop(self, vcpu: Vcpu) -> None:
+        pio, mmio = self.pio_bus, self.mmio_bus
+        counts = self.exit_counts
+        while self.stop_reason is None:
+            reason = vcpu.run()
+            if reason == k.KVM_EXIT_IO:
+                ex = vcpu.io_exit()
+                data = vcpu.run_data(ex.data_offset, ex.size * ex.count)
+                for i in range(ex.count):
+                    chunk = data[i * ex.size:(i + 1) * ex.size]
+                    if ex.is_write:
+                        pio.write(ex.port, bytes(chunk))
+                    else:
+                        buf = bytearray(b"\xff" * ex.size)  # open bus reads all ones
+                        pio.read(ex.port, buf)
+                        chunk[:] = buf
+            elif reason == k.KVM_EXIT_MMIO:
+                ex = vcpu.mmio_exit()
+                data = vcpu.mmio_data()[:ex.length]
+                if ex.is_write:
+                    if not mmio.write(ex.addr, bytes(data)):
+                        counts["mmio_unhandled"] = counts.get("mmio_unhandled", 0) + 1
+                else:
+                    buf = bytearray(b"\xff" * ex.length)
+                    mmio.read(ex.addr, buf)
+                    data[:] = buf
+            elif reason == EXIT_INTERRUPTED:
+                continue
+            elif reason == k.KVM_EXIT_HLT:
+                self.request_stop(StopReason(StopKind.GUEST_HALTED, f"vcpu {vcpu.id} halted", 0))
+            elif reason == k.KVM_EXIT_SHUTDOWN:
+                self.request_stop(StopReason(StopKind.GUEST_RESET, "guest reset (triple fault)", 0))
+            elif reason == k.KVM_EXIT_SYSTEM_EVENT:
+                event = vcpu.system_event_type()
+                if event == k.KVM_SYSTEM_EVENT_SHUTDOWN:
+                    self.request_stop(StopReason(StopKind.GUEST_SHUTDOWN, "guest powered off", 0))
+                elif event == k.KVM_SYSTEM_EVENT_RESET:
+                    self.request_stop(StopReason(StopKind.GUEST_RESET, "guest reset", 0))
+                else:
+                    self.request_stop(StopReason(StopKind.ERROR, f"guest system event {event} (crash)", 1))
+            elif reason == k.KVM_EXIT_INTERNAL_ERROR:
+                regs = vcpu.get_regs()
+                self.request_stop(StopReason(
+                    StopKind.ERROR, f"KVM internal error on vcpu {vcpu.id} at rip {regs.rip:#x}: "
+                    f"{vcpu.internal_error()}", 1))
+            elif reason == k.KVM_EXIT_FAIL_ENTRY:
+                self.request_stop(StopReason(
+                    StopKind.ERROR, f"KVM entry failed on vcpu {vcpu.id}: hardware reason "
+                    f"{vcpu.fail_entry_reason():#x}", 1))
+            elif reason == k.KVM_EXIT_INTR:
+                continue
+            else:
+                from .kvm.vcpu import EXIT_NAMES
+                name = EXIT_NAMES.get(reason, str(reason))
+                self.request_stop(StopReason(StopKind.ERROR, f"unexpected exit {name} on vcpu {vcpu.id}", 1))
+            counts[reason] = counts.get(reason, 0) + 1
+
+    # ---- teardown --------------------------------------------------------------------------
+    def close(self) -> None:
+        if self.state == MachineState.CLOSED:
+            return
+        if self.state in (MachineState.RUNNING, MachineState.STOPPING):
+            self.request_stop(StopReason(StopKind.REQUESTED, "machine closed", 0))
+            self.join()
+        for fd in self._eventfds:
+            os.close(fd)
+        self._eventfds.clear()
+        if self.vm is not None:
+            self.vm.close()
+            self.vm = None
+        if self.memory is not None:
+            self.memory.close()
+            self.memory = None
+        if self._owns_kvm:
+            self.kvm.close()
+        self.state = MachineState.CLOSED
+
+    def __enter__(self) -> "Machine":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

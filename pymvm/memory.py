@@ -1,0 +1,152 @@
+"""Guest RAM: one memfd (optionally hugetlbfs-backed) mapped MAP_SHARED.
+
+Shared, fd-backed memory is what lets vhost back-ends (the kernel's vhost-net, or a
+vhost-user process that mmaps the fd) reach the guest's buffers directly. RAM is split
+around the 32-bit MMIO hole: [0, hole) and, for large guests, [4 GiB, ...).
+Host views are memoryview slices of the mapping: no copies.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+from dataclasses import dataclass, field
+
+from . import layout
+
+MFD_HUGETLB = getattr(os, "MFD_HUGETLB", 0x0004)
+HUGE_PAGE_SIZE = 2 << 20
+
+
+class GuestMemoryError(Exception):
+    """Guest memory could not be created, or a guest address is outside it."""
+
+
+@dataclass
+class MemoryRegion:
+    """One contiguous range of guest-physical RAM."""
+
+    gpa: int
+    size: int
+    fd: int  # the memfd shared by all regions
+    fd_offset: int  # where this region starts inside the memfd
+    host_addr: int  # userspace address of the mapping (for KVM and vhost)
+    _map: mmap.mmap = field(repr=False)
+    view: memoryview = field(repr=False)
+
+    @property
+    def end(self) -> int:
+        return self.gpa + self.size
+
+    def contains(self, gpa: int, length: int = 1) -> bool:
+        return self.gpa <= gpa and gpa + length <= self.end
+
+
+def ram_ranges(size: int) -> list[tuple[int, int]]:
+    """The (gpa, size) ranges of a guest with ``size`` bytes of RAM."""
+    low = min(size, layout.MMIO_HOLE_START)
+    ranges = [(0, low)]
+    if size > low:
+        ranges.append((layout.MMIO_HOLE_END, size - low))
+    return ranges
+
+
+def _host_address(buf: mmap.mmap) -> int:
+    from .kvm.ioctls import ffi
+
+    return int(ffi.cast("uintptr_t", ffi.from_buffer(buf)))
+
+
+class GuestMemory:
+    """All RAM of one VM. Owns the memfd and the mappings."""
+
+    def __init__(self, size: int, *, hugepages: bool = False, name: str = "pymvm-guest-ram") -> None:
+        if size <= 0 or size % mmap.PAGESIZE:
+            raise GuestMemoryError(f"guest memory size {size} is not a positive multiple of the page size")
+        if hugepages and size % HUGE_PAGE_SIZE:
+            raise GuestMemoryError(
+                f"guest memory size {size >> 20} MiB is not a multiple of the 2 MiB huge page size"
+            )
+        self.size = size
+        self.hugepages = hugepages
+        self.regions: list[MemoryRegion] = []
+        flags = os.MFD_CLOEXEC | (MFD_HUGETLB if hugepages else 0)
+        try:
+            self.fd = os.memfd_create(name, flags)
+        except OSError as e:
+            raise GuestMemoryError(f"memfd_create failed: {e.strerror}") from None
+        try:
+            os.ftruncate(self.fd, size)
+            offset = 0
+            for gpa, length in ram_ranges(size):
+                try:
+                    m = mmap.mmap(self.fd, length, mmap.MAP_SHARED,
+                                  mmap.PROT_READ | mmap.PROT_WRITE, offset=offset)
+                except OSError as e:
+                    hint = (" (reserve huge pages: echo N > /proc/sys/vm/nr_hugepages)"
+                            if hugepages else "")
+                    raise GuestMemoryError(
+                        f"cannot map {length >> 20} MiB of guest memory: {e.strerror}{hint}"
+                    ) from None
+                self.regions.append(
+                    MemoryRegion(gpa, length, self.fd, offset, _host_address(m), m, memoryview(m))
+                )
+                offset += length
+            if hugepages:
+                self._touch_hugepages()
+        except BaseException:
+            self.close()
+            raise
+
+    def _touch_hugepages(self) -> None:
+        # hugetlbfs memory is reserved at mmap time; fail now, not on a guest fault (SIGBUS).
+        try:
+            os.posix_fallocate(self.fd, 0, self.size)
+        except OSError as e:
+            raise GuestMemoryError(
+                f"not enough free huge pages for {self.size >> 20} MiB: {e.strerror} "
+                "(reserve them: echo N > /proc/sys/vm/nr_hugepages)"
+            ) from None
+
+    def close(self) -> None:
+        for region in self.regions:
+            region.view.release()
+            region._map.close()
+        self.regions.clear()
+        if getattr(self, "fd", -1) >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> "GuestMemory":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def low_ram_end(self) -> int:
+        return self.regions[0].end
+
+    def find_region(self, gpa: int, length: int = 1) -> MemoryRegion:
+        for region in self.regions:
+            if region.contains(gpa, length):
+                return region
+        raise GuestMemoryError(f"guest range {gpa:#x}+{length:#x} is not inside guest RAM")
+
+    def view(self, gpa: int, length: int) -> memoryview:
+        """A zero-copy view of guest memory; the range must lie inside one region."""
+        if length < 0 or gpa < 0:
+            raise GuestMemoryError(f"bad guest range {gpa:#x}+{length:#x}")
+        region = self.find_region(gpa, max(length, 1))
+        start = gpa - region.gpa
+        return region.view[start:start + length]
+
+    def write(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
+        self.view(gpa, len(data))[:] = data
+
+    def read(self, gpa: int, length: int) -> bytes:
+        return bytes(self.view(gpa, length))
+
+    def host_address(self, gpa: int, length: int = 1) -> int:
+        region = self.find_region(gpa, length)
+        return region.host_addr + (gpa - region.gpa)

@@ -1,0 +1,552 @@
+"""The nested KVM host: run a command where Linux guests can boot.
+
+Some development and CI machines expose a /dev/kvm on which Linux guests cannot boot (the
+paravirtual ``kvm_pvm``) and have no /dev/vhost-net. There, e2e tests run inside a Linux
+guest booted by virtme-ng (``vng``) under QEMU TCG emulating AMD SVM: inside it ``kvm_amd``,
+``vhost_net`` and ``tun`` are real. vng shares this machine's root filesystem (read-only,
+with copy-on-write overlays), so the project, Python and its packages are all there; only
+the folders given as ``--rwdir`` write through.
+
+    python -m pymvm.nested [--cpus N] [--memory M] [--timeout S] -- CMD...
+
+runs CMD directly where this machine can boot Linux guests, else inside the nested host.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import selectors
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
+from typing import BinaryIO
+
+import structlog
+
+log = structlog.get_logger()
+
+OVERRIDE_ENV = "PYMVM_NESTED"
+"""``always`` (use the nested host), ``never`` (run directly) or ``auto`` (detect)."""
+
+IN_NESTED_ENV = "PYMVM_IN_NESTED"
+"""Set to 1 for commands run inside the nested host."""
+
+KERNEL_CMDLINE_MARK = "pymvm_nested=1"
+"""Appended to the nested host's kernel command line: detects it even with a scrubbed env."""
+
+NESTED_MODULES = ("kvm_amd", "vhost_net", "tun")
+
+# QEMU TCG cannot run a hardware-KVM CPU model; EPYC + svm gives kvm_amd with nested paging.
+QEMU_CPU = "EPYC,+svm"
+
+EXIT_NESTED_HOST_DIED = 125
+"""run_nested's result when the nested host ended without recording the command's status
+(kernel panic, OOM, QEMU crash). Like ``docker run``'s 125: the runner failed, not CMD."""
+
+EXIT_TIMEOUT = 124
+"""run_nested's result when ``timeout`` expired (as coreutils ``timeout``)."""
+
+STATUS_FILE = "exit-status"
+SCRIPT_FILE = "run.sh"
+
+# Passed into the nested host besides PATH (which gets this Python's bin dir first).
+PASSTHROUGH_ENV = (
+    "PYTHONPATH",
+    "VIRTUAL_ENV",
+    "PYENV_VERSION",
+    "PYTEST_ADDOPTS",
+    "LANG",
+    "LC_ALL",
+    "TERM",
+    "CI",
+    "NO_COLOR",
+    "FORCE_COLOR",
+    "PY_COLORS",
+)
+PASSTHROUGH_PREFIX = "PYMVM_"
+# Never passed in: inside, "always" would try to nest again.
+NOT_PASSED = frozenset({OVERRIDE_ENV})
+
+# QEMU prints one of these per unsupported CPUID bit per vCPU: noise, not news.
+_QEMU_TCG_WARNING = b"qemu-system-x86_64: warning: TCG doesn't support requested feature"
+
+_EMPTY_ENV: Mapping[str, str] = MappingProxyType({})
+
+
+class NestedHostError(Exception):
+    """The nested KVM host cannot be started or used."""
+
+
+# --------------------------------------------------------------------------- detection
+
+
+@dataclass(frozen=True)
+class HostFacts:
+    """What decides whether Linux guests can boot on this machine's /dev/kvm."""
+
+    cpu_flags: frozenset[str]
+    modules: frozenset[str]  # the KVM-related modules in /sys/module
+    has_dev_kvm: bool
+    has_vhost_net: bool
+
+    @classmethod
+    def gather(
+        cls,
+        *,
+        cpuinfo: Path = Path("/proc/cpuinfo"),
+        sys_module: Path = Path("/sys/module"),
+        dev: Path = Path("/dev"),
+        try_modprobe: bool = True,
+    ) -> HostFacts:
+        try:
+            flags = cpu_flags_from_cpuinfo(cpuinfo.read_text())
+        except OSError:
+            flags = frozenset()
+        modules = frozenset(
+            m for m in ("kvm", "kvm_intel", "kvm_amd", "kvm_pvm") if (sys_module / m).exists()
+        )
+        vhost = dev / "vhost-net"
+        if not vhost.exists() and try_modprobe and (dev / "kvm").exists():
+            _modprobe("vhost_net")
+        return cls(
+            cpu_flags=flags,
+            modules=modules,
+            has_dev_kvm=(dev / "kvm").exists(),
+            has_vhost_net=vhost.exists(),
+        )
+
+
+def cpu_flags_from_cpuinfo(text: str) -> frozenset[str]:
+    """The ``flags`` of the first CPU in /proc/cpuinfo text."""
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        if sep and key.strip() == "flags":
+            return frozenset(value.split())
+    return frozenset()
+
+
+def _modprobe(module: str) -> None:
+    try:
+        subprocess.run(
+            ["modprobe", "-q", module],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            timeout=10,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        pass  # no modprobe or no permission: the caller checks for the device instead
+
+
+def assess(facts: HostFacts, override: str = "auto", *, nested: bool = False) -> tuple[bool, str]:
+    """Decide from ``facts`` whether Linux guests can boot here; the string says why."""
+    if override not in ("auto", "always", "never"):
+        raise NestedHostError(
+            f"{OVERRIDE_ENV}={override!r} is not valid: use always, never or auto"
+        )
+    if override == "never":
+        return True, f"{OVERRIDE_ENV}=never: running directly"
+    # Inside the nested host "always" would only nest again: detect instead.
+    if override == "always" and not nested:
+        return False, f"{OVERRIDE_ENV}=always: using the nested KVM host"
+    if not facts.has_dev_kvm:
+        return False, "/dev/kvm does not exist"
+    if "kvm_pvm" in facts.modules:
+        return False, "/dev/kvm is the paravirtual kvm_pvm: Linux guests cannot boot on it"
+    if not facts.cpu_flags & {"vmx", "svm"}:
+        return False, "the CPU has neither vmx nor svm: /dev/kvm is not hardware-assisted"
+    loaded = sorted(facts.modules & {"kvm_intel", "kvm_amd"})
+    if not loaded:
+        return False, "neither kvm_intel nor kvm_amd is loaded"
+    if not facts.has_vhost_net:
+        return False, "/dev/vhost-net does not exist and `modprobe vhost_net` did not create it"
+    return True, f"hardware-assisted KVM ({loaded[0]}) and /dev/vhost-net are available"
+
+
+def can_boot_linux_here(facts: HostFacts | None = None) -> tuple[bool, str]:
+    """True where /dev/kvm is hardware-assisted KVM with vhost-net; else why not.
+
+    ``PYMVM_NESTED=always|never|auto`` (default auto) overrides the detection.
+    """
+    override = os.environ.get(OVERRIDE_ENV, "auto").strip().lower() or "auto"
+    return assess(facts or HostFacts.gather(), override, nested=in_nested_host())
+
+
+def in_nested_host(*, cmdline: Path = Path("/proc/cmdline")) -> bool:
+    """True when running inside the nested KVM host started by run_nested."""
+    if os.environ.get(IN_NESTED_ENV) == "1":
+        return True
+    try:
+        return KERNEL_CMDLINE_MARK in cmdline.read_text().split()
+    except OSError:
+        return False
+
+
+# --------------------------------------------------------------------------- running
+
+
+def _version_key(name: str) -> tuple[tuple[int, int | str], ...]:
+    # "6.12.9-amd64" sorts after "6.1.0-56-amd64": compare numbers as numbers.
+    return tuple(
+        (0, int(part)) if part.isdigit() else (1, part) for part in re.findall(r"\d+|[^\d.+~-]+", name)
+    )
+
+
+def find_kernel(boot_dir: Path = Path("/boot")) -> Path:
+    """The newest Debian kernel ``vmlinuz-*-amd64`` in ``boot_dir``."""
+    kernels = sorted(boot_dir.glob("vmlinuz-*-amd64"), key=lambda p: _version_key(p.name))
+    if not kernels:
+        raise NestedHostError(
+            f"no {boot_dir}/vmlinuz-*-amd64 kernel for the nested KVM host: "
+            "run `apt-get install linux-image-amd64 qemu-system-x86`"
+        )
+    return kernels[-1]
+
+
+def find_vng() -> str:
+    """The virtme-ng launcher, preferring the one installed next to this Python."""
+    sibling = Path(sys.executable).parent / "vng"
+    if os.access(sibling, os.X_OK):
+        return str(sibling)
+    found = shutil.which("vng")
+    if found:
+        return found
+    raise NestedHostError("virtme-ng's `vng` is not installed: run `pip install virtme-ng`")
+
+
+def _check_shareable(path: Path) -> None:
+    # vng puts shared folders on QEMU's and the kernel's command lines unquoted.
+    if re.search(r"[\s,=]", str(path)):
+        raise NestedHostError(
+            f"cannot share {path} with the nested host: its path has a space, ',' or '='; "
+            "move the project to a plain path"
+        )
+
+
+def _dedupe_rwdirs(paths: Sequence[Path]) -> list[Path]:
+    """Absolute, unique paths; one inside another is already shared by it."""
+    resolved = sorted({Path(p).resolve() for p in paths}, key=lambda p: len(p.parts))
+    kept: list[Path] = []
+    for path in resolved:
+        if not any(path == k or path.is_relative_to(k) for k in kept):
+            kept.append(path)
+    return kept
+
+
+def nested_env(extra: Mapping[str, str] = _EMPTY_ENV, *, environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment for the command inside: PATH, PYTHONPATH, PYMVM_* ... plus ``extra``."""
+    environ = os.environ if environ is None else environ
+    env: dict[str, str] = {}
+    # This Python's bin dir first: pyenv shims need a writable HOME, the interpreter does not.
+    path = [str(Path(sys.executable).parent)] + environ.get("PATH", "").split(os.pathsep)
+    env["PATH"] = os.pathsep.join(dict.fromkeys(p for p in path if p))
+    for name, value in environ.items():
+        if name in PASSTHROUGH_ENV or name.startswith(PASSTHROUGH_PREFIX):
+            env[name] = value
+    for name in NOT_PASSED:
+        env.pop(name, None)
+    env.update(extra)
+    env[IN_NESTED_ENV] = "1"
+    for name in env:
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+            raise NestedHostError(f"environment variable name {name!r} cannot be passed to the nested host")
+    return env
+
+
+def render_script(
+    argv: Sequence[str],
+    *,
+    cwd: Path,
+    env: Mapping[str, str],
+    status_path: Path,
+    modules: Sequence[str] = NESTED_MODULES,
+) -> str:
+    """The shell script the nested host runs: load modules, set env, run argv, save status.
+
+    It lives in a shared file (not in ``vng --exec``) because vng puts --exec on the kernel
+    command line, which holds only 2 KiB.
+    """
+    if not argv:
+        raise NestedHostError("no command given to run in the nested KVM host")
+    status = shlex.quote(str(status_path))
+    lines = ["#!/bin/sh", "# Written by pymvm.nested; runs inside the nested KVM host."]
+    for module in modules:
+        lines.append(
+            f"modprobe {shlex.quote(module)} || "
+            f"echo 'pymvm.nested: warning: modprobe {module} failed' >&2"
+        )
+    lines += [f"export {name}={shlex.quote(value)}" for name, value in sorted(env.items())]
+    lines += [
+        f"cd {shlex.quote(str(cwd))} || {{ echo 126 > {status}; sync; exit 126; }}",
+        shlex.join(argv),
+        "rc=$?",
+        # Write then rename: a half-written status must not read as a result.
+        f"echo $rc > {status}.tmp && mv {status}.tmp {status}",
+        "sync",
+        "exit $rc",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def vng_command(
+    *,
+    vng: str,
+    kernel: Path,
+    script: Path,
+    rwdirs: Sequence[Path],
+    cwd: Path,
+    cpus: int,
+    memory: str,
+) -> list[str]:
+    """The vng command line that boots the nested host and runs ``script`` there."""
+    cmd = [
+        vng,
+        "--run", str(kernel),
+        "--disable-kvm",  # TCG: the only way to emulate SVM on a host without it
+        "--cpus", str(cpus),
+        "--memory", memory,
+        # "=" form: argparse would take a separate "-cpu ..." for an option.
+        f"--qemu-opts=-cpu {QEMU_CPU}",
+        f"--append={KERNEL_CMDLINE_MARK}",
+        "--cwd", str(cwd),
+    ]
+    for path in rwdirs:
+        _check_shareable(path)
+        cmd.append(f"--rwdir={path}={path}")
+    cmd += ["--exec", f"/bin/sh {shlex.quote(str(script))}"]
+    return cmd
+
+
+def read_exit_status(path: Path) -> int | None:
+    """The inner command's exit status, or None when the nested host never wrote it."""
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+class _OutputFilter:
+    """Copies vng's output to ``sink`` as it comes, dropping QEMU's TCG feature warnings.
+
+    Partial lines are written at once (pytest's progress dots) unless they may be the start
+    of a warning line, which is held until its newline decides.
+    """
+
+    def __init__(self, sink: BinaryIO) -> None:
+        self._sink = sink
+        self._held = b""  # start of a line that may be a warning
+        self._mid_line = False  # the current line's start was already written
+
+    def feed(self, data: bytes) -> None:
+        out = bytearray()
+        data = self._held + data
+        self._held = b""
+        while data:
+            line, nl, rest = data.partition(b"\n")
+            if self._mid_line:
+                out += line + nl
+                self._mid_line = not nl
+            elif nl:
+                if not line.startswith(_QEMU_TCG_WARNING):
+                    out += line + nl
+            elif _QEMU_TCG_WARNING.startswith(line) or line.startswith(_QEMU_TCG_WARNING):
+                self._held = line
+            else:
+                out += line
+                self._mid_line = True
+            data = rest
+        self._write(bytes(out))
+
+    def close(self) -> None:
+        if self._held and not self._held.startswith(_QEMU_TCG_WARNING):
+            self._write(self._held)
+        self._held = b""
+
+    def _write(self, data: bytes) -> None:
+        if data:
+            self._sink.write(data)
+            self._sink.flush()
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    """End vng and the QEMU it started: they share the session we gave vng."""
+    if proc.poll() is not None:
+        return
+    for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 10)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def _pump(proc: subprocess.Popen[bytes], out: _OutputFilter, deadline: float | None) -> bool:
+    """Copy output until EOF; False if the deadline passed first."""
+    assert proc.stdout is not None
+    fd = proc.stdout.fileno()
+    with selectors.DefaultSelector() as sel:
+        sel.register(fd, selectors.EVENT_READ)
+        while True:
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                return False
+            if not sel.select(remaining):
+                continue
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                return True
+            out.feed(chunk)
+
+
+def _cache_dirs(env: Mapping[str, str]) -> list[Path]:
+    # The cache (built kernels, images) must outlive the nested host's copy-on-write root.
+    value = env.get("PYMVM_CACHE_DIR")
+    if not value:
+        return []
+    path = Path(value)
+    path.mkdir(parents=True, exist_ok=True)
+    return [path]
+
+
+def run_nested(
+    argv: Sequence[str],
+    *,
+    cwd: Path,
+    rwdirs: Sequence[Path] = (),
+    cpus: int = 2,
+    memory: str = "3G",
+    timeout: float | None = None,
+    env: Mapping[str, str] = _EMPTY_ENV,
+    output: BinaryIO | None = None,
+) -> int:
+    """Boot the nested KVM host, run ``argv`` in ``cwd`` there and return its exit status.
+
+    ``cwd``, ``rwdirs`` and PYMVM_CACHE_DIR are shared read-write; the rest of the root
+    filesystem is a copy-on-write view whose changes are lost. Output streams to ``output``
+    (default: our stdout) as it comes. Returns EXIT_NESTED_HOST_DIED if the host ended
+    without recording a status, EXIT_TIMEOUT if ``timeout`` seconds passed.
+    """
+    cwd = Path(cwd).resolve()
+    if not cwd.is_dir():
+        raise NestedHostError(f"working directory {cwd} does not exist")
+    sink = output if output is not None else sys.stdout.buffer
+    kernel = find_kernel()
+    vng = find_vng()
+    inner_env = nested_env(env)
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="pymvm-nested-") as tmp:
+        workdir = Path(tmp).resolve()
+        status_path = workdir / STATUS_FILE
+        script = workdir / SCRIPT_FILE
+        script.write_text(render_script(argv, cwd=cwd, env=inner_env, status_path=status_path))
+        shared = _dedupe_rwdirs([workdir, cwd, *rwdirs, *_cache_dirs(inner_env)])
+        cmd = vng_command(
+            vng=vng, kernel=kernel, script=script, rwdirs=shared, cwd=cwd, cpus=cpus, memory=memory
+        )
+        log.info("nested_host_start", kernel=kernel.name, cpus=cpus, memory=memory, argv=list(argv))
+        sys.stdout.flush()
+        proc = subprocess.Popen(
+            cmd,
+            cwd=cwd,
+            stdin=subprocess.DEVNULL,
+            # A pipe, not our stdout: vng's QEMU reopens /proc/self/fd/1, and reopening a
+            # regular file (a CI log) would write from offset 0 over what is there.
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # so _stop can end QEMU too
+        )
+        out = _OutputFilter(sink)
+        try:
+            finished = _pump(proc, out, None if timeout is None else started + timeout)
+            if finished:
+                proc.wait()
+        finally:
+            out.close()
+            _stop(proc)
+            if proc.stdout:
+                proc.stdout.close()
+        elapsed = round(time.monotonic() - started, 1)
+        if not finished:
+            _note(f"pymvm.nested: error: the nested KVM host timed out after {timeout:g} s")
+            return EXIT_TIMEOUT
+        status = read_exit_status(status_path)
+    log.info("nested_host_end", status=status, vng_status=proc.returncode, seconds=elapsed)
+    if status is None:
+        _note(
+            f"pymvm.nested: error: the nested KVM host ended (vng status {proc.returncode}) "
+            "without recording the command's exit status: it crashed or ran out of memory"
+        )
+        return EXIT_NESTED_HOST_DIED
+    return status
+
+
+def _note(message: str) -> None:
+    sys.stdout.flush()
+    print(message, file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m pymvm.nested",
+        description="Run a command where Linux guests can boot: directly where /dev/kvm is "
+        "hardware-assisted, else inside a nested KVM host (virtme-ng + QEMU TCG).",
+    )
+    parser.add_argument("--cpus", type=int, default=2)
+    parser.add_argument("--memory", default="3G")
+    parser.add_argument("--timeout", type=float, default=None, help="seconds, nested host only")
+    parser.add_argument(
+        "--rwdir", type=Path, action="append", default=[], help="another folder to share read-write"
+    )
+    parser.add_argument("command", nargs=argparse.REMAINDER)
+    args = parser.parse_args(argv)
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not command:
+        parser.error("no command given: python -m pymvm.nested [options] -- CMD...")
+    try:
+        if in_nested_host():
+            direct, why = True, "already inside the nested KVM host"
+        else:
+            direct, why = can_boot_linux_here()
+        if direct:
+            _note(f"pymvm.nested: running directly ({why})")
+            return subprocess.call(command)
+        _note(f"pymvm.nested: running inside the nested KVM host ({why})")
+        return run_nested(
+            command,
+            cwd=Path.cwd(),
+            rwdirs=args.rwdir,
+            cpus=args.cpus,
+            memory=args.memory,
+            timeout=args.timeout,
+        )
+    except NestedHostError as exc:
+        _note(f"pymvm.nested: error: {exc}")
+        return EXIT_NESTED_HOST_DIED
+    except FileNotFoundError as exc:
+        _note(f"pymvm.nested: error: command not found: {exc.filename}")
+        return 127
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,230 @@
+"""Host side of a VM's network: its TAP, an optional bridge and network namespace.
+
+``HostNetwork`` records an undo step for everything it creates or changes and, on
+close(), undoes exactly those in reverse order: a bridge, namespace or TAP that existed
+before is used and left in place. close() is idempotent and also runs after a failed
+setup, so a half-built network never leaks.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import structlog
+from pyroute2 import IPRoute, NetlinkError
+from pyroute2 import netns as pyroute2_netns
+
+from pymvm.net.errors import HostNetworkError
+from pymvm.net.tap import MAX_NAME_LEN, Tap
+
+log = structlog.get_logger()
+
+
+@contextmanager
+def _ipr(netns: str | None) -> Iterator[IPRoute]:
+    # flags=0: never let pyroute2 create a namespace behind our back.
+    ipr = IPRoute(netns=netns, flags=0) if netns else IPRoute()
+    try:
+        yield ipr
+    finally:
+        ipr.close()
+
+
+def _link_index(ipr: IPRoute, name: str) -> int | None:
+    found = ipr.link_lookup(ifname=name)
+    return found[0] if found else None
+
+
+def _netlink_error(action: str, exc: NetlinkError) -> HostNetworkError:
+    hint = {
+        errno.EPERM: ": run as root (needs CAP_NET_ADMIN)",
+        errno.EEXIST: ": an interface of that name already exists; choose another name",
+        errno.EINVAL: ": the value is out of range for this interface",
+    }.get(exc.code, "")
+    return HostNetworkError(f"{action} failed: {exc.args[-1] if exc.args else exc}{hint}")
+
+
+class HostNetwork:
+    """Owner of one VM's TAP and the host plumbing made for it.
+
+    Close the vhost-net device using ``tap.fd`` before close(): vhost holds a reference
+    to the TAP file, which keeps a TAP alive until vhost lets go of it.
+    """
+
+    def __init__(self) -> None:
+        self._undo: list[tuple[str, Callable[[], None]]] = []
+        self._tap: Tap | None = None
+        self.netns: str | None = None
+        self.bridge: str | None = None
+
+    @classmethod
+    def create(
+        cls,
+        tap: str | None = None,
+        *,
+        mtu: int | None = None,
+        bridge: str | None = None,
+        bridge_address: str | None = None,
+        netns: str | None = None,
+        multi_queue: bool = False,
+    ) -> HostNetwork:
+        """Open TAP ``tap`` (kernel-named if None) and bring it up, optionally inside
+        network namespace ``netns`` and attached to ``bridge`` (``bridge_address`` is a
+        CIDR such as ``"10.0.2.1/24"`` put on the bridge)."""
+        for what, name in (("bridge", bridge), ("network namespace", netns)):
+            if name is not None and not 0 < len(name.encode()) <= MAX_NAME_LEN:
+                raise HostNetworkError(
+                    f"{what} name {name!r} must be 1-{MAX_NAME_LEN} bytes: choose another name"
+                )
+        if bridge_address is not None and bridge is None:
+            raise HostNetworkError("bridge_address needs a bridge: set bridge as well")
+        net = cls()
+        try:
+            net._setup(tap, mtu, bridge, bridge_address, netns, multi_queue)
+        except BaseException:
+            net.close()
+            raise
+        return net
+
+    @property
+    def tap(self) -> Tap:
+        if self._tap is None:
+            raise HostNetworkError("host network is closed: create a new HostNetwork")
+        return self._tap
+
+    def __enter__(self) -> HostNetwork:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _push(self, what: str, undo: Callable[[], None]) -> None:
+        self._undo.append((what, undo))
+
+    def _setup(
+        self,
+        tap_name: str | None,
+        mtu: int | None,
+        bridge: str | None,
+        bridge_address: str | None,
+        netns: str | None,
+        multi_queue: bool,
+    ) -> None:
+        self.netns, self.bridge = netns, bridge
+        if netns is not None and netns not in pyroute2_netns.listnetns():
+            try:
+                pyroute2_netns.create(netns)
+            except OSError as exc:
+                raise HostNetworkError(
+                    f"creating network namespace {netns!r} failed: {exc}: run as root"
+                ) from None
+            self._push(f"netns {netns}", lambda: pyroute2_netns.remove(netns))
+            log.info("netns_created", netns=netns)
+
+        with _ipr(netns) as ipr:
+            tap_existed = tap_name is not None and _link_index(ipr, tap_name) is not None
+        tap = Tap.open(tap_name, netns=netns, multi_queue=multi_queue)
+        self._tap = tap
+        self._push(f"tap {tap.name}", self._close_tap)
+
+        with _ipr(netns) as ipr:
+            tap_idx = _link_index(ipr, tap.name)
+            if tap_idx is None:
+                raise HostNetworkError(f"TAP {tap.name!r} vanished right after it was opened")
+            try:
+                if mtu is not None:
+                    ipr.link("set", index=tap_idx, mtu=mtu)
+                ipr.link("set", index=tap_idx, state="up")
+            except NetlinkError as exc:
+                raise _netlink_error(f"configuring TAP {tap.name!r} (mtu={mtu})", exc) from None
+            if bridge is not None:
+                self._attach_bridge(ipr, tap.name, tap_idx, tap_existed, bridge, bridge_address)
+        log.info("host_network_ready", tap=tap.name, bridge=bridge, netns=netns, mtu=mtu)
+
+    def _attach_bridge(
+        self,
+        ipr: IPRoute,
+        tap_name: str,
+        tap_idx: int,
+        tap_existed: bool,
+        bridge: str,
+        bridge_address: str | None,
+    ) -> None:
+        netns = self.netns
+        br_idx = _link_index(ipr, bridge)
+        created = br_idx is None
+        try:
+            if created:
+                ipr.link("add", ifname=bridge, kind="bridge")
+                self._push(f"bridge {bridge}", lambda: self._del_link(bridge))
+                log.info("bridge_created", bridge=bridge, netns=netns)
+                br_idx = _link_index(ipr, bridge)
+                assert br_idx is not None
+            ipr.link("set", index=br_idx, state="up")
+        except NetlinkError as exc:
+            raise _netlink_error(f"creating bridge {bridge!r}", exc) from None
+
+        if bridge_address is not None:
+            try:
+                iface = ipaddress.ip_interface(bridge_address)
+            except ValueError:
+                raise HostNetworkError(
+                    f"bridge address {bridge_address!r} is not a CIDR like 10.0.2.1/24"
+                ) from None
+            addr, plen = str(iface.ip), iface.network.prefixlen
+            try:
+                ipr.addr("add", index=br_idx, address=addr, prefixlen=plen)
+                if not created:  # a bridge we delete takes its addresses with it
+                    self._push(
+                        f"address {iface} on {bridge}",
+                        lambda: self._del_addr(bridge, addr, plen),
+                    )
+            except NetlinkError as exc:
+                if exc.code != errno.EEXIST:  # already there: not ours to remove
+                    raise _netlink_error(f"adding {iface} to bridge {bridge!r}", exc) from None
+
+        try:
+            ipr.link("set", index=tap_idx, master=br_idx)
+        except NetlinkError as exc:
+            raise _netlink_error(f"attaching TAP {tap_name!r} to bridge {bridge!r}", exc) from None
+        if tap_existed:  # a TAP we created leaves the bridge when it disappears
+            self._push(f"{tap_name} on {bridge}", lambda: self._detach(tap_name))
+        log.info("tap_attached", tap=tap_name, bridge=bridge, netns=netns)
+
+    # ---- undo steps: each opens its own netlink socket so close() works after errors ----
+
+    def _close_tap(self) -> None:
+        if self._tap is not None:
+            self._tap.close()
+            self._tap = None
+
+    def _del_link(self, name: str) -> None:
+        with _ipr(self.netns) as ipr:
+            idx = _link_index(ipr, name)
+            if idx is not None:
+                ipr.link("del", index=idx)
+
+    def _del_addr(self, name: str, addr: str, plen: int) -> None:
+        with _ipr(self.netns) as ipr:
+            idx = _link_index(ipr, name)
+            if idx is not None:
+                ipr.addr("del", index=idx, address=addr, prefixlen=plen)
+
+    def _detach(self, name: str) -> None:
+        with _ipr(self.netns) as ipr:
+            idx = _link_index(ipr, name)
+            if idx is not None:
+                ipr.link("set", index=idx, master=0)
+
+    def close(self) -> None:
+        """Undo everything this object made, newest first; safe to call repeatedly."""
+        while self._undo:
+            what, undo = self._undo.pop()
+            try:
+                undo()
+                log.info("host_network_undone", what=what)
+            except Exception as exc:  # keep going: the other steps still need undoing
+                log.warning("host_network_undo_failed", what=what, error=str(exc))

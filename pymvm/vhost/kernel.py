@@ -1,0 +1,447 @@
+"""The in-kernel vhost-net back-end: pymvm drives the control plane, the kernel moves packets.
+
+Once activated, the kernel's vhost worker reads the guest's split rings straight out of
+guest memory (through the mem table of host userspace addresses), is woken by the queue's
+kick eventfd (a KVM ioeventfd on QueueNotify) and signals the guest through the call
+eventfd (a KVM irqfd). See Documentation/virtual/vhost and drivers/vhost/net.c.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+import structlog
+
+from pymvm.vhost._vhost_cffi import ffi, lib
+from pymvm.vhost.errors import VhostError, VhostIoctlError
+
+if TYPE_CHECKING:
+    from pymvm.devices.virtio.device import ActivationContext
+    from pymvm.net.tap import Tap
+
+log = structlog.get_logger()
+
+VHOST_NET_PATH = "/dev/vhost-net"
+
+VIRTIO_F_VERSION_1 = 1 << lib.VIRTIO_F_VERSION_1
+VIRTIO_NET_F_MRG_RXBUF = 1 << lib.VIRTIO_NET_F_MRG_RXBUF
+VIRTIO_RING_F_EVENT_IDX = 1 << lib.VIRTIO_RING_F_EVENT_IDX
+
+# Ring and header-layout features: vhost-net itself must implement these, so they are offered
+# only where VHOST_GET_FEATURES has them.
+VHOST_RING_FEATURES = (
+    VIRTIO_F_VERSION_1
+    | VIRTIO_NET_F_MRG_RXBUF
+    | VIRTIO_RING_F_EVENT_IDX
+    | 1 << lib.VIRTIO_RING_F_INDIRECT_DESC
+)
+# Checksum/segmentation offloads: vhost-net passes the virtio-net header through untouched and
+# the TAP (IFF_VNET_HDR + TUNSETOFFLOAD) implements them, so vhost never reports these bits.
+TAP_OFFLOAD_FEATURES = sum(
+    1 << bit
+    for bit in (
+        lib.VIRTIO_NET_F_CSUM,
+        lib.VIRTIO_NET_F_GUEST_CSUM,
+        lib.VIRTIO_NET_F_GUEST_TSO4,
+        lib.VIRTIO_NET_F_GUEST_TSO6,
+        lib.VIRTIO_NET_F_GUEST_ECN,
+        lib.VIRTIO_NET_F_GUEST_UFO,
+        lib.VIRTIO_NET_F_HOST_TSO4,
+        lib.VIRTIO_NET_F_HOST_TSO6,
+        lib.VIRTIO_NET_F_HOST_ECN,
+        lib.VIRTIO_NET_F_HOST_UFO,
+    )
+)
+# Device-level bits (MAC, STATUS, MTU) belong to the virtio-net device model.
+OFFERED_FEATURES = VHOST_RING_FEATURES | TAP_OFFLOAD_FEATURES
+
+# Split virtqueue alignment (virtio 1.2 §2.7).
+_DESC_ALIGN, _AVAIL_ALIGN, _USED_ALIGN = 16, 2, 4
+
+_IOCTL_HINTS = {
+    ("VHOST_SET_OWNER", errno.EBUSY): "this vhost-net fd already has an owner",
+    ("VHOST_SET_FEATURES", errno.EOPNOTSUPP): "the kernel's vhost-net does not support "
+    "these feature bits: intersect with features() first",
+    ("VHOST_SET_VRING_ADDR", errno.EINVAL): "a ring address is misaligned or the ring "
+    "is busy: deactivate before reconfiguring",
+    ("VHOST_SET_VRING_ADDR", errno.EFAULT): "a ring address is not accessible host memory",
+    ("VHOST_SET_VRING_NUM", errno.EINVAL): "the queue size must be a power of two",
+    ("VHOST_SET_VRING_NUM", errno.EBUSY): "the queue has a backend attached: deactivate first",
+    ("VHOST_SET_VRING_BASE", errno.EBUSY): "the queue has a backend attached: deactivate first",
+    ("VHOST_NET_SET_BACKEND", errno.ENOTSOCK): "the backend fd is not a TAP",
+    ("VHOST_NET_SET_BACKEND", errno.EFAULT): "the rings are not inside the mem table",
+    ("VHOST_NET_SET_BACKEND", errno.ENOBUFS): "the queue index is out of range",
+}
+
+
+class MemoryRegionLike(Protocol):
+    """One memfd-backed, MAP_SHARED guest RAM region (pymvm.memory provides these)."""
+
+    @property
+    def gpa(self) -> int: ...
+
+    @property
+    def size(self) -> int: ...
+
+    @property
+    def host_addr(self) -> int: ...
+
+
+class VringLike(Protocol):
+    """A queue as the transport configured it: all addresses are guest physical."""
+
+    @property
+    def index(self) -> int: ...
+
+    @property
+    def size(self) -> int: ...
+
+    @property
+    def desc_addr(self) -> int: ...
+
+    @property
+    def driver_addr(self) -> int: ...
+
+    @property
+    def device_addr(self) -> int: ...
+
+
+@dataclass(frozen=True)
+class Vring:
+    index: int
+    size: int
+    desc_addr: int
+    driver_addr: int
+    device_addr: int
+
+
+@dataclass(frozen=True)
+class VringHostAddrs:
+    desc: int
+    avail: int
+    used: int
+
+
+def offered_features(vhost_features: int) -> int:
+    """The virtio features to offer the guest, given what VHOST_GET_FEATURES reported:
+    the ring features vhost supports plus the offloads a vnet-header TAP implements."""
+    if not vhost_features & VIRTIO_F_VERSION_1:
+        raise VhostError(
+            "the kernel's vhost-net lacks VIRTIO_F_VERSION_1: use a host kernel >= 4.0"
+        )
+    return (vhost_features & VHOST_RING_FEATURES) | TAP_OFFLOAD_FEATURES
+
+
+def vnet_hdr_size(acked_features: int) -> int:
+    """Bytes of virtio-net header per packet, which the TAP must be set to (virtio 1.2 §5.1.6)."""
+    if acked_features & (VIRTIO_F_VERSION_1 | VIRTIO_NET_F_MRG_RXBUF):
+        return int(lib.PYMVM_VIRTIO_NET_HDR_MRG_RXBUF_SIZE)
+    return int(lib.PYMVM_VIRTIO_NET_HDR_SIZE)
+
+
+def gpa_to_host(regions: Sequence[MemoryRegionLike], gpa: int, length: int) -> int | None:
+    """Host address of [gpa, gpa+length) if it lies inside one region, else None."""
+    for region in regions:
+        if region.gpa <= gpa and gpa + length <= region.gpa + region.size:
+            return region.host_addr + (gpa - region.gpa)
+    return None
+
+
+def vring_host_addrs(
+    regions: Sequence[MemoryRegionLike], vring: VringLike, event_idx: bool
+) -> VringHostAddrs:
+    """Translate a queue's three ring GPAs; each whole ring must sit in one region."""
+    num = vring.size
+    extra = 2 if event_idx else 0  # used_event / avail_event trailers
+    parts = {
+        "descriptor table": (vring.desc_addr, 16 * num, _DESC_ALIGN),
+        "available ring": (vring.driver_addr, 4 + 2 * num + extra, _AVAIL_ALIGN),
+        "used ring": (vring.device_addr, 4 + 8 * num + extra, _USED_ALIGN),
+    }
+    out: dict[str, int] = {}
+    for what, (gpa, length, align) in parts.items():
+        if gpa % align:
+            raise VhostError(
+                f"queue {vring.index}: {what} at GPA {gpa:#x} is not {align}-byte aligned: "
+                "the guest driver programmed a bad address"
+            )
+        hva = gpa_to_host(regions, gpa, length)
+        if hva is None:
+            raise VhostError(
+                f"queue {vring.index}: {what} at GPA {gpa:#x} (+{length:#x}) is outside "
+                "guest RAM: the guest driver programmed a bad address"
+            )
+        out[what] = hva
+    return VringHostAddrs(
+        desc=out["descriptor table"], avail=out["available ring"], used=out["used ring"]
+    )
+
+
+class VhostNet:
+    """Owner of one /dev/vhost-net fd and of the queues it has attached to a TAP.
+
+    deactivate() closes the fd and the next activate() opens a fresh one: a new vhost
+    device starts from a clean state (no stale rings, log or owner), which is simpler
+    and more robust than VHOST_RESET_OWNER across guest reboots and driver rebinds.
+    """
+
+    def __init__(self, path: str = VHOST_NET_PATH) -> None:
+        self._path = path
+        self._fd: int | None = None
+        self._owned = False
+        self._features: int | None = None
+        self._active: list[int] = []
+        self._log = log.bind(device="vhost-net")
+
+    @classmethod
+    def open(cls, path: str = VHOST_NET_PATH) -> VhostNet:
+        vhost = cls(path)
+        vhost._open()
+        return vhost
+
+    def __enter__(self) -> VhostNet:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def fd(self) -> int:
+        if self._fd is None:
+            raise VhostError("vhost-net device is not open: call VhostNet.open() first")
+        return self._fd
+
+    @property
+    def active(self) -> bool:
+        return bool(self._active)
+
+    def _open(self) -> None:
+        if self._fd is not None:
+            return
+        try:
+            self._fd = os.open(self._path, os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise VhostError(
+                f"{self._path} does not exist: load the module with 'modprobe vhost_net'"
+            ) from None
+        except PermissionError:
+            raise VhostError(
+                f"permission denied opening {self._path}: run as root or grant this user "
+                "read/write access to it"
+            ) from None
+        except OSError as exc:
+            raise VhostError(f"cannot open {self._path}: {exc.strerror}") from None
+        self._owned = False
+        self._log.debug("vhost_opened", fd=self._fd)
+
+    # ---- one-to-one ioctl wrappers ----
+
+    def _check(self, rc: int, name: str) -> None:
+        if rc < 0:
+            err = ffi.errno
+            hint = _IOCTL_HINTS.get((name, err))
+            detail = f"{name} failed: {os.strerror(err)}"
+            raise VhostIoctlError(name, err, f"{detail}: {hint}" if hint else detail)
+
+    def set_owner(self) -> None:
+        self._check(lib.pymvm_ioctl_val(self.fd, lib.VHOST_SET_OWNER, 0), "VHOST_SET_OWNER")
+        self._owned = True
+
+    def features(self) -> int:
+        """The raw VHOST_GET_FEATURES bits (cached: they do not change for a kernel)."""
+        if self._features is None:
+            self._open()
+            out = ffi.new("__u64 *")
+            self._check(
+                lib.pymvm_ioctl_ptr(self.fd, lib.VHOST_GET_FEATURES, out), "VHOST_GET_FEATURES"
+            )
+            self._features = int(out[0])
+        return self._features
+
+    def set_features(self, features: int) -> None:
+        val = ffi.new("__u64 *", features)
+        self._check(lib.pymvm_ioctl_ptr(self.fd, lib.VHOST_SET_FEATURES, val), "VHOST_SET_FEATURES")
+
+    def set_mem_table(self, regions: Sequence[MemoryRegionLike]) -> None:
+        n = len(regions)
+        mem = ffi.new("struct vhost_memory *", {"nregions": n, "regions": n})
+        for i, region in enumerate(regions):
+            mem.regions[i].guest_phys_addr = region.gpa
+            mem.regions[i].memory_size = region.size
+            mem.regions[i].userspace_addr = region.host_addr
+        self._check(
+            lib.pymvm_ioctl_ptr(self.fd, lib.VHOST_SET_MEM_TABLE, mem), "VHOST_SET_MEM_TABLE"
+        )
+
+    def _vring_state(self, request: int, name: str, index: int, num: int) -> int:
+        state = ffi.new("struct vhost_vring_state *", {"index": index, "num": num})
+        self._check(lib.pymvm_ioctl_ptr(self.fd, request, state), name)
+        return int(state.num)
+
+    def set_vring_num(self, index: int, num: int) -> None:
+        self._vring_state(lib.VHOST_SET_VRING_NUM, "VHOST_SET_VRING_NUM", index, num)
+
+    def set_vring_base(self, index: int, base: int) -> None:
+        self._vring_state(lib.VHOST_SET_VRING_BASE, "VHOST_SET_VRING_BASE", index, base)
+
+    def get_vring_base(self, index: int) -> int:
+        return self._vring_state(lib.VHOST_GET_VRING_BASE, "VHOST_GET_VRING_BASE", index, 0)
+
+    def set_vring_addr(self, index: int, addrs: VringHostAddrs) -> None:
+        addr = ffi.new(
+            "struct vhost_vring_addr *",
+            {
+                "index": index,
+                "flags": 0,  # no dirty logging
+                "desc_user_addr": addrs.desc,
+                "used_user_addr": addrs.used,
+                "avail_user_addr": addrs.avail,
+                "log_guest_addr": 0,
+            },
+        )
+        self._check(
+            lib.pymvm_ioctl_ptr(self.fd, lib.VHOST_SET_VRING_ADDR, addr), "VHOST_SET_VRING_ADDR"
+        )
+
+    def _vring_file(self, request: int, name: str, index: int, fd: int) -> None:
+        vfile = ffi.new("struct vhost_vring_file *", {"index": index, "fd": fd})
+        self._check(lib.pymvm_ioctl_ptr(self.fd, request, vfile), name)
+
+    def set_vring_kick(self, index: int, fd: int) -> None:
+        self._vring_file(lib.VHOST_SET_VRING_KICK, "VHOST_SET_VRING_KICK", index, fd)
+
+    def set_vring_call(self, index: int, fd: int) -> None:
+        self._vring_file(lib.VHOST_SET_VRING_CALL, "VHOST_SET_VRING_CALL", index, fd)
+
+    def set_backend(self, index: int, fd: int) -> None:
+        """Attach queue ``index`` to a TAP fd; -1 detaches it (the worker stops on it)."""
+        self._vring_file(lib.VHOST_NET_SET_BACKEND, "VHOST_NET_SET_BACKEND", index, fd)
+
+    # ---- lifecycle ----
+
+    def activate(
+        self,
+        acked_features: int,
+        mem_regions: Sequence[MemoryRegionLike],
+        queues: Sequence[VringLike],
+        kick_fds: Sequence[int],
+        call_fds: Sequence[int],
+        tap_fd: int,
+        vring_bases: Mapping[int, int] | None = None,
+    ) -> None:
+        """Hand the queues to the kernel. ``vring_bases`` restores saved ring positions
+        (snapshot/restore); a freshly reset device starts every ring at 0."""
+        if self._active:
+            raise VhostError("vhost-net is already active: deactivate() before activating again")
+        if not len(queues) == len(kick_fds) == len(call_fds):
+            raise VhostError(
+                f"{len(queues)} queues but {len(kick_fds)} kick and {len(call_fds)} call "
+                "eventfds: pass one of each per queue"
+            )
+        # vhost rejects bits it does not know (offloads, MAC...) with EOPNOTSUPP.
+        features = acked_features & self.features()
+        event_idx = bool(features & VIRTIO_RING_F_EVENT_IDX)
+        # Translate first so a bad guest address fails before the kernel is touched.
+        host_addrs = [vring_host_addrs(mem_regions, q, event_idx) for q in queues]
+        bases = vring_bases or {}
+
+        self._open()
+        try:
+            if not self._owned:
+                self.set_owner()
+            self.set_features(features)
+            self.set_mem_table(mem_regions)
+            for q, addrs, kick, call in zip(queues, host_addrs, kick_fds, call_fds, strict=True):
+                self.set_vring_num(q.index, q.size)
+                self.set_vring_base(q.index, bases.get(q.index, 0))
+                self.set_vring_addr(q.index, addrs)
+                self.set_vring_kick(q.index, kick)
+                self.set_vring_call(q.index, call)
+            for q in queues:
+                self.set_backend(q.index, tap_fd)
+                self._active.append(q.index)
+        except BaseException:
+            # Leave no half-attached device behind: a fresh fd on the next try.
+            self._active.clear()
+            self._close_fd()
+            raise
+        self._log.info(
+            "vhost_net_activated",
+            features=hex(features),
+            queues=[q.index for q in queues],
+            tap_fd=tap_fd,
+        )
+
+    def deactivate(self) -> dict[int, int]:
+        """Detach every queue from the TAP and return {queue index: last avail index}.
+
+        The fd is closed so the next activate() starts from a fresh vhost device."""
+        bases: dict[int, int] = {}
+        if self._fd is None:
+            return bases
+        try:
+            for index in self._active:
+                self.set_backend(index, lib.VHOST_FILE_UNBIND)
+            for index in self._active:
+                bases[index] = self.get_vring_base(index)
+        finally:
+            self._active.clear()
+            self._close_fd()
+        self._log.info("vhost_net_deactivated", vring_bases=bases)
+        return bases
+
+    def _close_fd(self) -> None:
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            self._owned = False
+            os.close(fd)
+
+    def close(self) -> None:
+        """Release the device; safe to call more than once. The kernel detaches the TAP."""
+        self._active.clear()
+        self._close_fd()
+
+
+class VhostNetBackend:
+    """The virtio-net ``NetBackend`` served by in-kernel vhost-net on a TAP.
+
+    Owns its VhostNet; the Tap belongs to whoever opened it (e.g. HostNetwork), which must
+    outlive this back-end: close() this first.
+    """
+
+    def __init__(self, tap: Tap, vhost: VhostNet | None = None) -> None:
+        self._tap = tap
+        self._vhost = vhost or VhostNet()
+        self._log = log.bind(device="vhost-net", tap=tap.name)
+
+    @property
+    def vhost(self) -> VhostNet:
+        return self._vhost
+
+    def features(self) -> int:
+        return offered_features(self._vhost.features())
+
+    def activate(self, ctx: ActivationContext, mem_regions: Sequence[Any]) -> None:
+        if not ctx.kick_fds or not ctx.call_fds:
+            raise VhostError(
+                "vhost-net needs a kick and a call eventfd per queue: the transport must "
+                "register KVM ioeventfds and irqfds before activating"
+            )
+        acked = ctx.acked_features
+        # The TAP must frame packets exactly as vhost-net expects and the guest negotiated.
+        self._tap.set_vnet_hdr_size(vnet_hdr_size(acked))
+        self._tap.set_offload(acked)
+        self._vhost.activate(
+            acked, mem_regions, ctx.queues, ctx.kick_fds, ctx.call_fds, self._tap.fd
+        )
+
+    def reset(self) -> None:
+        """Device reset: detach the rings; a reset device restarts them at index 0."""
+        self._vhost.deactivate()
+
+    def close(self) -> None:
+        self._vhost.close()

@@ -1,0 +1,194 @@
+"""One VM's life: build it from a config, run it, stop it.
+
+The asyncio loop on the main thread owns the VMM's own events (signals, terminal input,
+the stop request); every vCPU runs in its own thread blocked in KVM_RUN (pymvm.machine).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import BinaryIO
+
+import structlog
+
+from . import layout
+from .boot import cpu as boot_cpu
+from .boot.loader import LoadedKernel, load_initrd, load_kernel
+from .boot.mptable import build_mptable
+from .boot.params import write_boot_data
+from .config import VmConfig
+from .devices.boot_timer import BootTimer, process_start_monotonic_ns
+from .devices.i8042 import I8042
+from .devices.serial import Serial8250
+from .machine import Machine, StopKind, StopReason
+
+log = structlog.get_logger()
+
+# Exit statuses of `pymvm run` (documented in the README).
+EXIT_OK = 0  # the guest rebooted or powered off
+EXIT_VM_ERROR = 1  # the guest crashed the vCPU or KVM failed
+EXIT_USAGE = 2  # bad config or command line
+EXIT_SIGINT = 128 + signal.SIGINT
+EXIT_SIGTERM = 128 + signal.SIGTERM
+
+
+class VmmError(Exception):
+    """The VM could not be built."""
+
+
+class VirtualMachine:
+    """A Linux guest built from a VmConfig. Owns the Machine, its devices and files."""
+
+    def __init__(self, config: VmConfig, *, serial_out: BinaryIO | None = None,
+                 start_ns: int | None = None) -> None:
+        self.config = config
+        self.start_ns = start_ns if start_ns is not None else process_start_monotonic_ns()
+        self._serial_file: BinaryIO | None = None
+        self.machine: Machine | None = None
+        self.kernel: LoadedKernel | None = None
+        self.cmdline = ""
+        self._build(serial_out)
+
+    # ---- build -------------------------------------------------------------------------------
+    def _build(self, serial_out: BinaryIO | None) -> None:
+        cfg = self.config
+        try:
+            self.machine = m = Machine(cfg.machine.memory_mib << 20, vcpus=cfg.machine.vcpus,
+                                       hugepages=cfg.machine.hugepages)
+            assert m.memory is not None
+
+            # Legacy devices.
+            out = serial_out if serial_out is not None else self._open_serial_output()
+            self.serial = Serial8250(out, m.irq_eventfd(layout.SERIAL_IRQ))
+            m.pio_bus.insert(self.serial, layout.COM1_PORT, 8, "com1")
+            self.i8042 = I8042(self._on_i8042_reset, m.irq_eventfd(layout.I8042_IRQ))
+            m.pio_bus.insert(self.i8042, layout.I8042_DATA_PORT, 5, "i8042")
+            self.boot_timer = BootTimer(self.start_ns)
+            m.mmio_bus.insert(self.boot_timer, layout.BOOT_TIMER_ADDR, layout.BOOT_TIMER_SIZE, "boot-timer")
+
+            # Kernel, initrd, command line, boot_params, MP table.
+            self.kernel = load_kernel(m.memory, cfg.boot.kernel)
+            initrd = load_initrd(m.memory, cfg.boot.initrd, self.kernel) if cfg.boot.initrd else None
+            self.cmdline = self._cmdline()
+            write_boot_data(m.memory, self.kernel, self.cmdline, initrd)
+            m.memory.write(layout.MPTABLE_START, build_mptable(cfg.machine.vcpus))
+            boot_cpu.write_gdt(m.memory)
+            boot_cpu.write_page_tables(m.memory)
+
+            supported = m.kvm.supported_cpuid()
+            for vcpu in m.vcpus:
+                entry = self.kernel.entry if vcpu.id == 0 else None
+                accepted = boot_cpu.configure_vcpu(vcpu, supported, cfg.machine.vcpus, entry)
+                if accepted != len(boot_cpu.boot_msrs()):
+                    log.warning("msrs_partially_set", vcpu=vcpu.id, accepted=accepted)
+            log.info("vm_built", kernel=str(cfg.boot.kernel), kernel_kind=self.kernel.kind,
+                     entry=hex(self.kernel.entry), vcpus=cfg.machine.vcpus,
+                     memory_mib=cfg.machine.memory_mib, cmdline=self.cmdline)
+        except BaseException:
+            self.close()
+            raise
+
+    def _open_serial_output(self) -> BinaryIO | None:
+        s = self.config.serial
+        if s.output == "stdout":
+            return sys.stdout.buffer
+        if s.output == "file":
+            assert s.path is not None
+            self._serial_file = open(s.path, "ab", buffering=0)
+            return self._serial_file
+        return None
+
+    def _cmdline(self) -> str:
+        return self.config.boot.cmdline
+
+    def _on_i8042_reset(self) -> None:
+        assert self.machine is not None
+        self.machine.request_stop(StopReason(StopKind.GUEST_RESET, "guest reset (i8042)", 0))
+
+    # ---- run ---------------------------------------------------------------------------------
+    async def run(self) -> StopReason:
+        """Run until the guest stops or a signal arrives; returns why it stopped."""
+        m = self.machine
+        assert m is not None
+        loop = asyncio.get_running_loop()
+        stopped: asyncio.Future[StopReason] = loop.create_future()
+
+        def on_stop(reason: StopReason) -> None:
+            loop.call_soon_threadsafe(lambda: stopped.done() or stopped.set_result(reason))
+
+        m.on_stop = on_stop
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, self._on_signal, signum)
+        stdin_fd = self._watch_stdin(loop)
+        try:
+            log.info("vm_starting")
+            m.start()
+            reason = await stopped
+        finally:
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(signum)
+            if stdin_fd is not None:
+                loop.remove_reader(stdin_fd)
+        await loop.run_in_executor(None, m.join)
+        self.serial.flush()
+        return reason
+
+    def _on_signal(self, signum: int) -> None:
+        assert self.machine is not None
+        name = signal.Signals(signum).name
+        self.machine.request_stop(StopReason(StopKind.SIGNAL, f"received {name}", 128 + signum))
+
+    def _watch_stdin(self, loop: asyncio.AbstractEventLoop) -> int | None:
+        if not self.config.serial.input or self.config.serial.output == "none":
+            return None
+        try:
+            fd = sys.stdin.fileno()
+            os.fstat(fd)
+        except (AttributeError, OSError, ValueError):
+            return None
+
+        def readable() -> None:
+            try:
+                data = os.read(fd, 4096)
+            except OSError:
+                data = b""
+            if not data:  # EOF: stop watching, the guest keeps running
+                loop.remove_reader(fd)
+                return
+            self.serial.enqueue_input(data)
+
+        try:
+            loop.add_reader(fd, readable)
+        except (PermissionError, ValueError, OSError):  # regular files cannot be polled
+            return None
+        return fd
+
+    # ---- teardown ----------------------------------------------------------------------------
+    def close(self) -> None:
+        if self.machine is not None:
+            self.machine.close()
+            self.machine = None
+        if getattr(self, "serial", None) is not None:
+            self.serial.flush()
+        if self._serial_file is not None:
+            self._serial_file.close()
+            self._serial_file = None
+
+
+def run_vm(config: VmConfig) -> int:
+    """Build and run a VM in the foreground; returns the process exit status."""
+    started = time.monotonic()
+    vm = VirtualMachine(config)
+    try:
+        reason = asyncio.run(vm.run())
+    finally:
+        vm.close()
+    log.info("vm_stopped", reason=reason.kind.value, detail=reason.message,
+             exit_status=reason.exit_status, boot_time_us=vm.boot_timer.boot_time_us,
+             runtime_s=round(time.monotonic() - started, 3))
+    return reason.exit_status

@@ -1,0 +1,415 @@
+"""pymvm.nested without booting anything: decisions, command lines, script, status files.
+
+run_nested is driven through a fake `vng` that runs the generated script on this host.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shlex
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from pymvm import nested
+from pymvm.nested import (
+    EXIT_NESTED_HOST_DIED,
+    EXIT_TIMEOUT,
+    HostFacts,
+    NestedHostError,
+    assess,
+)
+
+TCG_WARNING = (
+    b"qemu-system-x86_64: warning: TCG doesn't support requested feature: "
+    b"CPUID.07H:EBX.rdseed [bit 18]\n"
+)
+
+
+def facts(
+    flags: str = "fpu svm lm",
+    modules: str = "kvm kvm_amd",
+    dev_kvm: bool = True,
+    vhost_net: bool = True,
+) -> HostFacts:
+    return HostFacts(
+        cpu_flags=frozenset(flags.split()),
+        modules=frozenset(modules.split()),
+        has_dev_kvm=dev_kvm,
+        has_vhost_net=vhost_net,
+    )
+
+
+# ----------------------------------------------------------------------------- decision
+
+
+def test_hardware_kvm_with_vhost_net_can_boot_linux() -> None:
+    ok, why = assess(facts())
+    assert ok
+    assert "kvm_amd" in why
+
+
+def test_intel_vmx_with_kvm_intel_can_boot_linux() -> None:
+    assert assess(facts(flags="vmx lm", modules="kvm kvm_intel"))[0]
+
+
+def test_paravirtual_kvm_pvm_cannot_boot_linux_even_with_everything_else() -> None:
+    ok, why = assess(facts(modules="kvm kvm_amd kvm_pvm"))
+    assert not ok
+    assert why == "/dev/kvm is the paravirtual kvm_pvm: Linux guests cannot boot on it"
+
+
+def test_cpu_without_vmx_or_svm_cannot_boot_linux() -> None:
+    ok, why = assess(facts(flags="fpu lm hypervisor"))
+    assert not ok
+    assert "neither vmx nor svm" in why
+
+
+def test_no_kvm_intel_or_amd_module_cannot_boot_linux() -> None:
+    ok, why = assess(facts(modules="kvm"))
+    assert not ok
+    assert "kvm_intel" in why
+
+
+def test_missing_vhost_net_cannot_boot_linux() -> None:
+    ok, why = assess(facts(vhost_net=False))
+    assert not ok
+    assert "/dev/vhost-net" in why
+
+
+def test_missing_dev_kvm_cannot_boot_linux() -> None:
+    ok, why = assess(facts(dev_kvm=False))
+    assert not ok
+    assert "/dev/kvm does not exist" in why
+
+
+def test_override_never_runs_directly_whatever_the_host() -> None:
+    assert assess(facts(modules="kvm kvm_pvm"), "never")[0]
+
+
+def test_override_always_uses_nested_host_on_a_capable_host() -> None:
+    ok, why = assess(facts(), "always")
+    assert not ok
+    assert "PYMVM_NESTED=always" in why
+
+
+def test_override_always_inside_nested_host_detects_instead_of_nesting_again() -> None:
+    assert assess(facts(), "always", nested=True)[0]
+
+
+def test_invalid_override_is_an_error_naming_the_valid_values() -> None:
+    with pytest.raises(NestedHostError, match="always, never or auto"):
+        assess(facts(), "sometimes")
+
+
+def test_can_boot_linux_here_reads_the_override_from_the_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("PYMVM_IN_NESTED", raising=False)
+    monkeypatch.setattr(nested, "in_nested_host", lambda: False)
+    monkeypatch.setenv("PYMVM_NESTED", "always")
+    assert not nested.can_boot_linux_here(facts())[0]
+    monkeypatch.setenv("PYMVM_NESTED", "auto")
+    assert nested.can_boot_linux_here(facts())[0]
+
+
+def test_cpu_flags_come_from_the_flags_line_of_cpuinfo() -> None:
+    text = "processor\t: 0\nvendor_id\t: AuthenticAMD\nflags\t\t: fpu svm lm\nbugs\t\t: sysret_ss_attrs\n"
+    assert nested.cpu_flags_from_cpuinfo(text) == {"fpu", "svm", "lm"}
+
+
+def test_host_facts_are_gathered_from_cpuinfo_sys_module_and_dev(tmp_path: Path) -> None:
+    (tmp_path / "cpuinfo").write_text("flags\t: fpu svm\n")
+    for module in ("kvm", "kvm_amd", "unrelated"):
+        (tmp_path / "module" / module).mkdir(parents=True)
+    (tmp_path / "dev").mkdir()
+    (tmp_path / "dev" / "kvm").touch()
+    got = HostFacts.gather(
+        cpuinfo=tmp_path / "cpuinfo",
+        sys_module=tmp_path / "module",
+        dev=tmp_path / "dev",
+        try_modprobe=False,
+    )
+    assert got == facts(flags="fpu svm", modules="kvm kvm_amd", vhost_net=False)
+
+
+def test_in_nested_host_is_detected_from_env_or_kernel_cmdline(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cmdline = tmp_path / "cmdline"
+    cmdline.write_text("console=ttyS0 quiet\n")
+    monkeypatch.delenv("PYMVM_IN_NESTED", raising=False)
+    assert not nested.in_nested_host(cmdline=cmdline)
+    cmdline.write_text("console=ttyS0 pymvm_nested=1 quiet\n")
+    assert nested.in_nested_host(cmdline=cmdline)
+    cmdline.write_text("quiet\n")
+    monkeypatch.setenv("PYMVM_IN_NESTED", "1")
+    assert nested.in_nested_host(cmdline=cmdline)
+
+
+# ----------------------------------------------------------------------------- kernel
+
+
+def test_newest_kernel_is_chosen_comparing_versions_numerically(tmp_path: Path) -> None:
+    for name in ("vmlinuz-6.1.0-56-amd64", "vmlinuz-6.12.9-amd64", "vmlinuz-6.9.1-amd64",
+                 "vmlinuz-6.99.0-arm64"):
+        (tmp_path / name).touch()
+    assert nested.find_kernel(tmp_path).name == "vmlinuz-6.12.9-amd64"
+
+
+def test_missing_kernel_error_names_the_packages_to_install(tmp_path: Path) -> None:
+    with pytest.raises(NestedHostError, match="apt-get install linux-image-amd64 qemu-system-x86"):
+        nested.find_kernel(tmp_path)
+
+
+# ----------------------------------------------------------------------------- vng command
+
+
+def test_vng_command_boots_tcg_with_svm_and_shares_rwdirs(tmp_path: Path) -> None:
+    cmd = nested.vng_command(
+        vng="vng",
+        kernel=Path("/boot/vmlinuz-6.1.0-56-amd64"),
+        script=Path("/tmp/pymvm-nested-x/run.sh"),
+        rwdirs=[Path("/tmp/pymvm-nested-x"), Path("/src/repo")],
+        cwd=Path("/src/repo"),
+        cpus=3,
+        memory="4G",
+    )
+    assert cmd[:3] == ["vng", "--run", "/boot/vmlinuz-6.1.0-56-amd64"]
+    assert "--disable-kvm" in cmd
+    assert "--qemu-opts=-cpu EPYC,+svm" in cmd
+    assert cmd[cmd.index("--cpus") + 1] == "3"
+    assert cmd[cmd.index("--memory") + 1] == "4G"
+    assert "--rwdir=/src/repo=/src/repo" in cmd
+    assert "--rwdir=/tmp/pymvm-nested-x=/tmp/pymvm-nested-x" in cmd
+    assert "--append=pymvm_nested=1" in cmd
+    assert cmd[-2:] == ["--exec", "/bin/sh /tmp/pymvm-nested-x/run.sh"]
+
+
+def test_vng_command_refuses_a_path_vng_cannot_share() -> None:
+    with pytest.raises(NestedHostError, match="has a space"):
+        nested.vng_command(
+            vng="vng", kernel=Path("/k"), script=Path("/t/run.sh"), rwdirs=[Path("/my repo")],
+            cwd=Path("/"), cpus=2, memory="3G",
+        )
+
+
+def test_rwdirs_inside_another_rwdir_are_dropped(tmp_path: Path) -> None:
+    (tmp_path / "repo" / "results").mkdir(parents=True)
+    got = nested._dedupe_rwdirs(
+        [tmp_path / "repo" / "results", tmp_path / "repo", tmp_path / "other", tmp_path / "repo"]
+    )
+    assert got == [tmp_path / "repo", tmp_path / "other"]
+
+
+def test_nested_env_passes_path_pythonpath_and_pymvm_vars_only() -> None:
+    env = nested.nested_env(
+        {"EXTRA": "x y"},
+        environ={
+            "PATH": "/root/.pyenv/shims:/usr/bin",
+            "PYTHONPATH": "/src",
+            "PYMVM_CACHE_DIR": "/var/cache/pymvm",
+            "PYMVM_NESTED": "always",
+            "SECRET_TOKEN": "no",
+        },
+    )
+    assert env["PATH"].split(os.pathsep) == [
+        str(Path(sys.executable).parent), "/root/.pyenv/shims", "/usr/bin"
+    ]
+    assert env["PYTHONPATH"] == "/src"
+    assert env["PYMVM_CACHE_DIR"] == "/var/cache/pymvm"
+    assert env["PYMVM_IN_NESTED"] == "1"
+    assert env["EXTRA"] == "x y"
+    assert "PYMVM_NESTED" not in env
+    assert "SECRET_TOKEN" not in env
+
+
+def test_nested_env_refuses_a_name_the_shell_cannot_export() -> None:
+    with pytest.raises(NestedHostError, match="cannot be passed"):
+        nested.nested_env({"A-B": "1"}, environ={})
+
+
+# ----------------------------------------------------------------------------- script
+
+
+def test_script_runs_argv_verbatim_in_cwd_with_env_and_records_status(tmp_path: Path) -> None:
+    work = tmp_path / "a dir"
+    work.mkdir()
+    status = tmp_path / "exit-status"
+    argv = [
+        sys.executable, "-c",
+        "import json, os, sys; json.dump([os.getcwd(), sys.argv[1:], os.environ['V']],"
+        " open('out.json', 'w')); sys.exit(7)",
+        "it's", "$HOME", "a;b", "",
+    ]
+    script = nested.render_script(
+        argv, cwd=work, env={"V": "$(x) 'q'"}, status_path=status, modules=()
+    )
+    done = subprocess.run(["/bin/sh", "-c", script], check=False)
+    assert done.returncode == 7
+    assert nested.read_exit_status(status) == 7
+    assert json.loads((work / "out.json").read_text()) == [
+        str(work), ["it's", "$HOME", "a;b", ""], "$(x) 'q'"
+    ]
+
+
+def test_script_loads_the_kvm_vhost_and_tun_modules_first() -> None:
+    script = nested.render_script(["true"], cwd=Path("/"), env={}, status_path=Path("/s"))
+    lines = script.splitlines()
+    assert [l.split()[1] for l in lines if l.startswith("modprobe")] == ["kvm_amd", "vhost_net", "tun"]
+
+
+def test_script_refuses_an_empty_command() -> None:
+    with pytest.raises(NestedHostError, match="no command"):
+        nested.render_script([], cwd=Path("/"), env={}, status_path=Path("/s"))
+
+
+@pytest.mark.parametrize(("text", "want"), [("3\n", 3), ("0", 0), ("", None), ("x\n", None)])
+def test_exit_status_file_is_read_or_rejected(tmp_path: Path, text: str, want: int | None) -> None:
+    (tmp_path / "s").write_text(text)
+    assert nested.read_exit_status(tmp_path / "s") == want
+
+
+def test_missing_exit_status_file_reads_as_none(tmp_path: Path) -> None:
+    assert nested.read_exit_status(tmp_path / "absent") is None
+
+
+# ----------------------------------------------------------------------------- output
+
+
+def test_output_filter_drops_qemu_tcg_warnings_and_keeps_the_rest() -> None:
+    sink = io.BytesIO()
+    out = nested._OutputFilter(sink)
+    out.feed(b"booting\n" + TCG_WARNING[:20])
+    out.feed(TCG_WARNING[20:] + b"tests ")
+    out.feed(b"..")
+    assert sink.getvalue() == b"booting\ntests .."  # partial lines come out at once
+    out.feed(b"qemu-system-x86_64: warning: other\n")
+    out.close()
+    assert sink.getvalue() == b"booting\ntests ..qemu-system-x86_64: warning: other\n"
+
+
+def test_output_filter_writes_a_held_prefix_at_close() -> None:
+    sink = io.BytesIO()
+    out = nested._OutputFilter(sink)
+    out.feed(b"qemu")
+    assert sink.getvalue() == b""
+    out.close()
+    assert sink.getvalue() == b"qemu"
+
+
+# ----------------------------------------------------------------------------- run_nested
+
+
+FAKE_VNG = textwrap.dedent(
+    """\
+    #!/bin/sh
+    # Plays vng: prints QEMU noise, then runs --exec on this host (or not, per FAKE_MODE).
+    printf '%s\\n' "$*" > "$FAKE_ARGS"
+    echo "qemu-system-x86_64: warning: TCG doesn't support requested feature: x" >&2
+    while [ $# -gt 0 ]; do [ "$1" = --exec ] && exec_cmd=$2; shift; done
+    case "$FAKE_MODE" in
+      die) echo "Kernel panic"; exit 0 ;;
+      hang) exec sleep 600 ;;
+    esac
+    PATH="$FAKE_BIN:$PATH" sh -c "$exec_cmd"
+    exit 0
+    """
+)
+
+
+@pytest.fixture
+def fake_vng(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    vng = bin_dir / "vng"
+    vng.write_text(FAKE_VNG)
+    vng.chmod(0o755)
+    # The script's modprobe lines must not touch this host's kernel.
+    (bin_dir / "modprobe").write_text("#!/bin/sh\nexit 0\n")
+    (bin_dir / "modprobe").chmod(0o755)
+    monkeypatch.setattr(nested, "find_vng", lambda: str(vng))
+    monkeypatch.setattr(nested, "find_kernel", lambda: Path("/boot/vmlinuz-test-amd64"))
+    monkeypatch.setenv("FAKE_BIN", str(bin_dir))
+    monkeypatch.setenv("FAKE_ARGS", str(tmp_path / "args"))
+    monkeypatch.delenv("PYMVM_CACHE_DIR", raising=False)
+    return tmp_path
+
+
+def test_run_nested_returns_the_inner_status_not_vngs(fake_vng: Path) -> None:
+    sink = io.BytesIO()
+    rc = nested.run_nested(["sh", "-c", "echo inner; exit 3"], cwd=fake_vng, output=sink)
+    assert rc == 3
+    assert sink.getvalue() == b"inner\n"  # streamed, with QEMU's TCG warning dropped
+
+
+def test_run_nested_shares_cwd_and_rwdirs_and_removes_its_temp_dir(fake_vng: Path) -> None:
+    extra = fake_vng / "extra"
+    extra.mkdir()
+    rc = nested.run_nested(["true"], cwd=fake_vng, rwdirs=[extra], output=io.BytesIO())
+    assert rc == 0
+    args = (fake_vng / "args").read_text()
+    assert f"--rwdir={fake_vng}={fake_vng}" in args
+    assert f"--rwdir={extra}=" not in args  # inside cwd: already shared
+    script = shlex.split(args.split("--exec ")[1])[1]
+    assert not Path(script).parent.exists()
+
+
+def test_run_nested_reports_a_dead_nested_host_with_a_distinct_code(
+    fake_vng: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("FAKE_MODE", "die")
+    rc = nested.run_nested(["true"], cwd=fake_vng, output=io.BytesIO())
+    assert rc == EXIT_NESTED_HOST_DIED
+    assert "without recording the command's exit status" in capsys.readouterr().err
+
+
+def test_run_nested_timeout_kills_the_nested_host(
+    fake_vng: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("FAKE_MODE", "hang")
+    started = time.monotonic()
+    rc = nested.run_nested(["true"], cwd=fake_vng, output=io.BytesIO(), timeout=0.5)
+    assert rc == EXIT_TIMEOUT
+    assert time.monotonic() - started < 10
+    assert "timed out" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def test_main_runs_directly_when_linux_can_boot_here(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.delenv("PYMVM_IN_NESTED", raising=False)
+    monkeypatch.setattr(nested, "in_nested_host", lambda: False)
+    monkeypatch.setenv("PYMVM_NESTED", "never")
+    assert nested.main(["--", "sh", "-c", "exit 4"]) == 4
+    assert "running directly (PYMVM_NESTED=never" in capsys.readouterr().err
+
+
+def test_main_uses_the_nested_host_when_linux_cannot_boot_here(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    calls: list[tuple[list[str], dict[str, object]]] = []
+    monkeypatch.setattr(nested, "in_nested_host", lambda: False)
+    monkeypatch.setattr(nested, "can_boot_linux_here", lambda: (False, "because"))
+    monkeypatch.setattr(nested, "run_nested", lambda argv, **kw: calls.append((argv, kw)) or 5)
+    assert nested.main(["--cpus", "3", "--", "pytest", "-x"]) == 5
+    assert calls[0][0] == ["pytest", "-x"]
+    assert calls[0][1]["cpus"] == 3
+    assert "inside the nested KVM host (because)" in capsys.readouterr().err
+
+
+def test_main_inside_the_nested_host_never_nests_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(nested, "in_nested_host", lambda: True)
+    monkeypatch.setattr(nested, "run_nested", lambda *a, **kw: pytest.fail("nested again"))
+    assert nested.main(["--", "true"]) == 0

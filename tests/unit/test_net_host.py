@@ -1,0 +1,140 @@
+"""HostNetwork on this host: TAP + bridge + netns are created, and exactly those removed."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Iterator
+
+import pytest
+from pyroute2 import IPRoute
+from pyroute2 import netns as pyroute2_netns
+
+from pymvm.net.errors import HostNetworkError
+from pymvm.net.host import HostNetwork
+
+pytestmark = pytest.mark.skipif(
+    os.geteuid() != 0 or not os.path.exists("/dev/net/tun"),
+    reason="needs root and /dev/net/tun",
+)
+
+
+class Names:
+    def __init__(self) -> None:
+        sfx = os.urandom(3).hex()
+        self.tap, self.bridge, self.netns = f"pmt{sfx}", f"pmbr{sfx}", f"pmns{sfx}"
+
+
+@pytest.fixture
+def names() -> Iterator[Names]:
+    n = Names()
+    try:
+        yield n
+    finally:  # never leak test interfaces, whatever the test did
+        for ifname in (n.tap, n.bridge):
+            subprocess.run(["ip", "link", "del", ifname], capture_output=True)
+        if n.netns in pyroute2_netns.listnetns():
+            pyroute2_netns.remove(n.netns)
+
+
+def link(name: str, netns: str | None = None):
+    if netns is not None and netns not in pyroute2_netns.listnetns():
+        return None
+    with IPRoute(netns=netns, flags=0) if netns else IPRoute() as ipr:
+        found = ipr.link_lookup(ifname=name)
+        return ipr.get_links(found[0])[0] if found else None
+
+
+def addresses(name: str, netns: str | None = None) -> set[str]:
+    with IPRoute(netns=netns, flags=0) if netns else IPRoute() as ipr:
+        idx = ipr.link_lookup(ifname=name)[0]
+        return {f"{a.get_attr('IFA_ADDRESS')}/{a['prefixlen']}" for a in ipr.get_addr(index=idx)}
+
+
+def test_tap_on_new_bridge_in_new_netns_is_built_and_fully_removed(names: Names) -> None:
+    net = HostNetwork.create(
+        names.tap, mtu=1400, bridge=names.bridge, bridge_address="10.213.0.1/24", netns=names.netns
+    )
+    try:
+        assert names.netns in pyroute2_netns.listnetns()
+        tap, br = link(names.tap, names.netns), link(names.bridge, names.netns)
+        assert tap is not None and br is not None
+        assert tap.get_attr("IFLA_MTU") == 1400
+        assert tap.get_attr("IFLA_OPERSTATE") != "DOWN" and tap["flags"] & 1  # IFF_UP
+        assert br["flags"] & 1
+        assert tap.get_attr("IFLA_MASTER") == br["index"]
+        assert "10.213.0.1/24" in addresses(names.bridge, names.netns)
+        assert link(names.tap) is None and link(names.bridge) is None  # not in the host ns
+    finally:
+        net.close()
+    assert names.netns not in pyroute2_netns.listnetns()
+    assert link(names.tap) is None and link(names.bridge) is None
+    net.close()  # idempotent
+
+
+def test_existing_bridge_and_netns_are_kept_and_only_our_address_removed(names: Names) -> None:
+    pyroute2_netns.create(names.netns)
+    with IPRoute(netns=names.netns, flags=0) as ipr:
+        ipr.link("add", ifname=names.bridge, kind="bridge")
+    with HostNetwork.create(
+        names.tap, bridge=names.bridge, bridge_address="10.214.0.1/24", netns=names.netns
+    ) as net:
+        assert link(names.tap, names.netns).get_attr("IFLA_MASTER") == link(
+            names.bridge, names.netns
+        )["index"]
+        assert net.tap.netns == names.netns
+    assert names.netns in pyroute2_netns.listnetns()
+    assert link(names.bridge, names.netns) is not None
+    assert "10.214.0.1/24" not in addresses(names.bridge, names.netns)
+    assert link(names.tap, names.netns) is None
+
+
+def test_preexisting_persistent_tap_is_used_detached_and_not_deleted(names: Names) -> None:
+    subprocess.run(
+        ["ip", "tuntap", "add", "name", names.tap, "mode", "tap", "vnet_hdr"], check=True
+    )
+    with HostNetwork.create(names.tap, bridge=names.bridge):
+        assert link(names.tap).get_attr("IFLA_MASTER") == link(names.bridge)["index"]
+    tap = link(names.tap)
+    assert tap is not None, "a TAP the user made must survive"
+    assert not tap.get_attr("IFLA_MASTER")
+    assert link(names.bridge) is None
+
+
+def test_tap_only_without_bridge_comes_up_in_host_netns() -> None:
+    with HostNetwork.create() as net:
+        name = net.tap.name
+        assert link(name)["flags"] & 1
+    assert link(name) is None
+
+
+def test_bad_bridge_address_fails_and_undoes_bridge_and_netns(names: Names) -> None:
+    with pytest.raises(HostNetworkError, match="not a CIDR"):
+        HostNetwork.create(
+            names.tap, bridge=names.bridge, bridge_address="10.0.0.300/24", netns=names.netns
+        )
+    assert names.netns not in pyroute2_netns.listnetns()
+    assert link(names.bridge) is None and link(names.tap) is None
+
+
+def test_out_of_range_mtu_fails_with_host_network_error_and_removes_the_tap(names: Names) -> None:
+    with pytest.raises(HostNetworkError, match=f"configuring TAP '{names.tap}'"):
+        HostNetwork.create(names.tap, mtu=10)
+    assert link(names.tap) is None
+
+
+def test_bridge_address_without_bridge_is_refused() -> None:
+    with pytest.raises(HostNetworkError, match="needs a bridge"):
+        HostNetwork.create(bridge_address="10.0.0.1/24")
+
+
+def test_too_long_bridge_name_is_refused() -> None:
+    with pytest.raises(HostNetworkError, match="bridge name .* must be 1-15 bytes"):
+        HostNetwork.create(bridge="b" * 16)
+
+
+def test_tap_property_after_close_raises() -> None:
+    net = HostNetwork.create()
+    net.close()
+    with pytest.raises(HostNetworkError, match="closed"):
+        _ = net.tap
