@@ -11,6 +11,7 @@ import contextvars
 import enum
 import os
 import signal
+import struct
 import threading
 from dataclasses import dataclass
 from typing import Callable
@@ -20,6 +21,9 @@ import structlog
 from . import layout
 from .devices.bus import Bus
 from .kvm import EXIT_INTERRUPTED, Kvm, KvmError, Vcpu, Vm, constants as k
+from .kvm.vcpu import (
+    _EXIT_REASON, _IO_DIRECTION, _MMIO_DATA, _MMIO_PHYS_ADDR, EXIT_NAMES,
+)
 from .memory import GuestMemory
 
 log = structlog.get_logger()
@@ -93,7 +97,6 @@ class Machine:
         self._stopped = threading.Event()
         self.stop_reason: StopReason | None = None
         self.on_stop: Callable[[StopReason], None] | None = None
-        self.exit_counts: dict[str, int] = {}
         self._eventfds: list[int] = []
         self._owns_kvm = kvm is None
         self.kvm = kvm or Kvm()
@@ -196,61 +199,99 @@ class Machine:
             self.request_stop(StopReason(StopKind.ERROR, f"vcpu {vcpu.id}: {e}", 1))
 
     def _run_loop(self, vcpu: Vcpu) -> None:
-        pio, mmio = self.pio_bus, self.mmio_bus
-        counts = self.exit_counts
+        # The hot path of the VMM: every port and MMIO access of the guest comes through
+        # here, so field offsets are bound to locals and lookups are cached per address.
+        pio_read, pio_write = self._cached_dispatch(self.pio_bus)
+        mmio_read, mmio_write = self._cached_dispatch(self.mmio_bus)
+        page = vcpu.run_page
+        view = vcpu._run_view
+        io_fields = struct.Struct("=BBHIQ").unpack_from
+        mmio_fields = struct.Struct("=Q8sIB").unpack_from
+        exit_reason = struct.Struct("=I").unpack_from
+        io_off, mmio_off, reason_off = _IO_DIRECTION, _MMIO_PHYS_ADDR, _EXIT_REASON
+        mmio_data_off = _MMIO_DATA
+        EXIT_IO, EXIT_MMIO, IO_OUT = k.KVM_EXIT_IO, k.KVM_EXIT_MMIO, k.KVM_EXIT_IO_OUT
+        run = vcpu.run
         while self.stop_reason is None:
-            reason = vcpu.run()
-            if reason == k.KVM_EXIT_IO:
-                ex = vcpu.io_exit()
-                data = vcpu.run_data(ex.data_offset, ex.size * ex.count)
-                for i in range(ex.count):
-                    chunk = data[i * ex.size:(i + 1) * ex.size]
-                    if ex.is_write:
-                        pio.write(ex.port, bytes(chunk))
-                    else:
-                        buf = bytearray(b"\xff" * ex.size)  # open bus reads all ones
-                        pio.read(ex.port, buf)
-                        chunk[:] = buf
-            elif reason == k.KVM_EXIT_MMIO:
-                ex = vcpu.mmio_exit()
-                data = vcpu.mmio_data()[:ex.length]
-                if ex.is_write:
-                    if not mmio.write(ex.addr, bytes(data)):
-                        counts["mmio_unhandled"] = counts.get("mmio_unhandled", 0) + 1
+            reason = run()
+            if reason == EXIT_IO:
+                direction, size, port, count, offset = io_fields(page, io_off)
+                if direction == IO_OUT:
+                    for i in range(count):
+                        start = offset + i * size
+                        pio_write(port, page[start:start + size])
                 else:
-                    buf = bytearray(b"\xff" * ex.length)
-                    mmio.read(ex.addr, buf)
-                    data[:] = buf
-            elif reason == EXIT_INTERRUPTED:
-                continue
-            elif reason == k.KVM_EXIT_HLT:
-                self.request_stop(StopReason(StopKind.GUEST_HALTED, f"vcpu {vcpu.id} halted", 0))
-            elif reason == k.KVM_EXIT_SHUTDOWN:
-                self.request_stop(StopReason(StopKind.GUEST_RESET, "guest reset (triple fault)", 0))
-            elif reason == k.KVM_EXIT_SYSTEM_EVENT:
-                event = vcpu.system_event_type()
-                if event == k.KVM_SYSTEM_EVENT_SHUTDOWN:
-                    self.request_stop(StopReason(StopKind.GUEST_SHUTDOWN, "guest powered off", 0))
-                elif event == k.KVM_SYSTEM_EVENT_RESET:
-                    self.request_stop(StopReason(StopKind.GUEST_RESET, "guest reset", 0))
+                    for i in range(count):
+                        start = offset + i * size
+                        buf = bytearray(b"\xff" * size)  # open bus reads all ones
+                        pio_read(port, buf)
+                        view[start:start + size] = buf
+            elif reason == EXIT_MMIO:
+                addr, data, length, is_write = mmio_fields(page, mmio_off)
+                length = min(length, 8)
+                if is_write:
+                    mmio_write(addr, data[:length])
                 else:
-                    self.request_stop(StopReason(StopKind.ERROR, f"guest system event {event} (crash)", 1))
-            elif reason == k.KVM_EXIT_INTERNAL_ERROR:
-                regs = vcpu.get_regs()
-                self.request_stop(StopReason(
-                    StopKind.ERROR, f"KVM internal error on vcpu {vcpu.id} at rip {regs.rip:#x}: "
-                    f"{vcpu.internal_error()}", 1))
-            elif reason == k.KVM_EXIT_FAIL_ENTRY:
-                self.request_stop(StopReason(
-                    StopKind.ERROR, f"KVM entry failed on vcpu {vcpu.id}: hardware reason "
-                    f"{vcpu.fail_entry_reason():#x}", 1))
-            elif reason == k.KVM_EXIT_INTR:
+                    buf = bytearray(b"\xff" * length)
+                    mmio_read(addr, buf)
+                    view[mmio_data_off:mmio_data_off + length] = buf
+            elif reason == EXIT_INTERRUPTED or reason == k.KVM_EXIT_INTR:
                 continue
             else:
-                from .kvm.vcpu import EXIT_NAMES
-                name = EXIT_NAMES.get(reason, str(reason))
-                self.request_stop(StopReason(StopKind.ERROR, f"unexpected exit {name} on vcpu {vcpu.id}", 1))
-            counts[reason] = counts.get(reason, 0) + 1
+                self._handle_other_exit(vcpu, reason)
+
+    @staticmethod
+    def _cached_dispatch(bus: Bus):
+        """Bus read/write with a per-address cache of (device, base): guests hit few addresses."""
+        cache: dict[int, tuple[object, int] | None] = {}
+
+        def resolve(addr: int):
+            try:
+                return cache[addr]
+            except KeyError:
+                found = bus.lookup(addr)
+                hit = None if found is None else (found[0], found[1].base)
+                if len(cache) < 4096:
+                    cache[addr] = hit
+                return hit
+
+        def read(addr: int, buf: bytearray) -> None:
+            hit = resolve(addr)
+            if hit is not None:
+                hit[0].read(addr - hit[1], buf)
+
+        def write(addr: int, data: bytes) -> None:
+            hit = resolve(addr)
+            if hit is not None:
+                hit[0].write(addr - hit[1], data)
+
+        return read, write
+
+    def _handle_other_exit(self, vcpu: Vcpu, reason: int) -> None:
+        if reason == k.KVM_EXIT_HLT:
+            self.request_stop(StopReason(StopKind.GUEST_HALTED, f"vcpu {vcpu.id} halted", 0))
+        elif reason == k.KVM_EXIT_SHUTDOWN:
+            self.request_stop(StopReason(StopKind.GUEST_RESET, "guest reset (triple fault)", 0))
+        elif reason == k.KVM_EXIT_SYSTEM_EVENT:
+            event = vcpu.system_event_type()
+            if event == k.KVM_SYSTEM_EVENT_SHUTDOWN:
+                self.request_stop(StopReason(StopKind.GUEST_SHUTDOWN, "guest powered off", 0))
+            elif event == k.KVM_SYSTEM_EVENT_RESET:
+                self.request_stop(StopReason(StopKind.GUEST_RESET, "guest reset", 0))
+            else:
+                self.request_stop(StopReason(StopKind.ERROR, f"guest system event {event} (crash)", 1))
+        elif reason == k.KVM_EXIT_INTERNAL_ERROR:
+            regs = vcpu.get_regs()
+            self.request_stop(StopReason(
+                StopKind.ERROR, f"KVM internal error on vcpu {vcpu.id} at rip {regs.rip:#x}: "
+                f"{vcpu.internal_error()}", 1))
+        elif reason == k.KVM_EXIT_FAIL_ENTRY:
+            self.request_stop(StopReason(
+                StopKind.ERROR, f"KVM entry failed on vcpu {vcpu.id}: hardware reason "
+                f"{vcpu.fail_entry_reason():#x}", 1))
+        else:
+            name = EXIT_NAMES.get(reason, str(reason))
+            self.request_stop(StopReason(StopKind.ERROR, f"unexpected exit {name} on vcpu {vcpu.id}", 1))
 
     # ---- teardown --------------------------------------------------------------------------
     def close(self) -> None:

@@ -198,9 +198,8 @@ def in_nested_host(*, cmdline: Path = Path("/proc/cmdline")) -> bool:
 
 def _version_key(name: str) -> tuple[tuple[int, int | str], ...]:
     # "6.12.9-amd64" sorts after "6.1.0-56-amd64": compare numbers as numbers.
-    return tuple(
-        (0, int(part)) if part.isdigit() else (1, part) for part in re.findall(r"\d+|[^\d.+~-]+", name)
-    )
+    parts = re.findall(r"\d+|[^\d.+~-]+", name)
+    return tuple((0, int(p)) if p.isdigit() else (1, p) for p in parts)
 
 
 def find_kernel(boot_dir: Path = Path("/boot")) -> Path:
@@ -225,6 +224,20 @@ def find_vng() -> str:
     raise NestedHostError("virtme-ng's `vng` is not installed: run `pip install virtme-ng`")
 
 
+def check_tools() -> None:
+    """QEMU, and busybox for the initramfs vng builds, must be installed."""
+    if not shutil.which("qemu-system-x86_64"):
+        raise NestedHostError(
+            "qemu-system-x86_64 is missing for the nested KVM host: "
+            "run `apt-get install qemu-system-x86`"
+        )
+    if not any(shutil.which(b) for b in ("busybox-static", "busybox.static", "busybox")):
+        raise NestedHostError(
+            "busybox is missing for the nested KVM host's initramfs: "
+            "run `apt-get install busybox-static`"
+        )
+
+
 def _check_shareable(path: Path) -> None:
     # vng puts shared folders on QEMU's and the kernel's command lines unquoted.
     if re.search(r"[\s,=]", str(path)):
@@ -244,7 +257,9 @@ def _dedupe_rwdirs(paths: Sequence[Path]) -> list[Path]:
     return kept
 
 
-def nested_env(extra: Mapping[str, str] = _EMPTY_ENV, *, environ: Mapping[str, str] | None = None) -> dict[str, str]:
+def nested_env(
+    extra: Mapping[str, str] = _EMPTY_ENV, *, environ: Mapping[str, str] | None = None
+) -> dict[str, str]:
     """The environment for the command inside: PATH, PYTHONPATH, PYMVM_* ... plus ``extra``."""
     environ = os.environ if environ is None else environ
     env: dict[str, str] = {}
@@ -260,7 +275,9 @@ def nested_env(extra: Mapping[str, str] = _EMPTY_ENV, *, environ: Mapping[str, s
     env[IN_NESTED_ENV] = "1"
     for name in env:
         if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
-            raise NestedHostError(f"environment variable name {name!r} cannot be passed to the nested host")
+            raise NestedHostError(
+                f"environment variable name {name!r} cannot be passed to the nested host"
+            )
     return env
 
 
@@ -448,6 +465,7 @@ def run_nested(
     sink = output if output is not None else sys.stdout.buffer
     kernel = find_kernel()
     vng = find_vng()
+    check_tools()
     inner_env = nested_env(env)
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="pymvm-nested-") as tmp:

@@ -24,7 +24,7 @@ from .boot.params import write_boot_data
 from .config import VmConfig
 from .devices.boot_timer import BootTimer, process_start_monotonic_ns
 from .devices.i8042 import I8042
-from .devices.serial import Serial8250
+from .devices.serial import OUTPUT_FLUSH_INTERVAL_S, Serial8250
 from .machine import Machine, StopKind, StopReason
 
 log = structlog.get_logger()
@@ -125,6 +125,7 @@ class VirtualMachine:
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, self._on_signal, signum)
         stdin_fd = self._watch_stdin(loop)
+        flusher = loop.create_task(self._flush_serial_periodically())
         try:
             log.info("vm_starting")
             m.start()
@@ -134,9 +135,16 @@ class VirtualMachine:
                 loop.remove_signal_handler(signum)
             if stdin_fd is not None:
                 loop.remove_reader(stdin_fd)
+            flusher.cancel()
         await loop.run_in_executor(None, m.join)
         self.serial.flush()
         return reason
+
+    async def _flush_serial_periodically(self) -> None:
+        # Whole lines are written by the vCPU thread; partial ones (prompts) are pushed here.
+        while True:
+            await asyncio.sleep(OUTPUT_FLUSH_INTERVAL_S)
+            self.serial.flush()
 
     def _on_signal(self, signum: int) -> None:
         assert self.machine is not None

@@ -64,8 +64,8 @@ MSR_DCD = 0x80
 
 INPUT_FIFO_LIMIT = 64 * 1024
 OUTPUT_FLUSH_SIZE = 4096
-# A partial line (a shell prompt, an echoed keystroke) is flushed after this delay.
-OUTPUT_FLUSH_DELAY_S = 0.02
+# How often the owner should call flush() for partial lines (a prompt, an echoed key).
+OUTPUT_FLUSH_INTERVAL_S = 0.02
 
 log = structlog.get_logger()
 
@@ -93,7 +93,6 @@ class Serial8250:
 
         self._out_lock = threading.Lock()  # orders flushes; separate so I/O never blocks registers
         self._out_buf = bytearray()
-        self._flush_timer: threading.Timer | None = None
         self._write_out: Callable[[bytes], None] | None
         if out is None:
             self._write_out = None
@@ -162,9 +161,6 @@ class Serial8250:
     def flush(self) -> None:
         """Write out buffered guest output (call at VM exit; also runs on newline)."""
         with self._out_lock:
-            if self._flush_timer is not None:
-                self._flush_timer.cancel()
-                self._flush_timer = None
             if not self._out_buf:
                 return
             chunk = bytes(self._out_buf)
@@ -290,13 +286,10 @@ class Serial8250:
     # -- output -------------------------------------------------------------------------------
 
     def _emit(self, byte: int) -> None:
+        # Whole lines go out at once; a partial line (a prompt, an echoed key) waits for the
+        # owner's periodic flush() (the VMM's event loop), which costs no thread per write.
         with self._out_lock:
             self._out_buf.append(byte)
             if byte != 0x0A and len(self._out_buf) < OUTPUT_FLUSH_SIZE:
-                if self._flush_timer is None:
-                    timer = threading.Timer(OUTPUT_FLUSH_DELAY_S, self.flush)
-                    timer.daemon = True
-                    self._flush_timer = timer
-                    timer.start()
                 return
         self.flush()

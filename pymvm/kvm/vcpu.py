@@ -29,6 +29,13 @@ _MMIO_DATA = lib.PYMVM_RUN_MMIO_DATA
 _MMIO_LEN = lib.PYMVM_RUN_MMIO_LEN
 _MMIO_IS_WRITE = lib.PYMVM_RUN_MMIO_IS_WRITE
 
+# The run loop reads each union member with one struct.unpack_from: check, against the
+# compiler's offsets, that the fields it reads are laid out back to back as it assumes.
+assert (_IO_SIZE, _IO_PORT, _IO_COUNT, _IO_DATA_OFFSET) == (
+    _IO_DIRECTION + 1, _IO_DIRECTION + 2, _IO_DIRECTION + 4, _IO_DIRECTION + 8), "kvm_run.io layout"
+assert (_MMIO_DATA, _MMIO_LEN, _MMIO_IS_WRITE) == (
+    _MMIO_PHYS_ADDR + 8, _MMIO_PHYS_ADDR + 16, _MMIO_PHYS_ADDR + 20), "kvm_run.mmio layout"
+
 EXIT_NAMES = {getattr(lib, n): n for n in dir(lib) if n.startswith("KVM_EXIT_") and n not in ("KVM_EXIT_IO_IN", "KVM_EXIT_IO_OUT")}
 
 # Exit reason returned by Vcpu.run() when KVM_RUN was interrupted by a signal (EINTR).

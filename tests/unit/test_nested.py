@@ -120,7 +120,10 @@ def test_can_boot_linux_here_reads_the_override_from_the_environment(
 
 
 def test_cpu_flags_come_from_the_flags_line_of_cpuinfo() -> None:
-    text = "processor\t: 0\nvendor_id\t: AuthenticAMD\nflags\t\t: fpu svm lm\nbugs\t\t: sysret_ss_attrs\n"
+    text = (
+        "processor\t: 0\nvendor_id\t: AuthenticAMD\n"
+        "flags\t\t: fpu svm lm\nbugs\t\t: sysret_ss_attrs\n"
+    )
     assert nested.cpu_flags_from_cpuinfo(text) == {"fpu", "svm", "lm"}
 
 
@@ -166,6 +169,25 @@ def test_newest_kernel_is_chosen_comparing_versions_numerically(tmp_path: Path) 
 def test_missing_kernel_error_names_the_packages_to_install(tmp_path: Path) -> None:
     with pytest.raises(NestedHostError, match="apt-get install linux-image-amd64 qemu-system-x86"):
         nested.find_kernel(tmp_path)
+
+
+def test_missing_qemu_error_names_the_package(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(nested.shutil, "which", lambda name: None)
+    with pytest.raises(NestedHostError, match="apt-get install qemu-system-x86"):
+        nested.check_tools()
+
+
+def test_missing_busybox_error_names_the_package(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(nested.shutil, "which", lambda name: name if "qemu" in name else None)
+    with pytest.raises(NestedHostError, match="apt-get install busybox-static"):
+        nested.check_tools()
+
+
+def test_missing_vng_error_names_the_pip_package(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(nested.sys, "executable", "/nonexistent/bin/python3")
+    monkeypatch.setattr(nested.shutil, "which", lambda name: None)
+    with pytest.raises(NestedHostError, match="pip install virtme-ng"):
+        nested.find_vng()
 
 
 # ----------------------------------------------------------------------------- vng command
@@ -262,7 +284,8 @@ def test_script_runs_argv_verbatim_in_cwd_with_env_and_records_status(tmp_path: 
 def test_script_loads_the_kvm_vhost_and_tun_modules_first() -> None:
     script = nested.render_script(["true"], cwd=Path("/"), env={}, status_path=Path("/s"))
     lines = script.splitlines()
-    assert [l.split()[1] for l in lines if l.startswith("modprobe")] == ["kvm_amd", "vhost_net", "tun"]
+    loaded = [line.split()[1] for line in lines if line.startswith("modprobe")]
+    assert loaded == ["kvm_amd", "vhost_net", "tun"]
 
 
 def test_script_refuses_an_empty_command() -> None:
@@ -336,6 +359,7 @@ def fake_vng(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     (bin_dir / "modprobe").chmod(0o755)
     monkeypatch.setattr(nested, "find_vng", lambda: str(vng))
     monkeypatch.setattr(nested, "find_kernel", lambda: Path("/boot/vmlinuz-test-amd64"))
+    monkeypatch.setattr(nested, "check_tools", lambda: None)
     monkeypatch.setenv("FAKE_BIN", str(bin_dir))
     monkeypatch.setenv("FAKE_ARGS", str(tmp_path / "args"))
     monkeypatch.delenv("PYMVM_CACHE_DIR", raising=False)
