@@ -130,6 +130,8 @@ class Machine:
         self.vm.register_irqfd(fd, gsi)
 
         def trigger() -> None:
+            if fd not in self._eventfds:  # closed with the machine: never touch a reused fd
+                return
             try:
                 os.eventfd_write(fd, 1)
             except BlockingIOError:  # counter saturated: an interrupt is pending anyway

@@ -249,12 +249,8 @@ def _check_shareable(path: Path) -> None:
 
 def _dedupe_rwdirs(paths: Sequence[Path]) -> list[Path]:
     """Absolute, unique paths; one inside another is already shared by it."""
-    resolved = sorted({Path(p).resolve() for p in paths}, key=lambda p: len(p.parts))
-    kept: list[Path] = []
-    for path in resolved:
-        if not any(path == k or path.is_relative_to(k) for k in kept):
-            kept.append(path)
-    return kept
+    unique = list(dict.fromkeys(Path(p).resolve() for p in paths))  # keeps the given order
+    return [p for p in unique if not any(p != q and p.is_relative_to(q) for q in unique)]
 
 
 def nested_env(
@@ -431,14 +427,14 @@ def _pump(proc: subprocess.Popen[bytes], out: _OutputFilter, deadline: float | N
             out.feed(chunk)
 
 
-def _cache_dirs(env: Mapping[str, str]) -> list[Path]:
-    # The cache (built kernels, images) must outlive the nested host's copy-on-write root.
-    value = env.get("PYMVM_CACHE_DIR")
-    if not value:
-        return []
-    path = Path(value)
-    path.mkdir(parents=True, exist_ok=True)
-    return [path]
+def image_cache_dir(env: Mapping[str, str]) -> Path:
+    """pymvm's image cache, which must be shared read-write: inside, HOME is read-only and
+    the rest of the root filesystem a copy-on-write view, so images built there are lost."""
+    if value := env.get("PYMVM_CACHE_DIR"):
+        return Path(value)
+    from pymvm.images.cache import cache_root  # the one rule for the default location
+
+    return cache_root()
 
 
 def run_nested(
@@ -454,7 +450,7 @@ def run_nested(
 ) -> int:
     """Boot the nested KVM host, run ``argv`` in ``cwd`` there and return its exit status.
 
-    ``cwd``, ``rwdirs`` and PYMVM_CACHE_DIR are shared read-write; the rest of the root
+    ``cwd``, ``rwdirs`` and the image cache are shared read-write; the rest of the root
     filesystem is a copy-on-write view whose changes are lost. Output streams to ``output``
     (default: our stdout) as it comes. Returns EXIT_NESTED_HOST_DIED if the host ended
     without recording a status, EXIT_TIMEOUT if ``timeout`` seconds passed.
@@ -467,13 +463,16 @@ def run_nested(
     vng = find_vng()
     check_tools()
     inner_env = nested_env(env)
+    cache = image_cache_dir(inner_env)
+    cache.mkdir(parents=True, exist_ok=True)
+    inner_env["PYMVM_CACHE_DIR"] = str(cache)  # inside, the default would be elsewhere
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="pymvm-nested-") as tmp:
         workdir = Path(tmp).resolve()
         status_path = workdir / STATUS_FILE
         script = workdir / SCRIPT_FILE
         script.write_text(render_script(argv, cwd=cwd, env=inner_env, status_path=status_path))
-        shared = _dedupe_rwdirs([workdir, cwd, *rwdirs, *_cache_dirs(inner_env)])
+        shared = _dedupe_rwdirs([workdir, cwd, *rwdirs, cache])
         cmd = vng_command(
             vng=vng, kernel=kernel, script=script, rwdirs=shared, cwd=cwd, cpus=cpus, memory=memory
         )

@@ -362,7 +362,7 @@ def fake_vng(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setattr(nested, "check_tools", lambda: None)
     monkeypatch.setenv("FAKE_BIN", str(bin_dir))
     monkeypatch.setenv("FAKE_ARGS", str(tmp_path / "args"))
-    monkeypatch.delenv("PYMVM_CACHE_DIR", raising=False)
+    monkeypatch.setenv("PYMVM_CACHE_DIR", str(tmp_path / "cache"))
     return tmp_path
 
 
@@ -381,6 +381,7 @@ def test_run_nested_shares_cwd_and_rwdirs_and_removes_its_temp_dir(fake_vng: Pat
     args = (fake_vng / "args").read_text()
     assert f"--rwdir={fake_vng}={fake_vng}" in args
     assert f"--rwdir={extra}=" not in args  # inside cwd: already shared
+    assert f"--rwdir={fake_vng / 'cache'}={fake_vng / 'cache'}" not in args  # inside cwd
     script = shlex.split(args.split("--exec ")[1])[1]
     assert not Path(script).parent.exists()
 
@@ -403,6 +404,20 @@ def test_run_nested_timeout_kills_the_nested_host(
     assert rc == EXIT_TIMEOUT
     assert time.monotonic() - started < 10
     assert "timed out" in capsys.readouterr().err
+
+
+def test_run_nested_shares_the_image_cache_and_names_it_inside(
+    fake_vng: Path, monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    cache = tmp_path_factory.mktemp("elsewhere") / "pymvm-cache"
+    monkeypatch.delenv("PYMVM_CACHE_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(cache.parent))
+    sink = io.BytesIO()
+    assert nested.run_nested(
+        ["sh", "-c", 'echo "$PYMVM_CACHE_DIR"'], cwd=fake_vng, output=sink
+    ) == 0
+    assert sink.getvalue().decode().strip() == str(cache.parent / "pymvm")
+    assert f"--rwdir={cache.parent / 'pymvm'}=" in (fake_vng / "args").read_text()
 
 
 # ----------------------------------------------------------------------------- main

@@ -1,0 +1,129 @@
+"""Boot benchmark: pymvm against QEMU's microvm machine, same kernel, initramfs and host.
+
+Each VMM boots the microVM bzImage with the test initramfs N times. Measured per boot:
+  - boot time: from spawning the VMM process to the guest's ready marker on the console
+    (the test init writes the boot timer and prints the marker back to back, so this is
+    the moment of the boot-timer write as seen from outside, for both VMMs alike);
+  - memory overhead: the VMM's RSS minus the RSS of its guest-RAM mapping, sampled at the
+    ready marker.
+Prints medians, then `boot_time_ratio=X` and `memory_overhead_ratio=Y` (pymvm / QEMU).
+
+Run it with bench/boot (which uses the nested KVM host where this one cannot boot Linux).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import select
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+READY = b"PYMVM-READY"
+MEMORY_MIB = 256
+CMDLINE = "console=ttyS0 reboot=k panic=-1 quiet"
+
+
+def guest_ram_rss_kib(pid: int, size_mib: int) -> tuple[int, int]:
+    """(total RSS, RSS of the mapping that is guest RAM) in KiB, from /proc/PID/smaps."""
+    total = guest = 0
+    current_size = None
+    with open(f"/proc/{pid}/smaps") as f:
+        for line in f:
+            if line[0] in "0123456789abcdef" and "-" in line.split()[0]:
+                lo, hi = (int(x, 16) for x in line.split()[0].split("-"))
+                current_size = hi - lo
+            elif line.startswith("Rss:"):
+                kib = int(line.split()[1])
+                total += kib
+                if current_size is not None and current_size == size_mib << 20:
+                    guest = max(guest, kib)
+    return total, guest
+
+
+def boot_once(argv: list[str], timeout: float = 300.0) -> tuple[float, int]:
+    """Spawn a VMM, wait for the ready marker; returns (seconds, overhead KiB)."""
+    start = time.monotonic()
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                            stdin=subprocess.DEVNULL)
+    seen = b""
+    try:
+        fd = proc.stdout.fileno()
+        while READY not in seen:
+            remaining = timeout - (time.monotonic() - start)
+            if remaining <= 0 or proc.poll() is not None and not select.select([fd], [], [], 0)[0]:
+                raise RuntimeError(f"{argv[0]}: no ready marker (rc={proc.poll()}): {seen[-500:]!r}")
+            ready, _, _ = select.select([fd], [], [], min(remaining, 1.0))
+            if ready:
+                chunk = os.read(fd, 65536)
+                if not chunk and proc.poll() is not None:
+                    continue
+                seen += chunk
+        elapsed = time.monotonic() - start
+        total, guest = guest_ram_rss_kib(proc.pid, MEMORY_MIB)
+        proc.stdout.close()
+        proc.wait(timeout=timeout)
+        return elapsed, total - guest
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("-n", "--runs", type=int, default=10)
+    args = p.parse_args()
+
+    from pymvm.images.initramfs import build_initramfs, encode_cmd
+    from pymvm.images.kernel import kernel_status
+
+    kernel = kernel_status()
+    if kernel is None:
+        print("bench/boot: build the kernel first: pymvm build-kernel", file=sys.stderr)
+        return 2
+    initramfs = build_initramfs(extra_binaries=["iperf3"], log=lambda *_: None)
+    qemu = shutil.which("qemu-system-x86_64")
+    if qemu is None:
+        print("bench/boot: qemu-system-x86_64 not found: apt-get install qemu-system-x86", file=sys.stderr)
+        return 2
+    cmdline = f"{CMDLINE} {encode_cmd('true')}"
+
+    with tempfile.TemporaryDirectory(prefix="pymvm-bench-") as tmp:
+        config = Path(tmp) / "vm.toml"
+        config.write_text(
+            f'id = "bench"\n[machine]\nvcpus = 1\nmemory_mib = {MEMORY_MIB}\n'
+            f'[boot]\nkernel = "{kernel.bzimage}"\ninitrd = "{initramfs}"\ncmdline = "{cmdline}"\n'
+            '[serial]\noutput = "stdout"\ninput = false\n')
+        vmms = {
+            "pymvm": [sys.executable, "-m", "pymvm.cli", "--log-level", "warning", "run", str(config)],
+            "qemu": [qemu, "-M", "microvm,acpi=off,x-option-roms=off,rtc=off,isa-serial=on", "-accel", "kvm",
+                     "-cpu", "host", "-smp", "1", "-m", str(MEMORY_MIB), "-nodefaults", "-no-user-config",
+                     "-display", "none", "-serial", "stdio", "-no-reboot", "-kernel", str(kernel.bzimage),
+                     "-initrd", str(initramfs), "-append", cmdline],
+        }
+        results: dict[str, list[tuple[float, int]]] = {name: [] for name in vmms}
+        # Interleave the VMMs so that drift in the host's speed hits both alike.
+        for i in range(args.runs):
+            for name, argv in vmms.items():
+                t, overhead = boot_once(argv)
+                results[name].append((t, overhead))
+                print(f"run {i + 1:2d} {name:5s} boot {t * 1000:8.1f} ms  overhead {overhead / 1024:7.1f} MiB",
+                      flush=True)
+
+    med = {name: (statistics.median(t for t, _ in r), statistics.median(o for _, o in r))
+           for name, r in results.items()}
+    for name, (t, o) in med.items():
+        print(f"{name}: median boot {t * 1000:.1f} ms, median VMM memory overhead {o / 1024:.1f} MiB")
+    print(f"boot_time_ratio={med['pymvm'][0] / med['qemu'][0]:.3f}")
+    print(f"memory_overhead_ratio={med['pymvm'][1] / med['qemu'][1]:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

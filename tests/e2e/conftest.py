@@ -1,0 +1,151 @@
+"""Fixtures for e2e tests: real Linux guests booted by `pymvm run`.
+
+They need a /dev/kvm that can boot Linux. On hosts whose KVM cannot (this project's
+development machines: a paravirtual kvm_pvm), `scripts/e2e` runs this tier inside the
+nested KVM host; run directly there, the tests skip and say so.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from pymvm.images.initramfs import EXIT_RE, READY_RE, encode_cmd
+
+GUEST_TIMEOUT_S = float(os.environ.get("PYMVM_E2E_GUEST_TIMEOUT", "240"))
+# Every e2e guest gets this; `quiet` keeps the boot log off the (exit-per-byte) UART.
+BASE_CMDLINE = "console=ttyS0 reboot=k panic=-1 quiet"
+
+
+def pytest_collection_modifyitems(config, items):
+    from pymvm.nested import can_boot_linux_here, in_nested_host
+
+    ok, why = can_boot_linux_here()
+    if ok or in_nested_host():
+        return
+    skip = pytest.mark.skip(reason=f"{why}; run this tier with scripts/e2e (nested KVM host)")
+    for item in items:
+        if "tests/e2e" in str(item.fspath).replace(os.sep, "/"):
+            item.add_marker(skip)
+
+
+@dataclass(frozen=True)
+class GuestImages:
+    vmlinux: Path
+    bzimage: Path
+    initramfs: Path
+
+
+@pytest.fixture(scope="session")
+def guest_images() -> GuestImages:
+    from pymvm.images.initramfs import build_initramfs
+    from pymvm.images.kernel import kernel_status
+
+    kernel = kernel_status()
+    if kernel is None:
+        pytest.fail("the microVM kernel is not built: run 'pymvm build-kernel' (.ci/run does)")
+    initramfs = build_initramfs(extra_binaries=["iperf3"], log=lambda *_: None)
+    return GuestImages(kernel.vmlinux, kernel.bzimage, initramfs)
+
+
+@dataclass
+class VmRun:
+    returncode: int
+    console: str
+    logs: list[dict] = field(default_factory=list)
+    stderr: str = ""
+
+    def events(self, name: str) -> list[dict]:
+        return [e for e in self.logs if e.get("event") == name]
+
+    @property
+    def ready_cpus(self) -> int | None:
+        m = READY_RE.search(self.console)
+        return int(m.group(1)) if m else None
+
+    @property
+    def command_status(self) -> int | None:
+        m = EXIT_RE.search(self.console)
+        return int(m.group(1)) if m else None
+
+    def describe(self) -> str:
+        return f"rc={self.returncode}\n--- console ---\n{self.console[-4000:]}\n--- stderr ---\n{self.stderr[-4000:]}"
+
+
+def parse_logs(stderr: str) -> list[dict]:
+    logs = []
+    for line in stderr.splitlines():
+        line = line.strip()
+        if line.startswith("{"):
+            try:
+                logs.append(json.loads(line))
+            except json.JSONDecodeError:
+                pass
+    return logs
+
+
+def write_vm_toml(path: Path, *, kernel: Path, initrd: Path | None, cmdline: str, vcpus: int = 1,
+                  memory_mib: int = 256, extra: str = "", vm_id: str = "e2e") -> Path:
+    lines = [
+        f'id = "{vm_id}"',
+        "[machine]", f"vcpus = {vcpus}", f"memory_mib = {memory_mib}",
+        "[boot]", f'kernel = "{kernel}"',
+    ]
+    if initrd is not None:
+        lines.append(f'initrd = "{initrd}"')
+    lines += [f'cmdline = "{cmdline}"', "[serial]", 'output = "stdout"', "input = false"]
+    path.write_text("\n".join(lines) + "\n" + extra)
+    return path
+
+
+def start_vm(config: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "pymvm.cli", "run", str(config)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+    )
+
+
+def finish_vm(proc: subprocess.Popen, timeout: float = GUEST_TIMEOUT_S) -> VmRun:
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            out, err = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
+        run = VmRun(proc.returncode, out.decode(errors="replace"), parse_logs(err.decode(errors="replace")),
+                    err.decode(errors="replace"))
+        pytest.fail(f"VM did not stop within {timeout:.0f} s\n{run.describe()}")
+    stderr = err.decode(errors="replace")
+    return VmRun(proc.returncode, out.decode(errors="replace"), parse_logs(stderr), stderr)
+
+
+@pytest.fixture
+def boot_vm(tmp_path, guest_images):
+    """Boot a guest running ``command`` and wait for the VM to stop; returns a VmRun."""
+
+    def boot(command: str | None = None, *, vcpus: int = 1, kernel: str = "vmlinux",
+             extra_cmdline: str = "", memory_mib: int = 256, extra_toml: str = "",
+             timeout: float = GUEST_TIMEOUT_S) -> VmRun:
+        cmdline = BASE_CMDLINE
+        if command is not None:
+            cmdline += " " + encode_cmd(command)
+        if extra_cmdline:
+            cmdline += " " + extra_cmdline
+        image = guest_images.vmlinux if kernel == "vmlinux" else guest_images.bzimage
+        config = write_vm_toml(tmp_path / f"vm-{time.monotonic_ns()}.toml", kernel=image,
+                               initrd=guest_images.initramfs, cmdline=cmdline, vcpus=vcpus,
+                               memory_mib=memory_mib, extra=extra_toml)
+        return finish_vm(start_vm(config), timeout)
+
+    return boot
