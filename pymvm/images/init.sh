@@ -13,6 +13,8 @@
 #      else with `pymvm.shell=1`: an interactive shell on the console until it exits;
 #   5. sync, then `reboot -f` (the VMM sees the reset: i8042 with reboot=k, triple fault
 #      with reboot=t). Should reboot fail, init exits and the kernel panics (use panic=-1).
+#      Under QEMU microvm use reboot=t or add `-device i8042`: reboot=k with no i8042 falls
+#      back to a BIOS restart, which qboot turns into a fresh boot, forever.
 
 export PATH=/bin:/sbin:/usr/bin:/usr/sbin
 export HOME=/root

@@ -295,34 +295,83 @@ def write_initramfs(out: io.BufferedIOBase, init_script: str, busybox: bytes,
     w.finish()
 
 
-def build_initramfs(out: Path | None = None, extra_binaries: Sequence[str] = (),
-                    cache_dir: Path | None = None, log: Log = print) -> Path:
-    """Build (or reuse) the test initramfs; returns its path (`out` if given)."""
-    script = render_init_script()
+@dataclass(frozen=True)
+class _Inputs:
+    script: str
+    busybox_path: Path
+    busybox: bytes
+    extra: dict[str, bytes]  # guest path -> content
+
+    def key(self) -> str:
+        h = hashlib.sha256()
+        for part in (FORMAT_VERSION.encode(), self.script.encode(),
+                     hashlib.sha256(self.busybox).digest(),
+                     *(p.encode() + hashlib.sha256(c).digest()
+                       for p, c in sorted(self.extra.items()))):
+            h.update(len(part).to_bytes(8, "little"))
+            h.update(part)
+        return h.hexdigest()[:16]
+
+
+def _gather(extra_binaries: Sequence[str]) -> _Inputs:
     busybox_path = find_busybox()
-    busybox = busybox_path.read_bytes()
     extra: dict[str, bytes] = {}
     for name in extra_binaries:
         for guest_path, host_path in host_program_files(name).items():
             extra[guest_path] = host_path.read_bytes()
+    return _Inputs(render_init_script(), busybox_path, busybox_path.read_bytes(), extra)
 
-    h = hashlib.sha256()
-    for part in (FORMAT_VERSION.encode(), script.encode(), hashlib.sha256(busybox).digest(),
-                 *(p.encode() + hashlib.sha256(c).digest() for p, c in sorted(extra.items()))):
-        h.update(len(part).to_bytes(8, "little"))
-        h.update(part)
-    key = h.hexdigest()[:16]
-    cached = cache_root(cache_dir) / "initramfs" / f"{key}.cpio"
+
+_LATEST = "latest"  # names the archive built last, for `initramfs_status()`
+
+
+def initramfs_status(extra_binaries: Sequence[str] | None = None,
+                     cache_dir: Path | None = None) -> Path | None:
+    """The cached archive for these extra binaries, or (None) the one built last; no build.
+
+    None when it was never built, or was built from an older init script or busybox.
+    """
+    directory = cache_root(cache_dir) / "initramfs"
+    if extra_binaries is None:
+        try:
+            key = (directory / _LATEST).read_text().strip()
+        except OSError:
+            return None
+        latest = directory / f"{key}.cpio"
+        try:
+            # Rebuilding the key from the programs it was built with detects staleness.
+            with_names = (directory / f"{key}.with").read_text().split()
+            current = _gather(with_names).key()
+        except (OSError, ImageError):
+            return None
+        return latest if current == key and latest.is_file() else None
+    try:
+        path = directory / f"{_gather(extra_binaries).key()}.cpio"
+    except ImageError:
+        return None
+    return path if path.is_file() else None
+
+
+def build_initramfs(out: Path | None = None, extra_binaries: Sequence[str] = (),
+                    cache_dir: Path | None = None, log: Log = print) -> Path:
+    """Build (or reuse) the test initramfs; returns its path (`out` if given)."""
+    inputs = _gather(extra_binaries)
+    key = inputs.key()
+    directory = cache_root(cache_dir) / "initramfs"
+    cached = directory / f"{key}.cpio"
 
     if not cached.is_file():
-        cached.parent.mkdir(parents=True, exist_ok=True)
+        directory.mkdir(parents=True, exist_ok=True)
         tmp = cached.with_name(f".{key}.{os.getpid()}.tmp")
         with tmp.open("wb") as f:
-            write_initramfs(f, script, busybox, busybox_applets(busybox_path), extra)
+            write_initramfs(f, inputs.script, inputs.busybox,
+                            busybox_applets(inputs.busybox_path), inputs.extra)
         tmp.replace(cached)
         log(f"[initramfs] built {cached} ({cached.stat().st_size // 1024} KiB"
             f"{', with ' + ', '.join(extra_binaries) if extra_binaries else ''})")
         log_.info("initramfs_built", path=str(cached), extra=list(extra_binaries))
+    _write_atomically(directory / f"{key}.with", " ".join(extra_binaries))
+    _write_atomically(directory / _LATEST, key)
     if out is None:
         return cached
     out = Path(out)
@@ -330,6 +379,12 @@ def build_initramfs(out: Path | None = None, extra_binaries: Sequence[str] = (),
     shutil.copyfile(cached, tmp_out)
     tmp_out.replace(out)
     return out
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
 
 
 def main(argv: list[str] | None = None) -> int:

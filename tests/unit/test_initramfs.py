@@ -193,3 +193,15 @@ def test_built_initramfs_has_init_console_and_applets_and_is_cached(tmp_path):
     assert path.stat().st_mtime_ns == mtime
     assert out.read_bytes() == path.read_bytes()
     assert len(lines) == 1  # built once, reused once
+
+
+@pytest.mark.skipif(shutil.which("busybox") is None, reason="busybox-static not installed")
+def test_status_finds_nothing_before_a_build_then_the_archive_built_last(tmp_path, monkeypatch):
+    assert initramfs.initramfs_status(cache_dir=tmp_path) is None
+    assert initramfs.initramfs_status((), cache_dir=tmp_path) is None
+    path = initramfs.build_initramfs(cache_dir=tmp_path, log=lambda line: None)
+    assert initramfs.initramfs_status(cache_dir=tmp_path) == path
+    assert initramfs.initramfs_status((), cache_dir=tmp_path) == path
+    # A changed /init makes the cached archive stale.
+    monkeypatch.setattr(initramfs, "render_init_script", lambda: "#!/bin/sh\nreboot -f\n")
+    assert initramfs.initramfs_status(cache_dir=tmp_path) is None
