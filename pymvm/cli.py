@@ -118,7 +118,12 @@ def user_errors() -> tuple[type[BaseException], ...]:
     errors: list[type[BaseException]] = [ConfigError, BootError, GuestMemoryError, KvmError]
     for mod, name in (("pymvm.images.kernel", "KernelBuildError"),
                       ("pymvm.images.initramfs", "InitramfsError"),
-                      ("pymvm.devices.bus", "BusError")):
+                      ("pymvm.devices.bus", "BusError"),
+                      ("pymvm.vmm", "VmmError"),
+                      ("pymvm.vhost.errors", "VhostError"),
+                      ("pymvm.net.errors", "NetError"),
+                      ("pymvm.devices.virtio.device", "VirtioError"),
+                      ("pymvm.nested", "NestedHostError")):
         try:
             errors.append(getattr(__import__(mod, fromlist=[name]), name))
         except (ImportError, AttributeError):

@@ -77,6 +77,7 @@ class NetConfig:
     socket: Path | None = None
     socket_mode: SocketMode = "client"
     ip: ipaddress.IPv4Interface | ipaddress.IPv6Interface | None = None
+    host_ip: ipaddress.IPv4Interface | ipaddress.IPv6Interface | None = None
 
 
 @dataclass(frozen=True)
@@ -441,7 +442,7 @@ class _Parser:
     def net_one(self, t: Mapping[str, Any], i: int) -> tuple[dict[str, Any], str | None]:
         pre = f"net[{i}]."
         self.check_keys(t, ("id", "backend", "tap", "bridge", "netns", "mac", "mtu", "socket",
-                            "socket_mode", "ip"), pre)
+                            "socket_mode", "ip", "host_ip"), pre)
         net_id = self.string(t, "id", pre + "id", f"net{i}")
         assert net_id is not None
         if not _ID_RE.fullmatch(net_id):
@@ -476,17 +477,24 @@ class _Parser:
                 if key in t:
                     raise self.error(pre + key, f"only used with backend = \"vhost-user\"; "
                                      f"remove it (backend is {_show(backend)})")
-        ip = self.string(t, "ip", pre + "ip", None)
-        interface = None
-        if ip is not None:
-            try:
-                interface = ipaddress.ip_interface(ip)
-            except ValueError:
-                raise self.error(pre + "ip", f"{_show(ip)} is not an address with prefix "
-                                 "length; write it like \"10.0.0.2/24\"") from None
+        interface = self.interface(t, "ip", pre, "10.0.0.2/24")
+        host_interface = self.interface(t, "host_ip", pre, "10.0.0.1/24")
+        if host_interface is not None and backend == "vhost-user":
+            raise self.error(pre + "host_ip", "not used with backend = \"vhost-user\" (the "
+                             "vhost-user back-end owns the host side); remove it")
         net = dict(id=net_id, backend=backend, tap=tap, bridge=bridge, netns=netns, mtu=mtu,
-                   socket=socket, socket_mode=socket_mode, ip=interface)
+                   socket=socket, socket_mode=socket_mode, ip=interface, host_ip=host_interface)
         return net, mac
+
+    def interface(self, t: Mapping[str, Any], key: str, pre: str, example: str):
+        raw = self.string(t, key, pre + key, None)
+        if raw is None:
+            return None
+        try:
+            return ipaddress.ip_interface(raw)
+        except ValueError:
+            raise self.error(pre + key, f"{_show(raw)} is not an address with prefix "
+                             f"length; write it like \"{example}\"") from None
 
     def ifname(self, t: Mapping[str, Any], key: str, pre: str) -> str | None:
         name = self.string(t, key, pre + key, None)

@@ -21,7 +21,7 @@ from .boot import cpu as boot_cpu
 from .boot.loader import LoadedKernel, load_initrd, load_kernel
 from .boot.mptable import build_mptable
 from .boot.params import write_boot_data
-from .config import VmConfig
+from .config import NetConfig, VmConfig
 from .devices.boot_timer import BootTimer, process_start_monotonic_ns
 from .devices.i8042 import I8042
 from .devices.serial import OUTPUT_FLUSH_INTERVAL_S, Serial8250
@@ -52,6 +52,10 @@ class VirtualMachine:
         self.machine: Machine | None = None
         self.kernel: LoadedKernel | None = None
         self.cmdline = ""
+        self._cmdline_extra: list[str] = []
+        self._closers: list = []  # undo steps, run newest first at close()
+        self.transports: list = []
+        self.host_networks: dict = {}
         self._build(serial_out)
 
     # ---- build -------------------------------------------------------------------------------
@@ -70,6 +74,10 @@ class VirtualMachine:
             m.pio_bus.insert(self.i8042, layout.I8042_DATA_PORT, 5, "i8042")
             self.boot_timer = BootTimer(self.start_ns)
             m.mmio_bus.insert(self.boot_timer, layout.BOOT_TIMER_ADDR, layout.BOOT_TIMER_SIZE, "boot-timer")
+
+            # virtio-mmio devices; their data planes live in vhost back-ends.
+            for index, net in enumerate(cfg.net):
+                self._add_net(index, net)
 
             # Kernel, initrd, command line, boot_params, MP table.
             self.kernel = load_kernel(m.memory, cfg.boot.kernel)
@@ -104,7 +112,55 @@ class VirtualMachine:
         return None
 
     def _cmdline(self) -> str:
-        return self.config.boot.cmdline
+        return " ".join([self.config.boot.cmdline, *self._cmdline_extra])
+
+    def _add_net(self, index: int, net: "NetConfig") -> None:
+        from .devices.virtio.mmio import VirtioMmioTransport
+        from .devices.virtio.net import VirtioNetDevice
+        from .devices.virtio.plumbing import InterruptEventfd, KvmEventfdPlumbing
+
+        m = self.machine
+        assert m is not None and m.vm is not None and m.memory is not None
+        slot = len(self.transports)
+        base = layout.VIRTIO_MMIO_START + slot * layout.VIRTIO_MMIO_SIZE
+        irq = layout.VIRTIO_IRQ_BASE + slot
+        if irq > layout.VIRTIO_IRQ_MAX:
+            raise VmmError(f"net[{index}]: too many virtio devices (at most "
+                           f"{layout.VIRTIO_IRQ_MAX - layout.VIRTIO_IRQ_BASE + 1}); remove some")
+        backend = self._net_backend(index, net)
+        mac = bytes(int(part, 16) for part in net.mac.split(":"))
+        device = VirtioNetDevice(mac, net.mtu, backend)
+        plumbing = KvmEventfdPlumbing(m.vm, base, irq)
+        self._closers.append(plumbing.close)
+        transport = VirtioMmioTransport(device, irq=irq, interrupt=InterruptEventfd(m.irq_eventfd(irq)),
+                                        eventfds=plumbing, mmio_base=base, mem_regions=m.memory.regions)
+        m.mmio_bus.insert(transport, base, layout.VIRTIO_MMIO_SIZE, f"virtio-net:{net.id}")
+        self.transports.append(transport)
+        self._cmdline_extra.append(transport.cmdline_fragment())
+        if net.ip is not None:
+            from .images.initramfs import encode_net
+
+            self._cmdline_extra.append(encode_net(f"eth{index}", str(net.ip)))
+        log.info("net_device_added", net=net.id, backend=net.backend, mac=net.mac,
+                 mmio_base=hex(base), irq=irq)
+
+    def _net_backend(self, index: int, net: "NetConfig"):
+        if net.backend == "vhost-net":
+            from .net.host import HostNetwork
+            from .vhost.kernel import VhostNetBackend
+
+            host_ip = str(net.host_ip) if net.host_ip is not None else None
+            hostnet = HostNetwork.create(net.tap, mtu=net.mtu, bridge=net.bridge, netns=net.netns,
+                                         bridge_address=host_ip if net.bridge else None,
+                                         tap_address=None if net.bridge else host_ip)
+            self._closers.append(hostnet.close)
+            self.host_networks[net.id] = hostnet
+            backend = VhostNetBackend(hostnet.tap)
+            self._closers.append(backend.close)  # runs before hostnet.close (reverse order)
+            backend.features()  # opens /dev/vhost-net now: a missing module is a build error
+            return backend
+        raise VmmError(f"net[{index}].backend = {net.backend!r} is not available in this build; "
+                       "use backend = \"vhost-net\"")
 
     def _on_i8042_reset(self) -> None:
         assert self.machine is not None
@@ -179,8 +235,14 @@ class VirtualMachine:
     # ---- teardown ----------------------------------------------------------------------------
     def close(self) -> None:
         if self.machine is not None:
-            self.machine.close()
-            self.machine = None
+            self.machine.close()  # vCPUs stopped first: no device activity while undoing
+        while self._closers:
+            closer = self._closers.pop()
+            try:
+                closer()
+            except Exception as e:  # keep undoing the rest
+                log.warning("teardown_step_failed", step=getattr(closer, "__qualname__", "?"), error=str(e))
+        self.machine = None
         if getattr(self, "serial", None) is not None:
             self.serial.flush()
         if self._serial_file is not None:

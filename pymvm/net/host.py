@@ -70,6 +70,7 @@ class HostNetwork:
         bridge_address: str | None = None,
         netns: str | None = None,
         multi_queue: bool = False,
+        tap_address: str | None = None,
     ) -> HostNetwork:
         """Open TAP ``tap`` (kernel-named if None) and bring it up, optionally inside
         network namespace ``netns`` and attached to ``bridge`` (``bridge_address`` is a
@@ -83,7 +84,7 @@ class HostNetwork:
             raise HostNetworkError("bridge_address needs a bridge: set bridge as well")
         net = cls()
         try:
-            net._setup(tap, mtu, bridge, bridge_address, netns, multi_queue)
+            net._setup(tap, mtu, bridge, bridge_address, netns, multi_queue, tap_address)
         except BaseException:
             net.close()
             raise
@@ -112,6 +113,7 @@ class HostNetwork:
         bridge_address: str | None,
         netns: str | None,
         multi_queue: bool,
+        tap_address: str | None = None,
     ) -> None:
         self.netns, self.bridge = netns, bridge
         if netns is not None and netns not in pyroute2_netns.listnetns():
@@ -140,6 +142,8 @@ class HostNetwork:
                 ipr.link("set", index=tap_idx, state="up")
             except NetlinkError as exc:
                 raise _netlink_error(f"configuring TAP {tap.name!r} (mtu={mtu})", exc) from None
+            if tap_address is not None:
+                self._add_address(ipr, tap.name, tap_idx, tap_address, removed_with_link=not tap_existed)
             if bridge is not None:
                 self._attach_bridge(ipr, tap.name, tap_idx, tap_existed, bridge, bridge_address)
         log.info("host_network_ready", tap=tap.name, bridge=bridge, netns=netns, mtu=mtu)
@@ -193,6 +197,22 @@ class HostNetwork:
         if tap_existed:  # a TAP we created leaves the bridge when it disappears
             self._push(f"{tap_name} on {bridge}", lambda: self._detach(tap_name))
         log.info("tap_attached", tap=tap_name, bridge=bridge, netns=netns)
+
+    def _add_address(self, ipr: IPRoute, name: str, idx: int, address: str,
+                     removed_with_link: bool) -> None:
+        try:
+            iface = ipaddress.ip_interface(address)
+        except ValueError:
+            raise HostNetworkError(f"address {address!r} for {name!r} is not a CIDR like 10.0.0.1/24") from None
+        addr, plen = str(iface.ip), iface.network.prefixlen
+        try:
+            ipr.addr("add", index=idx, address=addr, prefixlen=plen)
+        except NetlinkError as exc:
+            if exc.code == errno.EEXIST:  # already there: not ours to remove
+                return
+            raise _netlink_error(f"adding {iface} to {name!r}", exc) from None
+        if not removed_with_link:
+            self._push(f"address {iface} on {name}", lambda: self._del_addr(name, addr, plen))
 
     # ---- undo steps: each opens its own netlink socket so close() works after errors ----
 

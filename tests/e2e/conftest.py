@@ -92,6 +92,18 @@ def parse_logs(stderr: str) -> list[dict]:
     return logs
 
 
+def net_toml(*, tap: str, ip: str, host_ip: str | None = None, bridge: str | None = None,
+             backend: str = "vhost-net", mac: str | None = None, extra: str = "") -> str:
+    lines = ["[[net]]", f'backend = "{backend}"', f'tap = "{tap}"', f'ip = "{ip}"']
+    if host_ip:
+        lines.append(f'host_ip = "{host_ip}"')
+    if bridge:
+        lines.append(f'bridge = "{bridge}"')
+    if mac:
+        lines.append(f'mac = "{mac}"')
+    return "\n".join(lines) + "\n" + extra
+
+
 def write_vm_toml(path: Path, *, kernel: Path, initrd: Path | None, cmdline: str, vcpus: int = 1,
                   memory_mib: int = 256, extra: str = "", vm_id: str = "e2e") -> Path:
     lines = [
@@ -136,7 +148,7 @@ def boot_vm(tmp_path, guest_images):
 
     def boot(command: str | None = None, *, vcpus: int = 1, kernel: str = "vmlinux",
              extra_cmdline: str = "", memory_mib: int = 256, extra_toml: str = "",
-             timeout: float = GUEST_TIMEOUT_S) -> VmRun:
+             timeout: float = GUEST_TIMEOUT_S, background: bool = False, vm_id: str = "e2e"):
         cmdline = BASE_CMDLINE
         if command is not None:
             cmdline += " " + encode_cmd(command)
@@ -145,7 +157,8 @@ def boot_vm(tmp_path, guest_images):
         image = guest_images.vmlinux if kernel == "vmlinux" else guest_images.bzimage
         config = write_vm_toml(tmp_path / f"vm-{time.monotonic_ns()}.toml", kernel=image,
                                initrd=guest_images.initramfs, cmdline=cmdline, vcpus=vcpus,
-                               memory_mib=memory_mib, extra=extra_toml)
-        return finish_vm(start_vm(config), timeout)
+                               memory_mib=memory_mib, extra=extra_toml, vm_id=vm_id)
+        proc = start_vm(config)
+        return proc if background else finish_vm(proc, timeout)
 
     return boot
