@@ -84,6 +84,57 @@ def cmd_build_initramfs(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_vhost_user_net(args: argparse.Namespace) -> int:
+    """Serve a TAP to one vhost-user front-end at a time until SIGINT/SIGTERM."""
+    import asyncio
+    import signal
+
+    from pyroute2 import IPRoute
+    from pyroute2.netlink.exceptions import NetlinkError
+
+    from .net.tap import Tap
+    from .vhost.backends.net import NetBackend
+    from .vhost.user.backend import VhostUserServer
+    from .vhost.user.errors import VhostUserError
+
+    log = structlog.get_logger().bind(device="vhost-user-net", tap=args.tap, socket=args.socket)
+
+    async def serve(server: VhostUserServer) -> None:
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        server.listen()
+        serving = asyncio.create_task(server.serve_forever())
+        stopping = asyncio.create_task(stop.wait())
+        await asyncio.wait({serving, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        for task in (serving, stopping):
+            task.cancel()
+        await asyncio.gather(serving, stopping, return_exceptions=True)
+        if serving.done() and not serving.cancelled() and serving.exception() is not None:
+            raise serving.exception()  # type: ignore[misc]
+
+    with Tap.open(args.tap) as tap:
+        try:
+            with IPRoute() as ipr:
+                ipr.link("set", index=ipr.link_lookup(ifname=tap.name)[0], state="up")
+        except (NetlinkError, IndexError) as e:
+            print(f"pymvm: error: cannot bring TAP {tap.name} up: {e}", file=sys.stderr)
+            return EXIT_USAGE
+        backend = NetBackend(tap)
+        server = VhostUserServer(args.socket, backend, client=args.client)
+        log.info("vhost_user_net.start", mode="client" if args.client else "server")
+        try:
+            asyncio.run(serve(server))
+        except VhostUserError as e:
+            print(f"pymvm: error: {e}", file=sys.stderr)
+            return EXIT_USAGE
+        finally:
+            server.close()
+            log.info("vhost_user_net.stop", **backend.stats)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pymvm", description="A KVM microVM monitor with vhost data planes.")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -106,6 +157,15 @@ def build_parser() -> argparse.ArgumentParser:
     bi.add_argument("--with", dest="with_binaries", action="append", default=[],
                     metavar="BINARY", help="also include a host binary and its libraries (e.g. iperf3)")
     bi.set_defaults(func=cmd_build_initramfs)
+
+    vu = sub.add_parser("vhost-user", help="run a built-in vhost-user back-end")
+    vu_sub = vu.add_subparsers(dest="backend", required=True)
+    vun = vu_sub.add_parser("net", help="vhost-user net back-end forwarding to a TAP")
+    vun.add_argument("--socket", required=True, metavar="PATH", help="vhost-user UNIX socket")
+    vun.add_argument("--tap", required=True, metavar="NAME", help="TAP to create or attach to")
+    vun.add_argument("--client", action="store_true",
+                     help="connect to a front-end listening on --socket instead of listening")
+    vun.set_defaults(func=cmd_vhost_user_net)
     return p
 
 

@@ -15,7 +15,9 @@ runs CMD directly where this machine can boot Linux guests, else inside the nest
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import os
+import py_compile
 import re
 import selectors
 import shlex
@@ -23,6 +25,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
@@ -193,6 +196,228 @@ def in_nested_host(*, cmdline: Path = Path("/proc/cmdline")) -> bool:
         return False
 
 
+# --------------------------------------------------------------------------- fast Python
+
+FAST_IMAGE_FILE = "fast-python.img"
+FAST_MOUNT = "/run/pymvm-fast"
+"""Where the nested host mounts the image; each tree is a folder ``t<N>`` in it."""
+
+# Python never needs these to run pymvm or its tests; left out of the image, they are still
+# there (from 9p) under the overlay, only slower.
+_STDLIB_SKIP = frozenset(
+    {"test", "tests", "idlelib", "tkinter", "turtledemo", "ensurepip", "lib2to3", "site-packages",
+     "dist-packages", "__phello__"}
+)
+_SYSTEM_PREFIXES = frozenset({Path("/"), Path("/usr"), Path("/usr/local")})
+# Overlay options are comma- and colon-separated; the shell line quotes the rest.
+_OVERLAY_UNSAFE = re.compile(r"[\s,:\\]")
+
+
+@dataclass(frozen=True)
+class FastTree:
+    """A folder of the root filesystem, and those of its files the image holds a copy of.
+
+    Inside, a read-only overlay puts the copy over the folder: the files it holds are read
+    from the image, the rest (and nothing else changes) from the folder underneath.
+    """
+
+    root: Path
+    files: tuple[Path, ...]  # relative to root
+
+
+def _norm_dist(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def _requirement_names(dist: importlib.metadata.Distribution, extras: frozenset[str]) -> list[str]:
+    """Names ``dist`` requires: unconditional ones and those of ``extras``; other markers
+    (python_version, platform) count as met: an extra file in the image costs little."""
+    names = []
+    for req in dist.requires or ():
+        spec, _, marker = req.partition(";")
+        if (extra := re.search(r"extra\s*==\s*['\"]([^'\"]+)", marker)) and (
+            extra.group(1) not in extras
+        ):
+            continue
+        if match := re.match(r"\s*([A-Za-z0-9][A-Za-z0-9._-]*)", spec):
+            names.append(_norm_dist(match.group(1)))
+    return names
+
+
+def needed_distributions(
+    site_dirs: Sequence[Path], roots: Sequence[str] = ("pymvm",)
+) -> list[importlib.metadata.Distribution]:
+    """``roots`` (with all their extras) and the pytest plugins, with everything they require."""
+    dists: dict[str, importlib.metadata.Distribution] = {}
+    for dist in importlib.metadata.distributions(path=[str(d) for d in site_dirs]):
+        dists.setdefault(_norm_dist(dist.metadata["Name"] or ""), dist)
+    todo: list[tuple[str, bool]] = [(_norm_dist(r), True) for r in roots]
+    for dist in dists.values():
+        if any(ep.group == "pytest11" for ep in dist.entry_points):
+            todo.append((_norm_dist(dist.metadata["Name"] or ""), False))
+    seen: dict[str, importlib.metadata.Distribution] = {}
+    while todo:
+        name, all_extras = todo.pop()
+        if name in seen or name not in dists:
+            continue
+        dist = seen[name] = dists[name]
+        extras = frozenset(dist.metadata.get_all("Provides-Extra") or ()) if all_extras else frozenset()
+        todo += [(n, False) for n in _requirement_names(dist, extras)]
+    return list(seen.values())
+
+
+def _walk_files(top: Path, skip_dirs: frozenset[str] = frozenset()) -> list[Path]:
+    found = []
+    for folder, dirs, files in os.walk(top):
+        dirs[:] = [d for d in dirs if d not in skip_dirs]
+        found += [Path(folder, f) for f in files]
+    return found
+
+
+def _is_wanted(path: Path) -> bool:
+    # Optimised bytecode is only read under -O.
+    return not (path.suffix == ".pyc" and ".opt-" in path.name)
+
+
+def python_trees(
+    *,
+    package_dir: Path = Path(__file__).resolve().parent,
+    prefix: Path = Path(sys.base_prefix),
+    paths: Mapping[str, str] | None = None,
+) -> list[FastTree]:
+    """What the image holds: this Python's standard library, interpreter and shared library,
+    the site-packages distributions pymvm and its tests need (metadata of all), and pymvm."""
+    paths = sysconfig.get_paths() if paths is None else paths
+    stdlib = Path(paths["stdlib"]).resolve()
+    site_dirs = list(dict.fromkeys(Path(paths[k]).resolve() for k in ("purelib", "platlib")))
+    files: set[Path] = set()
+    for lib in dict.fromkeys((stdlib, Path(paths["platstdlib"]).resolve())):
+        files.update(_walk_files(lib, _STDLIB_SKIP))
+    for site in site_dirs:
+        for entry in site.iterdir() if site.is_dir() else ():
+            if entry.is_file():  # .pth files and the modules they import, single-file modules
+                files.add(entry)
+            elif entry.suffix in (".dist-info", ".egg-info"):  # entry points, versions
+                files.update(f for f in entry.iterdir() if f.name != "RECORD" and f.is_file())
+        for dist in needed_distributions([site]):
+            for rel in dist.files or ():
+                file = Path(dist.locate_file(rel)).resolve()
+                files.add(file)
+                if file.suffix == ".py":
+                    files.update(file.parent.glob(f"__pycache__/{file.stem}.*.pyc"))
+    prefix = prefix.resolve()
+    roots = [stdlib, *site_dirs]
+    if prefix not in _SYSTEM_PREFIXES:
+        # The interpreter and libpython are read on each start too.
+        roots = [prefix]
+        for sub in ("bin", "lib"):
+            files.update(f for f in (prefix / sub).glob("*") if f.is_file())
+        if Path(sys.prefix).resolve() != prefix:  # a virtualenv
+            roots.append(Path(sys.prefix).resolve())
+    roots.append(package_dir)
+    files.update(f for f in _walk_files(package_dir, frozenset({"__pycache__"})))
+    roots = [r for r in dict.fromkeys(roots) if not any(r != o and r.is_relative_to(o) for o in roots)]
+    trees = []
+    for root in roots:
+        mine = sorted(
+            f.relative_to(root)
+            for f in files
+            if f.is_relative_to(root) and _is_wanted(f) and not f.is_symlink() and f.is_file()
+        )
+        if mine and not _OVERLAY_UNSAFE.search(str(root)):
+            trees.append(FastTree(root, tuple(mine)))
+    return trees
+
+
+def _stage(trees: Sequence[FastTree], stage: Path) -> int:
+    """Copy the trees' files under ``stage``; compile sources that lack bytecode there."""
+    total = 0
+    for index, tree in enumerate(trees):
+        base = stage / f"t{index}"
+        for rel in tree.files:
+            dest = base / rel
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(tree.root / rel, dest)  # keeps mtimes: bytecode checks them
+            total += dest.stat().st_size
+        for rel in tree.files:
+            if rel.suffix != ".py":
+                continue
+            cached = Path(
+                base / rel.parent / "__pycache__" / f"{rel.stem}.{sys.implementation.cache_tag}.pyc"
+            )
+            if not cached.exists():
+                # Timestamp bytecode of the copy is valid for the original (same mtime, size);
+                # compiling inside, under emulation, costs far more.
+                try:
+                    py_compile.compile(
+                        str(base / rel), cfile=str(cached), dfile=str(tree.root / rel), doraise=True
+                    )
+                    total += cached.stat().st_size
+                except (py_compile.PyCompileError, OSError, ValueError):
+                    pass  # Python compiles it inside, as before
+    return total
+
+
+def build_fast_image(trees: Sequence[FastTree], image: Path) -> bool:
+    """Write an ext2 image of ``trees`` (``mke2fs -d``); False, with a warning, if it fails."""
+    mke2fs = shutil.which("mke2fs") or shutil.which("mke2fs", path="/sbin:/usr/sbin")
+    if not trees:
+        return False
+    if not mke2fs:
+        log.warning("fast_python_skipped", reason="mke2fs is missing: apt-get install e2fsprogs")
+        return False
+    with tempfile.TemporaryDirectory(prefix="pymvm-fast-") as tmp:
+        stage = Path(tmp)
+        try:
+            size = _stage(trees, stage)
+        except OSError as exc:
+            log.warning("fast_python_skipped", reason=f"copying Python's files failed: {exc}")
+            return False
+        count = sum(len(t.files) for t in trees)
+        blocks = (size * 5 // 4 + count * 4096 * 2) // 4096 + 8192  # room for metadata
+        result = subprocess.run(
+            [mke2fs, "-q", "-F", "-t", "ext2", "-b", "4096", "-m", "0", "-N", str(count * 2 + 1024),
+             "-L", "pymvm-fast", "-d", str(stage), str(image), str(blocks)],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+    if result.returncode != 0:
+        log.warning("fast_python_skipped", reason=f"mke2fs failed: {result.stderr.strip()}")
+        image.unlink(missing_ok=True)
+        return False
+    return True
+
+
+def render_fast_mounts(image: Path, roots: Sequence[Path]) -> list[str]:
+    """Shell lines putting the image's trees over ``roots`` inside the nested host.
+
+    The root filesystem is 9p without caching, and under TCG every round trip is slow:
+    a Python start took 5-20 s. From the image (read once, then page cache) it is local.
+    Any failure only warns: the command still runs, from 9p.
+    """
+    warn = "echo 'pymvm.nested: warning: {what}; Python runs from 9p (slowly)' >&2"
+    img = shlex.quote(str(image))
+    lines = [
+        # Only in the nested host: never mount over this machine's Python.
+        f"if grep -qw {KERNEL_CMDLINE_MARK} /proc/cmdline; then",
+        f"  if modprobe -q loop && modprobe -q ext4 && modprobe -q overlay && "
+        f"mkdir -p {FAST_MOUNT} && mount -t ext2 -o loop,ro,noatime {img} {FAST_MOUNT}; then",
+    ]
+    for index, root in enumerate(roots):
+        where = shlex.quote(str(root))
+        # The folder itself is the lower layer: what the image lacks still comes from 9p.
+        opts = shlex.quote(f"ro,lowerdir={FAST_MOUNT}/t{index}:{root}")
+        lines.append(
+            f"    mount -t overlay pymvm-fast -o {opts} {where} || "
+            + warn.format(what=f"overlay on {root} failed")
+        )
+    lines += ["  else", "    " + warn.format(what="mounting the fast Python image failed"), "  fi", "fi"]
+    return lines
+
+
+
 # --------------------------------------------------------------------------- running
 
 
@@ -284,8 +509,10 @@ def render_script(
     env: Mapping[str, str],
     status_path: Path,
     modules: Sequence[str] = NESTED_MODULES,
+    prelude: Sequence[str] = (),
 ) -> str:
-    """The shell script the nested host runs: load modules, set env, run argv, save status.
+    """The shell script the nested host runs: load modules, run ``prelude`` (lines), set env,
+    run argv, save status.
 
     It lives in a shared file (not in ``vng --exec``) because vng puts --exec on the kernel
     command line, which holds only 2 KiB.
@@ -299,6 +526,7 @@ def render_script(
             f"modprobe {shlex.quote(module)} || "
             f"echo 'pymvm.nested: warning: modprobe {module} failed' >&2"
         )
+    lines += prelude
     lines += [f"export {name}={shlex.quote(value)}" for name, value in sorted(env.items())]
     lines += [
         f"cd {shlex.quote(str(cwd))} || {{ echo 126 > {status}; sync; exit 126; }}",
@@ -447,12 +675,15 @@ def run_nested(
     timeout: float | None = None,
     env: Mapping[str, str] = _EMPTY_ENV,
     output: BinaryIO | None = None,
+    fast_python: bool = True,
 ) -> int:
     """Boot the nested KVM host, run ``argv`` in ``cwd`` there and return its exit status.
 
     ``cwd``, ``rwdirs`` and the image cache are shared read-write; the rest of the root
     filesystem is a copy-on-write view whose changes are lost. Output streams to ``output``
-    (default: our stdout) as it comes. Returns EXIT_NESTED_HOST_DIED if the host ended
+    (default: our stdout) as it comes. With ``fast_python``, Python's files and pymvm's
+    package are read inside from a local image (see render_fast_mounts); the package folder
+    is read-only there. Returns EXIT_NESTED_HOST_DIED if the host ended
     without recording a status, EXIT_TIMEOUT if ``timeout`` seconds passed.
     """
     cwd = Path(cwd).resolve()
@@ -471,7 +702,20 @@ def run_nested(
         workdir = Path(tmp).resolve()
         status_path = workdir / STATUS_FILE
         script = workdir / SCRIPT_FILE
-        script.write_text(render_script(argv, cwd=cwd, env=inner_env, status_path=status_path))
+        prelude: list[str] = []
+        if fast_python:
+            image = workdir / FAST_IMAGE_FILE
+            trees = python_trees()
+            if build_fast_image(trees, image):
+                prelude = render_fast_mounts(image, [t.root for t in trees])
+                log.info(
+                    "fast_python_image",
+                    mib=round(image.stat().st_blocks * 512 / 2**20),
+                    seconds=round(time.monotonic() - started, 1),
+                )
+        script.write_text(
+            render_script(argv, cwd=cwd, env=inner_env, status_path=status_path, prelude=prelude)
+        )
         shared = _dedupe_rwdirs([workdir, cwd, *rwdirs, cache])
         cmd = vng_command(
             vng=vng, kernel=kernel, script=script, rwdirs=shared, cwd=cwd, cpus=cpus, memory=memory

@@ -159,6 +159,24 @@ class VirtualMachine:
             self._closers.append(backend.close)  # runs before hostnet.close (reverse order)
             backend.features()  # opens /dev/vhost-net now: a missing module is a build error
             return backend
+        if net.backend in ("vhost-user", "builtin"):
+            from .vhost.user.frontend import BuiltinNetBackendProcess, VhostUserNetBackend
+
+            # The back-end maps guest RAM through its fd: it must be memfd/hugetlbfs shared.
+            assert all(r.fd >= 0 for r in self.machine.memory.regions)
+            if net.backend == "vhost-user":
+                assert net.socket is not None  # the config requires it
+                socket_path, mode = str(net.socket), net.socket_mode
+            else:
+                host_ip = str(net.host_ip) if net.host_ip is not None else None
+                process = BuiltinNetBackendProcess.start(net.tap, mtu=net.mtu, bridge=net.bridge,
+                                                         netns=net.netns, host_ip=host_ip)
+                self._closers.append(process.close)  # after the front-end's (reverse order)
+                self.host_networks[net.id] = process.host_network
+                socket_path, mode = process.socket_path, "client"
+            backend = VhostUserNetBackend(socket_path, mode)
+            self._closers.append(backend.close)
+            return backend
         raise VmmError(f"net[{index}].backend = {net.backend!r} is not available in this build; "
                        "use backend = \"vhost-net\"")
 

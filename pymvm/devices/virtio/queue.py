@@ -1,0 +1,402 @@
+"""Split virtqueues (virtio 1.2 §2.7), device side, over guest memory reached through mmaps.
+
+The driver (the guest, or a vhost-user front-end acting for it) is hostile: every index,
+address and length read from the rings is checked before it is used, and every guest buffer
+is a bounds-checked ``memoryview`` slice of a mapping, so nothing here can touch memory
+outside the guest's. A malformed descriptor chain is returned to the driver unused (used
+length 0) and logged; a ring that cannot be trusted any more (avail index jumping by more
+than the queue size, a head index outside the table) marks the queue ``broken``: it then
+yields nothing, and its owner should report DEVICE_NEEDS_RESET. No exception escapes
+``pop_avail()``, ``add_used()`` or the notification helpers for anything the driver wrote.
+
+Ring fields are little-endian (§2.7, VIRTIO_F_VERSION_1); native memoryview casts are used
+for speed, which is correct on the little-endian hosts KVM runs on here.
+"""
+
+from __future__ import annotations
+
+import bisect
+import struct
+import sys
+import threading
+from collections.abc import Iterable
+from typing import Final
+
+import structlog
+
+from pymvm.devices.virtio.device import VirtioError
+
+log = structlog.get_logger()
+
+if sys.byteorder != "little":  # pragma: no cover - every KVM host pymvm targets is LE
+    raise ImportError("pymvm's virtqueues assume a little-endian host")
+
+# <linux/virtio_ring.h>
+VRING_DESC_F_NEXT: Final = 1
+VRING_DESC_F_WRITE: Final = 2
+VRING_DESC_F_INDIRECT: Final = 4
+VRING_USED_F_NO_NOTIFY: Final = 1
+VRING_AVAIL_F_NO_INTERRUPT: Final = 1
+
+#: Split rings have at most 32768 entries (§2.7: Queue Size ... maximum 32768).
+MAX_QUEUE_SIZE: Final = 32768
+DESC_SIZE: Final = 16
+#: Largest indirect table we walk; bounds the work one hostile chain can cost.
+MAX_INDIRECT_DESCS: Final = MAX_QUEUE_SIZE
+
+_DESC = struct.Struct("<QIHH")
+_unpack_desc = _DESC.unpack_from
+
+#: Log the first few dropped chains of a queue, then only every power of two (log floods).
+_LOG_FIRST_DROPS: Final = 16
+
+
+_barrier_lock = threading.Lock()
+
+
+def full_barrier() -> None:
+    """A store->load fence (smp_mb). x86 may let a later load pass an earlier store; an
+    uncontended lock acquire/release is a locked (fully fencing) instruction."""
+    _barrier_lock.acquire()
+    _barrier_lock.release()
+
+
+class VirtQueueError(VirtioError):
+    """A virtqueue cannot be set up: bad size, or rings outside / misaligned in guest memory."""
+
+
+class GuestMemoryMap:
+    """Guest-physical address -> ``memoryview`` translation over a set of mapped regions.
+
+    ``regions`` are ``(gpa, view)`` pairs; each ``view`` is a writable, C-contiguous byte
+    view of that region (a slice of an mmap: the VMM's own guest RAM, or a vhost-user
+    back-end's mapping of the front-end's memory). Every lookup is bounds-checked; nothing
+    returns a view that reaches outside a region.
+    """
+
+    def __init__(self, regions: Iterable[tuple[int, memoryview]]) -> None:
+        ordered = sorted(regions, key=lambda r: r[0])
+        self._starts: list[int] = []
+        self._ends: list[int] = []
+        self._views: list[memoryview] = []
+        for gpa, view in ordered:
+            if view.readonly or view.itemsize != 1 or not view.c_contiguous:
+                raise VirtQueueError(
+                    f"guest memory region at {gpa:#x} is not a writable contiguous byte view; "
+                    f"pass memoryview(mmap) slices"
+                )
+            size = view.nbytes
+            if gpa < 0 or size == 0 or gpa + size > 1 << 64:
+                raise VirtQueueError(
+                    f"guest memory region at {gpa:#x} of {size:#x} bytes is empty or does not "
+                    f"fit a 64-bit address space"
+                )
+            if self._ends and gpa < self._ends[-1]:
+                raise VirtQueueError(
+                    f"guest memory region at {gpa:#x} overlaps the region ending at "
+                    f"{self._ends[-1]:#x}; regions must be disjoint"
+                )
+            self._starts.append(gpa)
+            self._ends.append(gpa + size)
+            self._views.append(view)
+
+    @property
+    def regions(self) -> list[tuple[int, int]]:
+        """The (gpa, size) of every region, in address order."""
+        return [(s, e - s) for s, e in zip(self._starts, self._ends, strict=True)]
+
+    def contiguous(self, gpa: int, length: int) -> memoryview | None:
+        """A view of ``[gpa, gpa+length)`` if one region holds all of it, else None."""
+        i = bisect.bisect_right(self._starts, gpa) - 1
+        if i < 0 or length < 0:
+            return None
+        offset = gpa - self._starts[i]
+        if gpa + length > self._ends[i]:
+            return None
+        return self._views[i][offset : offset + length]
+
+    def segments(self, gpa: int, length: int) -> list[memoryview] | None:
+        """Views covering ``[gpa, gpa+length)``, split where it crosses adjacent regions;
+        None if any byte of it is outside guest memory."""
+        i = bisect.bisect_right(self._starts, gpa) - 1
+        if i < 0 or length < 0:
+            return None
+        end = gpa + length
+        if end <= self._ends[i]:
+            offset = gpa - self._starts[i]
+            return [self._views[i][offset : offset + length]]
+        if gpa >= self._ends[i]:
+            return None
+        out: list[memoryview] = []
+        while True:
+            start = self._starts[i]
+            stop = min(end, self._ends[i])
+            out.append(self._views[i][gpa - start : stop - start])
+            if stop == end:
+                return out
+            gpa = stop
+            i += 1
+            if i == len(self._starts) or self._starts[i] != gpa:
+                return None  # a hole follows this region
+
+    def release(self) -> None:
+        """Drop the region views (so the owner can close the mappings)."""
+        self._starts.clear()
+        self._ends.clear()
+        self._views.clear()
+
+
+class DescriptorChain:
+    """One available buffer: its head index and the guest buffers it names (§2.7.5).
+
+    ``readable`` are the device-readable (driver-written) parts in order, ``writable`` the
+    device-writable ones; each is a list of bounds-checked views into guest memory.
+    """
+
+    __slots__ = ("head", "readable", "writable")
+
+    def __init__(self, head: int, readable: list[memoryview], writable: list[memoryview]) -> None:
+        self.head = head
+        self.readable = readable
+        self.writable = writable
+
+    @property
+    def readable_len(self) -> int:
+        return sum(v.nbytes for v in self.readable)
+
+    @property
+    def writable_len(self) -> int:
+        return sum(v.nbytes for v in self.writable)
+
+    def __repr__(self) -> str:
+        return (f"DescriptorChain(head={self.head}, readable={self.readable_len}B/"
+                f"{len(self.readable)}, writable={self.writable_len}B/{len(self.writable)})")
+
+
+class _InvalidChain(Exception):
+    """Internal: the chain being walked is malformed (never leaves this module)."""
+
+
+class VirtQueue:
+    """The device side of one split virtqueue.
+
+    ``desc_gpa``/``avail_gpa``/``used_gpa`` are guest-physical addresses of the descriptor
+    table, available ring and used ring. ``next_avail`` is where to resume popping (vhost-user
+    SET_VRING_BASE); ``next_used`` defaults to the used ring's current idx.
+    """
+
+    def __init__(
+        self,
+        memory: GuestMemoryMap,
+        size: int,
+        desc_gpa: int,
+        avail_gpa: int,
+        used_gpa: int,
+        *,
+        event_idx: bool = False,
+        indirect: bool = False,
+        next_avail: int = 0,
+        next_used: int | None = None,
+        name: str = "vq",
+    ) -> None:
+        if not 1 <= size <= MAX_QUEUE_SIZE or size & (size - 1):
+            raise VirtQueueError(
+                f"{name}: queue size {size} is not a power of two in 1..{MAX_QUEUE_SIZE}"
+            )
+        for what, gpa, align in (("descriptor table", desc_gpa, 16), ("available ring", avail_gpa, 2),
+                                  ("used ring", used_gpa, 4)):
+            if gpa % align:
+                raise VirtQueueError(
+                    f"{name}: {what} at {gpa:#x} is not {align}-byte aligned (virtio 1.2 §2.7)"
+                )
+        desc = memory.contiguous(desc_gpa, DESC_SIZE * size)
+        avail = memory.contiguous(avail_gpa, 6 + 2 * size)
+        used = memory.contiguous(used_gpa, 6 + 8 * size)
+        for what, view, gpa in (("descriptor table", desc, desc_gpa), ("available ring", avail, avail_gpa),
+                                ("used ring", used, used_gpa)):
+            if view is None:
+                raise VirtQueueError(
+                    f"{name}: {what} at {gpa:#x} for {size} entries is not inside one guest "
+                    f"memory region; the driver gave a bad ring address"
+                )
+        assert desc is not None and avail is not None and used is not None
+        self.name = name
+        self.size = size
+        self.memory = memory
+        self.event_idx = event_idx
+        self.indirect = indirect
+        self._desc = desc
+        self._avail16 = avail.cast("H")  # [0] flags, [1] idx, [2+i] ring, [2+size] used_event
+        self._used16 = used.cast("H")  # [0] flags, [1] idx, [2+4*size] avail_event
+        self._used32 = used[4 : 4 + 8 * size].cast("I")  # [2i] id, [2i+1] len
+        self._views = [desc, avail, used, self._avail16, self._used16, self._used32]
+        self._last_avail = next_avail & 0xFFFF
+        self._next_used = self._used16[1] if next_used is None else next_used & 0xFFFF
+        self._signalled_used = self._next_used
+        self._signalled_valid = False
+        self.broken: str | None = None
+        self.dropped_chains = 0
+
+    # -- state ----------------------------------------------------------------------------
+
+    @property
+    def last_avail_idx(self) -> int:
+        """The next avail ring slot to pop (what vhost-user GET_VRING_BASE reports)."""
+        return self._last_avail
+
+    @property
+    def next_used_idx(self) -> int:
+        return self._next_used
+
+    def has_avail(self) -> bool:
+        return self.broken is None and self._avail16[1] != self._last_avail
+
+    def release(self) -> None:
+        """Drop every view of guest memory this queue holds; it is unusable afterwards."""
+        self.broken = self.broken or "released"
+        for view in reversed(self._views):
+            view.release()
+        self._views.clear()
+
+    # -- the driver's buffers -------------------------------------------------------------
+
+    def pop_avail(self) -> DescriptorChain | None:
+        """The next well-formed available chain, or None (ring empty or broken).
+
+        Malformed chains met on the way are handed back to the driver with used length 0.
+        """
+        if self.broken is not None:
+            return None
+        try:
+            while True:
+                pending = (self._avail16[1] - self._last_avail) & 0xFFFF
+                if pending == 0:
+                    return None
+                if pending > self.size:
+                    self._break(f"avail idx is {pending} entries ahead, more than the queue size")
+                    return None
+                head = self._avail16[2 + (self._last_avail & (self.size - 1))]
+                self._last_avail = (self._last_avail + 1) & 0xFFFF
+                if head >= self.size:
+                    # Not a descriptor we could hand back: the ring itself is corrupt.
+                    self._break(f"avail ring names head {head}, outside the {self.size}-entry table")
+                    return None
+                try:
+                    return self._walk(head)
+                except _InvalidChain as e:
+                    self._drop(head, str(e))
+        except (ValueError, IndexError, TypeError, struct.error) as e:  # released views
+            self._break(f"ring access failed: {e}")
+            return None
+
+    def _walk(self, head: int) -> DescriptorChain:
+        readable: list[memoryview] = []
+        writable: list[memoryview] = []
+        table = self._desc
+        table_size = self.size
+        index = head
+        budget = table_size  # a chain longer than its table must loop (§2.7.5.2)
+        in_indirect = False
+        memory = self.memory
+        while True:
+            if budget == 0:
+                raise _InvalidChain(f"chain from head {head} is longer than its table (a loop?)")
+            budget -= 1
+            addr, length, flags, nxt = _unpack_desc(table, index * DESC_SIZE)
+            if flags & VRING_DESC_F_INDIRECT:
+                if not self.indirect:
+                    raise _InvalidChain("indirect descriptor but VIRTIO_RING_F_INDIRECT_DESC is off")
+                if in_indirect:
+                    raise _InvalidChain("indirect descriptor inside an indirect table (§2.7.5.3.1)")
+                if flags & VRING_DESC_F_NEXT:
+                    raise _InvalidChain("descriptor sets both INDIRECT and NEXT (§2.7.5.3.1)")
+                count = length // DESC_SIZE
+                if length % DESC_SIZE or not 0 < count <= MAX_INDIRECT_DESCS:
+                    raise _InvalidChain(f"indirect table of {length} bytes is empty, ragged or too big")
+                view = memory.contiguous(addr, length)
+                if view is None:
+                    raise _InvalidChain(f"indirect table at {addr:#x}+{length:#x} is outside guest memory")
+                table, table_size, index, budget, in_indirect = view, count, 0, count, True
+                continue
+            if length:
+                segs = memory.segments(addr, length)
+                if segs is None:
+                    raise _InvalidChain(f"buffer {addr:#x}+{length:#x} is outside guest memory")
+                if flags & VRING_DESC_F_WRITE:
+                    writable += segs
+                elif writable:
+                    raise _InvalidChain("device-readable buffer after a device-writable one (§2.7.4.2)")
+                else:
+                    readable += segs
+            if not flags & VRING_DESC_F_NEXT:
+                return DescriptorChain(head, readable, writable)
+            if nxt >= table_size:
+                raise _InvalidChain(f"next index {nxt} is outside the {table_size}-entry table")
+            index = nxt
+
+    def _drop(self, head: int, reason: str) -> None:
+        self.dropped_chains += 1
+        n = self.dropped_chains
+        if n <= _LOG_FIRST_DROPS or not n & (n - 1):
+            log.warning("virtqueue.chain_dropped", queue=self.name, head=head, reason=reason,
+                        dropped=n)
+        self.add_used(head, 0)
+
+    def _break(self, reason: str) -> None:
+        if self.broken is None:
+            log.error("virtqueue.broken", queue=self.name, reason=reason,
+                      hint="the driver corrupted the ring; the device needs a reset")
+            self.broken = reason
+
+    def drop_chain(self, chain: DescriptorChain, reason: str) -> None:
+        """Give back a chain the device cannot use (wrong buffer directions, too short...)."""
+        self._drop(chain.head, reason)
+
+    def add_used(self, head: int, length: int) -> None:
+        """Return ``head`` to the driver with ``length`` bytes written, and publish used idx."""
+        if not self._views:
+            return
+        slot = self._next_used & (self.size - 1)
+        self._used32[2 * slot] = head
+        self._used32[2 * slot + 1] = length
+        self._next_used = (self._next_used + 1) & 0xFFFF
+        # x86 keeps stores in order: the element is visible before the idx that publishes it.
+        self._used16[1] = self._next_used
+
+    # -- notifications (§2.7.7, §2.7.10) --------------------------------------------------
+
+    def needs_notification(self) -> bool:
+        """Whether to signal the driver for the used entries added since the last call.
+
+        Call once per batch; it records what the driver has been told about.
+        """
+        if not self._views:
+            return False
+        old, new = self._signalled_used, self._next_used
+        valid = self._signalled_valid
+        self._signalled_used, self._signalled_valid = new, True
+        if valid and old == new:
+            return False
+        full_barrier()  # our used idx store before reading the driver's suppression fields
+        if self.event_idx:
+            if not valid:
+                return True
+            used_event = self._avail16[2 + self.size]
+            return ((new - used_event - 1) & 0xFFFF) < ((new - old) & 0xFFFF)
+        return not self._avail16[0] & VRING_AVAIL_F_NO_INTERRUPT
+
+    def disable_notification(self) -> None:
+        """Ask the driver not to kick while the device is busy polling the ring."""
+        if self._views and not self.event_idx:
+            self._used16[0] = VRING_USED_F_NO_NOTIFY
+
+    def enable_notification(self) -> bool:
+        """Ask for a kick when more buffers come; True if some already came (poll again)."""
+        if not self._views:
+            return False
+        if self.event_idx:
+            self._used16[2 + 4 * self.size] = self._last_avail
+        else:
+            self._used16[0] = 0
+        full_barrier()  # publish "kick me" before re-reading avail idx, or a kick is lost
+        return self.has_avail()

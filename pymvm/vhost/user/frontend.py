@@ -1,0 +1,707 @@
+"""The VMM's vhost-user front-end for virtio-net: a ``NetBackend`` served by another process.
+
+The back-end (DPDK testpmd, OVS-DPDK, pymvm's built-in one) maps guest RAM through the memfd
+we pass, reads the rings at the userspace addresses we give (our mapping: the spec's
+"front-end virtual addresses"), is kicked through the ioeventfds and signals the guest through
+the irqfds, exactly like in-kernel vhost-net (pymvm.vhost.kernel) but over a unix socket
+(QEMU docs/interop/vhost-user.rst).
+
+Threads: ``activate``/``reset`` run on a vCPU thread (an MMIO write to the status register)
+and do blocking round trips, each bounded by ``request_timeout``. A supervisor thread waits
+for the back-end to hang up and then reconnects, forever until ``close()``: client mode dials
+the same path again, server mode accepts the next back-end. A lost back-end never raises into
+the vCPU thread: the VM keeps running, its net device just moves no packets until the
+back-end is back, when the handshake is redone and an active device's rings are replayed.
+
+Ring positions on reconnect: a back-end that died cannot answer GET_VRING_BASE, so the replay
+starts each ring at the used ring's ``idx`` as it is in guest memory (the last buffer the dead
+back-end returned), as QEMU does for virtio-net without inflight tracking. Buffers it had
+taken but not returned are processed again (a re-sent or dropped packet, not a stuck ring).
+"""
+
+from __future__ import annotations
+
+import contextvars
+import ctypes
+import itertools
+import os
+import select
+import socket
+import stat
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import structlog
+
+from pymvm.devices.virtio import constants as c
+from pymvm.devices.virtio.device import ActivationContext
+from pymvm.vhost.errors import VhostError
+from pymvm.vhost.kernel import (
+    OFFERED_FEATURES,
+    VIRTIO_F_VERSION_1,
+    VIRTIO_RING_F_EVENT_IDX,
+    VringHostAddrs,
+    vring_host_addrs,
+)
+from pymvm.vhost.user import messages as m
+from pymvm.vhost.user.errors import VhostUserError, VhostUserRequestFailed
+from pymvm.vhost.user.messages import PROTOCOL_FEATURES_FLAG
+from pymvm.vhost.user.messages import ProtocolFeature as PF
+from pymvm.vhost.user.socket_io import FrontendChannel, VhostUserDisconnected
+
+log = structlog.get_logger()
+
+SocketMode = Literal["client", "server"]
+
+#: Protocol features pymvm uses when the back-end offers them.
+WANTED_PROTOCOL_FEATURES = (
+    PF.REPLY_ACK | PF.MQ | PF.CONFIG | PF.CONFIGURE_MEM_SLOTS | PF.STATUS
+)
+#: The virtio-net bits pymvm can pass between guest and back-end (the same set as vhost-net).
+GUEST_FEATURES = OFFERED_FEATURES
+#: SET_STATUS at activation: everything a driver has set once it said DRIVER_OK.
+DRIVER_OK_STATUS = (c.VIRTIO_CONFIG_S_ACKNOWLEDGE | c.VIRTIO_CONFIG_S_DRIVER
+                    | c.VIRTIO_CONFIG_S_FEATURES_OK | c.VIRTIO_CONFIG_S_DRIVER_OK)
+
+DEFAULT_CONNECT_TIMEOUT = 10.0
+DEFAULT_REQUEST_TIMEOUT = 5.0
+RECONNECT_MIN_DELAY = 0.05
+RECONNECT_MAX_DELAY = 1.0
+_CLOSE_JOIN_TIMEOUT = 5.0
+
+
+class VhostUserFrontendError(VhostUserError):
+    """The vhost-user back-end could not be reached, or refused to set up the device."""
+
+
+@dataclass(frozen=True)
+class _Activation:
+    """What activate() was given: replayed as is after a reconnect."""
+
+    ctx: ActivationContext
+    regions: tuple[Any, ...]
+    ring_addrs: tuple[VringHostAddrs, ...]
+
+
+def _region_fd(region: Any) -> int:
+    fd = getattr(region, "fd", None)
+    if not isinstance(fd, int) or fd < 0:
+        raise VhostUserFrontendError(
+            f"guest memory at GPA {region.gpa:#x} has no file descriptor: a vhost-user back-end "
+            "maps guest RAM through a shared memfd/hugetlbfs fd; anonymous or private memory "
+            "cannot be shared (use pymvm.memory.GuestMemory)"
+        )
+    return fd
+
+
+def _read_u16(regions: Sequence[Any], hva: int) -> int:
+    """A little-endian u16 of guest memory at host address ``hva``."""
+    for region in regions:
+        offset = hva - region.host_addr
+        if 0 <= offset <= region.size - 2:
+            view = getattr(region, "view", None)
+            if view is not None:  # a released view raises instead of touching unmapped memory
+                return int.from_bytes(view[offset:offset + 2], "little")
+            return ctypes.c_uint16.from_address(hva).value
+    raise VhostUserFrontendError(f"host address {hva:#x} is not inside guest memory")
+
+
+class VhostUserNetBackend:
+    """virtio-net's data plane in a vhost-user back-end reached at ``socket_path``.
+
+    ``mode="client"``: connect to a back-end listening there, retrying for up to
+    ``connect_timeout`` seconds while it starts. ``mode="server"``: listen there and wait as
+    long for a back-end (an OVS-DPDK ``dpdkvhostuserclient`` port) to connect. The handshake
+    runs in the constructor, so ``features()`` answers at once.
+    """
+
+    def __init__(self, socket_path: str | os.PathLike[str], mode: SocketMode = "client", *,
+                 connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+                 request_timeout: float = DEFAULT_REQUEST_TIMEOUT) -> None:
+        if mode not in ("client", "server"):
+            raise VhostUserFrontendError(
+                f"vhost-user socket mode {mode!r} is unknown; use 'client' or 'server'"
+            )
+        self.socket_path = str(socket_path)
+        self.mode: SocketMode = mode
+        self.request_timeout = request_timeout
+        self._log = log.bind(device="vhost-user-net", socket=self.socket_path, mode=mode)
+        self._lock = threading.RLock()  # one request sequence on the socket at a time
+        self._wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)  # readable once closed
+        self._closed = False
+        self._listener: socket.socket | None = None
+        self._listener_ino: int | None = None
+        self._channel: FrontendChannel | None = None
+        self._connecting: FrontendChannel | None = None
+        self._connected = threading.Event()
+        self._supervisor: threading.Thread | None = None
+        self._device_features = 0  # what the guest is offered; fixed for the VM's life
+        self._backend_features = 0  # this connection's GET_FEATURES
+        self._protocol_features = PF(0)
+        self._max_mem_slots = m.MAX_MEM_REGIONS
+        self._added_regions: set[m.MemoryRegion] = set()  # ADD_MEM_REG done on this connection
+        self._activation: _Activation | None = None
+        self._bases: dict[int, int] = {}
+        #: How many connections were established (1 after the constructor).
+        self.connections = 0
+        try:
+            if mode == "server":
+                self._listen()
+            sock = self._connect_initial(connect_timeout)
+            channel = FrontendChannel(sock, request_timeout)
+            try:
+                self._handshake(channel, first=True)
+            except VhostUserDisconnected as e:
+                channel.close()
+                raise VhostUserFrontendError(f"{e}; check the back-end's log") from None
+            except BaseException:
+                channel.close()
+                raise
+            self._set_channel(channel)
+        except BaseException:
+            self.close()
+            raise
+        ctx = contextvars.copy_context()  # the thread's logs carry the VM's bound context
+        self._supervisor = threading.Thread(
+            target=ctx.run, args=(self._supervise,), daemon=True,
+            name=f"vhost-user-{Path(self.socket_path).name}",
+        )
+        self._supervisor.start()
+
+    # ---- NetBackend --------------------------------------------------------------------------
+
+    def features(self) -> int:
+        """The back-end's virtio-net features that pymvm can offer the guest."""
+        return self._device_features
+
+    @property
+    def protocol_features(self) -> PF:
+        """The protocol features in force on the current connection."""
+        return self._protocol_features
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    @property
+    def active(self) -> bool:
+        return self._activation is not None
+
+    def wait_connected(self, timeout: float | None = None) -> bool:
+        """Block until a back-end is connected (and replayed); False on timeout."""
+        return self._connected.wait(timeout)
+
+    def activate(self, ctx: ActivationContext, mem_regions: Sequence[Any]) -> None:
+        """Hand the rings to the back-end. Refusals raise; a lost back-end only logs."""
+        with self._lock:
+            if self._closed:
+                raise VhostUserFrontendError(f"vhost-user back-end {self.socket_path} is closed")
+            if self._activation is not None:
+                raise VhostUserFrontendError("vhost-user net is already active: reset() first")
+            activation = self._prepare(ctx, mem_regions)
+            self._bases = {}
+            channel = self._channel
+            if channel is None:
+                self._activation = activation
+                self._log.warning("vhost_user_activate_deferred",
+                                  reason="back-end not connected; rings start when it is back")
+                return
+            try:
+                self._start(channel, activation, {q.index: 0 for q in ctx.queues})
+            except VhostUserDisconnected as e:
+                self._activation = activation  # replayed once the back-end is back
+                self._lost(channel, str(e))
+                return
+            except VhostUserRequestFailed as e:
+                raise VhostUserFrontendError(
+                    f"vhost-user back-end refused {e.request.name} (status {e.status:#x}); "
+                    "check the back-end's log"
+                ) from None
+            self._activation = activation
+            self._log.info("vhost_user_activated", features=hex(ctx.acked_features),
+                           queues=[q.index for q in ctx.queues])
+
+    def reset(self) -> dict[int, int]:
+        """Stop the rings; returns {queue index: ring position} (GET_VRING_BASE)."""
+        with self._lock:
+            activation, self._activation = self._activation, None
+            if activation is None:
+                return {}
+            bases: dict[int, int] = {}
+            channel = self._channel
+            if channel is not None:
+                try:
+                    bases = self._stop(channel, activation)
+                except VhostUserDisconnected as e:
+                    self._lost(channel, str(e))
+                except VhostUserRequestFailed as e:
+                    self._log.warning("vhost_user_stop_refused", request=e.request.name,
+                                      status=e.status)
+            for q, addrs in zip(activation.ctx.queues, activation.ring_addrs, strict=True):
+                if q.index not in bases:  # the back-end could not tell: trust the used ring
+                    bases[q.index] = self._used_idx(activation, addrs)
+            self._bases = bases
+            self._log.info("vhost_user_reset", vring_bases=bases)
+            return dict(bases)
+
+    def close(self) -> None:
+        """Disconnect, stop reconnecting (promptly) and release the socket; idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        os.eventfd_write(self._wake, 1)
+        for channel in (self._channel, self._connecting):
+            if channel is not None:
+                channel.shutdown()  # a blocked request or handshake returns at once
+        supervisor = self._supervisor
+        if supervisor is not None and supervisor is not threading.current_thread():
+            supervisor.join(_CLOSE_JOIN_TIMEOUT)
+            if supervisor.is_alive():
+                self._log.warning("vhost_user_supervisor_still_running")
+        with self._lock:
+            if self._channel is not None:
+                self._channel.close()
+                self._channel = None
+            self._connected.clear()
+            self._activation = None
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+            self._unlink_own_socket()
+        if supervisor is None or not supervisor.is_alive():
+            os.close(self._wake)
+        self._log.info("vhost_user_closed")
+
+    # ---- activation --------------------------------------------------------------------------
+
+    def _prepare(self, ctx: ActivationContext, mem_regions: Sequence[Any]) -> _Activation:
+        """Check and translate everything before the back-end hears about it."""
+        n = len(ctx.queues)
+        if len(ctx.kick_fds) != n or len(ctx.call_fds) != n:
+            raise VhostUserFrontendError(
+                f"{n} queues but {len(ctx.kick_fds)} kick and {len(ctx.call_fds)} call eventfds: "
+                "the transport must register one ioeventfd and one irqfd per queue"
+            )
+        regions = tuple(mem_regions)
+        if not regions:
+            raise VhostUserFrontendError("no guest memory regions: the back-end needs a mem table")
+        for region in regions:
+            _region_fd(region)
+        event_idx = bool(ctx.acked_features & VIRTIO_RING_F_EVENT_IDX)
+        try:
+            addrs = tuple(vring_host_addrs(regions, q, event_idx) for q in ctx.queues)
+        except VhostError as e:
+            raise VhostUserFrontendError(str(e)) from None
+        return _Activation(ctx, regions, addrs)
+
+    def _ack(self) -> bool:
+        return bool(self._protocol_features & PF.REPLY_ACK)
+
+    def _start(self, channel: FrontendChannel, activation: _Activation,
+               bases: dict[int, int]) -> None:
+        ctx, ack = activation.ctx, self._ack()
+        acked = ctx.acked_features & GUEST_FEATURES
+        missing = acked & ~self._backend_features
+        if missing:
+            raise VhostUserFrontendError(
+                f"the back-end no longer offers features {missing:#x} the guest negotiated; "
+                "restart it with the same options"
+            )
+        features = acked | (self._backend_features & PROTOCOL_FEATURES_FLAG)
+        channel.request(m.SetFeatures(features, need_reply=ack))
+        self._send_mem_table(channel, activation.regions)
+        for q, addrs, kick, call in zip(ctx.queues, activation.ring_addrs, ctx.kick_fds,
+                                        ctx.call_fds, strict=True):
+            channel.request(m.SetVringNum(q.index, q.size, need_reply=ack))
+            channel.request(m.SetVringBase(q.index, bases.get(q.index, 0), need_reply=ack))
+            channel.request(m.SetVringAddr(q.index, 0, addrs.desc, addrs.used, addrs.avail, 0,
+                                           need_reply=ack))
+            channel.request(m.SetVringKick(q.index, kick, need_reply=ack))
+            channel.request(m.SetVringCall(q.index, call, need_reply=ack))
+        if features & PROTOCOL_FEATURES_FLAG:  # rings start disabled (spec: SET_VRING_ENABLE)
+            for q in ctx.queues:
+                channel.request(m.SetVringEnable(q.index, True, need_reply=ack))
+        if self._protocol_features & PF.STATUS:  # DPDK waits for DRIVER_OK when STATUS is on
+            channel.request(m.SetStatus(DRIVER_OK_STATUS, need_reply=ack))
+
+    def _send_mem_table(self, channel: FrontendChannel, regions: tuple[Any, ...]) -> None:
+        ack = self._ack()
+        table = [(m.MemoryRegion(r.gpa, r.size, r.host_addr, r.fd_offset), _region_fd(r))
+                 for r in regions]
+        if self._protocol_features & PF.CONFIGURE_MEM_SLOTS:
+            if len(table) > self._max_mem_slots:
+                raise VhostUserFrontendError(
+                    f"guest memory has {len(table)} regions, the back-end takes at most "
+                    f"{self._max_mem_slots} (GET_MAX_MEM_SLOTS)"
+                )
+            for region, fd in table:
+                if region not in self._added_regions:
+                    channel.request(m.AddMemReg(region, fd, need_reply=ack))
+                    self._added_regions.add(region)
+            return
+        if len(table) > m.MAX_MEM_REGIONS:
+            raise VhostUserFrontendError(
+                f"guest memory has {len(table)} regions, SET_MEM_TABLE carries at most "
+                f"{m.MAX_MEM_REGIONS}; the back-end lacks CONFIGURE_MEM_SLOTS"
+            )
+        channel.request(m.SetMemTable(tuple(r for r, _ in table), tuple(fd for _, fd in table),
+                                      need_reply=ack))
+
+    def _stop(self, channel: FrontendChannel, activation: _Activation) -> dict[int, int]:
+        ack = self._ack()
+        queues = activation.ctx.queues
+        if self._backend_features & PROTOCOL_FEATURES_FLAG:
+            for q in queues:
+                channel.request(m.SetVringEnable(q.index, False, need_reply=ack))
+        bases: dict[int, int] = {}
+        for q in queues:
+            reply = channel.request(m.GetVringBase(q.index))
+            assert isinstance(reply, m.VringBaseReply)
+            bases[q.index] = reply.num
+        if self._protocol_features & PF.STATUS:
+            channel.request(m.SetStatus(0, need_reply=ack))
+        return bases
+
+    def _used_idx(self, activation: _Activation, addrs: VringHostAddrs) -> int:
+        try:
+            return _read_u16(activation.regions, addrs.used + 2)  # struct vring_used.idx
+        except (VhostUserFrontendError, ValueError):
+            return 0  # guest memory is gone (VM teardown): nothing will run the ring again
+
+    # ---- connection ----------------------------------------------------------------------------
+
+    def _listen(self) -> None:
+        path = self.socket_path
+        try:
+            if stat.S_ISSOCK(os.lstat(path).st_mode):
+                os.unlink(path)  # a stale socket from an earlier run
+        except FileNotFoundError:
+            pass
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            listener.bind(path)
+            listener.listen(1)
+        except OSError as e:
+            listener.close()
+            raise VhostUserFrontendError(
+                f"cannot listen on vhost-user socket {path}: {e.strerror}; "
+                "check the directory exists and the path is not another file"
+            ) from None
+        self._listener = listener
+        self._listener_ino = os.stat(path).st_ino
+
+    def _unlink_own_socket(self) -> None:
+        try:
+            if os.stat(self.socket_path).st_ino == self._listener_ino:
+                os.unlink(self.socket_path)
+        except OSError:
+            pass  # already gone, or replaced by someone else's socket: leave it
+
+    def _dial(self) -> socket.socket:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            sock.connect(self.socket_path)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    def _accept(self, timeout: float | None) -> socket.socket | None:
+        """The next back-end on the listener; None on timeout or close()."""
+        assert self._listener is not None
+        poller = select.poll()
+        poller.register(self._listener.fileno(), select.POLLIN)
+        poller.register(self._wake, select.POLLIN)
+        ready = dict(poller.poll(None if timeout is None else max(0, int(timeout * 1000))))
+        if self._closed or self._listener.fileno() not in ready:
+            return None
+        sock, _ = self._listener.accept()
+        sock.setblocking(True)
+        return sock
+
+    def _connect_initial(self, timeout: float) -> socket.socket:
+        if self.mode == "server":
+            sock = self._accept(timeout)
+            if sock is None:
+                raise VhostUserFrontendError(
+                    f"no vhost-user back-end connected to {self.socket_path} within "
+                    f"{timeout:g} s; start it (e.g. OVS dpdkvhostuserclient) or raise the timeout"
+                )
+            return sock
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                return self._dial()
+            except (FileNotFoundError, ConnectionRefusedError) as e:
+                if time.monotonic() >= deadline:
+                    raise VhostUserFrontendError(
+                        f"no vhost-user back-end listening on {self.socket_path} after "
+                        f"{timeout:g} s ({e.strerror}); start the back-end first"
+                    ) from None
+            except OSError as e:
+                raise VhostUserFrontendError(
+                    f"cannot connect to vhost-user socket {self.socket_path}: {e.strerror}"
+                ) from None
+            time.sleep(RECONNECT_MIN_DELAY)
+
+    def _handshake(self, channel: FrontendChannel, *, first: bool) -> None:
+        reply = channel.request(m.GetFeatures())
+        assert isinstance(reply, m.FeaturesReply)
+        features = reply.features
+        if first:
+            if not features & VIRTIO_F_VERSION_1:
+                raise VhostUserFrontendError(
+                    f"the vhost-user back-end at {self.socket_path} lacks VIRTIO_F_VERSION_1 "
+                    "(modern virtio); pymvm offers only modern devices"
+                )
+            self._device_features = features & GUEST_FEATURES
+        protocol = PF(0)
+        if features & PROTOCOL_FEATURES_FLAG:
+            channel.request(m.GetProtocolFeatures())
+            protocol = channel.conn.negotiate_protocol_features(WANTED_PROTOCOL_FEATURES)
+            channel.request(m.SetProtocolFeatures(protocol))
+            if protocol & PF.MQ:
+                queues = channel.request(m.GetQueueNum())
+                assert isinstance(queues, m.QueueNumReply)
+                self._log.debug("vhost_user_queue_num", queues=queues.num_queues)
+        channel.request(m.SetOwner())
+        max_slots = m.MAX_MEM_REGIONS
+        if protocol & PF.CONFIGURE_MEM_SLOTS:
+            slots = channel.request(m.GetMaxMemSlots())
+            assert isinstance(slots, m.MaxMemSlotsReply)
+            max_slots = slots.slots
+        self._backend_features = features
+        self._protocol_features = protocol
+        self._max_mem_slots = max_slots
+        self._added_regions = set()
+        self._log.info("vhost_user_connected", features=hex(features),
+                       protocol_features=hex(protocol))
+
+    def _set_channel(self, channel: FrontendChannel) -> None:
+        self._channel = channel
+        self.connections += 1
+        self._connected.set()
+
+    def _lost(self, channel: FrontendChannel, why: str) -> None:
+        """Seen on a request: wake the supervisor (it sees a hang-up) to reconnect."""
+        self._log.warning("vhost_user_backend_lost", reason=why)
+        channel.shutdown()
+
+    # ---- supervisor thread -----------------------------------------------------------------------
+
+    def _supervise(self) -> None:
+        try:
+            while not self._closed:
+                channel = self._channel
+                if channel is not None:
+                    self._wait_hangup(channel)
+                    if self._closed:
+                        return
+                    with self._lock:
+                        self._drop(channel)
+                self._reconnect()
+        except Exception:
+            self._log.exception("vhost_user_supervisor_failed")
+
+    def _wait_hangup(self, channel: FrontendChannel) -> None:
+        # POLLRDHUP, not POLLIN: replies are the request path's to read; HUP/ERR always wake.
+        poller = select.poll()
+        poller.register(channel.sock.fileno(), select.POLLRDHUP)
+        poller.register(self._wake, select.POLLIN)
+        poller.poll()
+
+    def _drop(self, channel: FrontendChannel) -> None:
+        if self._channel is not channel:
+            return
+        self._channel = None
+        self._connected.clear()
+        channel.close()
+        self._log.warning("vhost_user_disconnected", active=self._activation is not None,
+                          reason=channel.broken or "back-end hung up")
+
+    def _sleep(self, seconds: float) -> None:
+        poller = select.poll()
+        poller.register(self._wake, select.POLLIN)
+        poller.poll(int(seconds * 1000))
+
+    def _reconnect(self) -> None:
+        """Until connected or closed: reach a back-end, redo the handshake, replay."""
+        delay = RECONNECT_MIN_DELAY
+        while not self._closed:
+            try:
+                sock = self._accept(None) if self.mode == "server" else self._dial()
+            except OSError as e:
+                self._log.debug("vhost_user_reconnect_failed", error=e.strerror or str(e))
+                self._sleep(delay)
+                delay = min(delay * 2, RECONNECT_MAX_DELAY)
+                continue
+            if sock is None:
+                return  # closed
+            channel = FrontendChannel(sock, self.request_timeout)
+            self._connecting = channel
+            try:
+                with self._lock:
+                    if self._closed:
+                        channel.close()
+                        return
+                    self._handshake(channel, first=False)
+                    self._set_channel(channel)
+                    self._replay(channel)
+            except VhostUserError as e:  # died again, or a peer we cannot talk to yet
+                self._log.warning("vhost_user_reconnect_failed", error=str(e))
+                with self._lock:
+                    self._drop(channel)
+                    if self._channel is not channel:
+                        channel.close()
+                self._sleep(delay)
+                delay = min(delay * 2, RECONNECT_MAX_DELAY)
+                continue
+            finally:
+                self._connecting = None
+            self._log.info("vhost_user_reconnected", connections=self.connections)
+            return
+
+    def _replay(self, channel: FrontendChannel) -> None:
+        activation = self._activation
+        if activation is None:
+            return
+        bases = {q.index: self._used_idx(activation, addrs)
+                 for q, addrs in zip(activation.ctx.queues, activation.ring_addrs, strict=True)}
+        try:
+            self._start(channel, activation, bases)
+        except (VhostUserFrontendError, VhostUserRequestFailed) as e:
+            # The guest still thinks the device runs; it gets packets again after its next reset.
+            self._activation = None
+            self._log.error("vhost_user_replay_refused", error=str(e))
+            return
+        self._log.info("vhost_user_replayed", vring_bases=bases)
+
+
+# ---- the built-in back-end as a child process ------------------------------------------------
+
+_tap_numbers = itertools.count()
+
+
+class BuiltinNetBackendProcess:
+    """``pymvm vhost-user net`` serving one VM's TAP, with the host side made by the VMM.
+
+    The VMM builds the TAP, bridge, namespace and addresses exactly as for vhost-net
+    (HostNetwork), then hands the TAP to the child by name. A non-persistent TAP accepts only
+    the fd that created it, so the TAP is made persistent first (as ``ip tuntap add`` does) and
+    the VMM lets go of its own fd; it is deleted again at close(). A TAP that existed before
+    is only attached to and left in place.
+    """
+
+    def __init__(self) -> None:
+        self.host_network: Any = None
+        self.socket_path = ""
+        self.process: Any = None
+        self._tmpdir: str | None = None
+        self._undo: list[tuple[str, Any]] = []
+        self._log = log.bind(device="vhost-user-net", backend="builtin")
+
+    @classmethod
+    def start(cls, tap: str | None, *, mtu: int | None = None, bridge: str | None = None,
+              netns: str | None = None, host_ip: str | None = None,
+              ready_timeout: float = DEFAULT_CONNECT_TIMEOUT) -> BuiltinNetBackendProcess:
+        proc = cls()
+        try:
+            proc._start(tap, mtu, bridge, netns, host_ip, ready_timeout)
+        except BaseException:
+            proc.close()
+            raise
+        return proc
+
+    def _start(self, tap: str | None, mtu: int | None, bridge: str | None, netns: str | None,
+               host_ip: str | None, ready_timeout: float) -> None:
+        import shutil
+        import subprocess
+        import sys
+        import tempfile
+
+        from pyroute2 import IPRoute
+        from pyroute2 import netns as pyroute2_netns
+
+        from pymvm.net.host import HostNetwork
+        from pymvm.net.tap import run_in_netns
+
+        if netns is not None and netns not in pyroute2_netns.listnetns():
+            pyroute2_netns.create(netns)  # before the TAP, which is made inside it
+            self._undo.append((f"netns {netns}", lambda: pyroute2_netns.remove(netns)))
+        name = tap or f"pymvm{os.getpid() % 100000}v{next(_tap_numbers)}"
+
+        def make_persistent_tap() -> bool:
+            with IPRoute() as ipr:
+                if ipr.link_lookup(ifname=name):
+                    return False
+                ipr.link("add", ifname=name, kind="tuntap", mode="tap",
+                         ifr={"no_pi": True, "vnet_hdr": True})
+                return True
+
+        def delete_tap() -> None:
+            with IPRoute() as ipr:
+                found = ipr.link_lookup(ifname=name)
+                if found:
+                    ipr.link("del", index=found[0])
+
+        if run_in_netns(netns, make_persistent_tap):
+            self._undo.append((f"tap {name}", lambda: run_in_netns(netns, delete_tap)))
+        hostnet = HostNetwork.create(name, mtu=mtu, bridge=bridge, netns=netns,
+                                     bridge_address=host_ip if bridge else None,
+                                     tap_address=None if bridge else host_ip)
+        self.host_network = hostnet
+        self._undo.append(("host network", hostnet.close))
+        hostnet.tap.close()  # let the back-end attach: the TAP persists without our fd
+
+        self._tmpdir = tempfile.mkdtemp(prefix="pymvm-vu-")
+        self._undo.append(("socket dir", lambda: shutil.rmtree(self._tmpdir or "", True)))
+        self.socket_path = os.path.join(self._tmpdir, "net.sock")
+        argv = [sys.executable, "-m", "pymvm.cli", "vhost-user", "net",
+                "--socket", self.socket_path, "--tap", name]
+        if netns is not None:
+            argv = ["ip", "netns", "exec", netns, *argv]
+        self.process = subprocess.Popen(argv, stdin=subprocess.DEVNULL,
+                                        stdout=subprocess.DEVNULL, close_fds=True)
+        self._undo.append(("back-end process", self._stop_process))
+        self._log.info("builtin_backend_started", pid=self.process.pid, tap=name, netns=netns,
+                       socket=self.socket_path)
+        deadline = time.monotonic() + ready_timeout
+        while not os.path.exists(self.socket_path):
+            if self.process.poll() is not None:
+                raise VhostUserFrontendError(
+                    f"the built-in vhost-user net back-end exited with status "
+                    f"{self.process.returncode} before listening; see its log above"
+                )
+            if time.monotonic() > deadline:
+                raise VhostUserFrontendError(
+                    f"the built-in vhost-user net back-end did not create {self.socket_path} "
+                    f"within {ready_timeout:g} s"
+                )
+            time.sleep(0.02)
+
+    def _stop_process(self) -> None:
+        import subprocess
+
+        proc = self.process
+        if proc is None or proc.poll() is not None:
+            return
+        proc.terminate()
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+        self._log.info("builtin_backend_stopped", pid=proc.pid, status=proc.returncode)
+
+    def close(self) -> None:
+        """Stop and reap the back-end, then undo the host network; idempotent."""
+        while self._undo:
+            what, undo = self._undo.pop()
+            try:
+                undo()
+            except Exception as e:  # keep undoing the rest
+                self._log.warning("builtin_backend_undo_failed", what=what, error=str(e))

@@ -1,0 +1,407 @@
+"""The asyncio vhost-user back-end server, driven by a sans-IO front-end over a real socket,
+and the net back-end's queue <-> TAP paths against a real TAP (root, /dev/net/tun)."""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import mmap
+import os
+import socket
+import struct
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import pytest
+from pyroute2 import IPRoute
+
+from pymvm.devices.virtio.constants import (
+    VIRTIO_F_VERSION_1,
+    VIRTIO_NET_F_MRG_RXBUF,
+    VIRTIO_RING_F_INDIRECT_DESC,
+    feature_mask,
+)
+from pymvm.devices.virtio.queue import VRING_DESC_F_NEXT, VRING_DESC_F_WRITE, GuestMemoryMap, VirtQueue
+from pymvm.net.tap import Tap
+from pymvm.vhost.backends.net import HDR_LEN, NetBackend, rarp_frame
+from pymvm.vhost.user import messages as m
+from pymvm.vhost.user.backend import VhostUserDevice, VhostUserServer, Vring
+from pymvm.vhost.user.messages import ProtocolFeature as PF
+from pymvm.vhost.user.protocol import NEED_DATA, FrontendConnection
+
+MEM_GPA = 0x100000
+MEM_UVA = 0x7F0000000000  # the front-end's address for the same memory: must be translated
+MEM_SIZE = 0x40000
+QSIZE = 8
+DESC, AVAIL, USED = 0x0, 0x1000, 0x2000  # offsets in guest memory of queue 0
+DATA = 0x10000
+DEVICE_FEATURES = feature_mask(VIRTIO_F_VERSION_1, VIRTIO_RING_F_INDIRECT_DESC)
+
+
+class RecordingDevice(VhostUserDevice):
+    """Consumes TX-style chains on every kick and records what the framework told it."""
+
+    num_queues = 2
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, int] | str] = []
+        self.payloads: list[bytes] = []
+
+    def features(self) -> int:
+        return DEVICE_FEATURES
+
+    def queue_started(self, vring: Vring) -> None:
+        self.events.append(("started", vring.index))
+
+    def queue_stopped(self, vring: Vring) -> None:
+        self.events.append(("stopped", vring.index))
+
+    def queue_kicked(self, vring: Vring) -> None:
+        assert vring.queue is not None
+        while (chain := vring.queue.pop_avail()) is not None:
+            self.payloads.append(b"".join(bytes(v) for v in chain.readable))
+            vring.queue.add_used(chain.head, 0)
+        vring.signal_used()
+
+    def reset(self) -> None:
+        self.events.append("reset")
+
+
+class Frontend:
+    """A minimal vhost-user front-end: FrontendConnection over a non-blocking socket."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.conn = FrontendConnection()
+
+    async def request(self, msg: m.Request) -> m.Message | None:
+        data, fds = self.conn.send(msg)
+        anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
+        self.sock.sendmsg([data], anc)
+        if self.conn.awaiting_reply is None:
+            return None
+        loop = asyncio.get_running_loop()
+        while (event := self.conn.next_event()) is NEED_DATA:
+            chunk = await asyncio.wait_for(loop.sock_recv(self.sock, 4096), 5)
+            self.conn.receive_data(chunk)
+        return event
+
+    async def negotiate(self) -> None:
+        reply = await self.request(m.GetFeatures())
+        assert isinstance(reply, m.FeaturesReply)
+        await self.request(m.SetFeatures(self.conn.negotiate_features(-1)))
+        await self.request(m.GetProtocolFeatures())
+        await self.request(m.SetProtocolFeatures(
+            int(self.conn.negotiate_protocol_features(PF.REPLY_ACK | PF.CONFIGURE_MEM_SLOTS))))
+        await self.request(m.SetOwner())
+
+
+class GuestRam:
+    """A memfd the test (as the driver) writes rings into, shared with the back-end."""
+
+    def __init__(self) -> None:
+        self.fd = os.memfd_create("vhost-user-test")
+        os.ftruncate(self.fd, MEM_SIZE)
+        self.map = mmap.mmap(self.fd, MEM_SIZE)
+        self.avail_idx = 0
+
+    def region(self) -> m.MemoryRegion:
+        return m.MemoryRegion(MEM_GPA, MEM_SIZE, MEM_UVA, 0)
+
+    def desc(self, i: int, offset: int, length: int, flags: int = 0, nxt: int = 0) -> None:
+        struct.pack_into("<QIHH", self.map, DESC + 16 * i, MEM_GPA + offset, length, flags, nxt)
+
+    def publish(self, head: int) -> None:
+        struct.pack_into("<H", self.map, AVAIL + 4 + 2 * (self.avail_idx % QSIZE), head)
+        self.avail_idx += 1
+        struct.pack_into("<H", self.map, AVAIL + 2, self.avail_idx)
+
+    def used_idx(self) -> int:
+        return struct.unpack_from("<H", self.map, USED + 2)[0]
+
+    def close(self) -> None:
+        self.map.close()
+        os.close(self.fd)
+
+
+def run_server(tmp_path: Path, device: VhostUserDevice,
+               body: Callable[[VhostUserServer, Callable[[], Awaitable[Frontend]]], Awaitable[None]]) -> None:
+    path = str(tmp_path / "vu.sock")
+
+    async def main() -> None:
+        server = VhostUserServer(path, device)
+        server.listen()
+        task = asyncio.create_task(server.serve_forever())
+        frontends: list[Frontend] = []
+
+        async def connect() -> Frontend:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.setblocking(False)
+            await asyncio.get_running_loop().sock_connect(sock, path)
+            frontends.append(Frontend(sock))
+            return frontends[-1]
+
+        try:
+            await body(server, connect)
+        finally:
+            for fe in frontends:
+                fe.sock.close()
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    asyncio.run(main())
+    assert not os.path.exists(path)  # the socket file is removed on shutdown
+
+
+async def start_queue0(fe: Frontend, ram: GuestRam, *, uva: int = MEM_UVA) -> tuple[int, int]:
+    """Map memory and start vring 0; returns (kick, call) eventfds (the test's ends)."""
+    dup = os.dup(ram.fd)
+    await fe.request(m.SetMemTable((ram.region(),), (dup,)))
+    os.close(dup)  # sendmsg gave the back-end its own copy
+    await fe.request(m.SetVringNum(0, QSIZE))
+    await fe.request(m.SetVringAddr(0, 0, uva + DESC, uva + USED, uva + AVAIL, 0))
+    await fe.request(m.SetVringBase(0, 0))
+    kick, call = os.eventfd(0, os.EFD_NONBLOCK), os.eventfd(0, os.EFD_NONBLOCK)
+    await fe.request(m.SetVringCall(0, call))
+    await fe.request(m.SetVringKick(0, kick))
+    ack = await fe.request(m.SetVringEnable(0, True, need_reply=True))
+    assert isinstance(ack, m.Ack) and ack.ok
+    return kick, call
+
+
+async def until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not predicate():
+        assert asyncio.get_running_loop().time() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.01)
+
+
+# ---------------------------------------------------------------------------------------------
+# The framework
+
+
+def test_features_offer_protocol_features_reply_ack_and_mem_slots(tmp_path: Path) -> None:
+    async def body(server: VhostUserServer, connect) -> None:
+        fe = await connect()
+        reply = await fe.request(m.GetFeatures())
+        assert isinstance(reply, m.FeaturesReply)
+        assert reply.features == DEVICE_FEATURES | m.PROTOCOL_FEATURES_FLAG
+        await fe.request(m.SetFeatures(reply.features))
+        proto = await fe.request(m.GetProtocolFeatures())
+        assert isinstance(proto, m.ProtocolFeaturesReply)
+        assert proto.features & PF.REPLY_ACK and proto.features & PF.CONFIGURE_MEM_SLOTS
+        assert not proto.features & PF.MQ  # one queue pair: no multiqueue
+
+    run_server(tmp_path, RecordingDevice(), body)
+
+
+def test_kicked_ring_delivers_chains_to_the_device_and_signals_call(tmp_path: Path) -> None:
+    device = RecordingDevice()
+    ram = GuestRam()
+
+    async def body(server: VhostUserServer, connect) -> None:
+        fe = await connect()
+        await fe.negotiate()
+        kick, call = await start_queue0(fe, ram)
+        assert ("started", 0) in device.events
+        ram.map[DATA : DATA + 5] = b"hello"
+        ram.desc(0, DATA, 5)
+        ram.publish(0)
+        os.eventfd_write(kick, 1)
+        await until(lambda: device.payloads == [b"hello"])
+        assert ram.used_idx() == 1
+        assert os.eventfd_read(call) == 1
+        base = await fe.request(m.GetVringBase(0))
+        assert isinstance(base, m.VringBaseReply) and base.num == 1
+        assert ("stopped", 0) in device.events
+        for fd in (kick, call):
+            os.close(fd)
+
+    try:
+        run_server(tmp_path, device, body)
+    finally:
+        ram.close()
+
+
+def test_ring_address_outside_the_memory_table_drops_the_connection(tmp_path: Path) -> None:
+    ram = GuestRam()
+
+    async def body(server: VhostUserServer, connect) -> None:
+        fe = await connect()
+        await fe.negotiate()
+        with pytest.raises((m.VhostUserRemoteError, ConnectionError, asyncio.TimeoutError)):
+            await start_queue0(fe, ram, uva=0x1000)
+        assert await asyncio.get_running_loop().sock_recv(fe.sock, 64) == b""
+
+    try:
+        run_server(tmp_path, RecordingDevice(), body)
+    finally:
+        ram.close()
+
+
+def test_garbage_client_is_disconnected_and_the_next_client_is_served(tmp_path: Path) -> None:
+    device = RecordingDevice()
+    ram = GuestRam()
+
+    async def body(server: VhostUserServer, connect) -> None:
+        loop = asyncio.get_running_loop()
+        bad = await connect()
+        await bad.negotiate()
+        await start_queue0(bad, ram)
+        bad.sock.send(b"\xde\xad\xbe\xef" * 8)  # version bits wrong: a remote protocol error
+        assert await asyncio.wait_for(loop.sock_recv(bad.sock, 64), 5) == b""
+        assert "reset" in device.events and ("stopped", 0) in device.events
+        good = await connect()
+        reply = await good.request(m.GetFeatures())
+        assert isinstance(reply, m.FeaturesReply)
+        assert server.sessions_served == 2
+        assert server.session is not None and server.session.regions == []
+
+    try:
+        run_server(tmp_path, device, body)
+    finally:
+        ram.close()
+
+
+def test_stale_socket_file_is_replaced_but_a_live_one_is_refused(tmp_path: Path) -> None:
+    from pymvm.vhost.user.backend import VhostUserBackendError
+
+    path = str(tmp_path / "vu.sock")
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(path)
+    stale.close()
+    server = VhostUserServer(path, RecordingDevice())
+    server.listen()
+    try:
+        with pytest.raises(VhostUserBackendError, match="in use"):
+            VhostUserServer(path, RecordingDevice()).listen()
+    finally:
+        server.close()
+    assert not os.path.exists(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# The net back-end against a real TAP
+
+needs_tun = pytest.mark.skipif(
+    os.geteuid() != 0 or not os.path.exists("/dev/net/tun"), reason="needs root and /dev/net/tun"
+)
+ETH_P_ALL = 0x0003
+ETHERTYPE = 0x88B5  # IEEE local experimental: nothing else on the TAP uses it
+
+
+def frame(payload: bytes) -> bytes:
+    return b"\xff" * 6 + b"\x02\x00\x00\x00\x00\x01" + struct.pack("!H", ETHERTYPE) + payload
+
+
+class Rings:
+    """RX (0) and TX (1) queues in a bytearray, with the driver's helpers."""
+
+    def __init__(self) -> None:
+        self.ram = bytearray(MEM_SIZE)
+        self.memory = GuestMemoryMap([(MEM_GPA, memoryview(self.ram))])
+        self.avail = [0, 0]
+        self.vrings = []
+        for i in range(2):
+            vring = Vring(i, session=None)  # type: ignore[arg-type]
+            vring.queue = VirtQueue(self.memory, QSIZE, *(MEM_GPA + self.base(i) + o for o in (DESC, AVAIL, USED)))
+            self.vrings.append(vring)
+
+    @staticmethod
+    def base(q: int) -> int:
+        return q * 0x4000
+
+    def desc(self, q: int, i: int, offset: int, length: int, flags: int = 0, nxt: int = 0) -> None:
+        struct.pack_into("<QIHH", self.ram, self.base(q) + DESC + 16 * i, MEM_GPA + offset, length, flags, nxt)
+
+    def publish(self, q: int, head: int) -> None:
+        struct.pack_into("<H", self.ram, self.base(q) + AVAIL + 4 + 2 * (self.avail[q] % QSIZE), head)
+        self.avail[q] += 1
+        struct.pack_into("<H", self.ram, self.base(q) + AVAIL + 2, self.avail[q])
+
+    def used(self, q: int, slot: int) -> tuple[int, int]:
+        return struct.unpack_from("<II", self.ram, self.base(q) + USED + 4 + 8 * slot)
+
+    def used_idx(self, q: int) -> int:
+        return struct.unpack_from("<H", self.ram, self.base(q) + USED + 2)[0]
+
+
+@pytest.fixture
+def tap() -> Tap:
+    t = Tap.open("pvmvut%d")
+    try:
+        with open(f"/proc/sys/net/ipv6/conf/{t.name}/disable_ipv6", "w") as f:
+            f.write("1")  # no router solicitations on our RX queue
+        with IPRoute() as ipr:
+            ipr.link("set", index=ipr.link_lookup(ifname=t.name)[0], state="up", mtu=9000)
+        yield t
+    finally:
+        t.close()
+
+
+def sniffer(name: str) -> socket.socket:
+    s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
+    s.bind((name, 0))
+    s.settimeout(5)
+    return s
+
+
+@needs_tun
+def test_net_tx_chain_is_written_to_the_tap_with_its_vnet_header(tap: Tap) -> None:
+    rings = Rings()
+    net = NetBackend(tap)
+    net.set_features(feature_mask(VIRTIO_F_VERSION_1, VIRTIO_NET_F_MRG_RXBUF))
+    sniff = sniffer(tap.name)
+    pkt = frame(b"guest says hi".ljust(50, b"."))
+    rings.ram[DATA : DATA + HDR_LEN] = bytes(HDR_LEN)  # header and frame in separate buffers
+    rings.ram[DATA + 0x100 : DATA + 0x100 + len(pkt)] = pkt
+    rings.desc(1, 0, DATA, HDR_LEN, VRING_DESC_F_NEXT, 1)
+    rings.desc(1, 1, DATA + 0x100, len(pkt))
+    rings.publish(1, 0)
+    try:
+        net.queue_started(rings.vrings[1])
+        net.queue_kicked(rings.vrings[1])
+        while (got := sniff.recv(65536))[12:14] != struct.pack("!H", ETHERTYPE):
+            pass
+        assert got == pkt
+        assert rings.used_idx(1) == 1 and net.stats["tx_packets"] == 1
+    finally:
+        sniff.close()
+
+
+@needs_tun
+def test_net_rx_merges_buffers_and_waits_for_a_kick_when_the_guest_has_none(tap: Tap) -> None:
+    rings = Rings()
+    net = NetBackend(tap)
+    net.set_features(feature_mask(VIRTIO_F_VERSION_1, VIRTIO_NET_F_MRG_RXBUF))
+    pkt = frame(bytes(range(256)) * 12)  # 3086 bytes: needs 4 buffers of 1024 with the header
+    sniff = sniffer(tap.name)
+
+    async def main() -> None:
+        net.queue_started(rings.vrings[0])
+        sniff.send(pkt)  # out of the host side of the TAP: into the guest's RX queue
+        await until(lambda: net._pending is not None and not net._tap_reading)
+        assert rings.used_idx(0) == 0  # no buffers yet: nothing delivered, nothing dropped
+        for i in range(QSIZE):
+            rings.desc(0, i, DATA + 1024 * i, 1024, VRING_DESC_F_WRITE)
+            rings.publish(0, i)
+        net.queue_kicked(rings.vrings[0])
+        await until(lambda: net.stats["rx_packets"] >= 1)
+        used = [rings.used(0, s) for s in range(rings.used_idx(0))]
+        assert [head for head, _ in used] == [0, 1, 2, 3]
+        assert sum(length for _, length in used) == HDR_LEN + len(pkt)
+        data = bytes(rings.ram[DATA : DATA + HDR_LEN + len(pkt)])
+        assert struct.unpack_from("<H", data, 10)[0] == 4  # num_buffers
+        assert data[HDR_LEN:] == pkt
+        net.reset()
+
+    try:
+        asyncio.run(main())
+    finally:
+        sniff.close()
+
+
+def test_rarp_frame_announces_the_mac() -> None:
+    mac = bytes.fromhex("020000abcdef")
+    f = rarp_frame(mac)
+    assert len(f) == 60 and f[6:12] == mac and f[12:14] == b"\x80\x35"

@@ -1,0 +1,397 @@
+"""Split virtqueue, device side: well-formed chains, hostile drivers, notification suppression."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from pymvm.devices.virtio.queue import (
+    VRING_AVAIL_F_NO_INTERRUPT,
+    VRING_DESC_F_INDIRECT,
+    VRING_DESC_F_NEXT,
+    VRING_DESC_F_WRITE,
+    VRING_USED_F_NO_NOTIFY,
+    GuestMemoryMap,
+    VirtQueue,
+    VirtQueueError,
+)
+
+NEXT, WRITE, INDIRECT = VRING_DESC_F_NEXT, VRING_DESC_F_WRITE, VRING_DESC_F_INDIRECT
+MEM_BASE = 0x10000
+MEM_SIZE = 0x10000
+DESC, AVAIL, USED = MEM_BASE, MEM_BASE + 0x1000, MEM_BASE + 0x2000
+DATA = MEM_BASE + 0x4000
+
+
+class Driver:
+    """The guest's side of a split ring, written straight into guest memory."""
+
+    def __init__(self, size: int = 8, *, event_idx: bool = False, indirect: bool = True) -> None:
+        self.ram = bytearray(MEM_SIZE)
+        self.memory = GuestMemoryMap([(MEM_BASE, memoryview(self.ram))])
+        self.size = size
+        self.avail_idx = 0
+        self.queue = VirtQueue(self.memory, size, DESC, AVAIL, USED,
+                               event_idx=event_idx, indirect=indirect)
+
+    def off(self, gpa: int) -> int:
+        return gpa - MEM_BASE
+
+    def desc(self, i: int, addr: int, length: int, flags: int = 0, nxt: int = 0,
+             table: int = DESC) -> None:
+        struct.pack_into("<QIHH", self.ram, self.off(table) + 16 * i, addr, length, flags, nxt)
+
+    def publish(self, *heads: int) -> None:
+        for head in heads:
+            struct.pack_into("<H", self.ram, self.off(AVAIL) + 4 + 2 * (self.avail_idx % self.size), head)
+            self.avail_idx = (self.avail_idx + 1) & 0xFFFF
+        self.set_avail_idx(self.avail_idx)
+
+    def set_avail_idx(self, idx: int) -> None:
+        struct.pack_into("<H", self.ram, self.off(AVAIL) + 2, idx)
+
+    def avail_flags(self, flags: int) -> None:
+        struct.pack_into("<H", self.ram, self.off(AVAIL), flags)
+
+    def used_event(self, value: int) -> None:
+        struct.pack_into("<H", self.ram, self.off(AVAIL) + 4 + 2 * self.size, value)
+
+    def used_idx(self) -> int:
+        return struct.unpack_from("<H", self.ram, self.off(USED) + 2)[0]
+
+    def used_flags(self) -> int:
+        return struct.unpack_from("<H", self.ram, self.off(USED))[0]
+
+    def avail_event(self) -> int:
+        return struct.unpack_from("<H", self.ram, self.off(USED) + 4 + 8 * self.size)[0]
+
+    def used(self, slot: int) -> tuple[int, int]:
+        return struct.unpack_from("<II", self.ram, self.off(USED) + 4 + 8 * slot)
+
+    def write(self, gpa: int, data: bytes) -> None:
+        self.ram[self.off(gpa) : self.off(gpa) + len(data)] = data
+
+
+# ---------------------------------------------------------------------------------------------
+# Well-formed chains
+
+
+def test_pop_avail_returns_readable_then_writable_buffers_of_a_chain() -> None:
+    d = Driver()
+    d.write(DATA, b"hello")
+    d.desc(0, DATA, 5, NEXT, 1)
+    d.desc(1, DATA + 0x100, 64, WRITE)
+    d.publish(0)
+    chain = d.queue.pop_avail()
+    assert chain is not None and chain.head == 0
+    assert [bytes(v) for v in chain.readable] == [b"hello"]
+    assert chain.writable_len == 64
+    chain.writable[0][:3] = b"abc"
+    assert d.ram[d.off(DATA + 0x100) : d.off(DATA + 0x103)] == b"abc"
+    assert d.queue.pop_avail() is None
+
+
+def test_add_used_publishes_the_element_and_the_used_index() -> None:
+    d = Driver()
+    d.desc(3, DATA, 16, WRITE)
+    d.publish(3)
+    chain = d.queue.pop_avail()
+    assert chain is not None
+    d.queue.add_used(chain.head, 12)
+    assert d.used_idx() == 1
+    assert d.used(0) == (3, 12)
+
+
+def test_next_avail_resumes_popping_where_the_front_end_said() -> None:
+    d = Driver()
+    d.desc(0, DATA, 4)
+    d.desc(1, DATA, 8)
+    d.publish(0, 1)
+    q = VirtQueue(d.memory, d.size, DESC, AVAIL, USED, next_avail=1)
+    chain = q.pop_avail()
+    assert chain is not None and chain.head == 1
+    assert q.last_avail_idx == 2
+
+
+def test_indirect_table_is_walked_when_negotiated() -> None:
+    d = Driver()
+    table = DATA + 0x1000
+    d.desc(0, DATA, 10, NEXT, 1, table=table)
+    d.desc(1, DATA + 0x200, 100, WRITE, table=table)
+    d.desc(5, table, 32, INDIRECT)
+    d.publish(5)
+    chain = d.queue.pop_avail()
+    assert chain is not None and chain.head == 5
+    assert chain.readable_len == 10 and chain.writable_len == 100
+
+
+def test_buffer_straddling_adjacent_regions_is_split_into_views() -> None:
+    a, b = bytearray(0x1000), bytearray(0x1000)
+    mem = GuestMemoryMap([(0x2000, memoryview(b)), (0x1000, memoryview(a))])
+    segs = mem.segments(0x1FF0, 0x20)
+    assert segs is not None and [s.nbytes for s in segs] == [0x10, 0x10]
+    assert mem.segments(0x2FF0, 0x20) is None  # runs off the end
+
+
+# ---------------------------------------------------------------------------------------------
+# Hostile drivers: bad chains are dropped (used length 0), never raise
+
+
+def dropped(d: Driver, head: int) -> None:
+    assert d.queue.pop_avail() is None
+    assert d.used_idx() == 1 and d.used(0) == (head, 0)
+    assert d.queue.broken is None and d.queue.dropped_chains == 1
+
+
+def test_descriptor_loop_is_dropped() -> None:
+    d = Driver()
+    d.desc(0, DATA, 4, NEXT, 1)
+    d.desc(1, DATA, 4, NEXT, 0)
+    d.publish(0)
+    dropped(d, 0)
+
+
+def test_next_index_outside_the_table_is_dropped() -> None:
+    d = Driver()
+    d.desc(0, DATA, 4, NEXT, 8)
+    d.publish(0)
+    dropped(d, 0)
+
+
+def test_buffer_outside_guest_memory_is_dropped() -> None:
+    d = Driver()
+    d.desc(0, MEM_BASE + MEM_SIZE - 4, 8)
+    d.publish(0)
+    dropped(d, 0)
+
+
+def test_buffer_with_a_huge_address_is_dropped() -> None:
+    d = Driver()
+    d.desc(0, 2**64 - 4, 0xFFFFFFFF, WRITE)
+    d.publish(0)
+    dropped(d, 0)
+
+
+def test_readable_buffer_after_a_writable_one_is_dropped() -> None:
+    d = Driver()
+    d.desc(0, DATA, 4, WRITE | NEXT, 1)
+    d.desc(1, DATA, 4)
+    d.publish(0)
+    dropped(d, 0)
+
+
+def test_indirect_descriptor_without_the_feature_is_dropped() -> None:
+    d = Driver(indirect=False)
+    d.desc(0, DATA, 16, INDIRECT)
+    d.publish(0)
+    dropped(d, 0)
+
+
+def test_nested_indirect_table_is_dropped() -> None:
+    d = Driver()
+    table = DATA + 0x1000
+    d.desc(0, table, 16, INDIRECT, table=table)
+    d.desc(0, table, 16, INDIRECT)
+    d.publish(0)
+    dropped(d, 0)
+
+
+@pytest.mark.parametrize("length, flags", [(24, INDIRECT), (0, INDIRECT), (16, INDIRECT | NEXT)])
+def test_malformed_indirect_descriptor_is_dropped(length: int, flags: int) -> None:
+    d = Driver()
+    d.desc(0, DATA + 0x1000, length, flags, 1)
+    d.desc(1, DATA, 4)
+    d.publish(0)
+    dropped(d, 0)
+
+
+def test_loop_inside_an_indirect_table_is_dropped() -> None:
+    d = Driver()
+    table = DATA + 0x1000
+    d.desc(0, DATA, 4, NEXT, 1, table=table)
+    d.desc(1, DATA, 4, NEXT, 0, table=table)
+    d.desc(0, table, 32, INDIRECT)
+    d.publish(0)
+    dropped(d, 0)
+
+
+def test_good_chain_after_a_dropped_one_is_still_returned() -> None:
+    d = Driver()
+    d.desc(0, DATA, 4, NEXT, 0)  # self loop
+    d.desc(1, DATA, 4)
+    d.publish(0, 1)
+    chain = d.queue.pop_avail()
+    assert chain is not None and chain.head == 1
+    assert d.used(0) == (0, 0)
+
+
+def test_head_outside_the_table_breaks_the_queue() -> None:
+    d = Driver()
+    d.publish(8)
+    assert d.queue.pop_avail() is None
+    assert d.queue.broken is not None
+    assert d.used_idx() == 0
+
+
+def test_avail_index_jumping_past_the_queue_size_breaks_the_queue() -> None:
+    d = Driver()
+    d.set_avail_idx(d.size + 1)
+    assert d.queue.pop_avail() is None
+    assert d.queue.broken is not None and not d.queue.has_avail()
+
+
+def test_released_queue_pops_nothing_and_ignores_add_used() -> None:
+    d = Driver()
+    d.desc(0, DATA, 4)
+    d.publish(0)
+    d.queue.release()
+    assert d.queue.pop_avail() is None
+    d.queue.add_used(0, 4)
+    assert d.used_idx() == 0
+
+
+@pytest.mark.parametrize("size, desc, avail, used", [
+    (6, DESC, AVAIL, USED),  # not a power of two
+    (65536, DESC, AVAIL, USED),  # too big for a split ring
+    (8, DESC + 8, AVAIL, USED),  # misaligned table
+    (8, DESC, AVAIL, USED + 2),  # misaligned used ring
+    (8, MEM_BASE + MEM_SIZE - 64, AVAIL, USED),  # table runs out of memory
+    (8, DESC, AVAIL, 0x100),  # used ring below guest memory
+])
+def test_bad_ring_layout_is_refused_at_setup(size: int, desc: int, avail: int, used: int) -> None:
+    memory = GuestMemoryMap([(MEM_BASE, memoryview(bytearray(MEM_SIZE)))])
+    with pytest.raises(VirtQueueError):
+        VirtQueue(memory, size, desc, avail, used)
+
+
+def test_overlapping_memory_regions_are_refused() -> None:
+    with pytest.raises(VirtQueueError):
+        GuestMemoryMap([(0, memoryview(bytearray(0x2000))), (0x1000, memoryview(bytearray(0x1000)))])
+
+
+# ---------------------------------------------------------------------------------------------
+# Notification suppression
+
+
+def use_one(d: Driver, head: int = 0) -> None:
+    d.desc(head, DATA, 4)
+    d.publish(head)
+    chain = d.queue.pop_avail()
+    assert chain is not None
+    d.queue.add_used(chain.head, 0)
+
+
+def test_flags_mode_notifies_unless_the_driver_sets_no_interrupt() -> None:
+    d = Driver()
+    use_one(d)
+    assert d.queue.needs_notification()
+    assert not d.queue.needs_notification()  # nothing new used since
+    d.avail_flags(VRING_AVAIL_F_NO_INTERRUPT)
+    use_one(d)
+    assert not d.queue.needs_notification()
+
+
+def test_event_idx_notifies_only_when_used_index_crosses_used_event() -> None:
+    d = Driver(event_idx=True)
+    use_one(d)
+    assert d.queue.needs_notification()  # first signal is always sent
+    d.used_event(5)  # "tell me when used idx passes 5"
+    use_one(d)
+    assert not d.queue.needs_notification()
+    for _ in range(4):
+        use_one(d)
+    assert d.queue.needs_notification()  # used idx went 2 -> 6, crossing 5
+
+
+def test_disable_and_enable_notification_use_the_used_flags_without_event_idx() -> None:
+    d = Driver()
+    d.queue.disable_notification()
+    assert d.used_flags() == VRING_USED_F_NO_NOTIFY
+    assert d.queue.enable_notification() is False
+    assert d.used_flags() == 0
+
+
+def test_enable_notification_writes_avail_event_and_reports_pending_buffers() -> None:
+    d = Driver(event_idx=True)
+    use_one(d)
+    d.desc(1, DATA, 4)
+    d.publish(1)
+    assert d.queue.enable_notification() is True
+    assert d.avail_event() == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Property tests: whatever the driver writes, nothing raises and nothing escapes memory
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    descs=st.lists(
+        st.tuples(
+            st.one_of(st.integers(0, 2**64 - 1), st.integers(MEM_BASE - 64, MEM_BASE + MEM_SIZE + 64)),
+            st.one_of(st.integers(0, 2**32 - 1), st.integers(0, 256)),
+            st.integers(0, 7),
+            st.integers(0, 0xFFFF) | st.integers(0, 9),
+        ),
+        min_size=8, max_size=8,
+    ),
+    heads=st.lists(st.integers(0, 0xFFFF) | st.integers(0, 9), max_size=12),
+    avail_idx=st.integers(0, 0xFFFF) | st.integers(0, 12),
+    table=st.binary(min_size=64, max_size=64),
+)
+def test_hostile_rings_never_raise_and_every_buffer_is_inside_guest_memory(
+    descs: list[tuple[int, int, int, int]], heads: list[int], avail_idx: int, table: bytes,
+) -> None:
+    d = Driver()
+    for i, (addr, length, flags, nxt) in enumerate(descs):
+        d.desc(i, addr, length, flags, nxt)
+    d.write(DATA + 0x1000, table)  # a random indirect table some descriptors may point at
+    for i, head in enumerate(heads):
+        struct.pack_into("<H", d.ram, d.off(AVAIL) + 4 + 2 * (i % 8), head)
+    d.set_avail_idx(avail_idx)
+    popped = 0
+    for _ in range(20):
+        chain = d.queue.pop_avail()
+        if chain is None:
+            break
+        popped += 1
+        assert chain.head < d.size
+        for view in chain.readable + chain.writable:
+            # every view is a slice of the single region: it cannot be longer than guest RAM
+            assert view.obj is d.ram and 0 < view.nbytes <= MEM_SIZE
+        d.queue.add_used(chain.head, 0)
+    # every chain the device consumed, good or dropped, went back through the used ring
+    assert d.used_idx() == popped + d.queue.dropped_chains
+    assert d.queue.last_avail_idx == d.used_idx() or d.queue.broken is not None
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    layout=st.lists(st.tuples(st.integers(0, 3), st.integers(1, 3)), min_size=1, max_size=4),
+    gpa=st.integers(0, 20 * 256),
+    length=st.integers(1, 6 * 256),
+)
+def test_memory_segments_match_a_byte_by_byte_model(
+    layout: list[tuple[int, int]], gpa: int, length: int,
+) -> None:
+    # Regions of 256-byte pages separated by 0-3 page gaps; each byte holds its own gpa % 251.
+    regions, owner = [], {}
+    cursor = 0
+    for gap, pages in layout:
+        cursor += gap * 256
+        size = pages * 256
+        data = bytearray((cursor + i) % 251 for i in range(size))
+        regions.append((cursor, memoryview(data)))
+        owner.update({cursor + i: True for i in range(size)})
+        cursor += size
+    mem = GuestMemoryMap(regions)
+    segs = mem.segments(gpa, length)
+    inside = all(a in owner for a in range(gpa, gpa + length))
+    if not inside:
+        assert segs is None
+        return
+    assert segs is not None
+    assert b"".join(bytes(s) for s in segs) == bytes((gpa + i) % 251 for i in range(length))
