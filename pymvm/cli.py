@@ -183,7 +183,8 @@ def user_errors() -> tuple[type[BaseException], ...]:
                       ("pymvm.vhost.errors", "VhostError"),
                       ("pymvm.net.errors", "NetError"),
                       ("pymvm.devices.virtio.device", "VirtioError"),
-                      ("pymvm.nested", "NestedHostError")):
+                      ("pymvm.nested", "NestedHostError"),
+                      ("pymvm.vhost.user.errors", "VhostUserError")):
         try:
             errors.append(getattr(__import__(mod, fromlist=[name]), name))
         except (ImportError, AttributeError):
