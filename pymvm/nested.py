@@ -261,7 +261,7 @@ def needed_distributions(
         if name in seen or name not in dists:
             continue
         dist = seen[name] = dists[name]
-        extras = frozenset(dist.metadata.get_all("Provides-Extra") or ()) if all_extras else frozenset()
+        extras = frozenset(dist.metadata.get_all("Provides-Extra") or () if all_extras else ())
         todo += [(n, False) for n in _requirement_names(dist, extras)]
     return list(seen.values())
 
@@ -316,7 +316,8 @@ def python_trees(
             roots.append(Path(sys.prefix).resolve())
     roots.append(package_dir)
     files.update(f for f in _walk_files(package_dir, frozenset({"__pycache__"})))
-    roots = [r for r in dict.fromkeys(roots) if not any(r != o and r.is_relative_to(o) for o in roots)]
+    roots = list(dict.fromkeys(roots))
+    roots = [r for r in roots if not any(r != o and r.is_relative_to(o) for o in roots)]
     trees = []
     for root in roots:
         mine = sorted(
@@ -413,7 +414,8 @@ def render_fast_mounts(image: Path, roots: Sequence[Path]) -> list[str]:
             f"    mount -t overlay pymvm-fast -o {opts} {where} || "
             + warn.format(what=f"overlay on {root} failed")
         )
-    lines += ["  else", "    " + warn.format(what="mounting the fast Python image failed"), "  fi", "fi"]
+    failed = warn.format(what="mounting the fast Python image failed")
+    lines += ["  else", f"    {failed}", "  fi", "fi"]
     return lines
 
 

@@ -118,11 +118,109 @@ def write_vm_toml(path: Path, *, kernel: Path, initrd: Path | None, cmdline: str
     return path
 
 
-def start_vm(config: Path) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "pymvm.cli", "run", str(config)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
-    )
+class ForkedVmm:
+    """`pymvm run CONFIG` in a forked child of the test process.
+
+    The child runs the same `pymvm.cli.main` as the console script, with its own stdout,
+    stderr and signals; only the interpreter start-up is skipped, which costs tens of
+    seconds per process inside the nested host (its root filesystem is 9p under TCG).
+    Quacks like the subprocess.Popen calls the tests use.
+    """
+
+    def __init__(self, argv: list[str]) -> None:
+        out_r, out_w = os.pipe()
+        err_r, err_w = os.pipe()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:  # child: never return into pytest
+            code = 1
+            try:
+                os.dup2(out_w, 1)
+                os.dup2(err_w, 2)
+                null = os.open(os.devnull, os.O_RDONLY)
+                os.dup2(null, 0)
+                for fd in (out_r, out_w, err_r, err_w, null):
+                    os.close(fd)
+                for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+                    signal.signal(signum, signal.SIG_DFL)
+                sys.stdin = open(0, "r", closefd=False)
+                sys.stdout = open(1, "w", buffering=1, closefd=False)
+                sys.stderr = open(2, "w", buffering=1, closefd=False)
+                from pymvm.cli import main
+
+                code = main(argv)
+            except SystemExit as e:
+                code = e.code if isinstance(e.code, int) else 1
+            except BaseException:
+                import traceback
+
+                traceback.print_exc()
+            finally:
+                try:
+                    sys.stdout.flush()
+                    sys.stderr.flush()
+                finally:
+                    os._exit(code)
+        os.close(out_w)
+        os.close(err_w)
+        self.pid = pid
+        self.returncode: int | None = None
+        self.stdout = os.fdopen(out_r, "rb", buffering=0)
+        self._stderr = os.fdopen(err_r, "rb", buffering=0)
+
+    def _reap(self, flags: int) -> int | None:
+        if self.returncode is None:
+            pid, status = os.waitpid(self.pid, flags)
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def poll(self) -> int | None:
+        return self._reap(os.WNOHANG)
+
+    def send_signal(self, signum: int) -> None:
+        if self.returncode is None:
+            os.kill(self.pid, signum)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+    def communicate(self, timeout: float | None = None) -> tuple[bytes, bytes]:
+        import select
+
+        deadline = None if timeout is None else time.monotonic() + timeout
+        out, err = bytearray(), bytearray()
+        open_files = {self.stdout.fileno(): out, self._stderr.fileno(): err}
+        if not self.stdout.closed:
+            os.set_blocking(self.stdout.fileno(), True)
+        while open_files:
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                raise subprocess.TimeoutExpired("pymvm run", timeout)
+            ready, _, _ = select.select(list(open_files), [], [], left)
+            for fd in ready:
+                chunk = os.read(fd, 65536)
+                if chunk:
+                    open_files[fd] += chunk
+                else:
+                    del open_files[fd]
+        self._reap(0)
+        return bytes(out), bytes(err)
+
+
+def start_vm(config: Path, *, spawn: str | None = None):
+    """Start `pymvm run CONFIG`: forked from this process, or exec'd (spawn="exec")."""
+    argv = ["run", str(config)]
+    if (spawn or os.environ.get("PYMVM_E2E_SPAWN", "fork")) == "exec":
+        return subprocess.Popen(
+            [sys.executable, "-m", "pymvm.cli", *argv],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+        )
+    import pymvm.cli  # noqa: F401  (imported once here, inherited by every child)
+    import pymvm.vmm  # noqa: F401
+
+    return ForkedVmm(argv)
 
 
 def finish_vm(proc: subprocess.Popen, timeout: float = GUEST_TIMEOUT_S) -> VmRun:
@@ -148,7 +246,8 @@ def boot_vm(tmp_path, guest_images):
 
     def boot(command: str | None = None, *, vcpus: int = 1, kernel: str = "vmlinux",
              extra_cmdline: str = "", memory_mib: int = 256, extra_toml: str = "",
-             timeout: float = GUEST_TIMEOUT_S, background: bool = False, vm_id: str = "e2e"):
+             timeout: float = GUEST_TIMEOUT_S, background: bool = False, vm_id: str = "e2e",
+             spawn: str | None = None):
         cmdline = BASE_CMDLINE
         if command is not None:
             cmdline += " " + encode_cmd(command)
@@ -158,7 +257,7 @@ def boot_vm(tmp_path, guest_images):
         config = write_vm_toml(tmp_path / f"vm-{time.monotonic_ns()}.toml", kernel=image,
                                initrd=guest_images.initramfs, cmdline=cmdline, vcpus=vcpus,
                                memory_mib=memory_mib, extra=extra_toml, vm_id=vm_id)
-        proc = start_vm(config)
+        proc = start_vm(config, spawn=spawn)
         return proc if background else finish_vm(proc, timeout)
 
     return boot

@@ -22,7 +22,8 @@ def assert_clean_guest_exit(run) -> None:
 
 
 def test_boot_vmlinux_one_vcpu_reaches_userspace_and_exits_cleanly(boot_vm):
-    run = boot_vm("echo hello-from-guest; cat /proc/cmdline", vcpus=1)
+    # A real `python -m pymvm.cli` process (the other tests fork one from pytest).
+    run = boot_vm("echo hello-from-guest; cat /proc/cmdline", vcpus=1, spawn="exec")
     assert run.ready_cpus == 1, run.describe()
     assert "hello-from-guest" in run.console
     assert run.command_status == 0, run.describe()

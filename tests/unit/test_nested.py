@@ -327,6 +327,185 @@ def test_output_filter_writes_a_held_prefix_at_close() -> None:
     assert sink.getvalue() == b"qemu"
 
 
+# ----------------------------------------------------------------------------- fast Python
+
+
+def _write(path: Path, text: str = "") -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def _dist(
+    site: Path, name: str, files: list[str], requires: list[str] = [], extras: list[str] = []
+) -> None:
+    info = site / f"{name}-1.0.dist-info"
+    meta = ["Metadata-Version: 2.1", f"Name: {name}", "Version: 1.0"]
+    meta += [f"Provides-Extra: {e}" for e in extras] + [f"Requires-Dist: {r}" for r in requires]
+    _write(info / "METADATA", "\n".join(meta) + "\n")
+    _write(info / "RECORD", "".join(f"{f},,\n" for f in [*files, f"{info.name}/METADATA"]))
+    for f in files:
+        _write(site / f, "x = 1\n")
+
+
+@pytest.fixture
+def fake_python(tmp_path: Path) -> tuple[Path, dict[str, str], Path]:
+    """A Python prefix: stdlib with a test suite, site-packages with pymvm, a requirement
+    (via an extra), a pytest plugin and an unrelated distribution; plus pymvm's package."""
+    prefix = tmp_path / "py"
+    stdlib = prefix / "lib/python3.11"
+    site = stdlib / "site-packages"
+    _write(stdlib / "os.py")
+    _write(stdlib / "__pycache__/os.cpython-311.pyc")
+    _write(stdlib / "__pycache__/os.cpython-311.opt-1.pyc")
+    _write(stdlib / "test/test_os.py")
+    _write(stdlib / "lib-dynload/_ssl.so")
+    _write(prefix / "bin/python3.11")
+    _write(prefix / "lib/libpython3.11.so.1.0")
+    _write(site / "distutils-precedence.pth", "import os\n")
+    _dist(site, "pymvm", ["__editable__.pymvm.pth"], ["needed; extra == 'test'"], ["test"])
+    _dist(site, "needed", ["needed/__init__.py"], ["deep>=1", "optional; extra == 'all'"], ["all"])
+    _dist(site, "deep", ["deep.py"])
+    _dist(site, "optional", ["optional/__init__.py"])
+    _dist(site, "unrelated", ["unrelated/big.py"])
+    _dist(site, "plugin", ["plugin.py"])
+    _write(site / "plugin-1.0.dist-info/entry_points.txt", "[pytest11]\nplugin = plugin\n")
+    package = tmp_path / "repo/pymvm"
+    _write(package / "__init__.py", "A = 1\n")
+    _write(package / "_kvm.abi3.so")
+    paths = {k: str(stdlib) for k in ("stdlib", "platstdlib")}
+    paths |= {k: str(site) for k in ("purelib", "platlib")}
+    return prefix, paths, package
+
+
+def test_needed_distributions_follow_requirements_extras_and_pytest_plugins(
+    fake_python: tuple[Path, dict[str, str], Path],
+) -> None:
+    _, paths, _ = fake_python
+    dists = nested.needed_distributions([Path(paths["purelib"])])
+    # pymvm's own extras count; a requirement's extras do not.
+    assert sorted(d.metadata["Name"] for d in dists) == ["deep", "needed", "plugin", "pymvm"]
+
+
+def test_python_trees_copy_stdlib_needed_packages_and_pymvm_but_not_tests(
+    fake_python: tuple[Path, dict[str, str], Path],
+) -> None:
+    prefix, paths, package = fake_python
+    trees = nested.python_trees(package_dir=package, prefix=prefix, paths=paths)
+    assert [t.root for t in trees] == [prefix.resolve(), package.resolve()]
+    files = {str(f) for f in trees[0].files}
+    site = "lib/python3.11/site-packages"
+    for want in (
+        "bin/python3.11", "lib/libpython3.11.so.1.0", "lib/python3.11/os.py",
+        "lib/python3.11/__pycache__/os.cpython-311.pyc", "lib/python3.11/lib-dynload/_ssl.so",
+        f"{site}/distutils-precedence.pth", f"{site}/deep.py", f"{site}/needed/__init__.py",
+        f"{site}/plugin.py", f"{site}/unrelated-1.0.dist-info/METADATA",
+    ):
+        assert want in files
+    for unwanted in (
+        "lib/python3.11/test/test_os.py", "lib/python3.11/__pycache__/os.cpython-311.opt-1.pyc",
+        f"{site}/unrelated/big.py", f"{site}/optional/__init__.py",
+    ):
+        assert unwanted not in files
+    assert {str(f) for f in trees[1].files} == {"__init__.py", "_kvm.abi3.so"}
+
+
+def test_python_trees_of_a_system_python_overlay_only_its_library_folders(
+    fake_python: tuple[Path, dict[str, str], Path],
+) -> None:
+    _, paths, package = fake_python
+    trees = nested.python_trees(package_dir=package, prefix=Path("/usr"), paths=paths)
+    assert [t.root for t in trees] == [Path(paths["stdlib"]).resolve(), package.resolve()]
+
+
+def test_staged_copy_gets_bytecode_valid_for_the_original_source(tmp_path: Path) -> None:
+    root = tmp_path / "pkg"
+    source = _write(root / "mod.py", "VALUE = 42\n")
+    stage = tmp_path / "stage"
+    nested._stage([nested.FastTree(root, (Path("mod.py"),))], stage)
+    cached = stage / f"t0/__pycache__/mod.{sys.implementation.cache_tag}.pyc"
+    assert (stage / "t0/mod.py").read_text() == "VALUE = 42\n"
+    # Timestamp bytecode records the source's mtime and size: the copy must keep both.
+    header = cached.read_bytes()[8:16]
+    assert int.from_bytes(header[:4], "little") == int(source.stat().st_mtime)
+    assert int.from_bytes(header[4:], "little") == source.stat().st_size
+    assert not (root / "__pycache__").exists()  # the original is left alone
+
+
+@pytest.mark.skipif(
+    not (Path("/sbin/mke2fs").exists() or Path("/usr/sbin/mke2fs").exists()),
+    reason="needs mke2fs (e2fsprogs)",
+)
+def test_fast_image_is_an_ext2_file_system(tmp_path: Path) -> None:
+    root = tmp_path / "pkg"
+    _write(root / "a/b.py", "B = 2\n")
+    image = tmp_path / "fast.img"
+    assert nested.build_fast_image([nested.FastTree(root, (Path("a/b.py"),))], image)
+    superblock = image.read_bytes()[1024:1024 + 64]
+    assert superblock[56:58] == b"\x53\xef"  # the ext2 magic
+
+
+def test_fast_image_is_skipped_with_a_warning_without_mke2fs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(nested.shutil, "which", lambda *a, **k: None)
+    tree = nested.FastTree(tmp_path, (Path("x"),))
+    assert not nested.build_fast_image([tree], tmp_path / "fast.img")
+
+
+def test_fast_mounts_overlay_each_root_from_the_image_only_inside_the_nested_host() -> None:
+    roots = [Path("/opt/py"), Path("/src/pymvm")]
+    lines = nested.render_fast_mounts(Path("/w/fast.img"), roots)
+    assert lines[0] == f"if grep -qw {nested.KERNEL_CMDLINE_MARK} /proc/cmdline; then"
+    text = "\n".join(lines)
+    assert "mount -t ext2 -o loop,ro,noatime /w/fast.img /run/pymvm-fast" in text
+    # The folder stays the lowest layer: files the image lacks are still found.
+    assert "-o ro,lowerdir=/run/pymvm-fast/t0:/opt/py /opt/py ||" in text
+    assert "-o ro,lowerdir=/run/pymvm-fast/t1:/src/pymvm /src/pymvm ||" in text
+    assert text.count("warning:") == 3  # each failure only warns
+
+
+def test_fast_mounts_are_skipped_outside_the_nested_host(tmp_path: Path) -> None:
+    lines = nested.render_fast_mounts(tmp_path / "img", [tmp_path])
+    script = "\n".join(["modprobe() { echo modprobe-ran; }", *lines]) + "\n"
+    if nested.KERNEL_CMDLINE_MARK in Path("/proc/cmdline").read_text().split():
+        pytest.skip("running inside the nested host")
+    done = subprocess.run(["/bin/sh", "-c", script], capture_output=True, text=True, check=False)
+    assert done.returncode == 0 and done.stdout == "" and done.stderr == ""
+
+
+def test_script_runs_the_prelude_before_the_command() -> None:
+    script = nested.render_script(
+        ["true"], cwd=Path("/"), env={"A": "1"}, status_path=Path("/s"), prelude=["echo pre"]
+    )
+    lines = script.splitlines()
+    assert lines.index("echo pre") < lines.index("export A=1") < lines.index("true")
+
+
+def test_run_nested_mounts_the_fast_image_when_it_builds(
+    fake_vng: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tree = nested.FastTree(fake_vng, (Path("args"),))
+    monkeypatch.setattr(nested, "python_trees", lambda: [tree])
+    built: list[Path] = []
+
+    def fake_build(trees: list[nested.FastTree], image: Path) -> bool:
+        image.write_bytes(b"img")
+        built.append(image)
+        return True
+
+    monkeypatch.setattr(nested, "build_fast_image", fake_build)
+    monkeypatch.setattr(
+        nested,
+        "render_fast_mounts",
+        lambda image, roots: [f"echo mounts {image.name} {len(roots)}"],
+    )
+    sink = io.BytesIO()
+    assert nested.run_nested(["true"], cwd=fake_vng, output=sink) == 0
+    assert sink.getvalue() == f"mounts {nested.FAST_IMAGE_FILE} 1\n".encode()
+    assert built[0].name == nested.FAST_IMAGE_FILE
+
+
 # ----------------------------------------------------------------------------- run_nested
 
 
@@ -360,6 +539,7 @@ def fake_vng(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setattr(nested, "find_vng", lambda: str(vng))
     monkeypatch.setattr(nested, "find_kernel", lambda: Path("/boot/vmlinuz-test-amd64"))
     monkeypatch.setattr(nested, "check_tools", lambda: None)
+    monkeypatch.setattr(nested, "python_trees", lambda: [])  # no image: tests stay fast
     monkeypatch.setenv("FAKE_BIN", str(bin_dir))
     monkeypatch.setenv("FAKE_ARGS", str(tmp_path / "args"))
     monkeypatch.setenv("PYMVM_CACHE_DIR", str(tmp_path / "cache"))
