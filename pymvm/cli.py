@@ -52,16 +52,24 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .nested import can_boot_linux_here
-    from .vmm import run_vm
+    import signal
 
-    config = _load(args.config)
-    structlog.contextvars.bind_contextvars(vm_id=config.id)
-    ok, why = can_boot_linux_here()
-    if not ok:
-        structlog.get_logger().warning(
-            "host_cannot_boot_linux", reason=why,
-            hint="run it in the nested KVM host: python -m pymvm.nested -- pymvm run " + args.config)
+    from .nested import can_boot_linux_here
+    from .vmm import StopSignal, _raise_stop_signal, run_vm
+
+    # From here on SIGINT/SIGTERM unwind through the cleanup paths (status 128+N).
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, _raise_stop_signal)
+    try:
+        config = _load(args.config)
+        structlog.contextvars.bind_contextvars(vm_id=config.id)
+        ok, why = can_boot_linux_here()
+        if not ok:
+            structlog.get_logger().warning(
+                "host_cannot_boot_linux", reason=why,
+                hint="run it in the nested KVM host: python -m pymvm.nested -- pymvm run " + args.config)
+    except StopSignal as stop:
+        return 128 + stop.signum
     return run_vm(config)
 
 

@@ -268,14 +268,46 @@ class VirtualMachine:
             self._serial_file = None
 
 
+class StopSignal(BaseException):
+    """SIGINT/SIGTERM arrived while the VM was being built: unwind, clean up, exit 128+N."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _raise_stop_signal(signum: int, frame: object) -> None:
+    raise StopSignal(signum)
+
+
 def run_vm(config: VmConfig) -> int:
     """Build and run a VM in the foreground; returns the process exit status."""
     started = time.monotonic()
-    vm = VirtualMachine(config)
+    stop_signals = (signal.SIGINT, signal.SIGTERM)
+    previous = {s: signal.signal(s, _raise_stop_signal) for s in stop_signals}
+    vm: VirtualMachine | None = None
     try:
-        reason = asyncio.run(vm.run())
-    finally:
+        try:
+            vm = VirtualMachine(config)  # undoes its own partial work if a signal lands here
+        except StopSignal as stop:
+            log.info("vm_stopped", reason="signal", detail=f"received {stop} while building",
+                     exit_status=128 + stop.signum)
+            return 128 + stop.signum
+        try:
+            reason = asyncio.run(vm.run())  # the loop's own handlers take over meanwhile
+        except StopSignal as stop:  # between the build and the loop's handlers
+            reason = StopReason(StopKind.SIGNAL, f"received {stop}", 128 + stop.signum)
+        # Teardown must finish: a second signal now is ignored, not raised mid-cleanup.
+        for s in stop_signals:
+            signal.signal(s, signal.SIG_IGN)
         vm.close()
+    finally:
+        for s in stop_signals:
+            signal.signal(s, signal.SIG_IGN)
+        if vm is not None:
+            vm.close()
+        for s, handler in previous.items():
+            signal.signal(s, handler)
     log.info("vm_stopped", reason=reason.kind.value, detail=reason.message,
              exit_status=reason.exit_status, boot_time_us=vm.boot_timer.boot_time_us,
              runtime_s=round(time.monotonic() - started, 3))
