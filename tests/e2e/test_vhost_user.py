@@ -197,8 +197,9 @@ def test_vhost_user_dpdk_testpmd_backend_pings_and_moves_checked_tcp_data(boot_v
     download = os.urandom(size)
     with open(pmd_log, "wb") as out:
         # stdin stays open: without -i, testpmd exits once it reads a line (or EOF) there.
+        # stdbuf: its stdio output to a file is block-buffered otherwise.
         pmd = subprocess.Popen(
-            ["dpdk-testpmd", "-l", "0,1", "--no-pci", "--no-huge", "-m", "1024",
+            ["stdbuf", "-oL", "dpdk-testpmd", "-l", "0,1", "--no-pci", "--no-huge", "-m", "1024",
              f"--file-prefix={prefix}",
              "--vdev", f"net_vhost0,iface={sock},queues=1", "--vdev", f"net_tap0,iface={dtap}",
              "--", "--forward-mode=io", "--auto-start", "--total-num-mbufs=8192"],

@@ -69,6 +69,9 @@ DRIVER_OK_STATUS = (c.VIRTIO_CONFIG_S_ACKNOWLEDGE | c.VIRTIO_CONFIG_S_DRIVER
 
 DEFAULT_CONNECT_TIMEOUT = 10.0
 DEFAULT_REQUEST_TIMEOUT = 5.0
+#: How long the built-in back-end may take to listen: a Python start-up, tens of seconds on a
+#: slow or emulated host (10 s was too short in the nested e2e host).
+BUILTIN_READY_TIMEOUT = 120.0
 RECONNECT_MIN_DELAY = 0.05
 RECONNECT_MAX_DELAY = 1.0
 _CLOSE_JOIN_TIMEOUT = 5.0
@@ -607,7 +610,7 @@ class BuiltinNetBackendProcess:
     @classmethod
     def start(cls, tap: str | None, *, mtu: int | None = None, bridge: str | None = None,
               netns: str | None = None, host_ip: str | None = None,
-              ready_timeout: float = DEFAULT_CONNECT_TIMEOUT) -> BuiltinNetBackendProcess:
+              ready_timeout: float = BUILTIN_READY_TIMEOUT) -> BuiltinNetBackendProcess:
         proc = cls()
         try:
             proc._start(tap, mtu, bridge, netns, host_ip, ready_timeout)
