@@ -31,6 +31,8 @@ def pytest_collection_modifyitems(config, items):
     ok, why = can_boot_linux_here()
     if ok or in_nested_host():
         return
+    if os.environ.get("PYMVM_E2E_REQUIRE") == "1":  # scripts/test: a skipped tier is a failure
+        raise pytest.UsageError(f"e2e tests cannot run here: {why}")
     skip = pytest.mark.skip(reason=f"{why}; run this tier with scripts/e2e (nested KVM host)")
     for item in items:
         if "tests/e2e" in str(item.fspath).replace(os.sep, "/"):
