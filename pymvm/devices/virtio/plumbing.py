@@ -5,6 +5,12 @@ QueueNotify register with the queue index as datamatch (a guest notify then sign
 back-end inside the kernel, with no exit to the VMM), and a call eventfd, bound by
 KVM_IRQFD to the device's interrupt line (the back-end raises the guest interrupt itself).
 Reset undoes both; the next DRIVER_OK builds them again.
+
+The guest acknowledges every interrupt by writing 1 (VIRTIO_MMIO_INT_VRING) to
+InterruptACK. With vhost the used-buffer bit is synthetic (the transport reports it
+whenever the device is live), so that write changes nothing: an ioeventfd with datamatch 1
+absorbs it in the kernel and saves the VMM one exit per interrupt. Acks of other values
+(config changes) still reach the transport.
 """
 
 from __future__ import annotations
@@ -42,6 +48,8 @@ class KvmEventfdPlumbing:
     def __init__(self, vm: "Vm", mmio_base: int, irq: int) -> None:
         self._vm = vm
         self._notify_addr = mmio_base + c.VIRTIO_MMIO_QUEUE_NOTIFY
+        self._ack_addr = mmio_base + c.VIRTIO_MMIO_INTERRUPT_ACK
+        self._ack_fd: int | None = None
         self._irq = irq
         self._lock = threading.Lock()
         self._kicks: list[tuple[int, int]] = []  # (queue index, fd)
@@ -62,6 +70,9 @@ class KvmEventfdPlumbing:
                     self._vm.register_irqfd(call, self._irq)
                     kicks.append(kick)
                     calls.append(call)
+                self._ack_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+                self._vm.register_ioeventfd(self._ack_fd, self._ack_addr, 4,
+                                            datamatch=c.VIRTIO_MMIO_INT_VRING)
             except BaseException:
                 self._teardown()
                 raise
@@ -89,5 +100,13 @@ class KvmEventfdPlumbing:
             except Exception as e:
                 log.debug("irqfd_unregister_failed", error=str(e))
             os.close(fd)
+        if self._ack_fd is not None:
+            try:
+                self._vm.unregister_ioeventfd(self._ack_fd, self._ack_addr, 4,
+                                              datamatch=c.VIRTIO_MMIO_INT_VRING)
+            except Exception as e:
+                log.debug("ioeventfd_unregister_failed", error=str(e))
+            os.close(self._ack_fd)
+            self._ack_fd = None
         self._kicks.clear()
         self._calls.clear()
