@@ -47,6 +47,15 @@ def _netlink_error(action: str, exc: NetlinkError) -> HostNetworkError:
     return HostNetworkError(f"{action} failed: {exc.args[-1] if exc.args else exc}{hint}")
 
 
+# Marks bridges pymvm created, so that the last VM using one removes it, whoever made it.
+BRIDGE_ALIAS = "pymvm: created for VM networking"
+
+
+def _link_alias(ipr: IPRoute, idx: int) -> str | None:
+    links = ipr.get_links(idx)
+    return links[0].get_attr("IFLA_IFALIAS") if links else None
+
+
 class HostNetwork:
     """Owner of one VM's TAP and the host plumbing made for it.
 
@@ -162,11 +171,20 @@ class HostNetwork:
         created = br_idx is None
         try:
             if created:
-                ipr.link("add", ifname=bridge, kind="bridge")
-                self._push(f"bridge {bridge}", lambda: self._del_link(bridge))
-                log.info("bridge_created", bridge=bridge, netns=netns)
+                try:
+                    ipr.link("add", ifname=bridge, kind="bridge")
+                except NetlinkError as exc:
+                    if exc.code != errno.EEXIST:
+                        raise
+                    created = False  # another VM made it between our lookup and our add
                 br_idx = _link_index(ipr, bridge)
                 assert br_idx is not None
+                if created:
+                    ipr.link("set", index=br_idx, ifalias=BRIDGE_ALIAS)
+                    log.info("bridge_created", bridge=bridge, netns=netns)
+            # A bridge pymvm made (ours or another VM's) goes with its last pymvm user.
+            if created or _link_alias(ipr, br_idx) == BRIDGE_ALIAS:
+                self._push(f"bridge {bridge}", lambda: self._del_bridge_if_unused(bridge))
             ipr.link("set", index=br_idx, state="up")
         except NetlinkError as exc:
             raise _netlink_error(f"creating bridge {bridge!r}", exc) from None
@@ -226,6 +244,21 @@ class HostNetwork:
             idx = _link_index(ipr, name)
             if idx is not None:
                 ipr.link("del", index=idx)
+
+    def _del_bridge_if_unused(self, name: str) -> None:
+        # Several VMs may share a bridge that the first of them created: the last one out
+        # (no other ports left once our TAP is gone) removes it.
+        with _ipr(self.netns) as ipr:
+            idx = _link_index(ipr, name)
+            if idx is None:
+                return
+            ours = self._tap.name if self._tap is not None else None
+            ports = [link for link in ipr.get_links()
+                     if link.get_attr("IFLA_MASTER") == idx and link.get_attr("IFLA_IFNAME") != ours]
+            if ports:
+                log.info("bridge_kept", bridge=name, ports=len(ports))
+                return
+            ipr.link("del", index=idx)
 
     def _del_addr(self, name: str, addr: str, plen: int) -> None:
         with _ipr(self.netns) as ipr:

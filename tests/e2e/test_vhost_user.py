@@ -334,9 +334,12 @@ def test_vhost_user_and_vhost_net_vms_on_one_bridge_ping_each_other(boot_vm):
                    extra_toml=net_toml(tap=tap_a, ip=f"{ip_a}/24", bridge=bridge,
                                        host_ip="10.78.1.1/24"))
     try:
+        deadline = time.monotonic() + 240
+        while not link_exists(tap_a) and time.monotonic() < deadline and vm_a.poll() is None:
+            time.sleep(0.5)  # A's network first, so that the bridge is A's (either order works)
         run_b = boot_vm(
             f"i=0; until ping -c 1 -W 2 {ip_a} >/dev/null; do i=$((i+1)); "
-            f"[ $i -gt 60 ] && exit 1; sleep 1; done; ping -c 3 -W 5 {ip_a}",
+            f"[ $i -gt 120 ] && exit 1; sleep 1; done; ping -c 3 -W 5 {ip_a}",
             vm_id="vm-b", extra_toml=net_toml(tap=tap_b, ip=f"{ip_b}/24", bridge=bridge,
                                               backend="builtin"))
     finally:
