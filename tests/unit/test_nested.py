@@ -582,7 +582,7 @@ def test_run_nested_timeout_kills_the_nested_host(
     started = time.monotonic()
     rc = nested.run_nested(["true"], cwd=fake_vng, output=io.BytesIO(), timeout=0.5)
     assert rc == EXIT_TIMEOUT
-    assert time.monotonic() - started < 10
+    assert time.monotonic() - started < 60  # "hang" never ends by itself
     assert "timed out" in capsys.readouterr().err
 
 
