@@ -234,7 +234,7 @@ def test_nested_env_passes_path_pythonpath_and_pymvm_vars_only() -> None:
     env = nested.nested_env(
         {"EXTRA": "x y"},
         environ={
-            "PATH": "/root/.pyenv/shims:/usr/bin",
+            "PATH": "/opt/example/shims:/usr/bin",
             "PYTHONPATH": "/src",
             "PYMVM_CACHE_DIR": "/var/cache/pymvm",
             "PYMVM_NESTED": "always",
@@ -242,7 +242,7 @@ def test_nested_env_passes_path_pythonpath_and_pymvm_vars_only() -> None:
         },
     )
     assert env["PATH"].split(os.pathsep) == [
-        str(Path(sys.executable).parent), "/root/.pyenv/shims", "/usr/bin"
+        str(Path(sys.executable).parent), "/opt/example/shims", "/usr/bin"
     ]
     assert env["PYTHONPATH"] == "/src"
     assert env["PYMVM_CACHE_DIR"] == "/var/cache/pymvm"
