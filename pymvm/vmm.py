@@ -297,11 +297,8 @@ def run_vm(config: VmConfig) -> int:
             reason = asyncio.run(vm.run())  # the loop's own handlers take over meanwhile
         except StopSignal as stop:  # between the build and the loop's handlers
             reason = StopReason(StopKind.SIGNAL, f"received {stop}", 128 + stop.signum)
-        # Teardown must finish: a second signal now is ignored, not raised mid-cleanup.
-        for s in stop_signals:
-            signal.signal(s, signal.SIG_IGN)
-        vm.close()
     finally:
+        # Teardown must finish: a second signal now is ignored, not raised mid-cleanup.
         for s in stop_signals:
             signal.signal(s, signal.SIG_IGN)
         if vm is not None:
