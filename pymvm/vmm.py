@@ -151,8 +151,7 @@ class VirtualMachine:
 
             host_ip = str(net.host_ip) if net.host_ip is not None else None
             hostnet = HostNetwork.create(net.tap, mtu=net.mtu, bridge=net.bridge, netns=net.netns,
-                                         bridge_address=host_ip if net.bridge else None,
-                                         tap_address=None if net.bridge else host_ip)
+                                         host_address=host_ip)
             self._closers.append(hostnet.close)
             self.host_networks[net.id] = hostnet
             backend = VhostNetBackend(hostnet.tap)

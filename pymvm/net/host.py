@@ -80,10 +80,17 @@ class HostNetwork:
         netns: str | None = None,
         multi_queue: bool = False,
         tap_address: str | None = None,
+        host_address: str | None = None,
     ) -> HostNetwork:
         """Open TAP ``tap`` (kernel-named if None) and bring it up, optionally inside
         network namespace ``netns`` and attached to ``bridge`` (``bridge_address`` is a
-        CIDR such as ``"10.0.2.1/24"`` put on the bridge)."""
+        CIDR such as ``"10.0.2.1/24"`` put on the bridge). ``host_address`` is the host's
+        side of the VM's link: it goes on the bridge when there is one, else on the TAP."""
+        if host_address is not None:
+            if bridge is not None:
+                bridge_address = host_address
+            else:
+                tap_address = host_address
         for what, name in (("bridge", bridge), ("network namespace", netns)):
             if name is not None and not 0 < len(name.encode()) <= MAX_NAME_LEN:
                 raise HostNetworkError(

@@ -138,3 +138,13 @@ def test_tap_property_after_close_raises() -> None:
     net.close()
     with pytest.raises(HostNetworkError, match="closed"):
         _ = net.tap
+
+
+def test_host_address_goes_on_the_tap_without_a_bridge_and_on_the_bridge_with_one(names: Names) -> None:
+    with HostNetwork.create(names.tap, host_address="10.214.0.1/24"):
+        assert "10.214.0.1/24" in addresses(names.tap)
+    assert link(names.tap) is None
+    with HostNetwork.create(names.tap, bridge=names.bridge, host_address="10.214.1.1/24"):
+        assert "10.214.1.1/24" in addresses(names.bridge)
+        assert not any(a.startswith("10.214.") for a in addresses(names.tap))
+    assert link(names.bridge) is None

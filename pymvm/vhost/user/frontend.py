@@ -654,8 +654,7 @@ class BuiltinNetBackendProcess:
         if run_in_netns(netns, make_persistent_tap):
             self._undo.append((f"tap {name}", lambda: run_in_netns(netns, delete_tap)))
         hostnet = HostNetwork.create(name, mtu=mtu, bridge=bridge, netns=netns,
-                                     bridge_address=host_ip if bridge else None,
-                                     tap_address=None if bridge else host_ip)
+                                     host_address=host_ip)
         self.host_network = hostnet
         self._undo.append(("host network", hostnet.close))
         hostnet.tap.close()  # let the back-end attach: the TAP persists without our fd
