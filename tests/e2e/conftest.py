@@ -39,6 +39,19 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+def link_exists(name: str) -> bool:
+    """Whether a host interface of that name exists (in this network namespace)."""
+    from pyroute2 import IPRoute
+
+    with IPRoute() as ipr:
+        return bool(ipr.link_lookup(ifname=name))
+
+
+def unique(prefix: str) -> str:
+    """An interface name unlikely to clash with another run's (at most 15 bytes)."""
+    return f"{prefix}{os.getpid() % 10000}{int(time.monotonic() * 1000) % 1000}"[:15]
+
+
 @dataclass(frozen=True)
 class GuestImages:
     vmlinux: Path

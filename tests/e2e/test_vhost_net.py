@@ -15,22 +15,12 @@ import threading
 import time
 
 import pytest
-from pyroute2 import IPRoute
 
-from .conftest import finish_vm, net_toml
+from .conftest import link_exists, unique, finish_vm, net_toml
 
 pytestmark = pytest.mark.e2e
 
 HOST_IP, GUEST_IP = "10.77.0.1", "10.77.0.2"
-
-
-def link_exists(name: str) -> bool:
-    with IPRoute() as ipr:
-        return bool(ipr.link_lookup(ifname=name))
-
-
-def unique(prefix: str) -> str:
-    return f"{prefix}{os.getpid() % 10000}{int(time.monotonic() * 1000) % 1000}"[:15]
 
 
 class TcpPeer:

@@ -19,9 +19,8 @@ import time
 from pathlib import Path
 
 import pytest
-from pyroute2 import IPRoute
 
-from .conftest import finish_vm, net_toml
+from .conftest import link_exists, unique, finish_vm, net_toml
 
 pytestmark = pytest.mark.e2e
 
@@ -29,15 +28,6 @@ HOST_IP, GUEST_IP = "10.78.0.1", "10.78.0.2"
 # Starting a Python or DPDK process inside the nested host takes tens of seconds.
 PROCESS_START_TIMEOUT_S = 180.0
 BACKEND_CMDLINE = b"pymvm.cli\0vhost-user\0net"
-
-
-def link_exists(name: str) -> bool:
-    with IPRoute() as ipr:
-        return bool(ipr.link_lookup(ifname=name))
-
-
-def unique(prefix: str) -> str:
-    return f"{prefix}{os.getpid() % 10000}{int(time.monotonic() * 1000) % 1000}"[:15]
 
 
 def backend_pids() -> set[int]:
