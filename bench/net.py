@@ -12,38 +12,17 @@ Run with bench/net (uses the nested KVM host where this one cannot boot Linux); 
 from __future__ import annotations
 
 import argparse
-import re
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
+
+from common import CMDLINE, guest_script, parse, run_guest, start_server_when_up
 
 HOST_IP, GUEST_IP = "10.88.0.1", "10.88.0.2"
 MEMORY_MIB = 512
-CMDLINE = "console=ttyS0 reboot=t panic=-1 quiet"
-
-
-def guest_script(seconds: int) -> str:
-    return (f"iperf3 -c {HOST_IP} -t {seconds} -f m | grep -E 'sender|receiver'; "
-            f"iperf3 -c {HOST_IP} -t {seconds} -f m -R | grep -E 'sender|receiver'; "
-            f"ping -c 20 -i 0.2 {HOST_IP} | tail -1")
-
-
-def parse(console: str) -> dict[str, float]:
-    rates = [float(m.group(1)) for m in re.finditer(r"([\d.]+) Mbits/sec.*receiver", console)]
-    rtt = re.search(r"min/avg/max = [\d.]+/([\d.]+)/", console)
-    if len(rates) != 2 or rtt is None:
-        raise RuntimeError(f"could not parse the guest's results:\n{console[-3000:]}")
-    return {"tx_mbps": rates[0], "rx_mbps": rates[1], "rtt_ms": float(rtt.group(1))}
-
-
-def run_guest(argv: list[str], timeout: float) -> str:
-    proc = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                          stdin=subprocess.DEVNULL, timeout=timeout)
-    return proc.stdout.decode(errors="replace")
 
 
 def main() -> int:
@@ -63,7 +42,7 @@ def main() -> int:
         return 2
     initramfs = build_initramfs(extra_binaries=["iperf3"], log=lambda *_: None)
     cmdline = (f"{CMDLINE} {encode_net('eth0', f'{GUEST_IP}/24')} "
-               f"{encode_cmd(guest_script(args.seconds))}")
+               f"{encode_cmd(guest_script(HOST_IP, args.seconds))}")
     timeout = 600 + 4 * args.seconds
 
     results: dict[str, list[dict[str, float]]] = {"pymvm": [], "qemu": []}
@@ -81,13 +60,13 @@ def main() -> int:
                     if name == "pymvm":
                         argv = [sys.executable, "-m", "pymvm.cli", "--log-level", "warning", "run", str(config)]
                         # pymvm creates the TAP and its address; the server binds once it exists.
-                        server = start_server_when_up(iperf3)
+                        server = start_server_when_up(iperf3, HOST_IP)
                         console = run_guest(argv, timeout)
                     else:
                         subprocess.run(["ip", "tuntap", "add", "dev", "qmbench0", "mode", "tap", "vnet_hdr"], check=True)
                         subprocess.run(["ip", "addr", "add", f"{HOST_IP}/24", "dev", "qmbench0"], check=True)
                         subprocess.run(["ip", "link", "set", "qmbench0", "up"], check=True)
-                        server = start_server_when_up(iperf3)
+                        server = start_server_when_up(iperf3, HOST_IP)
                         argv = [qemu, "-M", "microvm,acpi=off", "-accel", "kvm", "-cpu", "host", "-smp", "1",
                                 "-m", str(MEMORY_MIB), "-display", "none", "-serial", "stdio", "-no-reboot",
                                 "-nodefaults", "-no-user-config", "-kernel", str(kernel.bzimage),
@@ -122,12 +101,6 @@ def main() -> int:
     print(f"latency_ratio={med['pymvm']['rtt_ms'] / med['qemu']['rtt_ms']:.3f}")
     return 0
 
-
-def start_server_when_up(iperf3: str) -> subprocess.Popen:
-    """iperf3 server bound to HOST_IP; waits (in a shell loop) until the address exists."""
-    script = (f"until ip -4 addr | grep -q 'inet {HOST_IP}/'; do sleep 0.2; done; "
-              f"exec {iperf3} -s -B {HOST_IP}")
-    return subprocess.Popen(["sh", "-c", script], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 if __name__ == "__main__":

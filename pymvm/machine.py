@@ -20,9 +20,9 @@ import structlog
 
 from . import layout
 from .devices.bus import Bus
-from .kvm import EXIT_INTERRUPTED, Kvm, KvmError, Vcpu, Vm, constants as k
+from .kvm import EXIT_INTERRUPTED, FastRead, FastReadTable, Kvm, KvmError, Vcpu, Vm, constants as k
 from .kvm.vcpu import (
-    _EXIT_REASON, _IO_DIRECTION, _MMIO_DATA, _MMIO_PHYS_ADDR, EXIT_NAMES,
+    _IO_DIRECTION, _MMIO_DATA, _MMIO_PHYS_ADDR, EXIT_NAMES,
 )
 from .memory import GuestMemory
 
@@ -98,6 +98,7 @@ class Machine:
         self.stop_reason: StopReason | None = None
         self.on_stop: Callable[[StopReason], None] | None = None
         self._eventfds: list[int] = []
+        self.fast_reads = FastReadTable()
         self._owns_kvm = kvm is None
         self.kvm = kvm or Kvm()
         self.vm: Vm | None = None
@@ -139,11 +140,20 @@ class Machine:
 
         return trigger
 
+    @requires_state(MachineState.CREATED)
+    def add_fast_read(self, addr: int, value: int = 0) -> FastRead:
+        """A 4-byte MMIO register at guest-physical ``addr`` whose reads the vCPUs answer in C
+        from the returned FastRead (its device keeps it current with ``set``), never
+        reaching the bus. Other accesses there still go to the bus."""
+        return self.fast_reads.add(addr, value)
+
     # ---- running ---------------------------------------------------------------------------
     @requires_state(MachineState.CREATED)
     def start(self) -> None:
         _install_kick_handler()
         self.state = MachineState.RUNNING
+        for vcpu in self.vcpus:
+            vcpu.use_fast_reads(self.fast_reads)
         for vcpu in self.vcpus:
             ctx = contextvars.copy_context()
             t = threading.Thread(target=ctx.run, args=(self._vcpu_thread, vcpu),
@@ -209,8 +219,7 @@ class Machine:
         view = vcpu._run_view
         io_fields = struct.Struct("=BBHIQ").unpack_from
         mmio_fields = struct.Struct("=Q8sIB").unpack_from
-        exit_reason = struct.Struct("=I").unpack_from
-        io_off, mmio_off, reason_off = _IO_DIRECTION, _MMIO_PHYS_ADDR, _EXIT_REASON
+        io_off, mmio_off = _IO_DIRECTION, _MMIO_PHYS_ADDR
         mmio_data_off = _MMIO_DATA
         EXIT_IO, EXIT_MMIO, IO_OUT = k.KVM_EXIT_IO, k.KVM_EXIT_MMIO, k.KVM_EXIT_IO_OUT
         run = vcpu.run

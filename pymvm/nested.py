@@ -61,6 +61,8 @@ EXIT_TIMEOUT = 124
 
 STATUS_FILE = "exit-status"
 SCRIPT_FILE = "run.sh"
+HEARTBEAT_FILE = "heartbeat"
+HEARTBEAT_INTERVAL_S = 20
 
 # Passed into the nested host besides PATH (which gets this Python's bin dir first).
 PASSTHROUGH_ENV = (
@@ -512,9 +514,11 @@ def render_script(
     status_path: Path,
     modules: Sequence[str] = NESTED_MODULES,
     prelude: Sequence[str] = (),
+    heartbeat_path: Path | None = None,
 ) -> str:
     """The shell script the nested host runs: load modules, run ``prelude`` (lines), set env,
-    run argv, save status.
+    run argv, save status. With ``heartbeat_path``, a background loop rewrites that file
+    every HEARTBEAT_INTERVAL_S with what the host is doing (for a diagnosis if it stalls).
 
     It lives in a shared file (not in ``vng --exec``) because vng puts --exec on the kernel
     command line, which holds only 2 KiB.
@@ -529,11 +533,21 @@ def render_script(
             f"echo 'pymvm.nested: warning: modprobe {module} failed' >&2"
         )
     lines += prelude
+    if heartbeat_path is not None:
+        beat = shlex.quote(str(heartbeat_path))
+        lines += [
+            "( while :; do { date -u '+%T'; cat /proc/loadavg; "
+            "ps -eo pid,ppid,stat,pcpu,time,wchan:24,args --sort=-pcpu | head -n 15 | cut -c1-160; "
+            f"dmesg | tail -n 40; }} > {beat}.new 2>&1; mv -f {beat}.new {beat}; "
+            f"sleep {HEARTBEAT_INTERVAL_S}; done ) </dev/null >/dev/null 2>&1 &",
+            "heartbeat=$!",
+        ]
     lines += [f"export {name}={shlex.quote(value)}" for name, value in sorted(env.items())]
     lines += [
         f"cd {shlex.quote(str(cwd))} || {{ echo 126 > {status}; sync; exit 126; }}",
         shlex.join(argv),
         "rc=$?",
+        *(["kill $heartbeat 2>/dev/null"] if heartbeat_path is not None else []),
         # Write then rename: a half-written status must not read as a result.
         f"echo $rc > {status}.tmp && mv {status}.tmp {status}",
         "sync",
@@ -639,21 +653,36 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
             continue
 
 
-def _pump(proc: subprocess.Popen[bytes], out: _OutputFilter, deadline: float | None) -> bool:
-    """Copy output until EOF; False if the deadline passed first."""
+def _pump(
+    proc: subprocess.Popen[bytes],
+    out: _OutputFilter,
+    deadline: float | None,
+    stall_timeout: float | None = None,
+) -> str:
+    """Copy output until EOF. Returns "eof", "timeout" (the deadline passed) or "stalled"
+    (no output for ``stall_timeout`` seconds)."""
     assert proc.stdout is not None
     fd = proc.stdout.fileno()
+    last_output = time.monotonic()
     with selectors.DefaultSelector() as sel:
         sel.register(fd, selectors.EVENT_READ)
         while True:
-            remaining = None if deadline is None else deadline - time.monotonic()
-            if remaining is not None and remaining <= 0:
-                return False
-            if not sel.select(remaining):
+            now = time.monotonic()
+            waits = []
+            if deadline is not None:
+                if now >= deadline:
+                    return "timeout"
+                waits.append(deadline - now)
+            if stall_timeout is not None:
+                if now - last_output >= stall_timeout:
+                    return "stalled"
+                waits.append(last_output + stall_timeout - now)
+            if not sel.select(min(waits) if waits else None):
                 continue
             chunk = os.read(fd, 65536)
             if not chunk:
-                return True
+                return "eof"
+            last_output = time.monotonic()
             out.feed(chunk)
 
 
@@ -675,6 +704,7 @@ def run_nested(
     cpus: int = 2,
     memory: str = "3G",
     timeout: float | None = None,
+    stall_timeout: float | None = None,
     env: Mapping[str, str] = _EMPTY_ENV,
     output: BinaryIO | None = None,
     fast_python: bool = True,
@@ -686,7 +716,8 @@ def run_nested(
     (default: our stdout) as it comes. With ``fast_python``, Python's files and pymvm's
     package are read inside from a local image (see render_fast_mounts); the package folder
     is read-only there. Returns EXIT_NESTED_HOST_DIED if the host ended
-    without recording a status, EXIT_TIMEOUT if ``timeout`` seconds passed.
+    without recording a status, EXIT_TIMEOUT if ``timeout`` seconds passed, or if it printed
+    nothing for ``stall_timeout`` seconds (a hung command or a frozen nested host).
     """
     cwd = Path(cwd).resolve()
     if not cwd.is_dir():
@@ -715,8 +746,10 @@ def run_nested(
                     mib=round(image.stat().st_blocks * 512 / 2**20),
                     seconds=round(time.monotonic() - started, 1),
                 )
+        heartbeat = workdir / HEARTBEAT_FILE
         script.write_text(
-            render_script(argv, cwd=cwd, env=inner_env, status_path=status_path, prelude=prelude)
+            render_script(argv, cwd=cwd, env=inner_env, status_path=status_path, prelude=prelude,
+                          heartbeat_path=heartbeat)
         )
         shared = _dedupe_rwdirs([workdir, cwd, *rwdirs, cache])
         cmd = vng_command(
@@ -736,8 +769,8 @@ def run_nested(
         )
         out = _OutputFilter(sink)
         try:
-            finished = _pump(proc, out, None if timeout is None else started + timeout)
-            if finished:
+            outcome = _pump(proc, out, None if timeout is None else started + timeout, stall_timeout)
+            if outcome == "eof":
                 proc.wait()
         finally:
             out.close()
@@ -745,10 +778,20 @@ def run_nested(
             if proc.stdout:
                 proc.stdout.close()
         elapsed = round(time.monotonic() - started, 1)
-        if not finished:
+        if outcome != "eof":
+            _show_heartbeat(heartbeat)
+        if outcome == "timeout":
             _note(f"pymvm.nested: error: the nested KVM host timed out after {timeout:g} s")
             return EXIT_TIMEOUT
+        if outcome == "stalled":
+            _note(
+                f"pymvm.nested: error: the nested KVM host printed nothing for {stall_timeout:g} s "
+                f"(after {elapsed:g} s in all): its command hung or the host froze; stopped it"
+            )
+            return EXIT_TIMEOUT
         status = read_exit_status(status_path)
+        if status is None:
+            _show_heartbeat(heartbeat)
     log.info("nested_host_end", status=status, vng_status=proc.returncode, seconds=elapsed)
     if status is None:
         _note(
@@ -757,6 +800,17 @@ def run_nested(
         )
         return EXIT_NESTED_HOST_DIED
     return status
+
+
+def _show_heartbeat(path: Path) -> None:
+    """Print the nested host's last heartbeat (processes, kernel log), if it wrote one."""
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        _note("pymvm.nested: the nested host left no heartbeat")
+        return
+    _note(f"pymvm.nested: the nested host's last heartbeat (every {HEARTBEAT_INTERVAL_S} s):\n"
+          + text.rstrip())
 
 
 def _note(message: str) -> None:
@@ -776,6 +830,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--cpus", type=int, default=2)
     parser.add_argument("--memory", default="3G")
     parser.add_argument("--timeout", type=float, default=None, help="seconds, nested host only")
+    parser.add_argument(
+        "--stall-timeout",
+        type=float,
+        default=None,
+        help="stop the nested host after this many seconds without output",
+    )
     parser.add_argument(
         "--rwdir", type=Path, action="append", default=[], help="another folder to share read-write"
     )
@@ -800,6 +860,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             cpus=args.cpus,
             memory=args.memory,
             timeout=args.timeout,
+            stall_timeout=args.stall_timeout,
         )
     except NestedHostError as exc:
         _note(f"pymvm.nested: error: {exc}")

@@ -177,6 +177,15 @@ struct kvm_enable_cap { __u32 cap; __u32 flags; __u64 args[4]; ...; };
 /* ioctl wrappers: plain ioctl(2) is variadic, so give cffi fixed signatures. */
 int pymvm_ioctl_ptr(int fd, unsigned long request, void *arg);
 int pymvm_ioctl_val(int fd, unsigned long request, unsigned long arg);
+
+/* The run loop's C fast path (pymvm's own type, so fully declared here). */
+struct pymvm_fast_read {
+    uint64_t addr;      /* guest-physical address of a 4-byte MMIO register */
+    uint32_t value;     /* what a 4-byte read there returns; kept current by the device */
+    uint32_t hits;      /* reads answered here (a statistic; vCPUs may race on it) */
+};
+int pymvm_vcpu_run(int fd, void *run, struct pymvm_fast_read *table, unsigned int count,
+                   int *err);
 """
 
 SOURCE = r"""
@@ -185,6 +194,8 @@ SOURCE = r"""
 #include <linux/kvm.h>
 
 #include <stddef.h>
+#include <errno.h>
+#include <string.h>
 
 #define RUN_FIELD(f) offsetof(struct kvm_run, f)
 #define RUN_WIDTH(f, n) _Static_assert(sizeof(((struct kvm_run *)0)->f) == (n), #f)
@@ -232,6 +243,44 @@ static int pymvm_ioctl_ptr(int fd, unsigned long request, void *arg)
 static int pymvm_ioctl_val(int fd, unsigned long request, unsigned long arg)
 {
     return ioctl(fd, request, arg);
+}
+
+struct pymvm_fast_read {
+    uint64_t addr;
+    uint32_t value;
+    uint32_t hits;
+};
+
+/* KVM_RUN until an exit that Python must handle; returns its exit reason, or -1 with *err
+   set when the ioctl fails (EINTR when a signal or immediate_exit stopped the entry).
+
+   4-byte MMIO reads of an address in ``table`` are answered here from the table and the
+   vCPU re-enters at once: these are registers read on every interrupt (virtio-mmio's
+   InterruptStatus), which would otherwise cost a trip through the Python run loop each.
+   Any other exit, a stop request (immediate_exit makes the next KVM_RUN fail with EINTR)
+   and a signal all return to Python. Called without the GIL (cffi releases it). */
+static int pymvm_vcpu_run(int fd, void *run_page, struct pymvm_fast_read *table,
+                          unsigned int count, int *err)
+{
+    struct kvm_run *run = run_page;
+    for (;;) {
+        if (ioctl(fd, KVM_RUN, 0) < 0) {
+            *err = errno;
+            return -1;
+        }
+        if (run->exit_reason != KVM_EXIT_MMIO || run->mmio.is_write || run->mmio.len != 4)
+            return (int)run->exit_reason;
+        unsigned int i;
+        for (i = 0; i < count; i++) {
+            if (table[i].addr == run->mmio.phys_addr)
+                break;
+        }
+        if (i == count)
+            return (int)run->exit_reason;
+        uint32_t value = __atomic_load_n(&table[i].value, __ATOMIC_ACQUIRE);
+        memcpy(run->mmio.data, &value, sizeof(value));
+        table[i].hits++;
+    }
 }
 """
 

@@ -7,10 +7,10 @@ import mmap
 import os
 import struct
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 from .errors import KvmError
-from .ioctls import ffi, ioctl_ptr, lib, try_ioctl_ptr
+from .ioctls import ffi, ioctl_ptr, lib
 
 if TYPE_CHECKING:
     from .system import CpuidEntry
@@ -58,6 +58,58 @@ class MmioExit:
     is_write: bool
 
 
+class FastRead:
+    """One MMIO register in a FastReadTable: ``set`` what a 4-byte guest read returns."""
+
+    __slots__ = ("_entries", "_index")
+
+    def __init__(self, entries: Any, index: int) -> None:
+        self._entries = entries  # the whole C array: an element alone would not keep it alive
+        self._index = index
+
+    @property
+    def addr(self) -> int:
+        return int(self._entries[self._index].addr)
+
+    @property
+    def value(self) -> int:
+        return int(self._entries[self._index].value)
+
+    def set(self, value: int) -> None:
+        self._entries[self._index].value = value & 0xFFFF_FFFF  # one aligned 32-bit store
+
+    @property
+    def hits(self) -> int:
+        """Guest reads answered without leaving C (approximate with several vCPUs)."""
+        return int(self._entries[self._index].hits)
+
+
+class FastReadTable:
+    """MMIO registers whose 4-byte reads KVM_RUN's C loop answers itself (pymvm_vcpu_run).
+
+    For registers read on every interrupt (virtio-mmio InterruptStatus): the value lives
+    in C memory that the device updates whenever it changes, so such a read costs one
+    return from the kernel to the C loop, not a trip through the Python run loop.
+    """
+
+    CAPACITY = 64
+
+    def __init__(self) -> None:
+        self._entries = ffi.new("struct pymvm_fast_read[]", self.CAPACITY)
+        self.count = 0
+
+    def add(self, addr: int, value: int = 0) -> FastRead:
+        for i in range(self.count):
+            if self._entries[i].addr == addr:
+                raise ValueError(f"MMIO address {addr:#x} already has a fast read")
+        if self.count == self.CAPACITY:
+            raise ValueError(f"at most {self.CAPACITY} fast MMIO reads")
+        entry = self._entries[self.count]
+        entry.addr, entry.value, entry.hits = addr, value & 0xFFFF_FFFF, 0
+        self.count += 1
+        return FastRead(self._entries, self.count - 1)
+
+
 class Vcpu:
     """A vCPU fd and its mmapped kvm_run. Owns both."""
 
@@ -68,10 +120,23 @@ class Vcpu:
         size = vm.kvm.vcpu_mmap_size()
         self.run_page = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         self._run_view = memoryview(self.run_page)
+        self._run_ptr = ffi.from_buffer(self.run_page)
+        self._err = ffi.new("int *")
+        self._fast_table: FastReadTable | None = None  # kept alive while its entries are used
+        self._fast_entries = ffi.NULL
+        self._fast_count = 0
+
+    def use_fast_reads(self, table: FastReadTable) -> None:
+        """Answer reads of ``table``'s registers in C from now on (entries added later to
+        the table are not seen: call again)."""
+        self._fast_table = table
+        self._fast_entries = table._entries
+        self._fast_count = table.count
 
     def close(self) -> None:
         if self.fd < 0:
             return
+        ffi.release(self._run_ptr)
         self._run_view.release()
         self.run_page.close()
         os.close(self.fd)
@@ -79,13 +144,15 @@ class Vcpu:
 
     # ---- running -------------------------------------------------------------------------
     def run(self) -> int:
-        """Enter the guest until the next exit; returns the exit reason (or EXIT_INTERRUPTED)."""
-        ret, err = try_ioctl_ptr(self.fd, lib.KVM_RUN, ffi.NULL)
+        """Enter the guest until the next exit Python must handle; returns the exit reason
+        (or EXIT_INTERRUPTED). Reads of the fast-read registers are answered on the way."""
+        ret = lib.pymvm_vcpu_run(self.fd, self._run_ptr, self._fast_entries, self._fast_count, self._err)
         if ret < 0:
+            err = self._err[0]
             if err in (errno.EINTR, errno.EAGAIN):
                 return EXIT_INTERRUPTED
             raise KvmError.from_errno("KVM_RUN", err, f"vcpu {self.id}")
-        return struct.unpack_from("=I", self.run_page, _EXIT_REASON)[0]
+        return ret
 
     def set_immediate_exit(self, value: bool) -> None:
         self.run_page[_IMMEDIATE_EXIT] = 1 if value else 0

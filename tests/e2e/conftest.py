@@ -157,7 +157,7 @@ class ForkedVmm:
                 os.dup2(null, 0)
                 for fd in (out_r, out_w, err_r, err_w, null):
                     os.close(fd)
-                for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+                for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGALRM):
                     signal.signal(signum, signal.SIG_DFL)
                 sys.stdin = open(0, "r", closefd=False)
                 sys.stdout = open(1, "w", buffering=1, closefd=False)
@@ -247,7 +247,10 @@ def finish_vm(proc: subprocess.Popen, timeout: float = GUEST_TIMEOUT_S) -> VmRun
             out, err = proc.communicate(timeout=30)
         except subprocess.TimeoutExpired:
             proc.kill()
-            out, err = proc.communicate()
+            try:
+                out, err = proc.communicate(timeout=30)
+            except subprocess.TimeoutExpired:  # unkillable, or its pipes live on elsewhere
+                pytest.fail(f"VM did not stop within {timeout:.0f} s, nor die of SIGKILL")
         run = VmRun(proc.returncode, out.decode(errors="replace"), parse_logs(err.decode(errors="replace")),
                     err.decode(errors="replace"))
         pytest.fail(f"VM did not stop within {timeout:.0f} s\n{run.describe()}")

@@ -112,6 +112,8 @@ def test_vhost_net_tcp_transfer_both_ways_with_checked_data(boot_vm):
     assert hashlib.sha256(from_guest.received).hexdigest() == up.group(1)
     assert int(down.group(2)) == size
     assert down.group(1) == hashlib.sha256(download).hexdigest()
+    # The guest's InterruptStatus reads (one per interrupt) were answered by the vCPU's C loop.
+    assert run.events("vm_stopped")[-1]["fast_mmio_reads"] > 100, run.describe()
     assert run.returncode == 0
 
 

@@ -229,6 +229,14 @@ class Asm:
         self._mode(64, "mov byte [rbx], imm8")
         return self._emit(0xC6, 0x03, imm)
 
+    def mov_eax_dword_rbx(self) -> Asm:
+        self._mode(64, "mov eax, [rbx]")
+        return self._emit(0x8B, 0x03)
+
+    def mov_ax_word_rbx(self) -> Asm:
+        self._mode(64, "mov ax, [rbx]")
+        return self._emit(0x66, 0x8B, 0x03)
+
     def mov_rax_qword_rbx(self) -> Asm:
         self._mode(64, "mov rax, [rbx]")
         return self._emit(0x48, 0x8B, 0x03)

@@ -11,7 +11,7 @@ from pymvm.devices import i8042
 from pymvm.devices.boot_timer import BootTimer
 from pymvm.devices.serial import LSR, LSR_THRE, REGISTER_COUNT, Serial8250
 from pymvm.kvm import Vcpu, constants as k
-from pymvm.machine import Machine, MachineState, StopKind, StopReason
+from pymvm.machine import Machine, MachineState, MachineStateError, StopKind, StopReason
 
 from .guests import Asm, Recorder, load, run_to_stop, setup_64bit, setup_real_mode
 
@@ -201,6 +201,63 @@ def test_64bit_guest_does_mmio_above_ram_and_signals_the_boot_timer(make_machine
                     (8, (0x1122334455667788).to_bytes(8, "little"), False)]
     assert [w.data for w in sink.writes] == [bytes.fromhex("88776655"), bytes.fromhex("44332211")]
     assert timer.boot_time_us is not None
+
+
+class FastValueSetter:
+    """PIO device: a guest write of N sets the fast-read register to N + 0x100."""
+
+    def __init__(self) -> None:
+        self.fast = None
+
+    def read(self, offset: int, data: bytearray) -> None:
+        pass
+
+    def write(self, offset: int, data: bytes) -> None:
+        self.fast.set(int.from_bytes(data, "little") + 0x100)
+
+
+def test_fast_mmio_reads_are_answered_in_c_with_the_current_value(make_machine):
+    # A register on the fast-read table: 4-byte reads never reach its bus device, and see
+    # each value the VMM sets; other widths and other registers still go to the device.
+    m = make_machine(2 * MIB, irqchip=False)
+    sink = add_sink(m)
+    base = layout.VIRTIO_MMIO_START
+    device = Recorder(read_values={0x60: 0xBAD, 0x64: 0x64646464})
+    m.mmio_bus.insert(device, base, layout.VIRTIO_MMIO_SIZE, "test-mmio")
+    setter = FastValueSetter()
+    m.pio_bus.insert(setter, 0x520, 4, "setter")
+    setter.fast = m.add_fast_read(base + 0x60, 0x11)
+    a = Asm(layout.HIMEM_START, bits=64)
+    a.mov_ebx(base + 0x60).mov_eax_dword_rbx().mov_edx(SINK_PORT).out_dx_eax()  # 0x11
+    a.mov_eax(0x22).mov_edx(0x520).out_dx_eax()  # the VMM sets 0x122
+    a.mov_ebx(base + 0x60).mov_eax_dword_rbx().mov_edx(SINK_PORT).out_dx_eax()  # 0x122
+    a.mov_ebx(base + 0x64).mov_eax_dword_rbx().mov_edx(SINK_PORT).out_dx_eax()  # the device
+    a.mov_eax(0).mov_ebx(base + 0x60).mov_ax_word_rbx().mov_edx(SINK_PORT).out_dx_eax()  # 2 bytes
+    a.hlt()
+    load(m, a)
+    setup_64bit(m, m.vcpus[0], layout.HIMEM_START)
+
+    reason = run_to_stop(m)
+
+    assert reason.kind is StopKind.GUEST_HALTED, reason.message
+    values = [int.from_bytes(w.data, "little") for w in sink.writes]
+    assert values == [0x11, 0x122, 0x64646464, 0xBAD]
+    assert setter.fast.hits == 2
+    seen = [(x.offset, len(x.data), x.is_write) for x in device.accesses]
+    assert seen == [(0x64, 4, False), (0x60, 2, False)]
+
+
+def test_fast_reads_are_registered_before_the_machine_starts(make_machine):
+    m = make_machine(MIB, irqchip=False)
+    m.add_fast_read(layout.VIRTIO_MMIO_START + 0x60)
+    with pytest.raises(ValueError, match="already has a fast read"):
+        m.add_fast_read(layout.VIRTIO_MMIO_START + 0x60)
+    a = Asm(CODE).hlt()
+    load(m, a)
+    setup_real_mode(m.vcpus[0], CODE)
+    run_to_stop(m)
+    with pytest.raises(MachineStateError):
+        m.add_fast_read(layout.VIRTIO_MMIO_START + 0x1060)
 
 
 def test_hlt_stops_the_machine_as_guest_halted_and_the_vcpu_thread_exits(make_machine):

@@ -586,6 +586,28 @@ def test_run_nested_timeout_kills_the_nested_host(
     assert "timed out" in capsys.readouterr().err
 
 
+def test_run_nested_stall_timeout_stops_a_silent_host_but_not_a_chatty_one(
+    fake_vng: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Prints a line every 0.1 s for 1.5 s: longer than the stall limit, never silent that long.
+    chatty = ["sh", "-c", "i=0; while [ $i -lt 15 ]; do echo $i; sleep 0.1; i=$((i+1)); done"]
+    sink = io.BytesIO()
+    assert nested.run_nested(chatty, cwd=fake_vng, output=sink, stall_timeout=1.0) == 0
+    assert sink.getvalue().split() == [str(i).encode() for i in range(15)]
+
+    started = time.monotonic()
+    silent = ["sh", "-c", "echo started; exec sleep 600"]
+    sink = io.BytesIO()
+    rc = nested.run_nested(silent, cwd=fake_vng, output=sink, stall_timeout=1.0)
+    assert rc == EXIT_TIMEOUT
+    assert time.monotonic() - started < 60
+    assert sink.getvalue() == b"started\n"
+    err = capsys.readouterr().err
+    assert "printed nothing for 1 s" in err
+    # What the host was doing: its heartbeat, with the process table.
+    assert "last heartbeat" in err and "PID  PPID STAT" in err
+
+
 def test_run_nested_shares_the_image_cache_and_names_it_inside(
     fake_vng: Path, monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory
 ) -> None:

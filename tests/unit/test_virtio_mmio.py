@@ -492,6 +492,72 @@ def test_interrupt_status_reports_used_buffer_only_while_activated(driver):
     assert driver.r32(c.VIRTIO_MMIO_INTERRUPT_STATUS) == c.VIRTIO_MMIO_INT_VRING
 
 
+class PublishedStatus:
+    """What the VMM's fast path would answer for InterruptStatus (its last published value)."""
+
+    def __init__(self) -> None:
+        self.values: list[int] = []
+
+    def __call__(self, value: int) -> None:
+        self.values.append(value)
+
+    @property
+    def now(self) -> int:
+        return self.values[-1]
+
+
+def test_published_interrupt_status_always_matches_the_register(driver, device, transport):
+    published = PublishedStatus()
+    transport.serve_interrupt_status_from(published)
+
+    def check() -> None:
+        assert published.now == driver.r32(c.VIRTIO_MMIO_INTERRUPT_STATUS)
+
+    check()
+    driver.probe()
+    check()
+    assert published.now == c.VIRTIO_MMIO_INT_VRING
+    device.signal_config_change()
+    check()
+    assert published.now == c.VIRTIO_MMIO_INT_VRING | c.VIRTIO_MMIO_INT_CONFIG
+    driver.w32(c.VIRTIO_MMIO_INTERRUPT_ACK, c.VIRTIO_MMIO_INT_CONFIG)
+    check()
+    device.signal_needs_reset()
+    check()
+    driver.w32(c.VIRTIO_MMIO_STATUS, 0)
+    check()
+    assert published.now == 0
+    device.fail_activate = True
+    driver.probe()
+    check()
+    assert published.now == c.VIRTIO_MMIO_INT_CONFIG
+
+
+def test_published_status_leads_the_interrupts_and_the_back_end_start(device, eventfds):
+    published = PublishedStatus()
+    seen_at: dict[str, int] = {}
+
+    class Interrupt:
+        def trigger(self) -> None:
+            seen_at["interrupt"] = published.now
+
+    original_activate = device.activate
+
+    def activate(ctx: ActivationContext) -> None:
+        # The back-end may interrupt at once; a fast-path read must already see bit 0.
+        seen_at["activate"] = published.now
+        original_activate(ctx)
+
+    device.activate = activate
+    t = VirtioMmioTransport(device, irq=5, interrupt=Interrupt(), eventfds=eventfds)
+    t.serve_interrupt_status_from(published)
+    driver = FakeDriver(t)
+    driver.probe()
+    assert seen_at["activate"] == c.VIRTIO_MMIO_INT_VRING
+    device.signal_config_change()
+    assert seen_at["interrupt"] == c.VIRTIO_MMIO_INT_VRING | c.VIRTIO_MMIO_INT_CONFIG
+
+
 def test_device_activation_failure_sets_needs_reset_and_raises_config_interrupt(
     driver, device, eventfds, interrupt, transport
 ):

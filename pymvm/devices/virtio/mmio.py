@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -136,6 +136,7 @@ class VirtioMmioTransport:
         self._lock = threading.RLock()
         self._log = log.bind(device=f"virtio-mmio:{device.device_type}", irq=irq)
         self._config_generation = 0
+        self._publish_status: Callable[[int], None] | None = None
         self._reset_state()
         device.bind_transport(self)
 
@@ -155,6 +156,7 @@ class VirtioMmioTransport:
         self._activated = False
         self._eventfds_active = False
         self._kick_by_queue: dict[int, int] = {}
+        self._publish_interrupt_status()
 
     @property
     def status(self) -> int:
@@ -205,10 +207,36 @@ class VirtioMmioTransport:
 
     def _raise_config_interrupt(self) -> None:
         self._interrupt_status |= c.VIRTIO_MMIO_INT_CONFIG
+        self._publish_interrupt_status()  # before the interrupt: the guest reads it next
         try:
             self._interrupt.trigger()
         except Exception:
             self._log.exception("virtio config interrupt could not be raised")
+
+    def _interrupt_status_value(self) -> int:
+        # With vhost the used-buffer interrupts arrive through irqfd, straight from the
+        # back-end into KVM: this transport never sees them. Linux's vm_interrupt only walks
+        # the vrings when bit 0 is set, so report it whenever the device is live (a spurious
+        # walk is harmless). Firecracker does the same for vhost-user devices, except that it
+        # drops bit 0 while a config change is pending; ORing keeps a coincident queue
+        # interrupt from being lost.
+        status = self._interrupt_status
+        if self._activated:
+            status |= c.VIRTIO_MMIO_INT_VRING
+        return status
+
+    def serve_interrupt_status_from(self, publish: Callable[[int], None]) -> None:
+        """Hand InterruptStatus reads to a faster path (the vCPU loop's C fast reads):
+        ``publish(value)`` is called with the register's value now and on every change,
+        before any interrupt that follows the change. The guest reads it on every
+        interrupt, so this saves a trip through Python per interrupt."""
+        with self._lock:
+            self._publish_status = publish
+            self._publish_interrupt_status()
+
+    def _publish_interrupt_status(self) -> None:
+        if self._publish_status is not None:
+            self._publish_status(self._interrupt_status_value())
 
     # --- BusDevice ---------------------------------------------------------------------------
 
@@ -241,6 +269,7 @@ class VirtioMmioTransport:
             return
         with self._lock:
             self._write_register(offset, int.from_bytes(data, "little"))
+            self._publish_interrupt_status()  # an ack, an activation or a reset changes it
 
     # --- registers ---------------------------------------------------------------------------
 
@@ -270,16 +299,7 @@ class VirtioMmioTransport:
                 queue = self._selected_queue()
                 return int(queue.ready) if queue else 0
             case c.VIRTIO_MMIO_INTERRUPT_STATUS:
-                # With vhost the used-buffer interrupts arrive through irqfd, straight from the
-                # back-end into KVM: this transport never sees them. Linux's vm_interrupt only
-                # walks the vrings when bit 0 is set, so report it whenever the device is live
-                # (a spurious walk is harmless). Firecracker does the same for vhost-user
-                # devices, except that it drops bit 0 while a config change is pending; ORing
-                # keeps a coincident queue interrupt from being lost.
-                status = self._interrupt_status
-                if self._activated:
-                    status |= c.VIRTIO_MMIO_INT_VRING
-                return status
+                return self._interrupt_status_value()
             case c.VIRTIO_MMIO_STATUS:
                 return self._status
             case c.VIRTIO_MMIO_SHM_LEN_LOW | c.VIRTIO_MMIO_SHM_LEN_HIGH:
@@ -487,6 +507,10 @@ class VirtioMmioTransport:
                 call_fds=list(call_fds),
                 mem_regions=self._mem_regions,
             )
+            if self._publish_status is not None:
+                # The back-end may interrupt as soon as it starts, and a fast-path read does
+                # not wait for this lock: report used buffers already (spurious is harmless).
+                self._publish_status(self._interrupt_status | c.VIRTIO_MMIO_INT_VRING)
             self.device.activate(ctx)
         except Exception:
             self._log.exception("virtio device activation failed; setting DEVICE_NEEDS_RESET")

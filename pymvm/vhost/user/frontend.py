@@ -471,7 +471,8 @@ class VhostUserNetBackend:
                 queues = channel.request(m.GetQueueNum())
                 assert isinstance(queues, m.QueueNumReply)
                 self._log.debug("vhost_user_queue_num", queues=queues.num_queues)
-        channel.request(m.SetOwner())
+        # Acked when REPLY_ACK is on: the handshake ends once the back-end took ownership.
+        channel.request(m.SetOwner(need_reply=bool(protocol & PF.REPLY_ACK)))
         max_slots = m.MAX_MEM_REGIONS
         if protocol & PF.CONFIGURE_MEM_SLOTS:
             slots = channel.request(m.GetMaxMemSlots())

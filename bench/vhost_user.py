@@ -1,0 +1,232 @@
+"""vhost-user benchmark: a guest's TCP throughput through three network back-ends, and the
+built-in back-end's packet rate driven by DPDK.
+
+    python bench/vhost_user.py tcp [-t SECONDS] [-n RUNS]   (needs KVM that boots Linux)
+    python bench/vhost_user.py pps [-s SECONDS]             (needs dpdk-testpmd)
+
+`tcp`: the same pymvm guest (bzImage + test initramfs, one vCPU) runs iperf3 against a
+server on the host, both directions, through
+  (a) vhost-net (in-kernel data plane on a TAP),
+  (b) pymvm's built-in vhost-user back-end (`backend = "builtin"`, a TAP),
+  (c) DPDK testpmd as the vhost-user back-end (net_vhost <-> net_tap, io forwarding),
+and prints the medians, then `builtin_vs_vhost_net=X` and `dpdk_vs_vhost_net=Y` (mean of
+the two directions' ratios).
+
+`pps`: testpmd's virtio_user front-end sends 64-byte frames (txonly) into
+`pymvm vhost-user net`, which writes them to its TAP; prints `builtin_pps=N` (frames that
+reached the TAP per second) and the share of testpmd's frames that arrived.
+
+bench/vhost-user runs `pps` on this host and `tcp` where Linux guests can boot (the nested
+KVM host on machines whose KVM cannot). Needs root.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from common import CMDLINE, guest_script, parse, run_guest, start_server_when_up, stop
+
+HOST_IP, GUEST_IP = "10.89.0.1", "10.89.0.2"
+MEMORY_MIB = 512
+BACKENDS = ("vhost-net", "builtin", "dpdk")
+TESTPMD = "dpdk-testpmd"
+START_TIMEOUT_S = 120
+
+
+def wait_until(predicate, timeout: float, what: str, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{what}: the process exited with status {proc.returncode}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{what}: not within {timeout:.0f} s")
+        time.sleep(0.1)
+
+
+class Testpmd:
+    """dpdk-testpmd in non-interactive mode: forwarding starts at once, a newline on stdin
+    stops it and makes it print its totals."""
+
+    def __init__(self, vdevs: list[str], forward_mode: str, log: Path, prefix: str) -> None:
+        self.log, self.prefix = log, prefix
+        self._out = log.open("wb")
+        argv = ["stdbuf", "-oL", TESTPMD, "-l", "0,1", "--no-pci", "--no-huge", "-m", "1024",
+                "--single-file-segments", f"--file-prefix={prefix}"]
+        for vdev in vdevs:
+            argv += ["--vdev", vdev]
+        argv += ["--", f"--forward-mode={forward_mode}", "--auto-start", "--total-num-mbufs=8192"]
+        # stdin stays open: testpmd (without -i) exits once it reads a line there.
+        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=self._out,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def wait_started(self, extra=lambda: True) -> None:
+        try:
+            wait_until(lambda: "Press enter to exit" in self.text() and extra(), START_TIMEOUT_S,
+                       "testpmd start", self.proc)
+        except RuntimeError as e:
+            raise RuntimeError(f"{e}\n{self.text()[-3000:]}") from None
+
+    def finish(self) -> str:
+        """Stop forwarding and exit; testpmd's whole output."""
+        if self.proc.poll() is None:
+            try:
+                assert self.proc.stdin is not None
+                self.proc.stdin.write(b"\n")
+                self.proc.stdin.flush()
+                self.proc.wait(30)
+            except (OSError, subprocess.TimeoutExpired):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self._out.close()
+        shutil.rmtree(f"/var/run/dpdk/{self.prefix}", ignore_errors=True)
+        return self.text()
+
+
+def link_up(name: str) -> bool:
+    return Path(f"/sys/class/net/{name}").exists()
+
+
+# --- tcp ------------------------------------------------------------------------------------
+
+def vm_toml(kernel: Path, initramfs: Path, cmdline: str, net: str) -> str:
+    return (f'id = "bench-vu"\n[machine]\nvcpus = 1\nmemory_mib = {MEMORY_MIB}\n'
+            f'[boot]\nkernel = "{kernel}"\ninitrd = "{initramfs}"\ncmdline = "{cmdline}"\n'
+            '[serial]\noutput = "stdout"\ninput = false\n' + net)
+
+
+def one_run(backend: str, *, kernel: Path, initramfs: Path, cmdline: str, tmp: Path,
+            iperf3: str, timeout: float) -> dict[str, float]:
+    config = tmp / f"{backend}.toml"
+    pymvm = [sys.executable, "-m", "pymvm.cli", "--log-level", "warning", "run", str(config)]
+    server = pmd = None
+    try:
+        if backend == "dpdk":
+            sock, tap = tmp / "testpmd.sock", "pmvbdp0"
+            pmd = Testpmd([f"net_vhost0,iface={sock},queues=1", f"net_tap0,iface={tap}"], "io",
+                          tmp / "testpmd.log", "pymvm-bench-vu")
+            pmd.wait_started(lambda: sock.exists() and link_up(tap))
+            subprocess.run(["ip", "addr", "add", f"{HOST_IP}/24", "dev", tap], check=True)
+            subprocess.run(["ip", "link", "set", tap, "up"], check=True)
+            net = f'[[net]]\nbackend = "vhost-user"\nsocket = "{sock}"\n'
+        else:
+            tap = "pmvbvn0" if backend == "vhost-net" else "pmvbvu0"
+            net = f'[[net]]\nbackend = "{backend}"\ntap = "{tap}"\nhost_ip = "{HOST_IP}/24"\n'
+        config.write_text(vm_toml(kernel, initramfs, cmdline, net))
+        # pymvm (or testpmd) puts the address up; the server binds once it exists.
+        server = start_server_when_up(iperf3, HOST_IP)
+        console = run_guest(pymvm, timeout)
+    finally:
+        stop(server)
+        if pmd is not None:
+            pmd.finish()
+    return parse(console)
+
+
+def tcp(args: argparse.Namespace) -> int:
+    from pymvm.images.initramfs import build_initramfs, encode_cmd, encode_net
+    from pymvm.images.kernel import kernel_status
+
+    kernel = kernel_status()
+    iperf3 = shutil.which("iperf3")
+    if kernel is None or iperf3 is None or shutil.which(TESTPMD) is None:
+        print("bench/vhost-user: needs 'pymvm build-kernel', iperf3 and dpdk-testpmd (dpdk-dev)",
+              file=sys.stderr)
+        return 2
+    initramfs = build_initramfs(extra_binaries=["iperf3"], log=lambda *_: None)
+    cmdline = (f"{CMDLINE} {encode_net('eth0', f'{GUEST_IP}/24')} "
+               f"{encode_cmd(guest_script(HOST_IP, args.seconds, pings=10))}")
+    results: dict[str, list[dict[str, float]]] = {b: [] for b in BACKENDS}
+    with tempfile.TemporaryDirectory(prefix="pymvm-bench-") as tmp:
+        for i in range(args.runs):
+            for backend in BACKENDS:
+                r = one_run(backend, kernel=kernel.bzimage, initramfs=initramfs, cmdline=cmdline,
+                            tmp=Path(tmp), iperf3=iperf3, timeout=600 + 4 * args.seconds)
+                results[backend].append(r)
+                print(f"run {i + 1} {backend:9s} guest->host {r['tx_mbps']:8.1f} Mbit/s  "
+                      f"host->guest {r['rx_mbps']:8.1f} Mbit/s  rtt {r['rtt_ms']:.3f} ms", flush=True)
+
+    med = {b: {k: statistics.median(r[k] for r in rs) for k in ("tx_mbps", "rx_mbps", "rtt_ms")}
+           for b, rs in results.items()}
+    for b, m in med.items():
+        print(f"{b}: median guest->host {m['tx_mbps']:.1f} Mbit/s, host->guest {m['rx_mbps']:.1f} Mbit/s, "
+              f"rtt {m['rtt_ms']:.3f} ms")
+    base = med["vhost-net"]
+    for b in ("builtin", "dpdk"):
+        tx = med[b]["tx_mbps"] / base["tx_mbps"]
+        rx = med[b]["rx_mbps"] / base["rx_mbps"]
+        print(f"{b}_vs_vhost_net_guest_to_host={tx:.3f}")
+        print(f"{b}_vs_vhost_net_host_to_guest={rx:.3f}")
+        print(f"{b}_vs_vhost_net={(tx + rx) / 2:.3f}")
+    return 0
+
+
+# --- pps ------------------------------------------------------------------------------------
+
+def pps(args: argparse.Namespace) -> int:
+    if shutil.which(TESTPMD) is None:
+        print("bench/vhost-user: pps needs dpdk-testpmd (apt-get install dpdk-dev)", file=sys.stderr)
+        return 2
+    tap = "pmvbpps0"
+    with tempfile.TemporaryDirectory(prefix="pymvm-bench-") as tmp:
+        sock = Path(tmp) / "vu.sock"
+        log = (Path(tmp) / "backend.log").open("wb")
+        backend = subprocess.Popen([sys.executable, "-m", "pymvm.cli", "--log-level", "warning",
+                                    "vhost-user", "net", "--socket", str(sock), "--tap", tap],
+                                   stdout=log, stderr=subprocess.STDOUT)
+        pmd = None
+        try:
+            wait_until(lambda: sock.exists() and link_up(tap), START_TIMEOUT_S, "back-end start", backend)
+            Path(f"/proc/sys/net/ipv6/conf/{tap}/disable_ipv6").write_text("1")
+            before = int(Path(f"/sys/class/net/{tap}/statistics/rx_packets").read_text())
+            pmd = Testpmd([f"net_virtio_user0,path={sock},queues=1"], "txonly",
+                          Path(tmp) / "testpmd.log", "pymvm-bench-pps")
+            pmd.wait_started()
+            began = time.monotonic()
+            time.sleep(args.seconds)
+            text = pmd.finish()
+            seconds = time.monotonic() - began
+            pmd = None
+            time.sleep(1)  # the back-end drains the last batch it was kicked for
+            arrived = int(Path(f"/sys/class/net/{tap}/statistics/rx_packets").read_text()) - before
+        finally:
+            if pmd is not None:
+                pmd.finish()
+            stop(backend)
+            log.close()
+    sent = [int(n) for n in re.findall(r"TX-packets:\s+(\d+)", text)]
+    if not sent:
+        print(f"bench/vhost-user: no totals from testpmd:\n{text[-3000:]}", file=sys.stderr)
+        return 1
+    print(f"testpmd txonly -> pymvm vhost-user net -> TAP: {arrived} frames of {max(sent)} sent "
+          f"in {seconds:.1f} s")
+    print(f"builtin_pps={arrived / seconds:.0f}")
+    return 0
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="part", required=True)
+    t = sub.add_parser("tcp", help="iperf3 through vhost-net, the built-in back-end and testpmd")
+    t.add_argument("-t", "--seconds", type=int, default=10, help="iperf3 duration per direction")
+    t.add_argument("-n", "--runs", type=int, default=2)
+    q = sub.add_parser("pps", help="DPDK virtio_user txonly into the built-in back-end")
+    q.add_argument("-s", "--seconds", type=float, default=10.0)
+    args = p.parse_args()
+    return tcp(args) if args.part == "tcp" else pps(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
