@@ -153,20 +153,16 @@ class DescriptorChain:
     device-writable ones; each is a list of bounds-checked views into guest memory.
     """
 
-    __slots__ = ("head", "readable", "writable")
+    __slots__ = ("head", "readable", "writable", "readable_len", "writable_len")
 
-    def __init__(self, head: int, readable: list[memoryview], writable: list[memoryview]) -> None:
+    def __init__(self, head: int, readable: list[memoryview], writable: list[memoryview],
+                 readable_len: int | None = None, writable_len: int | None = None) -> None:
         self.head = head
         self.readable = readable
         self.writable = writable
-
-    @property
-    def readable_len(self) -> int:
-        return sum(v.nbytes for v in self.readable)
-
-    @property
-    def writable_len(self) -> int:
-        return sum(v.nbytes for v in self.writable)
+        # Byte counts, summed once (the walk knows them): back-ends test them per packet.
+        self.readable_len = sum(v.nbytes for v in readable) if readable_len is None else readable_len
+        self.writable_len = sum(v.nbytes for v in writable) if writable_len is None else writable_len
 
     def __repr__(self) -> str:
         return (f"DescriptorChain(head={self.head}, readable={self.readable_len}B/"
@@ -298,6 +294,7 @@ class VirtQueue:
         budget = table_size  # a chain longer than its table must loop (§2.7.5.2)
         in_indirect = False
         memory = self.memory
+        readable_len = writable_len = 0
         while True:
             if budget == 0:
                 raise _InvalidChain(f"chain from head {head} is longer than its table (a loop?)")
@@ -324,12 +321,14 @@ class VirtQueue:
                     raise _InvalidChain(f"buffer {addr:#x}+{length:#x} is outside guest memory")
                 if flags & VRING_DESC_F_WRITE:
                     writable += segs
+                    writable_len += length
                 elif writable:
                     raise _InvalidChain("device-readable buffer after a device-writable one (§2.7.4.2)")
                 else:
                     readable += segs
+                    readable_len += length
             if not flags & VRING_DESC_F_NEXT:
-                return DescriptorChain(head, readable, writable)
+                return DescriptorChain(head, readable, writable, readable_len, writable_len)
             if nxt >= table_size:
                 raise _InvalidChain(f"next index {nxt} is outside the {table_size}-entry table")
             index = nxt
