@@ -12,7 +12,11 @@ import mmap
 import os
 from dataclasses import dataclass, field
 
+import structlog
+
 from . import layout
+
+log = structlog.get_logger()
 
 MFD_HUGETLB = getattr(os, "MFD_HUGETLB", 0x0004)
 HUGE_PAGE_SIZE = 2 << 20
@@ -109,10 +113,19 @@ class GuestMemory:
             ) from None
 
     def close(self) -> None:
+        """Unmap and close. A mapping that something still exports (a slice held by a live
+        traceback, say) cannot be unmapped yet: it is left to the garbage collector or the
+        process exit, and closing goes on: teardown must never stop halfway."""
+        in_use = 0
         for region in self.regions:
-            region.view.release()
-            region._map.close()
+            try:
+                region.view.release()
+                region._map.close()
+            except BufferError:
+                in_use += 1
         self.regions.clear()
+        if in_use:
+            log.debug("guest_memory_still_referenced", regions=in_use)
         if getattr(self, "fd", -1) >= 0:
             os.close(self.fd)
             self.fd = -1

@@ -62,7 +62,14 @@ EXIT_TIMEOUT = 124
 STATUS_FILE = "exit-status"
 SCRIPT_FILE = "run.sh"
 HEARTBEAT_FILE = "heartbeat"
+CONSOLE_FILE = "console.log"
+#: The nested host's kernel messages at this level and worse (oopses, panics, lockups) go to
+#: a second serial port logged to CONSOLE_FILE: vng sends its own console to /dev/null.
+CONSOLE_LOGLEVEL = 4
 HEARTBEAT_INTERVAL_S = 20
+#: A heartbeat older than this means the nested host froze (its kernel stopped scheduling
+#: the loop): stop it at once rather than wait for a timeout.
+FROZEN_AFTER_S = 150
 
 # Passed into the nested host besides PATH (which gets this Python's bin dir first).
 PASSTHROUGH_ENV = (
@@ -565,8 +572,21 @@ def vng_command(
     cwd: Path,
     cpus: int,
     memory: str,
+    console_log: Path | None = None,
+    tcg_thread: str | None = None,
 ) -> list[str]:
-    """The vng command line that boots the nested host and runs ``script`` there."""
+    """The vng command line that boots the nested host and runs ``script`` there; with
+    ``console_log``, the host's kernel warnings and panics are written to that file."""
+    qemu_opts = f"-cpu {QEMU_CPU}"
+    if tcg_thread is not None:
+        qemu_opts += f" -accel tcg,thread={tcg_thread}"
+    append = KERNEL_CMDLINE_MARK
+    if console_log is not None:
+        _check_shareable(console_log)
+        # ttyS1 (vng's -serial is ttyS0); the last console= stays /dev/console, so ttyS0
+        # is named again after it.
+        qemu_opts += f" -serial file:{console_log}"
+        append += f" console=ttyS1 console=ttyS0 loglevel={CONSOLE_LOGLEVEL}"
     cmd = [
         vng,
         "--run", str(kernel),
@@ -574,8 +594,8 @@ def vng_command(
         "--cpus", str(cpus),
         "--memory", memory,
         # "=" form: argparse would take a separate "-cpu ..." for an option.
-        f"--qemu-opts=-cpu {QEMU_CPU}",
-        f"--append={KERNEL_CMDLINE_MARK}",
+        f"--qemu-opts={qemu_opts}",
+        f"--append={append}",
         "--cwd", str(cwd),
     ]
     for path in rwdirs:
@@ -658,9 +678,11 @@ def _pump(
     out: _OutputFilter,
     deadline: float | None,
     stall_timeout: float | None = None,
+    heartbeat: Path | None = None,
 ) -> str:
-    """Copy output until EOF. Returns "eof", "timeout" (the deadline passed) or "stalled"
-    (no output for ``stall_timeout`` seconds)."""
+    """Copy output until EOF. Returns "eof", "timeout" (the deadline passed), "stalled" (no
+    output for ``stall_timeout`` seconds) or "frozen" (``heartbeat`` stopped being
+    rewritten: the nested host's kernel no longer runs its processes)."""
     assert proc.stdout is not None
     fd = proc.stdout.fileno()
     last_output = time.monotonic()
@@ -668,7 +690,7 @@ def _pump(
         sel.register(fd, selectors.EVENT_READ)
         while True:
             now = time.monotonic()
-            waits = []
+            waits = [min(10.0, FROZEN_AFTER_S / 2)]  # look at the heartbeat this often
             if deadline is not None:
                 if now >= deadline:
                     return "timeout"
@@ -677,13 +699,23 @@ def _pump(
                 if now - last_output >= stall_timeout:
                     return "stalled"
                 waits.append(last_output + stall_timeout - now)
-            if not sel.select(min(waits) if waits else None):
+            if heartbeat is not None and _heartbeat_age(heartbeat) > FROZEN_AFTER_S:
+                return "frozen"
+            if not sel.select(min(waits)):
                 continue
             chunk = os.read(fd, 65536)
             if not chunk:
                 return "eof"
             last_output = time.monotonic()
             out.feed(chunk)
+
+
+def _heartbeat_age(path: Path) -> float:
+    """Seconds since the heartbeat was last written (0 before the first one)."""
+    try:
+        return max(0.0, time.time() - path.stat().st_mtime)
+    except OSError:
+        return 0.0
 
 
 def image_cache_dir(env: Mapping[str, str]) -> Path:
@@ -752,8 +784,11 @@ def run_nested(
                           heartbeat_path=heartbeat)
         )
         shared = _dedupe_rwdirs([workdir, cwd, *rwdirs, cache])
+        console_log = workdir / CONSOLE_FILE
         cmd = vng_command(
-            vng=vng, kernel=kernel, script=script, rwdirs=shared, cwd=cwd, cpus=cpus, memory=memory
+            vng=vng, kernel=kernel, script=script, rwdirs=shared, cwd=cwd, cpus=cpus,
+            memory=memory, console_log=console_log,
+            tcg_thread=os.environ.get("PYMVM_NESTED_TCG_THREAD") or None,
         )
         log.info("nested_host_start", kernel=kernel.name, cpus=cpus, memory=memory, argv=list(argv))
         sys.stdout.flush()
@@ -769,7 +804,8 @@ def run_nested(
         )
         out = _OutputFilter(sink)
         try:
-            outcome = _pump(proc, out, None if timeout is None else started + timeout, stall_timeout)
+            outcome = _pump(proc, out, None if timeout is None else started + timeout, stall_timeout,
+                            heartbeat)
             if outcome == "eof":
                 proc.wait()
         finally:
@@ -779,9 +815,15 @@ def run_nested(
                 proc.stdout.close()
         elapsed = round(time.monotonic() - started, 1)
         if outcome != "eof":
-            _show_heartbeat(heartbeat)
+            _show_heartbeat(heartbeat, console_log)
         if outcome == "timeout":
             _note(f"pymvm.nested: error: the nested KVM host timed out after {timeout:g} s")
+            return EXIT_TIMEOUT
+        if outcome == "frozen":
+            _note(
+                f"pymvm.nested: error: the nested KVM host froze: its heartbeat stopped "
+                f"(after {elapsed:g} s in all); stopped it"
+            )
             return EXIT_TIMEOUT
         if outcome == "stalled":
             _note(
@@ -791,7 +833,7 @@ def run_nested(
             return EXIT_TIMEOUT
         status = read_exit_status(status_path)
         if status is None:
-            _show_heartbeat(heartbeat)
+            _show_heartbeat(heartbeat, console_log)
     log.info("nested_host_end", status=status, vng_status=proc.returncode, seconds=elapsed)
     if status is None:
         _note(
@@ -802,15 +844,25 @@ def run_nested(
     return status
 
 
-def _show_heartbeat(path: Path) -> None:
-    """Print the nested host's last heartbeat (processes, kernel log), if it wrote one."""
+def _show_heartbeat(path: Path, console_log: Path | None = None) -> None:
+    """Print the nested host's last heartbeat (processes, kernel log), if it wrote one, and
+    the end of its kernel console (warnings, oopses, panics)."""
     try:
         text = path.read_text(errors="replace")
     except OSError:
         _note("pymvm.nested: the nested host left no heartbeat")
+    else:
+        _note(f"pymvm.nested: the nested host's last heartbeat (every {HEARTBEAT_INTERVAL_S} s):\n"
+              + text.rstrip())
+    if console_log is None:
         return
-    _note(f"pymvm.nested: the nested host's last heartbeat (every {HEARTBEAT_INTERVAL_S} s):\n"
-          + text.rstrip())
+    try:
+        console = console_log.read_text(errors="replace").rstrip()
+    except OSError:
+        console = ""
+    lines = console.splitlines()[-60:]
+    _note("pymvm.nested: the nested host's kernel console (last lines):\n" + "\n".join(lines)
+          if lines else "pymvm.nested: the nested host's kernel console is empty")
 
 
 def _note(message: str) -> None:

@@ -257,7 +257,10 @@ class VirtualMachine:
     # ---- teardown ----------------------------------------------------------------------------
     def close(self) -> None:
         if self.machine is not None:
-            self.machine.close()  # vCPUs stopped first: no device activity while undoing
+            try:
+                self.machine.close()  # vCPUs stopped first: no device activity while undoing
+            except Exception as e:  # the host resources below must be undone regardless
+                log.warning("teardown_step_failed", step="Machine.close", error=str(e))
         while self._closers:
             closer = self._closers.pop()
             try:

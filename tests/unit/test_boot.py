@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import struct
 
+import os
+
 import pytest
 
 from pymvm import layout
@@ -291,6 +293,20 @@ def test_guest_memory_views_share_the_memfd_and_refuse_ranges_outside_ram(mem):
         mem.view(-1, 1)
     import os
     assert os.pread(mem.fd, 4, 0x2000) == b"abcd"  # what a vhost back-end would map
+
+
+def test_guest_memory_close_goes_on_while_a_view_is_still_held():
+    # A traceback being handled can hold slices of guest RAM (a loader's locals) while the
+    # VMM tears down: closing must finish (fd closed) instead of raising BufferError.
+    memory = GuestMemory(4 * MIB)
+    held = memory.view(0x1000, 16)
+    fd = memory.fd
+    memory.close()
+    assert memory.fd == -1 and memory.regions == []
+    with pytest.raises(OSError):
+        os.fstat(fd)
+    held[:4] = b"ok!!"  # still mapped until the last reference goes: no crash
+    del held
 
 
 def test_guest_memory_size_must_be_page_granular():

@@ -214,6 +214,16 @@ def test_vng_command_boots_tcg_with_svm_and_shares_rwdirs(tmp_path: Path) -> Non
     assert cmd[-2:] == ["--exec", "/bin/sh /tmp/pymvm-nested-x/run.sh"]
 
 
+def test_vng_command_logs_the_kernel_console_to_a_second_serial_port() -> None:
+    cmd = nested.vng_command(
+        vng="vng", kernel=Path("/k"), script=Path("/t/run.sh"), rwdirs=[], cwd=Path("/"),
+        cpus=2, memory="3G", console_log=Path("/t/console.log"),
+    )
+    assert "--qemu-opts=-cpu EPYC,+svm -serial file:/t/console.log" in cmd
+    # ttyS0 last: it stays /dev/console, as vng expects.
+    assert "--append=pymvm_nested=1 console=ttyS1 console=ttyS0 loglevel=4" in cmd
+
+
 def test_vng_command_refuses_a_path_vng_cannot_share() -> None:
     with pytest.raises(NestedHostError, match="has a space"):
         nested.vng_command(
@@ -606,6 +616,22 @@ def test_run_nested_stall_timeout_stops_a_silent_host_but_not_a_chatty_one(
     assert "printed nothing for 1 s" in err
     # What the host was doing: its heartbeat, with the process table.
     assert "last heartbeat" in err and "PID  PPID STAT" in err
+
+
+def test_run_nested_stops_a_host_whose_heartbeat_stopped(
+    fake_vng: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # One heartbeat, then none (as when the nested kernel stops scheduling): a frozen host
+    # is stopped after FROZEN_AFTER_S, though no stall or overall timeout is set.
+    monkeypatch.setattr(nested, "HEARTBEAT_INTERVAL_S", 600)
+    monkeypatch.setattr(nested, "FROZEN_AFTER_S", 1.0)
+    started = time.monotonic()
+    rc = nested.run_nested(["sh", "-c", "echo started; exec sleep 600"], cwd=fake_vng,
+                           output=io.BytesIO())
+    assert rc == EXIT_TIMEOUT
+    assert time.monotonic() - started < 60
+    err = capsys.readouterr().err
+    assert "froze: its heartbeat stopped" in err and "last heartbeat" in err
 
 
 def test_run_nested_shares_the_image_cache_and_names_it_inside(
