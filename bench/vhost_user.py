@@ -60,7 +60,9 @@ class Testpmd:
     def __init__(self, vdevs: list[str], forward_mode: str, log: Path, prefix: str) -> None:
         self.log, self.prefix = log, prefix
         self._out = log.open("wb")
-        argv = ["stdbuf", "-oL", TESTPMD, "-l", "0,1", "--no-pci", "--no-huge", "-m", "1024",
+        # Two lcores (main, forwarding): on CPUs 0 and 1, or both on CPU 0 on a 1-CPU host.
+        lcores = ["-l", "0,1"] if len(os.sched_getaffinity(0)) >= 2 else ["--lcores", "0@0,1@0"]
+        argv = ["stdbuf", "-oL", TESTPMD, *lcores, "--no-pci", "--no-huge", "-m", "1024",
                 "--single-file-segments", f"--file-prefix={prefix}"]
         for vdev in vdevs:
             argv += ["--vdev", vdev]

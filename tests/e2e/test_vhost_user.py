@@ -176,6 +176,12 @@ def test_vhost_user_builtin_tcp_transfer_both_ways_with_checked_data(boot_vm):
     assert run.returncode == 0
 
 
+def pmd_lcores() -> list[str]:
+    """testpmd's two lcores (main, forwarding): on CPUs 0 and 1, or both on CPU 0 where the
+    host has one CPU (scripts/test's nested host)."""
+    return ["-l", "0,1"] if len(os.sched_getaffinity(0)) >= 2 else ["--lcores", "0@0,1@0"]
+
+
 @pytest.mark.skipif(shutil.which("dpdk-testpmd") is None,
                     reason="dpdk-testpmd is not installed: apt-get install dpdk-dev")
 def test_vhost_user_dpdk_testpmd_backend_pings_and_moves_checked_tcp_data(boot_vm, tmp_path):
@@ -189,7 +195,7 @@ def test_vhost_user_dpdk_testpmd_backend_pings_and_moves_checked_tcp_data(boot_v
         # stdin stays open: without -i, testpmd exits once it reads a line (or EOF) there.
         # stdbuf: its stdio output to a file is block-buffered otherwise.
         pmd = subprocess.Popen(
-            ["stdbuf", "-oL", "dpdk-testpmd", "-l", "0,1", "--no-pci", "--no-huge", "-m", "1024",
+            ["stdbuf", "-oL", "dpdk-testpmd", *pmd_lcores(), "--no-pci", "--no-huge", "-m", "1024",
              f"--file-prefix={prefix}",
              "--vdev", f"net_vhost0,iface={sock},queues=1", "--vdev", f"net_tap0,iface={dtap}",
              "--", "--forward-mode=io", "--auto-start", "--total-num-mbufs=8192"],
