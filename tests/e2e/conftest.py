@@ -25,8 +25,76 @@ GUEST_TIMEOUT_S = float(os.environ.get("PYMVM_E2E_GUEST_TIMEOUT", "240"))
 BASE_CMDLINE = "console=ttyS0 reboot=k panic=-1 quiet"
 
 
+# scripts/test may run this tier in several nested hosts in a row, when one crashes or
+# freezes under it (no test result). PYMVM_E2E_PROGRESS names a file where each test's
+# outcome is recorded as it ends (fsync'd: the host may freeze right after); a later attempt
+# runs only the tests without a recorded outcome, and fails if an earlier attempt recorded
+# a failure.
+PROGRESS_ENV = "PYMVM_E2E_PROGRESS"
+
+
+def _progress_path() -> Path | None:
+    value = os.environ.get(PROGRESS_ENV)
+    return Path(value) if value else None
+
+
+def _recorded_outcomes() -> dict[str, str]:
+    path = _progress_path()
+    outcomes: dict[str, str] = {}
+    if path is not None and path.exists():
+        for line in path.read_text().splitlines():
+            outcome, _, nodeid = line.partition(" ")
+            if nodeid:
+                outcomes[nodeid] = outcome
+    return outcomes
+
+
+def pytest_runtest_logreport(report):
+    path = _progress_path()
+    if path is None:
+        return
+    # A test's outcome is known at its first failure or skip, else once its teardown passed.
+    if report.failed:
+        _record(path, "failed", report.nodeid)
+    elif report.skipped and report.when != "teardown":
+        _record(path, "skipped", report.nodeid)
+    elif report.when == "teardown":
+        _record(path, "passed", report.nodeid, only_if_absent=True)
+
+
+def _record(path: Path, outcome: str, nodeid: str, *, only_if_absent: bool = False) -> None:
+    if only_if_absent and nodeid in _recorded_outcomes():
+        return
+    with open(path, "a") as f:
+        f.write(f"{outcome} {nodeid}\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def pytest_sessionfinish(session, exitstatus):
+    earlier = getattr(session.config, "_pymvm_earlier_failures", [])
+    if earlier:
+        print(f"\ne2e: {len(earlier)} test(s) failed in an earlier attempt of this run:")
+        for nodeid in earlier:
+            print(f"  FAILED {nodeid}")
+        if session.exitstatus == 0 or session.exitstatus == 5:
+            session.exitstatus = 1
+
+
 def pytest_collection_modifyitems(config, items):
     from pymvm.nested import can_boot_linux_here, in_nested_host
+
+    recorded = _recorded_outcomes()
+    if recorded:
+        done = [item for item in items if item.nodeid in recorded]
+        config._pymvm_earlier_failures = [
+            item.nodeid for item in done if recorded[item.nodeid] == "failed"
+        ]
+        if done:
+            print(f"e2e: {len(done)} test(s) already ended in an earlier attempt of this run "
+                  f"({sum(recorded[i.nodeid] == 'passed' for i in done)} passed); running the rest")
+            config.hook.pytest_deselected(items=done)
+            items[:] = [item for item in items if item.nodeid not in recorded]
 
     ok, why = can_boot_linux_here()
     if ok or in_nested_host():
