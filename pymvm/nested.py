@@ -66,16 +66,6 @@ SCRIPT_FILE = "run.sh"
 #: VMM runs it. On 2026-11-26 that happened in 4 of 6 full e2e runs with two CPUs and 2 of 5
 #: with one, and one CPU was faster too. L2 guests with several vCPUs still run.
 DEFAULT_CPUS = 1
-#: Run in the nested host beside the command: one idle VM, open until the command ends.
-#: KVM (6.1) turns SVM on in every CPU when the first VM is created and off when the last
-#: one goes, and every e2e test creates and destroys its VMs. The nested host froze or died
-#: at exactly such moments; with this VM open, KVM turns SVM on once.
-KVM_KEEPER = (
-    "import time\n"
-    "from pymvm.kvm import Kvm\n"
-    "vm = Kvm().create_vm()\n"
-    "time.sleep(1 << 30)\n"
-)
 HEARTBEAT_FILE = "heartbeat"
 CONSOLE_FILE = "console.log"
 #: The nested host's kernel messages at this level and worse (oopses, panics, lockups) go to
@@ -84,7 +74,7 @@ CONSOLE_LOGLEVEL = 4
 HEARTBEAT_INTERVAL_S = 20
 #: A heartbeat older than this means the nested host froze (its kernel stopped scheduling
 #: the loop): stop it at once rather than wait for a timeout.
-FROZEN_AFTER_S = 150
+FROZEN_AFTER_S = 90
 
 # Passed into the nested host besides PATH (which gets this Python's bin dir first).
 PASSTHROUGH_ENV = (
@@ -537,13 +527,10 @@ def render_script(
     modules: Sequence[str] = NESTED_MODULES,
     prelude: Sequence[str] = (),
     heartbeat_path: Path | None = None,
-    kvm_keeper: str | None = None,
 ) -> str:
     """The shell script the nested host runs: load modules, run ``prelude`` (lines), set env,
     run argv, save status. With ``heartbeat_path``, a background loop rewrites that file
     every HEARTBEAT_INTERVAL_S with what the host is doing (for a diagnosis if it stalls).
-    With ``kvm_keeper`` (a Python interpreter), one idle VM stays open while argv runs: see
-    KVM_KEEPER.
 
     It lives in a shared file (not in ``vng --exec``) because vng puts --exec on the kernel
     command line, which holds only 2 KiB.
@@ -569,16 +556,10 @@ def render_script(
         ]
     lines += [f"export {name}={shlex.quote(value)}" for name, value in sorted(env.items())]
     lines.append(f"cd {shlex.quote(str(cwd))} || {{ echo 126 > {status}; sync; exit 126; }}")
-    if kvm_keeper is not None:
-        lines += [
-            f"{shlex.quote(kvm_keeper)} -c {shlex.quote(KVM_KEEPER)} </dev/null >/dev/null 2>&1 &",
-            "keeper=$!",
-        ]
     lines += [
         shlex.join(argv),
         "rc=$?",
         *(["kill $heartbeat 2>/dev/null"] if heartbeat_path is not None else []),
-        *(["kill $keeper 2>/dev/null"] if kvm_keeper is not None else []),
         # Write then rename: a half-written status must not read as a result.
         f"echo $rc > {status}.tmp && mv {status}.tmp {status}",
         "sync",
@@ -805,7 +786,7 @@ def run_nested(
         heartbeat = workdir / HEARTBEAT_FILE
         script.write_text(
             render_script(argv, cwd=cwd, env=inner_env, status_path=status_path, prelude=prelude,
-                          heartbeat_path=heartbeat, kvm_keeper=sys.executable)
+                          heartbeat_path=heartbeat)
         )
         shared = _dedupe_rwdirs([workdir, cwd, *rwdirs, cache])
         console_log = workdir / CONSOLE_FILE

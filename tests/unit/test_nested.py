@@ -291,48 +291,6 @@ def test_script_runs_argv_verbatim_in_cwd_with_env_and_records_status(tmp_path: 
     ]
 
 
-@pytest.mark.skipif(not os.access("/dev/kvm", os.R_OK | os.W_OK), reason="needs /dev/kvm")
-def test_script_keeps_one_vm_open_while_the_command_runs_and_ends_it_after(tmp_path: Path) -> None:
-    # The command sees the keeper's VM (an anon_inode:kvm-vm fd in another process); once
-    # the script ends, the keeper is gone.
-    repo = Path(nested.__file__).resolve().parents[1]
-    probe = (
-        "import glob, os, sys\n"
-        "me = os.getpid()\n"
-        "def vm_fds():\n"
-        "    n = 0\n"
-        "    for fd in glob.glob('/proc/[0-9]*/fd/*'):\n"
-        "        try:\n"
-        "            n += os.readlink(fd) == 'anon_inode:kvm-vm' and not fd.startswith(f'/proc/{me}/')\n"
-        "        except OSError:\n"
-        "            pass\n"
-        "    return n\n"
-        "import time\n"
-        "deadline = time.monotonic() + 30\n"
-        "while vm_fds() == 0 and time.monotonic() < deadline:\n"
-        "    time.sleep(0.1)\n"
-        "sys.exit(0 if vm_fds() else 3)\n"
-    )
-    before = _keepers()
-    script = nested.render_script(
-        [sys.executable, "-c", probe], cwd=repo, env={}, status_path=tmp_path / "s",
-        modules=(), kvm_keeper=sys.executable,
-    )
-    assert subprocess.run(["/bin/sh", "-c", script], check=False).returncode == 0
-    time.sleep(0.5)
-    assert _keepers() == before  # killed with the script's end
-
-
-def _keepers() -> int:
-    count = 0
-    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
-        try:
-            count += "Kvm().create_vm()" in cmdline.read_text()
-        except OSError:
-            pass
-    return count
-
-
 def test_script_loads_the_kvm_vhost_and_tun_modules_first() -> None:
     script = nested.render_script(["true"], cwd=Path("/"), env={}, status_path=Path("/s"))
     lines = script.splitlines()
