@@ -581,7 +581,9 @@ def vng_command(
     tcg_thread: str | None = None,
 ) -> list[str]:
     """The vng command line that boots the nested host and runs ``script`` there; with
-    ``console_log``, the host's kernel warnings and panics are written to that file."""
+    ``console_log``, the host's kernel warnings and panics are written to that file.
+    ``tcg_thread`` ("single" or "multi", from PYMVM_NESTED_TCG_THREAD) picks QEMU's TCG
+    threading; "single" avoided no freeze and made a 2-vCPU L2 boot too slow to use."""
     qemu_opts = f"-cpu {QEMU_CPU}"
     if tcg_thread is not None:
         qemu_opts += f" -accel tcg,thread={tcg_thread}"

@@ -224,6 +224,14 @@ def test_vng_command_logs_the_kernel_console_to_a_second_serial_port() -> None:
     assert "--append=pymvm_nested=1 console=ttyS1 console=ttyS0 loglevel=4" in cmd
 
 
+def test_vng_command_can_pick_single_threaded_tcg() -> None:
+    cmd = nested.vng_command(
+        vng="vng", kernel=Path("/k"), script=Path("/t/run.sh"), rwdirs=[], cwd=Path("/"),
+        cpus=2, memory="3G", tcg_thread="single",
+    )
+    assert "--qemu-opts=-cpu EPYC,+svm -accel tcg,thread=single" in cmd
+
+
 def test_vng_command_refuses_a_path_vng_cannot_share() -> None:
     with pytest.raises(NestedHostError, match="has a space"):
         nested.vng_command(
