@@ -19,7 +19,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import CMDLINE, guest_script, parse, run_guest, start_server_when_up
+from common import CMDLINE, guest_script, parse, run_guest, start_server_when_up, stop
 
 HOST_IP, GUEST_IP = "10.88.0.1", "10.88.0.2"
 MEMORY_MIB = 512
@@ -77,16 +77,14 @@ def main() -> int:
                             console = run_guest(argv, timeout)
                         finally:
                             subprocess.run(["ip", "link", "del", "qmbench0"], check=False)
-                    server.terminate()
-                    server.wait()
+                    stop(server)
                     server = None
                     r = parse(console)
                     results[name].append(r)
                     print(f"run {i + 1} {name:5s} guest->host {r['tx_mbps']:8.1f} Mbit/s  "
                           f"host->guest {r['rx_mbps']:8.1f} Mbit/s  rtt {r['rtt_ms']:.3f} ms", flush=True)
         finally:
-            if server is not None:
-                server.terminate()
+            stop(server)
 
     med = {name: {k: statistics.median(r[k] for r in rs) for k in ("tx_mbps", "rx_mbps", "rtt_ms")}
            for name, rs in results.items()}

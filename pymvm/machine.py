@@ -154,7 +154,6 @@ class Machine:
         self.state = MachineState.RUNNING
         for vcpu in self.vcpus:
             vcpu.use_fast_reads(self.fast_reads)
-        for vcpu in self.vcpus:
             ctx = contextvars.copy_context()
             t = threading.Thread(target=ctx.run, args=(self._vcpu_thread, vcpu),
                                  name=f"vcpu{vcpu.id}", daemon=True)

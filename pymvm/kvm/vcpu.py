@@ -122,14 +122,12 @@ class Vcpu:
         self._run_view = memoryview(self.run_page)
         self._run_ptr = ffi.from_buffer(self.run_page)
         self._err = ffi.new("int *")
-        self._fast_table: FastReadTable | None = None  # kept alive while its entries are used
-        self._fast_entries = ffi.NULL
+        self._fast_entries = ffi.NULL  # the table's owning C array: holding it keeps it alive
         self._fast_count = 0
 
     def use_fast_reads(self, table: FastReadTable) -> None:
         """Answer reads of ``table``'s registers in C from now on (entries added later to
         the table are not seen: call again)."""
-        self._fast_table = table
         self._fast_entries = table._entries
         self._fast_count = table.count
 

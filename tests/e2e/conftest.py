@@ -62,9 +62,14 @@ def pytest_runtest_logreport(report):
         _record(path, "passed", report.nodeid, only_if_absent=True)
 
 
+# Tests this attempt has recorded (earlier attempts' tests are deselected, never run again).
+_recorded_now: set[str] = set()
+
+
 def _record(path: Path, outcome: str, nodeid: str, *, only_if_absent: bool = False) -> None:
-    if only_if_absent and nodeid in _recorded_outcomes():
+    if only_if_absent and nodeid in _recorded_now:
         return
+    _recorded_now.add(nodeid)
     with open(path, "a") as f:
         f.write(f"{outcome} {nodeid}\n")
         f.flush()
