@@ -297,14 +297,15 @@ def frame(payload: bytes) -> bytes:
 class Rings:
     """RX (0) and TX (1) queues in a bytearray, with the driver's helpers."""
 
-    def __init__(self) -> None:
+    def __init__(self, qsize: int = QSIZE) -> None:
         self.ram = bytearray(MEM_SIZE)
         self.memory = GuestMemoryMap([(MEM_GPA, memoryview(self.ram))])
+        self.qsize = qsize
         self.avail = [0, 0]
         self.vrings = []
         for i in range(2):
             vring = Vring(i, session=None)  # type: ignore[arg-type]
-            vring.queue = VirtQueue(self.memory, QSIZE, *(MEM_GPA + self.base(i) + o for o in (DESC, AVAIL, USED)))
+            vring.queue = VirtQueue(self.memory, qsize, *(MEM_GPA + self.base(i) + o for o in (DESC, AVAIL, USED)))
             self.vrings.append(vring)
 
     @staticmethod
@@ -315,7 +316,7 @@ class Rings:
         struct.pack_into("<QIHH", self.ram, self.base(q) + DESC + 16 * i, MEM_GPA + offset, length, flags, nxt)
 
     def publish(self, q: int, head: int) -> None:
-        struct.pack_into("<H", self.ram, self.base(q) + AVAIL + 4 + 2 * (self.avail[q] % QSIZE), head)
+        struct.pack_into("<H", self.ram, self.base(q) + AVAIL + 4 + 2 * (self.avail[q] % self.qsize), head)
         self.avail[q] += 1
         struct.pack_into("<H", self.ram, self.base(q) + AVAIL + 2, self.avail[q])
 
@@ -393,6 +394,85 @@ def test_net_rx_merges_buffers_and_waits_for_a_kick_when_the_guest_has_none(tap:
         data = bytes(rings.ram[DATA : DATA + HDR_LEN + len(pkt)])
         assert struct.unpack_from("<H", data, 10)[0] == 4  # num_buffers
         assert data[HDR_LEN:] == pkt
+        net.reset()
+
+    try:
+        asyncio.run(main())
+    finally:
+        sniff.close()
+
+
+@needs_tun
+def test_net_rx_reads_the_tap_straight_into_held_guest_buffers(tap: Tap) -> None:
+    # 64 buffers of 2 KiB: enough to hold the largest packet, so every read goes into the
+    # guest's buffers directly; the back-end's own scratch buffer is never written.
+    rings = Rings(qsize=64)
+    net = NetBackend(tap)
+    net.set_features(feature_mask(VIRTIO_F_VERSION_1, VIRTIO_NET_F_MRG_RXBUF))
+    for i in range(64):
+        rings.desc(0, i, DATA + 2048 * i, 2048, VRING_DESC_F_WRITE)
+        rings.publish(0, i)
+    pkts = [frame(bytes([n]) * size) for n, size in enumerate((8000, 50, 4096 - HDR_LEN - 14, 8986))]
+    sniff = sniffer(tap.name)
+
+    async def main() -> None:
+        net.queue_started(rings.vrings[0])
+        for pkt in pkts:
+            sniff.send(pkt)
+        await until(lambda: net.stats["rx_packets"] >= len(pkts))
+        used = [rings.used(0, s) for s in range(rings.used_idx(0))]
+        slot = 0
+        for pkt in pkts:  # each packet starts in the next buffer, in ring order
+            buffers = -(-(HDR_LEN + len(pkt)) // 2048)
+            heads = [head for head, _ in used[slot : slot + buffers]]
+            assert heads == list(range(slot, slot + buffers))
+            assert [length for _, length in used[slot : slot + buffers]] == \
+                [2048] * (buffers - 1) + [HDR_LEN + len(pkt) - 2048 * (buffers - 1)]
+            start = DATA + 2048 * slot
+            data = bytes(rings.ram[start : start + HDR_LEN + len(pkt)])
+            assert struct.unpack_from("<H", data, 10)[0] == buffers  # num_buffers
+            assert data[HDR_LEN:] == pkt
+            slot += buffers
+        assert not any(net._scratch)
+        # The buffers still held go back unused when the ring stops.
+        queue = rings.vrings[0].queue
+        assert queue is not None and queue.last_avail_idx > slot
+        net.queue_stopped(rings.vrings[0])
+        assert rings.used_idx(0) == queue.last_avail_idx
+        assert [rings.used(0, s) for s in range(slot, queue.last_avail_idx)] == \
+            [(head, 0) for head in range(slot, queue.last_avail_idx)]
+
+    try:
+        asyncio.run(main())
+    finally:
+        sniff.close()
+
+
+@needs_tun
+def test_net_rx_copy_path_writes_num_buffers_across_a_split_header(tap: Tap) -> None:
+    # Chains of an 8-byte buffer then a 1 KiB one: num_buffers (bytes 10-11 of the header)
+    # lands in the second buffer of the first chain.
+    rings = Rings()
+    net = NetBackend(tap)
+    net.set_features(feature_mask(VIRTIO_F_VERSION_1, VIRTIO_NET_F_MRG_RXBUF))
+    for c in range(4):
+        rings.desc(0, 2 * c, DATA + 0x1000 * c, 8, VRING_DESC_F_WRITE | VRING_DESC_F_NEXT, 2 * c + 1)
+        rings.desc(0, 2 * c + 1, DATA + 0x1000 * c + 0x100, 1024, VRING_DESC_F_WRITE)
+        rings.publish(0, 2 * c)
+    pkt = frame(bytes(range(256)) * 6)  # 1550 bytes: two chains
+    sniff = sniffer(tap.name)
+
+    async def main() -> None:
+        net.queue_started(rings.vrings[0])
+        sniff.send(pkt)
+        await until(lambda: net.stats["rx_packets"] >= 1)
+        assert [rings.used(0, s) for s in range(rings.used_idx(0))] == \
+            [(0, 1032), (2, HDR_LEN + len(pkt) - 1032)]
+        first = bytes(rings.ram[DATA : DATA + 8]) + bytes(rings.ram[DATA + 0x100 : DATA + 0x100 + 1024])
+        second = bytes(rings.ram[DATA + 0x1000 : DATA + 0x1008]) + \
+            bytes(rings.ram[DATA + 0x1100 : DATA + 0x1100 + 1024])
+        data = (first + second)[: HDR_LEN + len(pkt)]
+        assert struct.unpack_from("<H", data, 10)[0] == 2 and data[HDR_LEN:] == pkt
         net.reset()
 
     try:

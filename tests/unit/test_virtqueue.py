@@ -7,6 +7,7 @@ import struct
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from structlog.testing import capture_logs
 
 from pymvm.devices.virtio.queue import (
     VRING_AVAIL_F_NO_INTERRUPT,
@@ -324,12 +325,111 @@ def test_enable_notification_writes_avail_event_and_reports_pending_buffers() ->
 
 
 # ---------------------------------------------------------------------------------------------
+# Batched receive buffers: pop_writable and add_used_batch
+
+
+def pop_writable(d: Driver, want: int, min_len: int = 1) -> tuple[int, list, list, list]:
+    views: list[memoryview] = []
+    used: list[int] = []
+    nsegs: list[int] = []
+    got = d.queue.pop_writable(views, used, nsegs, want, min_len)
+    return got, views, used, nsegs
+
+
+def test_pop_writable_takes_chains_until_they_hold_the_bytes_wanted() -> None:
+    d = Driver()
+    for i in range(4):
+        d.desc(i, DATA + 0x100 * i, 0x80, WRITE)
+    d.publish(0, 1, 2, 3)
+    got, views, used, nsegs = pop_writable(d, 0x81)  # more than one buffer, less than two
+    assert got == 0x100 and used == [0, 0x80, 1, 0x80] and nsegs == [1, 1]
+    assert [v.nbytes for v in views] == [0x80, 0x80]
+    views[1][:3] = b"abc"  # each view is the guest's buffer itself
+    assert d.ram[d.off(DATA + 0x100) : d.off(DATA + 0x103)] == b"abc"
+    assert d.queue.last_avail_idx == 2 and d.used_idx() == 0  # nothing used yet
+    got, _, used, _ = pop_writable(d, 1 << 20)  # the ring runs dry first
+    assert got == 0x100 and used == [2, 0x80, 3, 0x80]
+
+
+def test_pop_writable_walks_multi_buffer_and_indirect_chains() -> None:
+    d = Driver()
+    d.desc(0, DATA, 0x10, WRITE | NEXT, 1)
+    d.desc(1, DATA + 0x100, 0x20, WRITE)
+    d.desc(2, DATA + 0x1000, 32, INDIRECT)
+    d.desc(0, DATA + 0x200, 0x30, WRITE | NEXT, 1, table=DATA + 0x1000)
+    d.desc(1, DATA + 0x300, 0x40, WRITE, table=DATA + 0x1000)
+    d.publish(0, 2)
+    got, views, used, nsegs = pop_writable(d, 1 << 20)
+    assert got == 0xA0 and used == [0, 0x30, 2, 0x70] and nsegs == [2, 2]
+    assert [v.nbytes for v in views] == [0x10, 0x20, 0x30, 0x40]
+
+
+@pytest.mark.parametrize("flags, addr, length, why", [
+    (0, DATA, 0x80, "device-readable"),  # a TX-style buffer on a receive queue
+    (WRITE, DATA, 4, "shorter than"),  # below min_len
+    (WRITE, MEM_BASE + MEM_SIZE - 8, 0x80, "outside guest memory"),
+    (INDIRECT, DATA, 0x80, "shorter than"),  # an indirect table of empty descriptors
+])
+def test_pop_writable_hands_back_unusable_chains_and_goes_on(flags: int, addr: int, length: int,
+                                                             why: str) -> None:
+    d = Driver()
+    d.desc(0, addr, length, flags)
+    d.desc(1, DATA + 0x800, 0x80, WRITE)
+    d.publish(0, 1)
+    with capture_logs() as logs:
+        got, views, used, _ = pop_writable(d, 1 << 20, min_len=12)
+    assert [e["event"] for e in logs] == ["virtqueue.chain_dropped"] and why in logs[0]["reason"]
+    assert got == 0x80 and used == [1, 0x80] and len(views) == 1
+    assert d.used_idx() == 1 and d.used(0) == (0, 0)  # the bad chain came back unused
+    assert d.queue.dropped_chains == 1 and d.queue.broken is None
+
+
+def test_pop_writable_breaks_the_queue_on_a_corrupt_ring() -> None:
+    d = Driver()
+    d.desc(0, DATA, 0x80, WRITE)
+    d.publish(0, 8)  # head 8 is outside the 8-entry table
+    got, _, used, _ = pop_writable(d, 1 << 20)
+    assert got == 0x80 and used == [0, 0x80] and d.queue.broken is not None
+    assert pop_writable(d, 1 << 20)[0] == 0
+    d2 = Driver()
+    d2.set_avail_idx(9)
+    assert pop_writable(d2, 1 << 20)[0] == 0 and d2.queue.broken is not None
+
+
+def test_pop_writable_on_a_released_queue_pops_nothing() -> None:
+    d = Driver()
+    d.desc(0, DATA, 0x80, WRITE)
+    d.publish(0)
+    d.queue.release()
+    assert pop_writable(d, 1 << 20)[0] == 0
+
+
+def test_add_used_batch_wraps_around_the_ring_and_publishes_once() -> None:
+    d = Driver(size=4)
+    for i in range(4):
+        d.desc(i, DATA + 0x100 * i, 0x80, WRITE)
+    d.publish(0, 1, 2)
+    _, _, used, _ = pop_writable(d, 0x180)
+    d.queue.add_used_batch(used)
+    assert d.used_idx() == 3 and [d.used(s) for s in range(3)] == [(0, 0x80), (1, 0x80), (2, 0x80)]
+    d.publish(3, 0, 1)  # slots 3, 0, 1: this batch wraps
+    _, _, used, _ = pop_writable(d, 0x180)
+    used[-1] = 5  # the last buffer only partly filled
+    d.queue.add_used_batch(used)
+    assert d.used_idx() == 6
+    assert [d.used(s) for s in (3, 0, 1)] == [(3, 0x80), (0, 0x80), (1, 5)]
+    d.queue.add_used_batch([])
+    assert d.used_idx() == 6
+
+
+# ---------------------------------------------------------------------------------------------
 # Property tests: whatever the driver writes, nothing raises and nothing escapes memory
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(
-    descs=st.lists(
+#: Whatever a hostile driver can write into an 8-entry ring: descriptors (addr, len, flags,
+#: next) aimed in and around guest memory, avail ring heads and idx, an indirect table.
+HOSTILE_RING = {
+    "descs": st.lists(
         st.tuples(
             st.one_of(st.integers(0, 2**64 - 1), st.integers(MEM_BASE - 64, MEM_BASE + MEM_SIZE + 64)),
             st.one_of(st.integers(0, 2**32 - 1), st.integers(0, 256)),
@@ -338,13 +438,14 @@ def test_enable_notification_writes_avail_event_and_reports_pending_buffers() ->
         ),
         min_size=8, max_size=8,
     ),
-    heads=st.lists(st.integers(0, 0xFFFF) | st.integers(0, 9), max_size=12),
-    avail_idx=st.integers(0, 0xFFFF) | st.integers(0, 12),
-    table=st.binary(min_size=64, max_size=64),
-)
-def test_hostile_rings_never_raise_and_every_buffer_is_inside_guest_memory(
-    descs: list[tuple[int, int, int, int]], heads: list[int], avail_idx: int, table: bytes,
-) -> None:
+    "heads": st.lists(st.integers(0, 0xFFFF) | st.integers(0, 9), max_size=12),
+    "avail_idx": st.integers(0, 0xFFFF) | st.integers(0, 12),
+    "table": st.binary(min_size=64, max_size=64),
+}
+
+
+def hostile_driver(descs: list[tuple[int, int, int, int]], heads: list[int], avail_idx: int,
+                   table: bytes) -> Driver:
     d = Driver()
     for i, (addr, length, flags, nxt) in enumerate(descs):
         d.desc(i, addr, length, flags, nxt)
@@ -352,6 +453,15 @@ def test_hostile_rings_never_raise_and_every_buffer_is_inside_guest_memory(
     for i, head in enumerate(heads):
         struct.pack_into("<H", d.ram, d.off(AVAIL) + 4 + 2 * (i % 8), head)
     d.set_avail_idx(avail_idx)
+    return d
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(**HOSTILE_RING)
+def test_hostile_rings_never_raise_and_every_buffer_is_inside_guest_memory(
+    descs: list[tuple[int, int, int, int]], heads: list[int], avail_idx: int, table: bytes,
+) -> None:
+    d = hostile_driver(descs, heads, avail_idx, table)
     popped = 0
     for _ in range(20):
         chain = d.queue.pop_avail()
@@ -365,6 +475,30 @@ def test_hostile_rings_never_raise_and_every_buffer_is_inside_guest_memory(
         d.queue.add_used(chain.head, 0)
     # every chain the device consumed, good or dropped, went back through the used ring
     assert d.used_idx() == popped + d.queue.dropped_chains
+    assert d.queue.last_avail_idx == d.used_idx() or d.queue.broken is not None
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(**HOSTILE_RING, want=st.integers(1, 4096))
+def test_hostile_rings_give_pop_writable_only_writable_buffers_inside_guest_memory(
+    descs: list[tuple[int, int, int, int]], heads: list[int], avail_idx: int, table: bytes,
+    want: int,
+) -> None:
+    d = hostile_driver(descs, heads, avail_idx, table)
+    views: list[memoryview] = []
+    used: list[int] = []
+    nsegs: list[int] = []
+    got = 0
+    for _ in range(4):
+        got += d.queue.pop_writable(views, used, nsegs, want, 12)
+    assert sum(v.nbytes for v in views) == got == sum(used[1::2])
+    assert sum(nsegs) == len(views) and len(nsegs) * 2 == len(used)
+    for view in views:
+        assert view.obj is d.ram and 0 < view.nbytes <= MEM_SIZE
+    for head, length in zip(used[::2], used[1::2], strict=True):
+        assert head < d.size and length >= 12
+    d.queue.add_used_batch(used)
+    assert d.used_idx() == len(nsegs) + d.queue.dropped_chains
     assert d.queue.last_avail_idx == d.used_idx() or d.queue.broken is not None
 
 

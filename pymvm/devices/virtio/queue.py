@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import bisect
 import struct
+from array import array
 import sys
 import threading
 from collections.abc import Iterable
@@ -99,6 +100,12 @@ class GuestMemoryMap:
             self._starts.append(gpa)
             self._ends.append(gpa + size)
             self._views.append(view)
+        #: (start, end, view) of the largest region: where guest RAM, and so almost every
+        #: buffer, lives; ``VirtQueue.pop_writable`` checks it inline before a lookup.
+        self.largest: tuple[int, int, memoryview] | None = None
+        if self._views:
+            i = max(range(len(self._views)), key=lambda j: self._ends[j] - self._starts[j])
+            self.largest = (self._starts[i], self._ends[i], self._views[i])
 
     @property
     def regions(self) -> list[tuple[int, int]]:
@@ -141,6 +148,7 @@ class GuestMemoryMap:
 
     def release(self) -> None:
         """Drop the region views (so the owner can close the mappings)."""
+        self.largest = None
         self._starts.clear()
         self._ends.clear()
         self._views.clear()
@@ -285,6 +293,81 @@ class VirtQueue:
             self._break(f"ring access failed: {e}")
             return None
 
+    def pop_writable(self, views: list[memoryview], used: list[int], nsegs: list[int],
+                     want: int, min_len: int) -> int:
+        """Pop available chains of device-writable buffers until they hold ``want`` bytes or
+        the ring is empty; the number of bytes they hold.
+
+        The receive-side batch form of ``pop_avail``, for devices that fill many small
+        buffers per packet (virtio-net's mergeable RX buffers): each chain's buffers are
+        appended to ``views``, its ``head, writable bytes`` pair to ``used`` (ready for
+        ``add_used_batch`` once the length is known) and its buffer count to ``nsegs``. A
+        chain of one writable descriptor in the largest memory region, the shape drivers
+        post, is checked inline; any other goes through the full walk. Chains that hold
+        device-readable buffers or fewer than ``min_len`` bytes are handed back unused.
+        """
+        if self.broken is not None or not self._views:
+            return 0
+        got = 0
+        size = self.size
+        mask = size - 1
+        avail16 = self._avail16
+        desc = self._desc
+        unpack = _unpack_desc
+        largest = self.memory.largest
+        lo, hi, region = largest if largest is not None else (0, 0, None)
+        last = self._last_avail
+        write = VRING_DESC_F_WRITE
+        try:
+            while got < want:
+                pending = (avail16[1] - last) & 0xFFFF
+                if pending == 0:
+                    break
+                if pending > size:
+                    self._break(f"avail idx is {pending} entries ahead, more than the queue size")
+                    break
+                # The published entries up to the ring's end, in one read.
+                start = last & mask
+                for head in avail16[2 + start : 2 + min(start + pending, size)].tolist():
+                    last = (last + 1) & 0xFFFF
+                    if head >= size:
+                        self._break(f"avail ring names head {head}, outside the {size}-entry table")
+                        return got
+                    addr, length, flags, _ = unpack(desc, head << 4)
+                    if flags == write and length >= min_len and lo <= addr and addr + length <= hi:
+                        views.append(region[addr - lo : addr - lo + length])  # type: ignore[index]
+                        used += (head, length)
+                        nsegs.append(1)
+                        got += length
+                    else:
+                        got += self._pop_writable_slow(head, views, used, nsegs, min_len)
+                    if got >= want:
+                        break
+        except (ValueError, IndexError, TypeError, struct.error) as e:  # released views
+            self._break(f"ring access failed: {e}")
+        finally:
+            self._last_avail = last
+        return got
+
+    def _pop_writable_slow(self, head: int, views: list[memoryview], used: list[int],
+                           nsegs: list[int], min_len: int) -> int:
+        try:
+            chain = self._walk(head)
+        except _InvalidChain as e:
+            self._drop(head, str(e))
+            return 0
+        if chain.readable:
+            self._drop(head, "device-readable buffers in a chain the device only writes to")
+            return 0
+        if chain.writable_len < min_len:
+            self._drop(head, f"chain of {chain.writable_len} bytes, shorter than the "
+                             f"{min_len} the device needs")
+            return 0
+        views += chain.writable
+        used += (head, chain.writable_len)
+        nsegs.append(len(chain.writable))
+        return chain.writable_len
+
     def _walk(self, head: int) -> DescriptorChain:
         readable: list[memoryview] = []
         writable: list[memoryview] = []
@@ -360,6 +443,21 @@ class VirtQueue:
         self._used32[2 * slot + 1] = length
         self._next_used = (self._next_used + 1) & 0xFFFF
         # x86 keeps stores in order: the element is visible before the idx that publishes it.
+        self._used16[1] = self._next_used
+
+    def add_used_batch(self, entries: list[int]) -> None:
+        """Return many chains at once: ``entries`` is ``[head, length, head, length, ...]``
+        (as ``pop_writable`` builds it), written in one or two slice stores, then one used
+        idx update publishes them all."""
+        if not self._views or not entries:
+            return
+        count = len(entries) // 2
+        slot = self._next_used & (self.size - 1)
+        first = min(count, self.size - slot)
+        self._used32[2 * slot : 2 * (slot + first)] = array("I", entries[: 2 * first])
+        if count > first:  # the batch wraps around the end of the ring
+            self._used32[: 2 * (count - first)] = array("I", entries[2 * first :])
+        self._next_used = (self._next_used + count) & 0xFFFF
         self._used16[1] = self._next_used
 
     # -- notifications (§2.7.7, §2.7.10) --------------------------------------------------

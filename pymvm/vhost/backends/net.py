@@ -8,6 +8,14 @@ may send GSO frames of up to 64 KiB and receive them when it acked the GUEST_* o
 Batching: each wakeup (kick or TAP readable) processes everything available and signals the
 call eventfd at most once. Back-pressure: when the guest has no RX buffers the packet just
 read is kept, TAP reading stops, and the guest's next RX kick resumes it.
+
+RX without a copy: with mergeable buffers a 64 KiB TSO packet fills 16-45 guest buffers, and
+per-buffer Python work is what limits host->guest throughput. So RX buffers are popped in
+batches (``VirtQueue.pop_writable``: one bounds check per single-descriptor chain) and
+held; once they can take the largest packet, ``readv`` on the TAP writes straight into them,
+and the buffers the packet filled go to the used ring in one slice store. With fewer
+buffers than that (a small ring, or a guest short of memory) the packet is read into a
+scratch buffer and copied, as it is without MRG_RXBUF.
 """
 
 from __future__ import annotations
@@ -16,7 +24,6 @@ import asyncio
 import errno
 import os
 import struct
-from collections import deque
 
 import structlog
 
@@ -25,7 +32,7 @@ from pymvm.devices.virtio.constants import (
     VIRTIO_NET_F_MRG_RXBUF,
     feature_mask,
 )
-from pymvm.devices.virtio.queue import DescriptorChain, VirtQueue
+from pymvm.devices.virtio.queue import VirtQueue
 from pymvm.net.tap import Tap
 from pymvm.vhost.kernel import TAP_OFFLOAD_FEATURES, VHOST_RING_FEATURES
 from pymvm.vhost.user import messages as m
@@ -44,6 +51,9 @@ HDR_LEN = 12
 _NUM_BUFFERS = struct.Struct("<H")  # at offset 10 of the 12-byte header
 #: Largest frame a TAP hands us: 64 KiB of GSO payload plus headers; generous on purpose.
 MAX_PACKET = 65550 + HDR_LEN
+#: Guest buffer bytes that, once held, let a TAP read go straight into them: the scratch
+#: buffer's size, the most any read takes (a larger frame is lost either way).
+RX_DIRECT_ROOM = MAX_PACKET + 4096
 #: Packets moved per TAP wakeup before yielding to the loop (keeps TX kicks responsive).
 RX_BATCH = 256
 ETH_P_RARP = 0x8035
@@ -68,10 +78,15 @@ class NetBackend(VhostUserDevice):
         self.mergeable = False
         self.rx: Vring | None = None
         self.tx: Vring | None = None
-        self._scratch = bytearray(MAX_PACKET + 4096)
+        self._scratch = bytearray(RX_DIRECT_ROOM)
         self._scratch_view = memoryview(self._scratch)
         self._pending: int | None = None  # length of a packet read but not yet delivered
-        self._spare: deque[DescriptorChain] = deque()  # RX chains popped, not yet used
+        # RX buffers popped from the guest and not yet used, in ring order: their views,
+        # flat [head, bytes, ...] pairs (VirtQueue.pop_writable), views per chain, bytes.
+        self._rx_views: list[memoryview] = []
+        self._rx_used: list[int] = []
+        self._rx_nsegs: list[int] = []
+        self._rx_room = 0
         self._tap_reading = False
         self.stats = {"tx_packets": 0, "tx_dropped": 0, "rx_packets": 0, "rx_dropped": 0}
 
@@ -99,12 +114,7 @@ class NetBackend(VhostUserDevice):
     def queue_stopped(self, vring: Vring) -> None:
         if vring is self.rx:
             self._pause_tap()
-            queue = vring.queue
-            # Hand back chains we held for a packet that never came (no used length).
-            while self._spare:
-                chain = self._spare.popleft()
-                if queue is not None:
-                    queue.add_used(chain.head, 0)
+            self._return_held(vring.queue)
             self._pending = None
             self.rx = None
         elif vring is self.tx:
@@ -135,7 +145,7 @@ class NetBackend(VhostUserDevice):
         self.tx = None
         self._pause_tap()
         self._pending = None
-        self._spare.clear()
+        self._return_held(None)
 
     # -- TX: guest -> TAP ------------------------------------------------------------------
 
@@ -197,17 +207,38 @@ class NetBackend(VhostUserDevice):
             self._pause_tap()
             return
         queue = vring.queue
+        fd = self.tap_fd
+        hdr_len = self.hdr_len
+        direct = self.mergeable
         moved = 0
         while moved < RX_BATCH:
             if self._pending is None:
+                if direct and self._rx_room < RX_DIRECT_ROOM:
+                    self._rx_room += queue.pop_writable(
+                        self._rx_views, self._rx_used, self._rx_nsegs,
+                        RX_DIRECT_ROOM - self._rx_room, hdr_len)
+                if direct and self._rx_room >= RX_DIRECT_ROOM:
+                    # Enough guest buffers held for the largest packet: the TAP writes
+                    # straight into them, no copy here.
+                    try:
+                        length = os.readv(fd, self._rx_views)
+                    except BlockingIOError:
+                        break
+                    except OSError as e:
+                        log.warning("vhost_user_net.tap_read_failed", error=str(e))
+                        break
+                    if length >= hdr_len:
+                        self._complete(queue, length)
+                        moved += 1
+                    continue
                 try:
-                    self._pending = os.readv(self.tap_fd, [self._scratch])
+                    self._pending = os.readv(fd, [self._scratch])
                 except BlockingIOError:
                     break
                 except OSError as e:
                     log.warning("vhost_user_net.tap_read_failed", error=str(e))
                     break
-                if self._pending < self.hdr_len:
+                if self._pending < hdr_len:
                     self._pending = None
                     continue
             if not self._deliver(queue, self._pending):
@@ -220,48 +251,72 @@ class NetBackend(VhostUserDevice):
             moved += 1
         vring.signal_used()
 
-    def _take_chain(self, queue: VirtQueue) -> DescriptorChain | None:
-        if self._spare:
-            return self._spare.popleft()
-        while (chain := queue.pop_avail()) is not None:
-            if chain.readable:
-                queue.drop_chain(chain, "RX chain has device-readable buffers")
-            elif chain.writable_len < self.hdr_len:
-                queue.drop_chain(chain, f"RX buffer shorter than the {self.hdr_len}-byte header")
-            else:
-                return chain
-        return None
-
     def _deliver(self, queue: VirtQueue, length: int) -> bool:
         """Copy the packet in scratch[:length] into guest buffers; False: not enough of them."""
-        chains: list[DescriptorChain] = []
-        room = 0
-        while room < length:
-            chain = self._take_chain(queue)
-            if chain is None:
-                self._spare.extendleft(reversed(chains))
-                return False
-            chains.append(chain)
-            room += chain.writable_len
-            if not self.mergeable:
-                break
-        if room < length:  # no MRG_RXBUF and the guest's buffer is too small: drop
-            self._spare.appendleft(chains[0])
+        if self.mergeable and self._rx_room < length or not self._rx_used:
+            self._rx_room += queue.pop_writable(
+                self._rx_views, self._rx_used, self._rx_nsegs,
+                length - self._rx_room if self.mergeable else 1, self.hdr_len)
+        if not self._rx_used or (self.mergeable and self._rx_room < length):
+            return False
+        if not self.mergeable and self._rx_used[1] < length:
+            # Without MRG_RXBUF a packet must fit one chain: drop it, keep the buffer.
             self.stats["rx_dropped"] += 1
             return True
-        if self.hdr_len == HDR_LEN:
-            _NUM_BUFFERS.pack_into(self._scratch, 10, len(chains))
         src = self._scratch_view
         offset = 0
-        for chain in chains:
-            written = 0
-            for seg in chain.writable:
-                n = min(seg.nbytes, length - offset)
-                seg[:n] = src[offset : offset + n]
-                offset += n
-                written += n
-                if offset == length:
-                    break
-            queue.add_used(chain.head, written)
-        self.stats["rx_packets"] += 1
+        for view in self._rx_views:
+            n = min(view.nbytes, length - offset)
+            view[:n] = src[offset : offset + n]
+            offset += n
+            if offset == length:
+                break
+        self._complete(queue, length)
         return True
+
+    def _complete(self, queue: VirtQueue, length: int) -> None:
+        """The first held chains now hold a ``length``-byte packet: set its num_buffers and
+        hand them to the guest."""
+        used = self._rx_used
+        nsegs = self._rx_nsegs
+        chains = 0
+        held = 0
+        while held < length:
+            held += used[2 * chains + 1]
+            chains += 1
+        entries = used[: 2 * chains]
+        entries[-1] -= held - length  # the last buffer is filled only in part
+        segs = chains if len(nsegs) == len(self._rx_views) else sum(nsegs[:chains])
+        if self.hdr_len == HDR_LEN:
+            _write_at(self._rx_views, 10, _NUM_BUFFERS.pack(chains))
+        del self._rx_views[:segs]
+        del used[: 2 * chains]
+        del nsegs[:chains]
+        self._rx_room -= held
+        queue.add_used_batch(entries)
+        self.stats["rx_packets"] += 1
+
+    def _return_held(self, queue: VirtQueue | None) -> None:
+        """Give back the buffers held for packets that never came (used length 0)."""
+        if queue is not None and self._rx_used:
+            entries = self._rx_used.copy()
+            entries[1::2] = [0] * (len(entries) // 2)
+            queue.add_used_batch(entries)
+        self._rx_views.clear()
+        self._rx_used.clear()
+        self._rx_nsegs.clear()
+        self._rx_room = 0
+
+
+def _write_at(views: list[memoryview], offset: int, data: bytes) -> None:
+    """Write ``data`` at byte ``offset`` of the buffers ``views`` (in order)."""
+    for view in views:
+        if offset < view.nbytes:
+            n = min(len(data), view.nbytes - offset)
+            view[offset : offset + n] = data[:n]
+            data = data[n:]
+            if not data:
+                return
+            offset = 0
+        else:
+            offset -= view.nbytes
