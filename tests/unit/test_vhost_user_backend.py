@@ -23,6 +23,7 @@ from pymvm.devices.virtio.constants import (
 )
 from pymvm.devices.virtio.queue import VRING_DESC_F_NEXT, VRING_DESC_F_WRITE, GuestMemoryMap, VirtQueue
 from pymvm.net.tap import Tap
+from pymvm.vhost.backends import net as net_backend
 from pymvm.vhost.backends.net import HDR_LEN, NetBackend, rarp_frame
 from pymvm.vhost.user import messages as m
 from pymvm.vhost.user.backend import VhostUserDevice, VhostUserServer, Vring
@@ -441,6 +442,38 @@ def test_net_rx_reads_the_tap_straight_into_held_guest_buffers(tap: Tap) -> None
         assert rings.used_idx(0) == queue.last_avail_idx
         assert [rings.used(0, s) for s in range(slot, queue.last_avail_idx)] == \
             [(head, 0) for head in range(slot, queue.last_avail_idx)]
+
+    try:
+        asyncio.run(main())
+    finally:
+        sniff.close()
+
+
+@needs_tun
+def test_net_rx_copies_when_the_held_buffers_are_more_than_readv_takes(
+        tap: Tap, monkeypatch: pytest.MonkeyPatch) -> None:
+    # readv refuses more than IOV_MAX buffers: with that many needed, packets are read into
+    # the scratch buffer and copied, and still arrive whole.
+    monkeypatch.setattr(net_backend, "IOV_MAX", 8)
+    rings = Rings(qsize=64)
+    net = NetBackend(tap)
+    net.set_features(feature_mask(VIRTIO_F_VERSION_1, VIRTIO_NET_F_MRG_RXBUF))
+    for i in range(64):
+        rings.desc(0, i, DATA + 2048 * i, 2048, VRING_DESC_F_WRITE)
+        rings.publish(0, i)
+    pkt = frame(b"\x5a" * 5000)
+    sniff = sniffer(tap.name)
+
+    async def main() -> None:
+        net.queue_started(rings.vrings[0])
+        sniff.send(pkt)
+        await until(lambda: net.stats["rx_packets"] >= 1)
+        assert [rings.used(0, s) for s in range(rings.used_idx(0))] == \
+            [(0, 2048), (1, 2048), (2, HDR_LEN + len(pkt) - 4096)]
+        data = bytes(rings.ram[DATA : DATA + HDR_LEN + len(pkt)])
+        assert struct.unpack_from("<H", data, 10)[0] == 3 and data[HDR_LEN:] == pkt
+        assert net._scratch[HDR_LEN : HDR_LEN + len(pkt)] == pkt  # it went through scratch
+        net.reset()
 
     try:
         asyncio.run(main())

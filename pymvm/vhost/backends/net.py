@@ -54,6 +54,9 @@ MAX_PACKET = 65550 + HDR_LEN
 #: Guest buffer bytes that, once held, let a TAP read go straight into them: the scratch
 #: buffer's size, the most any read takes (a larger frame is lost either way).
 RX_DIRECT_ROOM = MAX_PACKET + 4096
+#: readv takes at most this many buffers (EINVAL beyond); a guest posting buffers so small
+#: that more are needed gets the copy path.
+IOV_MAX = os.sysconf("SC_IOV_MAX")
 #: Packets moved per TAP wakeup before yielding to the loop (keeps TX kicks responsive).
 RX_BATCH = 256
 ETH_P_RARP = 0x8035
@@ -217,7 +220,7 @@ class NetBackend(VhostUserDevice):
                     self._rx_room += queue.pop_writable(
                         self._rx_views, self._rx_used, self._rx_nsegs,
                         RX_DIRECT_ROOM - self._rx_room, hdr_len)
-                if direct and self._rx_room >= RX_DIRECT_ROOM:
+                if direct and self._rx_room >= RX_DIRECT_ROOM and len(self._rx_views) <= IOV_MAX:
                     # Enough guest buffers held for the largest packet: the TAP writes
                     # straight into them, no copy here.
                     try:
@@ -288,7 +291,11 @@ class NetBackend(VhostUserDevice):
         entries[-1] -= held - length  # the last buffer is filled only in part
         segs = chains if len(nsegs) == len(self._rx_views) else sum(nsegs[:chains])
         if self.hdr_len == HDR_LEN:
-            _write_at(self._rx_views, 10, _NUM_BUFFERS.pack(chains))
+            first = self._rx_views[0]
+            if first.nbytes >= HDR_LEN:
+                _NUM_BUFFERS.pack_into(first, 10, chains)
+            else:  # a header split over buffers (legal, if odd)
+                _write_at(self._rx_views, 10, _NUM_BUFFERS.pack(chains))
         del self._rx_views[:segs]
         del used[: 2 * chains]
         del nsegs[:chains]
