@@ -434,7 +434,7 @@ def test_net_rx_reads_the_tap_straight_into_held_guest_buffers(tap: Tap) -> None
             assert struct.unpack_from("<H", data, 10)[0] == buffers  # num_buffers
             assert data[HDR_LEN:] == pkt
             slot += buffers
-        assert not any(net._scratch)
+        assert not any(net._scratch) and net.stats["rx_direct"] == len(pkts)
         # The buffers still held go back unused when the ring stops.
         queue = rings.vrings[0].queue
         assert queue is not None and queue.last_avail_idx > slot
