@@ -3,6 +3,7 @@ built-in back-end's packet rate driven by DPDK.
 
     python bench/vhost_user.py tcp [-t SECONDS] [-n RUNS]   (needs KVM that boots Linux)
     python bench/vhost_user.py pps [-s SECONDS]             (needs dpdk-testpmd)
+    python bench/vhost_user.py rx [-n PACKETS]              (needs root and /dev/net/tun)
 
 `tcp`: the same pymvm guest (bzImage + test initramfs, one vCPU) runs iperf3 against a
 server on the host, both directions, through
@@ -16,7 +17,12 @@ the two directions' ratios).
 `pymvm vhost-user net`, which writes them to its TAP; prints `builtin_pps=N` (frames that
 reached the TAP per second) and the share of testpmd's frames that arrived.
 
-bench/vhost-user runs `pps` on this host and `tcp` where Linux guests can boot (the nested
+`rx`: the built-in back-end's receive path alone, natively: 64 KiB frames written into a
+TAP are delivered into a ring of guest-style mergeable buffers (1536 and 4096 bytes, the
+bounds of what a Linux guest posts) that a driver stand-in refills at once; prints the time
+per packet and per guest buffer, and `builtin_rx_gbps_1536=` / `builtin_rx_gbps_4096=`.
+
+bench/vhost-user runs `pps` and `rx` on this host and `tcp` where Linux guests can boot (the nested
 KVM host on machines whose KVM cannot). Needs root.
 """
 
@@ -218,6 +224,92 @@ def pps(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- rx -------------------------------------------------------------------------------------
+
+RX_QSIZE = 256
+RX_FRAME = 65535  # an Ethernet frame carrying a 64 KiB GSO packet, about
+
+
+def rx_one(buf_size: int, packets: int) -> tuple[float, int, int]:
+    """Seconds spent in the back-end's RX path, guest buffers used, packets delivered."""
+    import socket
+    import struct
+
+    from pyroute2 import IPRoute
+
+    from pymvm.devices.virtio.constants import VIRTIO_F_VERSION_1, VIRTIO_NET_F_MRG_RXBUF, feature_mask
+    from pymvm.devices.virtio.queue import VRING_DESC_F_WRITE, GuestMemoryMap, VirtQueue
+    from pymvm.net.tap import Tap
+    from pymvm.vhost.backends.net import HDR_LEN, RX_DIRECT_ROOM, NetBackend
+    from pymvm.vhost.user.backend import Vring
+
+    # Frames per round: as many as the ring holds beside the buffers the back-end keeps
+    # back for the next read, so that every packet can go the direct way.
+    per_frame = -(-(RX_FRAME + HDR_LEN) // buf_size)
+    per_round = max(1, (RX_QSIZE - -(-RX_DIRECT_ROOM // buf_size)) // per_frame)
+
+    desc, avail, used, data = 0, 0x1000, 0x2000, 0x10000
+    ram = bytearray(data + RX_QSIZE * buf_size)
+    ring = VirtQueue(GuestMemoryMap([(0, memoryview(ram))]), RX_QSIZE, desc, avail, used,
+                     event_idx=True, indirect=True)
+    for i in range(RX_QSIZE):  # slot i always names buffer i: refilling is one idx store
+        struct.pack_into("<QIHH", ram, desc + 16 * i, data + buf_size * i, buf_size, VRING_DESC_F_WRITE, 0)
+        struct.pack_into("<H", ram, avail + 4 + 2 * i, i)
+    posted = RX_QSIZE
+    struct.pack_into("<H", ram, avail + 2, posted)
+    vring = Vring(0, session=None)  # type: ignore[arg-type]
+    vring.queue = ring
+    frame = b"\xff" * 6 + b"\x02\x00\x00\x00\x00\x01" + b"\x88\xb5" + os.urandom(RX_FRAME - 14)
+    with Tap.open("pmvbrx%d") as tap:
+        Path(f"/proc/sys/net/ipv6/conf/{tap.name}/disable_ipv6").write_text("1")
+        with IPRoute() as ipr:
+            ipr.link("set", index=ipr.link_lookup(ifname=tap.name)[0], state="up", mtu=RX_FRAME - 14)
+        backend = NetBackend(tap)
+        backend.set_features(feature_mask(VIRTIO_F_VERSION_1, VIRTIO_NET_F_MRG_RXBUF))
+        backend.rx = vring
+        sender = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+        sender.bind((tap.name, 0))
+        spent = 0.0
+        buffers = 0
+        try:
+            while backend.stats["rx_packets"] < packets:
+                for _ in range(per_round):
+                    sender.send(frame)
+                before = ring.next_used_idx
+                began = time.perf_counter()
+                backend._process_rx()
+                spent += time.perf_counter() - began
+                done = (ring.next_used_idx - before) & 0xFFFF
+                buffers += done
+                posted = (posted + done) & 0xFFFF  # the driver re-posts what came back
+                struct.pack_into("<H", ram, avail + 2, posted)
+        finally:
+            sender.close()
+            backend.rx = None
+            ring.release()
+        if backend.stats["rx_direct"] != backend.stats["rx_packets"]:
+            raise RuntimeError(f"only {backend.stats['rx_direct']} of {backend.stats['rx_packets']} "
+                               f"packets took the direct path")
+        return spent, buffers, backend.stats["rx_packets"]
+
+
+def rx(args: argparse.Namespace) -> int:
+    if os.geteuid() != 0 or not os.path.exists("/dev/net/tun"):
+        print("bench/vhost-user: rx needs root and /dev/net/tun", file=sys.stderr)
+        return 2
+    from pymvm.logging import configure
+
+    configure("warning")
+    for buf_size in (1536, 4096):
+        spent, buffers, packets = rx_one(buf_size, args.packets)
+        gbps = packets * (RX_FRAME + 12) * 8 / spent / 1e9
+        print(f"{packets} frames of {RX_FRAME} bytes into {buf_size}-byte guest buffers: "
+              f"{spent / packets * 1e6:.1f} us per packet, {spent / buffers * 1e6:.2f} us per buffer "
+              f"({buffers / packets:.1f} buffers per packet)")
+        print(f"builtin_rx_gbps_{buf_size}={gbps:.2f}")
+    return 0
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="part", required=True)
@@ -226,8 +318,10 @@ def main() -> int:
     t.add_argument("-n", "--runs", type=int, default=2)
     q = sub.add_parser("pps", help="DPDK virtio_user txonly into the built-in back-end")
     q.add_argument("-s", "--seconds", type=float, default=10.0)
+    r = sub.add_parser("rx", help="the built-in back-end's RX path alone, 64 KiB frames from a TAP")
+    r.add_argument("-n", "--packets", type=int, default=20000)
     args = p.parse_args()
-    return tcp(args) if args.part == "tcp" else pps(args)
+    return {"tcp": tcp, "pps": pps, "rx": rx}[args.part](args)
 
 
 if __name__ == "__main__":

@@ -377,12 +377,14 @@ class VirtQueue:
         budget = table_size  # a chain longer than its table must loop (§2.7.5.2)
         in_indirect = False
         memory = self.memory
+        largest = memory.largest
+        lo, hi, region = largest if largest is not None else (0, 0, None)
         readable_len = writable_len = 0
         while True:
             if budget == 0:
                 raise _InvalidChain(f"chain from head {head} is longer than its table (a loop?)")
             budget -= 1
-            addr, length, flags, nxt = _unpack_desc(table, index * DESC_SIZE)
+            addr, length, flags, nxt = _unpack_desc(table, index << 4)
             if flags & VRING_DESC_F_INDIRECT:
                 if not self.indirect:
                     raise _InvalidChain("indirect descriptor but VIRTIO_RING_F_INDIRECT_DESC is off")
@@ -399,9 +401,12 @@ class VirtQueue:
                 table, table_size, index, budget, in_indirect = view, count, 0, count, True
                 continue
             if length:
-                segs = memory.segments(addr, length)
-                if segs is None:
-                    raise _InvalidChain(f"buffer {addr:#x}+{length:#x} is outside guest memory")
+                if lo <= addr and addr + length <= hi:  # the usual case, checked inline
+                    segs = [region[addr - lo : addr - lo + length]]  # type: ignore[index]
+                else:
+                    segs = memory.segments(addr, length)
+                    if segs is None:
+                        raise _InvalidChain(f"buffer {addr:#x}+{length:#x} is outside guest memory")
                 if flags & VRING_DESC_F_WRITE:
                     writable += segs
                     writable_len += length
