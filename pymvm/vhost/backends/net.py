@@ -14,8 +14,9 @@ per-buffer Python work is what limits host->guest throughput. So RX buffers are 
 batches (``VirtQueue.pop_writable``: one bounds check per single-descriptor chain) and
 held; once they can take the largest packet, ``readv`` on the TAP writes straight into them,
 and the buffers the packet filled go to the used ring in one slice store. With fewer
-buffers than that (a small ring, or a guest short of memory) the packet is read into a
-scratch buffer and copied, as it is without MRG_RXBUF.
+buffers than that (a small ring, a guest short of memory, or buffers so small that readv
+would need more than IOV_MAX of them) the packet is read into a scratch buffer and copied,
+as it is without MRG_RXBUF.
 """
 
 from __future__ import annotations
