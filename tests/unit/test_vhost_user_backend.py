@@ -324,6 +324,12 @@ class Rings:
     def used(self, q: int, slot: int) -> tuple[int, int]:
         return struct.unpack_from("<II", self.ram, self.base(q) + USED + 4 + 8 * slot)
 
+    def post_rx(self, count: int, size: int) -> None:
+        """Post ``count`` RX buffers of ``size`` bytes, descriptor i at DATA + size * i."""
+        for i in range(count):
+            self.desc(0, i, DATA + size * i, size, VRING_DESC_F_WRITE)
+            self.publish(0, i)
+
     def used_idx(self, q: int) -> int:
         return struct.unpack_from("<H", self.ram, self.base(q) + USED + 2)[0]
 
@@ -348,11 +354,26 @@ def sniffer(name: str) -> socket.socket:
     return s
 
 
+def mergeable_net(tap: Tap) -> NetBackend:
+    """A net back-end on ``tap`` whose guest acked VERSION_1 and MRG_RXBUF."""
+    net = NetBackend(tap)
+    net.set_features(feature_mask(VIRTIO_F_VERSION_1, VIRTIO_NET_F_MRG_RXBUF))
+    return net
+
+
+def run_with_sniffer(tap: Tap, main: Callable[[socket.socket], Awaitable[None]]) -> None:
+    """asyncio.run(main(sniff)) with a packet socket on ``tap``'s host side."""
+    sniff = sniffer(tap.name)
+    try:
+        asyncio.run(main(sniff))
+    finally:
+        sniff.close()
+
+
 @needs_tun
 def test_net_tx_chain_is_written_to_the_tap_with_its_vnet_header(tap: Tap) -> None:
     rings = Rings()
-    net = NetBackend(tap)
-    net.set_features(feature_mask(VIRTIO_F_VERSION_1, VIRTIO_NET_F_MRG_RXBUF))
+    net = mergeable_net(tap)
     sniff = sniffer(tap.name)
     pkt = frame(b"guest says hi".ljust(50, b"."))
     rings.ram[DATA : DATA + HDR_LEN] = bytes(HDR_LEN)  # header and frame in separate buffers
@@ -374,19 +395,15 @@ def test_net_tx_chain_is_written_to_the_tap_with_its_vnet_header(tap: Tap) -> No
 @needs_tun
 def test_net_rx_merges_buffers_and_waits_for_a_kick_when_the_guest_has_none(tap: Tap) -> None:
     rings = Rings()
-    net = NetBackend(tap)
-    net.set_features(feature_mask(VIRTIO_F_VERSION_1, VIRTIO_NET_F_MRG_RXBUF))
+    net = mergeable_net(tap)
     pkt = frame(bytes(range(256)) * 12)  # 3086 bytes: needs 4 buffers of 1024 with the header
-    sniff = sniffer(tap.name)
 
-    async def main() -> None:
+    async def main(sniff: socket.socket) -> None:
         net.queue_started(rings.vrings[0])
         sniff.send(pkt)  # out of the host side of the TAP: into the guest's RX queue
         await until(lambda: net._pending is not None and not net._tap_reading)
         assert rings.used_idx(0) == 0  # no buffers yet: nothing delivered, nothing dropped
-        for i in range(QSIZE):
-            rings.desc(0, i, DATA + 1024 * i, 1024, VRING_DESC_F_WRITE)
-            rings.publish(0, i)
+        rings.post_rx(QSIZE, 1024)
         net.queue_kicked(rings.vrings[0])
         await until(lambda: net.stats["rx_packets"] >= 1)
         used = [rings.used(0, s) for s in range(rings.used_idx(0))]
@@ -397,10 +414,7 @@ def test_net_rx_merges_buffers_and_waits_for_a_kick_when_the_guest_has_none(tap:
         assert data[HDR_LEN:] == pkt
         net.reset()
 
-    try:
-        asyncio.run(main())
-    finally:
-        sniff.close()
+    run_with_sniffer(tap, main)
 
 
 @needs_tun
@@ -408,15 +422,11 @@ def test_net_rx_reads_the_tap_straight_into_held_guest_buffers(tap: Tap) -> None
     # 64 buffers of 2 KiB: enough to hold the largest packet, so every read goes into the
     # guest's buffers directly; the back-end's own scratch buffer is never written.
     rings = Rings(qsize=64)
-    net = NetBackend(tap)
-    net.set_features(feature_mask(VIRTIO_F_VERSION_1, VIRTIO_NET_F_MRG_RXBUF))
-    for i in range(64):
-        rings.desc(0, i, DATA + 2048 * i, 2048, VRING_DESC_F_WRITE)
-        rings.publish(0, i)
+    net = mergeable_net(tap)
+    rings.post_rx(64, 2048)
     pkts = [frame(bytes([n]) * size) for n, size in enumerate((8000, 50, 4096 - HDR_LEN - 14, 8986))]
-    sniff = sniffer(tap.name)
 
-    async def main() -> None:
+    async def main(sniff: socket.socket) -> None:
         net.queue_started(rings.vrings[0])
         for pkt in pkts:
             sniff.send(pkt)
@@ -443,10 +453,7 @@ def test_net_rx_reads_the_tap_straight_into_held_guest_buffers(tap: Tap) -> None
         assert [rings.used(0, s) for s in range(slot, queue.last_avail_idx)] == \
             [(head, 0) for head in range(slot, queue.last_avail_idx)]
 
-    try:
-        asyncio.run(main())
-    finally:
-        sniff.close()
+    run_with_sniffer(tap, main)
 
 
 @needs_tun
@@ -456,15 +463,11 @@ def test_net_rx_copies_when_the_held_buffers_are_more_than_readv_takes(
     # the scratch buffer and copied, and still arrive whole.
     monkeypatch.setattr(net_backend, "IOV_MAX", 8)
     rings = Rings(qsize=64)
-    net = NetBackend(tap)
-    net.set_features(feature_mask(VIRTIO_F_VERSION_1, VIRTIO_NET_F_MRG_RXBUF))
-    for i in range(64):
-        rings.desc(0, i, DATA + 2048 * i, 2048, VRING_DESC_F_WRITE)
-        rings.publish(0, i)
+    net = mergeable_net(tap)
+    rings.post_rx(64, 2048)
     pkt = frame(b"\x5a" * 5000)
-    sniff = sniffer(tap.name)
 
-    async def main() -> None:
+    async def main(sniff: socket.socket) -> None:
         net.queue_started(rings.vrings[0])
         sniff.send(pkt)
         await until(lambda: net.stats["rx_packets"] >= 1)
@@ -475,10 +478,7 @@ def test_net_rx_copies_when_the_held_buffers_are_more_than_readv_takes(
         assert net._scratch[HDR_LEN : HDR_LEN + len(pkt)] == pkt  # it went through scratch
         net.reset()
 
-    try:
-        asyncio.run(main())
-    finally:
-        sniff.close()
+    run_with_sniffer(tap, main)
 
 
 @needs_tun
@@ -486,16 +486,14 @@ def test_net_rx_copy_path_writes_num_buffers_across_a_split_header(tap: Tap) -> 
     # Chains of an 8-byte buffer then a 1 KiB one: num_buffers (bytes 10-11 of the header)
     # lands in the second buffer of the first chain.
     rings = Rings()
-    net = NetBackend(tap)
-    net.set_features(feature_mask(VIRTIO_F_VERSION_1, VIRTIO_NET_F_MRG_RXBUF))
+    net = mergeable_net(tap)
     for c in range(4):
         rings.desc(0, 2 * c, DATA + 0x1000 * c, 8, VRING_DESC_F_WRITE | VRING_DESC_F_NEXT, 2 * c + 1)
         rings.desc(0, 2 * c + 1, DATA + 0x1000 * c + 0x100, 1024, VRING_DESC_F_WRITE)
         rings.publish(0, 2 * c)
     pkt = frame(bytes(range(256)) * 6)  # 1550 bytes: two chains
-    sniff = sniffer(tap.name)
 
-    async def main() -> None:
+    async def main(sniff: socket.socket) -> None:
         net.queue_started(rings.vrings[0])
         sniff.send(pkt)
         await until(lambda: net.stats["rx_packets"] >= 1)
@@ -508,10 +506,7 @@ def test_net_rx_copy_path_writes_num_buffers_across_a_split_header(tap: Tap) -> 
         assert struct.unpack_from("<H", data, 10)[0] == 2 and data[HDR_LEN:] == pkt
         net.reset()
 
-    try:
-        asyncio.run(main())
-    finally:
-        sniff.close()
+    run_with_sniffer(tap, main)
 
 
 def test_rarp_frame_announces_the_mac() -> None:

@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import bisect
 import struct
-from array import array
 import sys
 import threading
+from array import array
 from collections.abc import Iterable
 from typing import Final
 

@@ -213,7 +213,6 @@ class NetBackend(VhostUserDevice):
             self._pause_tap()
             return
         queue = vring.queue
-        fd = self.tap_fd
         hdr_len = self.hdr_len
         direct = self.mergeable
         moved = 0
@@ -226,24 +225,16 @@ class NetBackend(VhostUserDevice):
                 if direct and self._rx_room >= RX_DIRECT_ROOM and len(self._rx_views) <= IOV_MAX:
                     # Enough guest buffers held for the largest packet: the TAP writes
                     # straight into them, no copy here.
-                    try:
-                        length = os.readv(fd, self._rx_views)
-                    except BlockingIOError:
-                        break
-                    except OSError as e:
-                        log.warning("vhost_user_net.tap_read_failed", error=str(e))
+                    length = self._read_tap(self._rx_views)
+                    if length is None:
                         break
                     if length >= hdr_len:
                         self._complete(queue, length)
                         self.stats["rx_direct"] += 1
                         moved += 1
                     continue
-                try:
-                    self._pending = os.readv(fd, [self._scratch])
-                except BlockingIOError:
-                    break
-                except OSError as e:
-                    log.warning("vhost_user_net.tap_read_failed", error=str(e))
+                self._pending = self._read_tap([self._scratch])
+                if self._pending is None:
                     break
                 if self._pending < hdr_len:
                     self._pending = None
@@ -258,6 +249,17 @@ class NetBackend(VhostUserDevice):
             moved += 1
         vring.signal_used()
 
+    def _read_tap(self, buffers: list) -> int | None:
+        """One packet from the TAP into ``buffers``, its length; None: nothing to read now
+        (or a failed read, logged)."""
+        try:
+            return os.readv(self.tap_fd, buffers)
+        except BlockingIOError:
+            return None
+        except OSError as e:
+            log.warning("vhost_user_net.tap_read_failed", error=str(e))
+            return None
+
     def _deliver(self, queue: VirtQueue, length: int) -> bool:
         """Copy the packet in scratch[:length] into guest buffers; False: not enough of them."""
         if self.mergeable and self._rx_room < length or not self._rx_used:
@@ -270,14 +272,7 @@ class NetBackend(VhostUserDevice):
             # Without MRG_RXBUF a packet must fit one chain: drop it, keep the buffer.
             self.stats["rx_dropped"] += 1
             return True
-        src = self._scratch_view
-        offset = 0
-        for view in self._rx_views:
-            n = min(view.nbytes, length - offset)
-            view[:n] = src[offset : offset + n]
-            offset += n
-            if offset == length:
-                break
+        _write_at(self._rx_views, 0, self._scratch_view[:length])
         self._complete(queue, length)
         return True
 
@@ -319,7 +314,7 @@ class NetBackend(VhostUserDevice):
         self._rx_room = 0
 
 
-def _write_at(views: list[memoryview], offset: int, data: bytes) -> None:
+def _write_at(views: list[memoryview], offset: int, data: bytes | memoryview) -> None:
     """Write ``data`` at byte ``offset`` of the buffers ``views`` (in order)."""
     for view in views:
         if offset < view.nbytes:
