@@ -395,3 +395,26 @@ def test_invalid_ip_is_rejected(tmp_path: Path, kernel: Path) -> None:
 def test_multiline_values_do_not_break_the_one_line_rule(tmp_path: Path, kernel: Path) -> None:
     msg = error_of(tmp_path, MINIMAL + '[machine]\nvcpus = """\ntwo\n"""\n')
     assert "machine.vcpus" in msg
+
+
+def test_duplicate_tap_name_is_rejected(tmp_path: Path, kernel: Path) -> None:
+    tap = 'tap = "tap0"\n'
+    msg = error_of(tmp_path, MINIMAL + "[[net]]\n" + tap + "[[net]]\n" + tap)
+    assert 'net[1].tap: "tap0" is already used by net[0]; choose a unique tap' in msg
+
+
+def test_host_ip_with_vhost_user_is_rejected(tmp_path: Path, kernel: Path) -> None:
+    msg = error_of(tmp_path, MINIMAL + '[[net]]\nbackend = "vhost-user"\nsocket = "s"\n'
+                   'host_ip = "10.0.0.1/24"\n')
+    assert 'net[0].host_ip: not used with backend = "vhost-user"' in msg
+
+
+def test_host_ip_is_accepted_with_the_builtin_backend(tmp_path: Path, kernel: Path) -> None:
+    cfg = load(tmp_path, MINIMAL + '[[net]]\nbackend = "builtin"\nhost_ip = "10.0.0.1/24"\n')
+    assert cfg.net[0].host_ip == ipaddress.ip_interface("10.0.0.1/24")
+
+
+@pytest.mark.parametrize("bad", ["\\u0000", "\\n"], ids=["nul", "newline"])
+def test_cmdline_with_nul_or_newline_is_rejected(tmp_path: Path, kernel: Path, bad: str) -> None:
+    msg = error_of(tmp_path, MINIMAL + f'cmdline = "console=ttyS0{bad}quiet"\n')
+    assert "boot.cmdline: contains a NUL or newline; remove it" in msg

@@ -379,3 +379,90 @@ def test_backend_without_eventfds_is_refused() -> None:
     ctx = _ctx(VIRTIO_F_VERSION_1, fds=False)
     with pytest.raises(VhostError, match="needs a kick and a call eventfd"):
         backend.activate(ctx, ctx.mem_regions)
+
+
+# ---- the ioctl wrappers' structs, read back at the kernel header's offsets -------------------
+
+
+class IoctlRecorder:
+    """Stands in for the cffi ``lib`` of pymvm.vhost.kernel: each ioctl's argument is kept as
+    the raw bytes the kernel would have read, and GET ioctls are answered like the kernel."""
+
+    def __init__(self, features: int, vring_base: int) -> None:
+        self.calls: list[tuple[int, bytes | int]] = []
+        self._features = features
+        self._vring_base = vring_base
+
+    def __getattr__(self, name: str):
+        return getattr(lib, name)  # constants (ioctl numbers, VHOST_FILE_UNBIND...)
+
+    def pymvm_ioctl_val(self, fd: int, request: int, arg: int) -> int:
+        self.calls.append((request, arg))
+        return 0
+
+    def pymvm_ioctl_ptr(self, fd: int, request: int, arg) -> int:
+        if request == lib.VHOST_GET_FEATURES:
+            arg[0] = self._features
+        elif request == lib.VHOST_GET_VRING_BASE:
+            arg.num = self._vring_base
+        self.calls.append((request, bytes(ffi.buffer(arg))))
+        return 0
+
+    def args(self, request: int) -> list[bytes]:
+        return [a for r, a in self.calls if r == request]
+
+
+def field(raw: bytes, struct_name: str, name: str) -> int:
+    """Field ``name`` of ``struct_name`` in ``raw``, at the offset and size the compiler gives
+    for the system's <linux/vhost.h> (the cdef's ``...;`` makes cffi take them from there)."""
+    ctype = ffi.typeof(struct_name)
+    offset = ffi.offsetof(ctype, name)
+    size = ffi.sizeof(dict(ctype.fields)[name].type)
+    return int.from_bytes(raw[offset:offset + size], "little", signed=name == "fd")
+
+
+def test_ioctl_structs_carry_each_value_at_the_kernel_layout_offset(monkeypatch) -> None:
+    acked = VIRTIO_F_VERSION_1 | bit(lib.VIRTIO_NET_F_MRG_RXBUF)
+    recorder = IoctlRecorder(features=acked, vring_base=1234)
+    monkeypatch.setattr(kernel, "lib", recorder)
+    vhost = VhostNet("/dev/null")
+    vhost.activate(acked, REGIONS, QUEUES, [10, 11], [20, 21], tap_fd=99, vring_bases={1: 7})
+
+    (features,) = recorder.args(lib.VHOST_SET_FEATURES)
+    assert int.from_bytes(features, "little") == acked
+    (mem,) = recorder.args(lib.VHOST_SET_MEM_TABLE)
+    assert field(mem, "struct vhost_memory", "nregions") == 2
+    base = ffi.offsetof("struct vhost_memory", "regions")
+    size = ffi.sizeof("struct vhost_memory_region")
+    for i, region in enumerate(REGIONS):
+        raw = mem[base + i * size:base + (i + 1) * size]
+        assert [field(raw, "struct vhost_memory_region", f)
+                for f in ("guest_phys_addr", "memory_size", "userspace_addr")] == [
+            region.gpa, region.size, region.host_addr]
+
+    def state(raw: bytes) -> tuple[int, int]:
+        return (field(raw, "struct vhost_vring_state", "index"),
+                field(raw, "struct vhost_vring_state", "num"))
+
+    def vfile(raw: bytes) -> tuple[int, int]:
+        return (field(raw, "struct vhost_vring_file", "index"),
+                field(raw, "struct vhost_vring_file", "fd"))
+
+    assert [state(a) for a in recorder.args(lib.VHOST_SET_VRING_NUM)] == [(0, 256), (1, 256)]
+    assert [state(a) for a in recorder.args(lib.VHOST_SET_VRING_BASE)] == [(0, 0), (1, 7)]
+    h = LOW.host_addr
+    addr_fields = ("index", "flags", "desc_user_addr", "avail_user_addr", "used_user_addr",
+                   "log_guest_addr")
+    assert [tuple(field(a, "struct vhost_vring_addr", f) for f in addr_fields)
+            for a in recorder.args(lib.VHOST_SET_VRING_ADDR)] == [
+        (0, 0, h + 0x10000, h + 0x11000, h + 0x12000, 0),
+        (1, 0, h + 0x20000, h + 0x21000, h + 0x22000, 0),
+    ]
+    assert [vfile(a) for a in recorder.args(lib.VHOST_SET_VRING_KICK)] == [(0, 10), (1, 11)]
+    assert [vfile(a) for a in recorder.args(lib.VHOST_SET_VRING_CALL)] == [(0, 20), (1, 21)]
+    assert [vfile(a) for a in recorder.args(lib.VHOST_NET_SET_BACKEND)] == [(0, 99), (1, 99)]
+
+    recorder.calls.clear()
+    assert vhost.deactivate() == {0: 1234, 1: 1234}
+    assert [vfile(a) for a in recorder.args(lib.VHOST_NET_SET_BACKEND)] == [(0, -1), (1, -1)]
+    assert [state(a)[0] for a in recorder.args(lib.VHOST_GET_VRING_BASE)] == [0, 1]

@@ -34,6 +34,7 @@ class FakeDevice(VirtioDevice):
         self.features = features
         self.queue_max_sizes = queues
         self.activations: list[ActivationContext] = []
+        self.config_writes: list[tuple[int, bytes]] = []
         self.resets = 0
         self.fail_activate = False
         self.fail_reset = False
@@ -43,6 +44,9 @@ class FakeDevice(VirtioDevice):
 
     def config_bytes(self) -> bytes:
         return bytes(range(1, 9))
+
+    def write_config(self, offset: int, data: bytes) -> None:
+        self.config_writes.append((offset, data))
 
     def activate(self, ctx: ActivationContext) -> None:
         if self.fail_activate:
@@ -381,6 +385,58 @@ def test_failed_status_blocks_progress_until_reset(driver):
     assert driver.r32(c.VIRTIO_MMIO_STATUS) == ACK | FAILED
     driver.w32(c.VIRTIO_MMIO_STATUS, 0)
     assert driver.r32(c.VIRTIO_MMIO_STATUS) == 0
+
+
+def test_after_failed_status_writes_without_failed_are_ignored_and_driver_ok_is_unreachable(
+    driver, device, eventfds
+):
+    # A driver that set FAILED and then carries on without writing FAILED back (not what
+    # add_status does) must not make progress: only a reset (0) clears FAILED.
+    driver.add_status(ACK)
+    driver.add_status(FAILED)
+    for value in (ACK | DRIVER, ACK | DRIVER | FEATURES_OK,
+                  ACK | DRIVER | FEATURES_OK | DRIVER_OK):
+        driver.w32(c.VIRTIO_MMIO_STATUS, value)
+        assert driver.r32(c.VIRTIO_MMIO_STATUS) == ACK | FAILED
+    assert device.activations == [] and eventfds.activated == []
+
+
+def test_failed_set_after_features_ok_keeps_the_device_from_activating(driver, device):
+    assert driver.negotiate()
+    driver.setup_queue(0, 256, queue_base(0))
+    driver.add_status(FAILED)
+    driver.w32(c.VIRTIO_MMIO_STATUS, ACK | DRIVER | FEATURES_OK | DRIVER_OK)
+    assert driver.r32(c.VIRTIO_MMIO_STATUS) == ACK | DRIVER | FEATURES_OK | FAILED
+    assert device.activations == []
+
+
+def test_config_space_write_reaches_the_device_once_the_driver_is_there(driver, device):
+    driver.add_status(ACK)
+    driver.t.write(c.VIRTIO_MMIO_CONFIG + 2, b"\x01\x02")
+    assert device.config_writes == []  # no DRIVER yet: ignored
+    driver.add_status(DRIVER)
+    driver.t.write(c.VIRTIO_MMIO_CONFIG + 2, b"\x01\x02")
+    assert device.config_writes == [(2, b"\x01\x02")]
+
+
+def test_config_space_write_after_failed_is_ignored(driver, device):
+    driver.add_status(ACK)
+    driver.add_status(DRIVER)
+    driver.add_status(FAILED)
+    driver.t.write(c.VIRTIO_MMIO_CONFIG, b"\xaa")
+    assert device.config_writes == []
+
+
+def test_config_space_write_while_the_device_needs_reset_is_ignored(driver, device):
+    driver.probe()
+    device.signal_needs_reset()
+    driver.t.write(c.VIRTIO_MMIO_CONFIG, b"\xaa")
+    assert device.config_writes == []
+    driver.w32(c.VIRTIO_MMIO_STATUS, 0)  # the reset clears NEEDS_RESET: writes work again
+    driver.add_status(ACK)
+    driver.add_status(DRIVER)
+    driver.t.write(c.VIRTIO_MMIO_CONFIG, b"\xbb")
+    assert device.config_writes == [(0, b"\xbb")]
 
 
 def test_reset_after_driver_ok_resets_device_and_eventfds_and_renegotiation_reactivates(

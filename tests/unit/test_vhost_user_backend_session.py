@@ -1,0 +1,275 @@
+"""What the vhost-user back-end refuses from a front-end, and what a closing session gives back
+(its mappings of guest memory, the vring eventfds it was sent), checked from outside the
+session: /proc/self/maps and /proc/self/fd, not the session's own fields."""
+
+from __future__ import annotations
+
+import asyncio
+import mmap
+import os
+import socket
+import struct
+
+import pytest
+
+from pymvm.vhost.user import messages as m
+from pymvm.vhost.user.backend import MAX_MEM_SLOTS, VhostUserServer
+from tests.unit.test_vhost_user_backend import (
+    AVAIL,
+    DATA,
+    DESC,
+    QSIZE,
+    USED,
+    Frontend,
+    RecordingDevice,
+    run_server,
+    until,
+)
+
+PAGE = mmap.PAGESIZE
+
+
+class Ram:
+    """A memfd with a name of its own (to find its mappings in /proc/self/maps)."""
+
+    def __init__(self, size: int, gpa: int, uva: int) -> None:
+        self.name = f"pymvm-vu-session-{os.getpid()}-{os.urandom(4).hex()}"
+        # Sealable, as the back-end asks of guest memory (so the front-end cannot shrink it).
+        self.fd = os.memfd_create(self.name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        os.ftruncate(self.fd, size)
+        self.map = mmap.mmap(self.fd, size)
+        self.size, self.gpa, self.uva = size, gpa, uva
+        self.avail_idx = 0
+
+    def region(self) -> m.MemoryRegion:
+        return m.MemoryRegion(self.gpa, self.size, self.uva, 0)
+
+    def mappings(self) -> int:
+        """How many mappings of this memfd the process has (ours is one of them)."""
+        with open("/proc/self/maps") as f:
+            return sum(f"/memfd:{self.name} " in line for line in f)
+
+    def desc(self, i: int, gpa: int, length: int) -> None:
+        struct.pack_into("<QIHH", self.map, DESC + 16 * i, gpa, length, 0, 0)
+
+    def publish(self, head: int) -> None:
+        struct.pack_into("<H", self.map, AVAIL + 4 + 2 * (self.avail_idx % QSIZE), head)
+        self.avail_idx += 1
+        struct.pack_into("<H", self.map, AVAIL + 2, self.avail_idx)
+
+    def used_idx(self) -> int:
+        return struct.unpack_from("<H", self.map, USED + 2)[0]
+
+    def close(self) -> None:
+        self.map.close()
+        os.close(self.fd)
+
+
+def eventfds_open() -> int:
+    """Eventfds open in this process (the back-end runs in it: its copies count too)."""
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            count += os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:[eventfd]"
+        except OSError:
+            pass  # closed since listdir
+    return count
+
+
+async def send(fe: Frontend, msg: m.Request) -> None:
+    data, fds = fe.conn.send(msg)
+    anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, bytes(struct.pack(f"{len(fds)}i", *fds)))]
+    fe.sock.sendmsg([data], anc if fds else [])
+
+
+async def assert_dropped(fe: Frontend) -> None:
+    """The back-end closes the connection (a protocol error costs the front-end its session)."""
+    loop = asyncio.get_running_loop()
+    assert await asyncio.wait_for(loop.sock_recv(fe.sock, 64), 5) == b""
+
+
+async def start_ring(fe: Frontend, ram: Ram, ring_uva: int, *, mem: tuple[Ram, ...] = ()
+                     ) -> tuple[int, int]:
+    """Set the memory table (``mem`` or ``ram``) and start vring 0 with its rings at
+    ``ring_uva``; returns the (kick, call) eventfds the test keeps."""
+    rams = mem or (ram,)
+    dups = tuple(os.dup(r.fd) for r in rams)
+    await fe.request(m.SetMemTable(tuple(r.region() for r in rams), dups))
+    for fd in dups:
+        os.close(fd)
+    await fe.request(m.SetVringNum(0, QSIZE))
+    await fe.request(m.SetVringAddr(0, 0, ring_uva + DESC, ring_uva + USED, ring_uva + AVAIL, 0))
+    kick, call = os.eventfd(0, os.EFD_NONBLOCK), os.eventfd(0, os.EFD_NONBLOCK)
+    await fe.request(m.SetVringCall(0, call))
+    await fe.request(m.SetVringKick(0, kick))
+    ack = await fe.request(m.SetVringEnable(0, True, need_reply=True))
+    assert isinstance(ack, m.Ack) and ack.ok
+    return kick, call
+
+
+@pytest.fixture
+def ram():
+    r = Ram(0x40000, gpa=0x100000, uva=0x7F0000000000)
+    yield r
+    r.close()
+
+
+# ---- SET_VRING_BASE --------------------------------------------------------------------------
+
+
+def test_set_vring_base_of_0xffff_is_kept_and_read_back(tmp_path) -> None:
+    async def body(server: VhostUserServer, connect) -> None:
+        fe = await connect()
+        await fe.negotiate()
+        ack = await fe.request(m.SetVringBase(0, 0xFFFF, need_reply=True))
+        assert isinstance(ack, m.Ack) and ack.ok
+        reply = await fe.request(m.GetVringBase(0))
+        assert isinstance(reply, m.VringBaseReply) and reply.num == 0xFFFF
+
+    run_server(tmp_path, RecordingDevice(), body)
+
+
+@pytest.mark.parametrize("base", [0x1_0000, 0xFFFF_FFFF])
+def test_set_vring_base_above_16_bits_drops_the_connection(tmp_path, base: int) -> None:
+    async def body(server: VhostUserServer, connect) -> None:
+        fe = await connect()
+        await fe.negotiate()
+        await send(fe, m.SetVringBase(0, base, need_reply=True))
+        await assert_dropped(fe)
+
+    run_server(tmp_path, RecordingDevice(), body)
+
+
+# ---- front-end address translation ----------------------------------------------------------
+
+
+def test_ring_addresses_translate_through_the_region_that_contains_them(tmp_path) -> None:
+    # Two regions whose front-end (uva) and guest (gpa) layouts differ: a ring in the second
+    # region lies above the first region's start but past its end, and must translate
+    # through the second one.
+    low = Ram(0x40000, gpa=0x100000, uva=0x7F0000000000)
+    high = Ram(0x40000, gpa=0x800000, uva=0x7F0000100000)
+    device = RecordingDevice()
+
+    async def body(server: VhostUserServer, connect) -> None:
+        fe = await connect()
+        await fe.negotiate()
+        kick, call = await start_ring(fe, high, high.uva, mem=(low, high))
+        high.map[DATA:DATA + 4] = b"ring"
+        high.desc(0, high.gpa + DATA, 4)
+        high.publish(0)
+        os.eventfd_write(kick, 1)
+        await until(lambda: device.payloads == [b"ring"])
+        assert high.used_idx() == 1
+        assert low.map[:PAGE] == bytes(PAGE)  # nothing was written through the wrong region
+        for fd in (kick, call):
+            os.close(fd)
+
+    try:
+        run_server(tmp_path, device, body)
+    finally:
+        low.close()
+        high.close()
+
+
+@pytest.mark.parametrize("past_end", [0, PAGE])
+def test_ring_address_at_or_past_the_end_of_the_only_region_drops_the_connection(
+        tmp_path, ram: Ram, past_end: int) -> None:
+    async def body(server: VhostUserServer, connect) -> None:
+        fe = await connect()
+        await fe.negotiate()
+        dup = os.dup(ram.fd)
+        await fe.request(m.SetMemTable((ram.region(),), (dup,)))
+        os.close(dup)
+        await fe.request(m.SetVringNum(0, QSIZE))
+        beyond = ram.uva + ram.size + past_end
+        await fe.request(m.SetVringAddr(0, 0, beyond, beyond + 0x1000, beyond + 0x800, 0))
+        kick = os.eventfd(0, os.EFD_NONBLOCK)
+        await send(fe, m.SetVringKick(0, kick))
+        os.close(kick)
+        await send(fe, m.SetVringEnable(0, True, need_reply=True))
+        await assert_dropped(fe)
+
+    run_server(tmp_path, RecordingDevice(), body)
+
+
+# ---- a closing session -----------------------------------------------------------------------
+
+
+def test_closed_session_unmaps_guest_memory_and_closes_the_vring_eventfds(
+        tmp_path, ram: Ram) -> None:
+    device = RecordingDevice()
+
+    async def body(server: VhostUserServer, connect) -> None:
+        eventfds_before = eventfds_open()
+        assert ram.mappings() == 1  # the test's own
+        fe = await connect()
+        await fe.negotiate()
+        kick, call = await start_ring(fe, ram, ram.uva)
+        err = os.eventfd(0, os.EFD_NONBLOCK)
+        await fe.request(m.SetVringErr(0, err))
+        await fe.request(m.SetVringCall(1, call))  # a vring that never started has fds too
+        await fe.request(m.GetFeatures())  # every fd above has arrived
+        session = server.session
+        assert session is not None
+        assert ram.mappings() == 2
+        assert eventfds_open() == eventfds_before + 3 + 4  # ours + the back-end's copies
+
+        fe.sock.close()  # the front-end goes away
+        await until(lambda: session.closed.done())
+        assert ram.mappings() == 1
+        assert eventfds_open() == eventfds_before + 3
+        for fd in (kick, call, err):
+            os.close(fd)
+
+    run_server(tmp_path, device, body)
+    assert "reset" in device.events
+
+
+def test_session_closed_by_a_protocol_error_gives_back_memory_and_eventfds(
+        tmp_path, ram: Ram) -> None:
+    async def body(server: VhostUserServer, connect) -> None:
+        eventfds_before = eventfds_open()
+        fe = await connect()
+        await fe.negotiate()
+        kick, call = await start_ring(fe, ram, ram.uva)
+        session = server.session
+        assert session is not None and ram.mappings() == 2
+        fe.sock.send(b"\xde\xad\xbe\xef" * 8)
+        await assert_dropped(fe)
+        assert session.closed.done()
+        assert ram.mappings() == 1
+        assert eventfds_open() == eventfds_before + 2
+        for fd in (kick, call):
+            os.close(fd)
+
+    run_server(tmp_path, RecordingDevice(), body)
+
+
+# ---- ADD_MEM_REG ------------------------------------------------------------------------------
+
+
+def test_add_mem_reg_beyond_the_offered_slots_drops_the_connection(tmp_path) -> None:
+    slots = [Ram(PAGE, gpa=0x100000 + i * 0x10000, uva=0x7F0000000000 + i * 0x10000)
+             for i in range(MAX_MEM_SLOTS + 1)]
+
+    async def body(server: VhostUserServer, connect) -> None:
+        fe = await connect()
+        await fe.negotiate()
+        reply = await fe.request(m.GetMaxMemSlots())
+        assert isinstance(reply, m.MaxMemSlotsReply) and reply.slots == MAX_MEM_SLOTS
+        for ram in slots[:MAX_MEM_SLOTS]:
+            ack = await fe.request(m.AddMemReg(ram.region(), ram.fd, need_reply=True))
+            assert isinstance(ack, m.Ack) and ack.ok
+        session = server.session
+        assert session is not None and len(session.regions) == MAX_MEM_SLOTS
+        await send(fe, m.AddMemReg(slots[-1].region(), slots[-1].fd, need_reply=True))
+        await assert_dropped(fe)
+        assert slots[-1].mappings() == 1  # never mapped by the back-end
+        assert all(ram.mappings() == 1 for ram in slots)  # and the rest were unmapped
+
+    try:
+        run_server(tmp_path, RecordingDevice(), body)
+    finally:
+        for ram in slots:
+            ram.close()
