@@ -130,7 +130,8 @@ def cmd_vhost_user_net(args: argparse.Namespace) -> int:
             print(f"pymvm: error: cannot bring TAP {tap.name} up: {e}", file=sys.stderr)
             return EXIT_USAGE
         backend = NetBackend(tap)
-        server = VhostUserServer(args.socket, backend, client=args.client)
+        server = VhostUserServer(args.socket, backend, client=args.client,
+                                 allow_unsealed_memory=args.allow_unsealed_memory)
         log.info("vhost_user_net.start", mode="client" if args.client else "server")
         try:
             asyncio.run(serve(server))
@@ -173,6 +174,10 @@ def build_parser() -> argparse.ArgumentParser:
     vun.add_argument("--tap", required=True, metavar="NAME", help="TAP to create or attach to")
     vun.add_argument("--client", action="store_true",
                      help="connect to a front-end listening on --socket instead of listening")
+    vun.add_argument("--allow-unsealed-memory", action="store_true",
+                     help="accept guest memory fds the front-end could shrink (memfds without "
+                          "F_SEAL_SHRINK, hugetlbfs files; DPDK's virtio-user): only for a "
+                          "trusted front-end, a shrink kills the back-end (SIGBUS)")
     vun.set_defaults(func=cmd_vhost_user_net)
     return p
 
@@ -188,6 +193,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
                       ("pymvm.images.initramfs", "InitramfsError"),
                       ("pymvm.devices.bus", "BusError"),
                       ("pymvm.vmm", "VmmError"),
+                      ("pymvm.devices.manager", "DeviceManagerError"),
                       ("pymvm.vhost.errors", "VhostError"),
                       ("pymvm.net.errors", "NetError"),
                       ("pymvm.devices.virtio.device", "VirtioError"),

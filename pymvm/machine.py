@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextvars
 import enum
+import functools
 import os
 import signal
 import struct
@@ -37,7 +38,7 @@ class StopKind(enum.Enum):
     GUEST_SHUTDOWN = "guest-shutdown"  # KVM shutdown event
     GUEST_HALTED = "guest-halted"  # HLT with no in-kernel irqchip (test programs)
     SIGNAL = "signal"  # SIGINT/SIGTERM to the VMM
-    REQUESTED = "requested"  # the embedding program asked
+    REQUESTED = "requested"  # the embedding program (or the control API's "stop") asked
     ERROR = "error"  # the guest or the VMM failed
 
 
@@ -51,6 +52,7 @@ class StopReason:
 class MachineState(enum.Enum):
     CREATED = "created"
     RUNNING = "running"
+    PAUSED = "paused"  # every vCPU thread parked outside KVM_RUN
     STOPPING = "stopping"
     STOPPED = "stopped"
     CLOSED = "closed"
@@ -60,18 +62,28 @@ class MachineStateError(Exception):
     """An operation was asked of a machine in a state that does not allow it."""
 
 
+class StateError(MachineStateError):
+    """``operation`` needs the machine in one of ``required``; it is in ``state``."""
+
+    def __init__(self, operation: str, state: MachineState,
+                 required: tuple[MachineState, ...]) -> None:
+        self.operation = operation
+        self.state = state
+        self.required = required
+        allowed = " or ".join(s.value for s in required)
+        super().__init__(f"{operation}() needs the machine {allowed}, it is {state.value}")
+
+
 def requires_state(*states: MachineState):
     """Refuse a call unless the machine is in one of ``states`` (qemu.qmp's pattern)."""
 
     def wrap(func):
+        @functools.wraps(func)
         def inner(self, *args, **kwargs):
             if self.state not in states:
-                allowed = ", ".join(s.value for s in states)
-                raise MachineStateError(f"{func.__name__}() needs the machine {allowed}, it is {self.state.value}")
+                raise StateError(func.__name__, self.state, states)
             return func(self, *args, **kwargs)
 
-        inner.__name__ = func.__name__
-        inner.__doc__ = func.__doc__
         return inner
 
     return wrap
@@ -93,7 +105,13 @@ class Machine:
         self.pio_bus = Bus("pio")
         self.irqchip = irqchip
         self._threads: list[threading.Thread] = []
-        self._stop_lock = threading.Lock()
+        # Guards stop_reason, the pause request and immediate_exit; vCPUs park on it.
+        self._run_cond = threading.Condition()
+        self._pause_requested = False
+        self._parked = 0
+        #: Exits the Python run loop handled, by KVM exit reason (EXIT_INTERRUPTED = -1),
+        #: one list per vCPU (plain list stores: no lock on the hot path).
+        self.exit_counts: list[dict[int, int]] = []
         self._stopped = threading.Event()
         self.stop_reason: StopReason | None = None
         self.on_stop: Callable[[StopReason], None] | None = None
@@ -152,6 +170,7 @@ class Machine:
     def start(self) -> None:
         _install_kick_handler()
         self.state = MachineState.RUNNING
+        self.exit_counts = [{} for _ in self.vcpus]
         for vcpu in self.vcpus:
             vcpu.use_fast_reads(self.fast_reads)
             ctx = contextvars.copy_context()
@@ -166,17 +185,26 @@ class Machine:
         return self.stop_reason
 
     def request_stop(self, reason: StopReason) -> None:
-        """Stop every vCPU; thread-safe and idempotent (the first reason wins)."""
-        with self._stop_lock:
+        """Stop every vCPU; thread-safe and idempotent (the first reason wins). Works on a
+        paused machine too: parked vCPUs wake and leave."""
+        with self._run_cond:
             if self.stop_reason is not None:
                 return
             self.stop_reason = reason
-            if self.state == MachineState.RUNNING:
+            if self.state in (MachineState.RUNNING, MachineState.PAUSED):
                 self.state = MachineState.STOPPING
+            # Under the lock: a vCPU leaving its parking spot cannot clear this again.
+            for vcpu in self.vcpus:
+                if vcpu.fd >= 0:
+                    vcpu.set_immediate_exit(True)
+            self._run_cond.notify_all()
         log.info("vm_stopping", reason=reason.kind.value, detail=reason.message, exit_status=reason.exit_status)
-        for vcpu in self.vcpus:
-            if vcpu.fd >= 0:
-                vcpu.set_immediate_exit(True)
+        self._kick_vcpus()
+        self._stopped.set()
+        if self.on_stop is not None:
+            self.on_stop(reason)
+
+    def _kick_vcpus(self) -> None:
         me = threading.current_thread()
         for t in self._threads:
             if t is not me and t.is_alive() and t.ident is not None:
@@ -184,9 +212,67 @@ class Machine:
                     signal.pthread_kill(t.ident, KICK_SIGNAL)
                 except ProcessLookupError:
                     pass
-        self._stopped.set()
-        if self.on_stop is not None:
-            self.on_stop(reason)
+
+    # ---- pause / resume --------------------------------------------------------------------
+    @requires_state(MachineState.RUNNING, MachineState.PAUSED)
+    def pause(self, timeout: float | None = 10.0) -> None:
+        """Park every vCPU thread outside KVM_RUN; returns once all are parked (the guest
+        then makes no progress). Idempotent. Raises TimeoutError if a vCPU is held up
+        longer than ``timeout`` inside a device (the pause stays requested)."""
+        with self._run_cond:
+            if self.state == MachineState.PAUSED:
+                return
+            self._pause_requested = True
+            for vcpu in self.vcpus:
+                if vcpu.fd >= 0:
+                    vcpu.set_immediate_exit(True)  # an entry racing the kick returns at once
+        self._kick_vcpus()
+        with self._run_cond:
+            if not self._run_cond.wait_for(
+                    lambda: self._parked >= self._live_vcpu_threads() or self.stop_reason is not None,
+                    timeout):
+                raise TimeoutError(f"vCPUs did not park within {timeout} s")
+            if self.stop_reason is not None:
+                self._pause_requested = False
+                raise StateError("pause", self.state, (MachineState.RUNNING, MachineState.PAUSED))
+            self.state = MachineState.PAUSED
+        log.info("vm_paused")
+
+    @requires_state(MachineState.RUNNING, MachineState.PAUSED)
+    def resume(self) -> None:
+        """Let parked vCPUs enter the guest again; idempotent."""
+        with self._run_cond:
+            if self.state == MachineState.RUNNING and not self._pause_requested:
+                return
+            self._pause_requested = False
+            if self.state == MachineState.PAUSED:
+                self.state = MachineState.RUNNING
+            self._run_cond.notify_all()
+        log.info("vm_resumed")
+
+    @property
+    def paused_vcpus(self) -> int:
+        """How many vCPU threads are parked now."""
+        return self._parked
+
+    def _live_vcpu_threads(self) -> int:
+        return sum(1 for t in self._threads if t.is_alive())
+
+    def _park(self, vcpu: Vcpu) -> None:
+        """Called by a vCPU thread out of KVM_RUN: wait while a pause is requested, then
+        clear immediate_exit unless the machine is stopping (all under the lock that pause()
+        and request_stop() set it under, so neither request is lost)."""
+        with self._run_cond:
+            if self._pause_requested and self.stop_reason is None:
+                self._parked += 1
+                self._run_cond.notify_all()
+                try:
+                    self._run_cond.wait_for(
+                        lambda: not self._pause_requested or self.stop_reason is not None)
+                finally:
+                    self._parked -= 1
+            if self.stop_reason is None and not self._pause_requested:
+                vcpu.set_immediate_exit(False)
 
     def join(self, timeout: float = 5.0) -> None:
         me = threading.current_thread()
@@ -222,8 +308,11 @@ class Machine:
         mmio_data_off = _MMIO_DATA
         EXIT_IO, EXIT_MMIO, IO_OUT = k.KVM_EXIT_IO, k.KVM_EXIT_MMIO, k.KVM_EXIT_IO_OUT
         run = vcpu.run
+        # Exits counted per kind for the metrics: one dict update next to a bus dispatch.
+        counts = self.exit_counts[vcpu.id] if vcpu.id < len(self.exit_counts) else {}
         while self.stop_reason is None:
             reason = run()
+            counts[reason] = counts.get(reason, 0) + 1
             if reason == EXIT_IO:
                 direction, size, port, count, offset = io_fields(page, io_off)
                 if direction == IO_OUT:
@@ -246,7 +335,7 @@ class Machine:
                     mmio_read(addr, buf)
                     view[mmio_data_off:mmio_data_off + length] = buf
             elif reason == EXIT_INTERRUPTED or reason == k.KVM_EXIT_INTR:
-                continue
+                self._park(vcpu)  # a kick: a pause or a stop request (signals are rare)
             else:
                 self._handle_other_exit(vcpu, reason)
 
@@ -307,7 +396,7 @@ class Machine:
     def close(self) -> None:
         if self.state == MachineState.CLOSED:
             return
-        if self.state in (MachineState.RUNNING, MachineState.STOPPING):
+        if self.state in (MachineState.RUNNING, MachineState.PAUSED, MachineState.STOPPING):
             self.request_stop(StopReason(StopKind.REQUESTED, "machine closed", 0))
             self.join()
         for fd in self._eventfds:

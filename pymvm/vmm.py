@@ -23,6 +23,7 @@ from .boot.params import write_boot_data
 from .config import NetConfig, VmConfig
 from .devices.boot_timer import BootTimer, process_start_monotonic_ns
 from .devices.i8042 import I8042
+from .devices.manager import DeviceManager
 from .devices.serial import OUTPUT_FLUSH_INTERVAL_S, Serial8250
 from .machine import Machine, StopKind, StopReason
 
@@ -51,11 +52,7 @@ class VirtualMachine:
         self.machine: Machine | None = None
         self.kernel: LoadedKernel | None = None
         self.cmdline = ""
-        self._cmdline_extra: list[str] = []
-        self._closers: list = []  # undo steps, run newest first at close()
-        self.transports: list = []
-        self.fast_reads: list = []  # FastRead handles: their hit counts outlive the machine
-        self.host_networks: dict = {}
+        self.devices: DeviceManager | None = None  # owns every virtio device and its parts
         self._build(serial_out)
 
     # ---- build -------------------------------------------------------------------------------
@@ -76,8 +73,9 @@ class VirtualMachine:
             m.mmio_bus.insert(self.boot_timer, layout.BOOT_TIMER_ADDR, layout.BOOT_TIMER_SIZE, "boot-timer")
 
             # virtio-mmio devices; their data planes live in vhost back-ends.
+            self.devices = DeviceManager(m)
             for index, net in enumerate(cfg.net):
-                self._add_net(index, net)
+                self.devices.add_net(index, net)
 
             # Kernel, initrd, command line, boot_params, MP table.
             self.kernel = load_kernel(m.memory, cfg.boot.kernel)
@@ -112,77 +110,8 @@ class VirtualMachine:
         return None
 
     def _cmdline(self) -> str:
-        return " ".join([self.config.boot.cmdline, *self._cmdline_extra])
-
-    def _add_net(self, index: int, net: "NetConfig") -> None:
-        from .devices.virtio.constants import VIRTIO_MMIO_INTERRUPT_STATUS
-        from .devices.virtio.mmio import VirtioMmioTransport
-        from .devices.virtio.net import VirtioNetDevice
-        from .devices.virtio.plumbing import InterruptEventfd, KvmEventfdPlumbing
-
-        m = self.machine
-        assert m is not None and m.vm is not None and m.memory is not None
-        slot = len(self.transports)
-        base = layout.VIRTIO_MMIO_START + slot * layout.VIRTIO_MMIO_SIZE
-        irq = layout.VIRTIO_IRQ_BASE + slot
-        if irq > layout.VIRTIO_IRQ_MAX:
-            raise VmmError(f"net[{index}]: too many virtio devices (at most "
-                           f"{layout.VIRTIO_IRQ_MAX - layout.VIRTIO_IRQ_BASE + 1}); remove some")
-        backend = self._net_backend(index, net)
-        mac = bytes(int(part, 16) for part in net.mac.split(":"))
-        device = VirtioNetDevice(mac, net.mtu, backend)
-        plumbing = KvmEventfdPlumbing(m.vm, base, irq)
-        self._closers.append(plumbing.close)
-        transport = VirtioMmioTransport(device, irq=irq, interrupt=InterruptEventfd(m.irq_eventfd(irq)),
-                                        eventfds=plumbing, mmio_base=base, mem_regions=m.memory.regions)
-        m.mmio_bus.insert(transport, base, layout.VIRTIO_MMIO_SIZE, f"virtio-net:{net.id}")
-        # Read on every interrupt: answered by the vCPU's C loop, not the Python bus.
-        fast = m.add_fast_read(base + VIRTIO_MMIO_INTERRUPT_STATUS)
-        self.fast_reads.append(fast)
-        transport.serve_interrupt_status_from(fast.set)
-        self.transports.append(transport)
-        self._cmdline_extra.append(transport.cmdline_fragment())
-        if net.ip is not None:
-            from .images.initramfs import encode_net
-
-            self._cmdline_extra.append(encode_net(f"eth{index}", str(net.ip)))
-        log.info("net_device_added", net=net.id, backend=net.backend, mac=net.mac,
-                 mmio_base=hex(base), irq=irq)
-
-    def _net_backend(self, index: int, net: "NetConfig"):
-        if net.backend == "vhost-net":
-            from .net.host import HostNetwork
-            from .vhost.kernel import VhostNetBackend
-
-            host_ip = str(net.host_ip) if net.host_ip is not None else None
-            hostnet = HostNetwork.create(net.tap, mtu=net.mtu, bridge=net.bridge, netns=net.netns,
-                                         host_address=host_ip)
-            self._closers.append(hostnet.close)
-            self.host_networks[net.id] = hostnet
-            backend = VhostNetBackend(hostnet.tap)
-            self._closers.append(backend.close)  # runs before hostnet.close (reverse order)
-            backend.features()  # opens /dev/vhost-net now: a missing module is a build error
-            return backend
-        if net.backend in ("vhost-user", "builtin"):
-            from .vhost.user.frontend import BuiltinNetBackendProcess, VhostUserNetBackend
-
-            # The back-end maps guest RAM through its fd: it must be memfd/hugetlbfs shared.
-            assert all(r.fd >= 0 for r in self.machine.memory.regions)
-            if net.backend == "vhost-user":
-                assert net.socket is not None  # the config requires it
-                socket_path, mode = str(net.socket), net.socket_mode
-            else:
-                host_ip = str(net.host_ip) if net.host_ip is not None else None
-                process = BuiltinNetBackendProcess.start(net.tap, mtu=net.mtu, bridge=net.bridge,
-                                                         netns=net.netns, host_ip=host_ip)
-                self._closers.append(process.close)  # after the front-end's (reverse order)
-                self.host_networks[net.id] = process.host_network
-                socket_path, mode = process.socket_path, "client"
-            backend = VhostUserNetBackend(socket_path, mode)
-            self._closers.append(backend.close)
-            return backend
-        raise VmmError(f"net[{index}].backend = {net.backend!r} is not available in this build; "
-                       "use backend = \"vhost-net\"")
+        assert self.devices is not None
+        return " ".join([self.config.boot.cmdline, *self.devices.cmdline_fragments()])
 
     def _on_i8042_reset(self) -> None:
         assert self.machine is not None
@@ -254,6 +183,12 @@ class VirtualMachine:
             return None
         return fd
 
+    def fast_mmio_reads(self) -> int:
+        """Guest MMIO reads the vCPUs answered in C (their counters outlive the machine)."""
+        if self.devices is None:
+            return 0
+        return sum(d.fast_read.hits for d in self.devices.mmio_devices() if d.fast_read is not None)
+
     # ---- teardown ----------------------------------------------------------------------------
     def close(self) -> None:
         if self.machine is not None:
@@ -261,12 +196,8 @@ class VirtualMachine:
                 self.machine.close()  # vCPUs stopped first: no device activity while undoing
             except Exception as e:  # the host resources below must be undone regardless
                 log.warning("teardown_step_failed", step="Machine.close", error=str(e))
-        while self._closers:
-            closer = self._closers.pop()
-            try:
-                closer()
-            except Exception as e:  # keep undoing the rest
-                log.warning("teardown_step_failed", step=getattr(closer, "__qualname__", "?"), error=str(e))
+        if self.devices is not None:
+            self.devices.close()  # each device: back-end, host network, plumbing
         self.machine = None
         if getattr(self, "serial", None) is not None:
             self.serial.flush()
@@ -314,6 +245,6 @@ def run_vm(config: VmConfig) -> int:
             signal.signal(s, handler)
     log.info("vm_stopped", reason=reason.kind.value, detail=reason.message,
              exit_status=reason.exit_status, boot_time_us=vm.boot_timer.boot_time_us,
-             fast_mmio_reads=sum(f.hits for f in vm.fast_reads),
+             fast_mmio_reads=vm.fast_mmio_reads(),
              runtime_s=round(time.monotonic() - started, 3))
     return reason.exit_status

@@ -241,6 +241,10 @@ class Asm:
         self._mode(64, "mov rax, [rbx]")
         return self._emit(0x48, 0x8B, 0x03)
 
+    def inc_qword_rbx(self) -> Asm:
+        self._mode(64, "inc qword [rbx]")
+        return self._emit(0x48, 0xFF, 0x03)
+
     def shr_rax(self, count: int) -> Asm:
         self._mode(64, "shr rax, imm8")
         return self._emit(0x48, 0xC1, 0xE8, count)

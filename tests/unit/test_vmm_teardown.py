@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pymvm.devices.manager import DeviceManager
 from pymvm.vmm import VirtualMachine
 
 
@@ -14,11 +15,17 @@ def test_host_resources_are_undone_even_if_closing_the_machine_fails():
     vm = VirtualMachine.__new__(VirtualMachine)  # only the teardown state, no KVM
     undone: list[str] = []
     vm.machine = FailingMachine()
-    vm._closers = [lambda: undone.append("tap"), lambda: undone.append("bridge")]
+    vm.devices = DeviceManager(vm.machine)
+    net0 = vm.devices.reserve("net0", "net")
+    net0.host.stack.callback(undone.append, "tap")
+    net0.backend.stack.callback(undone.append, "vhost")
+    net1 = vm.devices.reserve("net1", "net")
+    net1.host.stack.callback(undone.append, "bridge")
     vm._serial_file = None
     vm.serial = None
 
     vm.close()  # must not raise: the TAP and bridge would leak
 
-    assert undone == ["bridge", "tap"]  # the reverse of the order they were made in
+    # Newest device first; in each, the back-end before the host network it uses.
+    assert undone == ["bridge", "vhost", "tap"]
     assert vm.machine is None

@@ -1,0 +1,317 @@
+"""The VM's device registry: virtio-mmio slots and IRQs, devices by id, and their owned parts.
+
+Firecracker's ``device_manager/mmio.rs`` in Python: one object allocates each virtio-mmio
+device a page of the MMIO hole and an IOAPIC pin (pymvm.layout), keeps the devices by id in
+slot order, and is the single source for the kernel command line (and the ACPI tables). Each
+device owns its parts separately, each closed by its own ExitStack:
+
+- the transport's KVM plumbing (ioeventfd/irqfd) and its place on the bus;
+- the back-end (vhost-net, a vhost-user front-end): the data plane, replaceable while the
+  device lives (``replace_backend``);
+- the host network (TAP, bridge, namespace, or a built-in back-end process that owns them).
+
+Closing a device closes the back-end first (vhost holds a reference to the TAP), then the host
+network, then the plumbing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import structlog
+
+from .. import layout
+from .virtio import constants as vc
+
+if TYPE_CHECKING:
+    from ..config import NetConfig
+    from ..machine import Machine
+    from .virtio.device import VirtioDevice
+    from .virtio.mmio import VirtioMmioTransport
+
+log = structlog.get_logger()
+
+
+class DeviceManagerError(Exception):
+    """A device could not be added (no slot or IRQ left, duplicate id, unknown back-end)."""
+
+
+class DeviceNotFoundError(DeviceManagerError, KeyError):
+    """No device has the id asked for."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else "device not found"
+
+
+@dataclass(frozen=True)
+class MmioSlot:
+    """One virtio-mmio window and its interrupt: ``index`` counts from 0 in slot order."""
+
+    index: int
+    base: int
+    size: int
+    irq: int
+
+
+class SlotAllocator:
+    """Hands out virtio-mmio slots in order: page ``index`` of the window and pin ``index``
+    of ``irqs``. Runs out when either the pins or the window do."""
+
+    def __init__(self, first_base: int = layout.VIRTIO_MMIO_START,
+                 slot_size: int = layout.VIRTIO_MMIO_SIZE,
+                 window_end: int = layout.IOAPIC_ADDR,
+                 irqs: range = range(layout.VIRTIO_IRQ_BASE, layout.VIRTIO_IRQ_MAX + 1)) -> None:
+        self.first_base = first_base
+        self.slot_size = slot_size
+        self.irqs = irqs
+        self.capacity = min(len(irqs), (window_end - first_base) // slot_size)
+        self._next = 0
+
+    def allocate(self, what: str) -> MmioSlot:
+        index = self._next
+        if index >= self.capacity:
+            if index >= len(self.irqs):
+                why = (f"all {len(self.irqs)} virtio IRQs ({self.irqs.start}-"
+                       f"{self.irqs.stop - 1}) are taken")
+            else:
+                why = f"the virtio-mmio window holds only {self.capacity} devices"
+            raise DeviceManagerError(
+                f"{what}: no virtio-mmio slot left: {why}; remove a device from the config")
+        self._next += 1
+        return MmioSlot(index, self.first_base + index * self.slot_size, self.slot_size,
+                        self.irqs[index])
+
+
+@dataclass
+class OwnedPart:
+    """Something a device owns (a back-end, a host network) with the stack that closes it."""
+
+    obj: Any = None
+    stack: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
+
+    def close(self) -> None:
+        try:
+            self.stack.close()
+        finally:
+            self.obj = None
+
+
+@dataclass
+class MmioDevice:
+    """One virtio-mmio device in the registry. ``kind``: "net" (later "vsock", "block")."""
+
+    id: str
+    kind: str
+    slot: MmioSlot
+    device: Any  # the VirtioDevice model
+    transport: VirtioMmioTransport | None = None
+    fast_read: Any = None  # its InterruptStatus FastRead (hits count for the metrics)
+    backend: OwnedPart = field(default_factory=OwnedPart)
+    host: OwnedPart = field(default_factory=OwnedPart)
+    plumbing: OwnedPart = field(default_factory=OwnedPart)
+    info: dict[str, Any] = field(default_factory=dict)  # kind-specific facts for the API
+    cmdline_extra: list[str] = field(default_factory=list)
+
+    @property
+    def mmio_base(self) -> int:
+        return self.slot.base
+
+    @property
+    def mmio_size(self) -> int:
+        return self.slot.size
+
+    @property
+    def irq(self) -> int:
+        return self.slot.irq
+
+    def driver_status(self) -> dict[str, Any]:
+        """What the guest driver did: features acked, DRIVER_OK, NEEDS_RESET."""
+        t = self.transport
+        status = t.status if t is not None else 0
+        return {
+            "status": status,
+            "features_acked": f"{t.acked_features:#x}" if t is not None else "0x0",
+            "driver_ok": bool(status & vc.VIRTIO_CONFIG_S_DRIVER_OK),
+            "needs_reset": bool(status & vc.VIRTIO_CONFIG_S_NEEDS_RESET),
+            "failed": bool(status & vc.VIRTIO_CONFIG_S_FAILED),
+        }
+
+    def replace_backend(self, backend: Any, close: Callable[[], None] | None = None) -> OwnedPart:
+        """Install a new back-end part and return the old one, unclosed (the caller moves
+        the rings over, then closes it). The device model must be told separately."""
+        old = self.backend
+        self.backend = OwnedPart(backend)
+        if close is not None:
+            self.backend.stack.callback(close)
+        return old
+
+    def close(self) -> None:
+        """Back-end, then host network, then plumbing; each step runs even if one fails."""
+        for name, part in (("backend", self.backend), ("host", self.host),
+                           ("plumbing", self.plumbing)):
+            try:
+                part.close()
+            except Exception as e:  # keep undoing the rest
+                log.warning("teardown_step_failed", device=self.id, step=name, error=str(e))
+
+
+class DeviceManager:
+    """The devices of one Machine: allocation, registry, command line. Owns every device."""
+
+    def __init__(self, machine: Machine, allocator: SlotAllocator | None = None) -> None:
+        self.machine = machine
+        self.allocator = allocator or SlotAllocator()
+        self._devices: dict[str, MmioDevice] = {}
+
+    # ---- registry ----------------------------------------------------------------------------
+    def __iter__(self) -> Iterator[MmioDevice]:
+        return iter(self.mmio_devices())
+
+    def __len__(self) -> int:
+        return len(self._devices)
+
+    def get(self, device_id: str) -> MmioDevice:
+        try:
+            return self._devices[device_id]
+        except KeyError:
+            known = ", ".join(self._devices) or "none"
+            raise DeviceNotFoundError(
+                f"no device with id {device_id!r} (devices: {known})") from None
+
+    def mmio_devices(self) -> list[MmioDevice]:
+        """Every virtio-mmio device in slot order (the order the guest enumerates them)."""
+        return sorted(self._devices.values(), key=lambda d: d.slot.index)
+
+    def devices_of_kind(self, kind: str) -> list[MmioDevice]:
+        return [d for d in self.mmio_devices() if d.kind == kind]
+
+    def cmdline_fragments(self) -> list[str]:
+        """``virtio_mmio.device=`` for each device, then the device's own extras."""
+        from .virtio.mmio import virtio_mmio_cmdline
+
+        parts: list[str] = []
+        for d in self.mmio_devices():
+            parts.append(virtio_mmio_cmdline(d.mmio_base, d.irq, d.mmio_size))
+            parts.extend(d.cmdline_extra)
+        return parts
+
+    def cmdline(self) -> str:
+        return " ".join(self.cmdline_fragments())
+
+    # ---- adding devices ----------------------------------------------------------------------
+    def reserve(self, device_id: str, kind: str, device: Any = None) -> MmioDevice:
+        """Allocate a slot and register an (empty) device record under ``device_id``."""
+        if device_id in self._devices:
+            raise DeviceManagerError(f"device id {device_id!r} is used twice; give each device "
+                                     "its own id")
+        slot = self.allocator.allocate(f"{kind} device {device_id!r}")
+        record = MmioDevice(device_id, kind, slot, device)
+        self._devices[device_id] = record
+        return record
+
+    def attach_transport(self, record: MmioDevice, device: VirtioDevice) -> VirtioMmioTransport:
+        """Wrap ``device`` in a virtio-mmio transport at the record's slot: KVM eventfd
+        plumbing, the MMIO bus range, and InterruptStatus served by the vCPUs' C fast path."""
+        from .virtio.constants import VIRTIO_MMIO_INTERRUPT_STATUS
+        from .virtio.mmio import VirtioMmioTransport
+        from .virtio.plumbing import InterruptEventfd, KvmEventfdPlumbing
+
+        m = self.machine
+        assert m.vm is not None and m.memory is not None
+        slot = record.slot
+        record.device = device
+        plumbing = KvmEventfdPlumbing(m.vm, slot.base, slot.irq)
+        record.plumbing.obj = plumbing
+        record.plumbing.stack.callback(plumbing.close)
+        transport = VirtioMmioTransport(
+            device, irq=slot.irq, interrupt=InterruptEventfd(m.irq_eventfd(slot.irq)),
+            eventfds=plumbing, mmio_base=slot.base, mem_regions=m.memory.regions)
+        m.mmio_bus.insert(transport, slot.base, slot.size, f"virtio-{record.kind}:{record.id}")
+        record.plumbing.stack.callback(self._remove_from_bus, slot.base)
+        # Read on every interrupt: answered by the vCPU's C loop, not the Python bus.
+        fast = m.add_fast_read(slot.base + VIRTIO_MMIO_INTERRUPT_STATUS)
+        transport.serve_interrupt_status_from(fast.set)
+        record.fast_read = fast
+        record.transport = transport
+        return transport
+
+    def _remove_from_bus(self, base: int) -> None:
+        remove = getattr(self.machine.mmio_bus, "remove", None)
+        if remove is not None:
+            remove(base)
+
+    def add_net(self, index: int, net: NetConfig) -> MmioDevice:
+        """A virtio-net device for ``net[index]`` of the config, with its back-end and host
+        network; on failure everything made for it is undone."""
+        from .virtio.net import VirtioNetDevice
+
+        record = self.reserve(net.id, "net")
+        try:
+            self._net_backend(record, index, net)
+            mac = bytes(int(part, 16) for part in net.mac.split(":"))
+            device = VirtioNetDevice(mac, net.mtu, record.backend.obj)
+            self.attach_transport(record, device)
+            if net.ip is not None:
+                from ..images.initramfs import encode_net
+
+                record.cmdline_extra.append(encode_net(f"eth{index}", str(net.ip)))
+        except BaseException:
+            self._devices.pop(net.id, None)
+            record.close()
+            raise
+        log.info("net_device_added", net=net.id, backend=net.backend, mac=net.mac,
+                 mmio_base=hex(record.mmio_base), irq=record.irq)
+        return record
+
+    def _net_backend(self, record: MmioDevice, index: int, net: NetConfig) -> None:
+        info = record.info
+        info.update(backend=net.backend, tap=None, socket=None, netns=net.netns,
+                    bridge=net.bridge, mac=net.mac)
+        host_ip = str(net.host_ip) if net.host_ip is not None else None
+        if net.backend == "vhost-net":
+            from ..net.host import HostNetwork
+            from ..vhost.kernel import VhostNetBackend
+
+            hostnet = HostNetwork.create(net.tap, mtu=net.mtu, bridge=net.bridge, netns=net.netns,
+                                         host_address=host_ip)
+            record.host.obj = hostnet
+            record.host.stack.callback(hostnet.close)
+            info["tap"] = hostnet.tap.name
+            backend = VhostNetBackend(hostnet.tap)
+            record.backend.obj = backend
+            record.backend.stack.callback(backend.close)
+            backend.features()  # opens /dev/vhost-net now: a missing module is a build error
+            return
+        if net.backend in ("vhost-user", "builtin"):
+            from ..vhost.user.frontend import BuiltinNetBackendProcess, VhostUserNetBackend
+
+            # The back-end maps guest RAM through its fd: it must be memfd/hugetlbfs shared.
+            assert self.machine.memory is not None
+            assert all(r.fd >= 0 for r in self.machine.memory.regions)
+            if net.backend == "vhost-user":
+                assert net.socket is not None  # the config requires it
+                socket_path, mode = str(net.socket), net.socket_mode
+            else:
+                process = BuiltinNetBackendProcess.start(net.tap, mtu=net.mtu, bridge=net.bridge,
+                                                         netns=net.netns, host_ip=host_ip)
+                record.host.obj = process
+                record.host.stack.callback(process.close)
+                info["tap"] = process.host_network.tap.name
+                socket_path, mode = process.socket_path, "client"
+            info["socket"] = socket_path
+            backend = VhostUserNetBackend(socket_path, mode)
+            record.backend.obj = backend
+            record.backend.stack.callback(backend.close)
+            return
+        raise DeviceManagerError(f"net[{index}].backend = {net.backend!r} is not available in "
+                                 "this build; use backend = \"vhost-net\"")
+
+    # ---- teardown ------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Close every device, newest first."""
+        for record in reversed(self.mmio_devices()):
+            record.close()
+        self._devices.clear()
