@@ -159,17 +159,26 @@ def load_config(
         raise ConfigError(
             f"{source}: not UTF-8 text (byte {exc.start}); save it as UTF-8"
         ) from None
+    too_deep = ConfigError(
+        f"{source}: arrays or inline tables nested too deeply for the TOML parser; "
+        f"a VM config needs at most a few levels: flatten the value"
+    )
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{source}: {_describe_toml_error(exc)}") from None
-    return parse_config(
-        data,
-        path.parent,
-        source,
-        resolve_artifact=resolve_artifact,
-        available_memory_mib=available_memory_mib,
-    )
+    except RecursionError:  # tomllib recurses once per nesting level
+        raise too_deep from None
+    try:
+        return parse_config(
+            data,
+            path.parent,
+            source,
+            resolve_artifact=resolve_artifact,
+            available_memory_mib=available_memory_mib,
+        )
+    except RecursionError:  # a deep value that parsed, then was compared or printed
+        raise too_deep from None
 
 
 def _describe_toml_error(exc: tomllib.TOMLDecodeError) -> str:

@@ -4,10 +4,15 @@ Shared, fd-backed memory is what lets vhost back-ends (the kernel's vhost-net, o
 vhost-user process that mmaps the fd) reach the guest's buffers directly. RAM is split
 around the 32-bit MMIO hole: [0, hole) and, for large guests, [4 GiB, ...).
 Host views are memoryview slices of the mapping: no copies.
+
+The memfd is sealed against shrinking and growing (F_SEAL_SHRINK | F_SEAL_GROW, as QEMU's
+memory-backend-memfd does): a vhost-user back-end that maps it can then trust its size, and
+refuses memory that a front-end could truncate under it (a SIGBUS in the back-end).
 """
 
 from __future__ import annotations
 
+import fcntl
 import mmap
 import os
 from dataclasses import dataclass, field
@@ -74,13 +79,17 @@ class GuestMemory:
         self.size = size
         self.hugepages = hugepages
         self.regions: list[MemoryRegion] = []
-        flags = os.MFD_CLOEXEC | (MFD_HUGETLB if hugepages else 0)
+        flags = os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING | (MFD_HUGETLB if hugepages else 0)
         try:
             self.fd = os.memfd_create(name, flags)
         except OSError as e:
             raise GuestMemoryError(f"memfd_create failed: {e.strerror}") from None
         try:
             os.ftruncate(self.fd, size)
+            try:
+                fcntl.fcntl(self.fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
+            except OSError as e:
+                raise GuestMemoryError(f"cannot seal the guest memfd: {e.strerror}") from None
             offset = 0
             for gpa, length in ram_ranges(size):
                 try:

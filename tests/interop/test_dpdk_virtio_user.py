@@ -41,7 +41,10 @@ class Backend:
         self.sock, self.tap = sock, tap
         self._log = log.open("wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "pymvm.cli", "vhost-user", "net", "--socket", sock, "--tap", tap],
+            # DPDK's --no-huge memfd is made without MFD_ALLOW_SEALING: it cannot be sealed
+            # against shrinking, so the back-end accepts it only when told to trust the peer.
+            [sys.executable, "-m", "pymvm.cli", "vhost-user", "net", "--socket", sock, "--tap", tap,
+             "--allow-unsealed-memory"],
             stdout=self._log, stderr=subprocess.STDOUT,
         )
         self.log_path = log

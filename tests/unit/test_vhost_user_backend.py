@@ -101,7 +101,8 @@ class GuestRam:
     """A memfd the test (as the driver) writes rings into, shared with the back-end."""
 
     def __init__(self) -> None:
-        self.fd = os.memfd_create("vhost-user-test")
+        # Sealable: the back-end seals it against shrinking (a truncated mapping is a SIGBUS).
+        self.fd = os.memfd_create("vhost-user-test", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         os.ftruncate(self.fd, MEM_SIZE)
         self.map = mmap.mmap(self.fd, MEM_SIZE)
         self.avail_idx = 0

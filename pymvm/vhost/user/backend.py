@@ -17,6 +17,7 @@ import array
 import asyncio
 import contextlib
 import errno
+import fcntl
 import mmap
 import os
 import socket
@@ -115,13 +116,54 @@ class _Region:
             log.warning("vhost_user.unmap_deferred", gpa=hex(self.region.guest_phys_addr))
 
 
-def _map_region(region: m.MemoryRegion, fd: int) -> _Region:
+def _guard_against_shrink(region: m.MemoryRegion, fd: int, length: int,
+                          allow_unsealed: bool) -> None:
+    """Make sure the front-end cannot take the region's pages away under us.
+
+    A mapped file that shrinks turns every access past its new end into SIGBUS, which
+    Python cannot survive: one ``ftruncate`` by the front-end would kill the back-end. So a
+    region's fd must be a memfd sealed with F_SEAL_SHRINK (QEMU's memory-backend-memfd and
+    pymvm seal theirs). A memfd that still allows sealing is sealed here; one that cannot be
+    sealed (created without MFD_ALLOW_SEALING, as DPDK's) or an fd that is no memfd
+    (hugetlbfs or tmpfs files) is refused unless the back-end was started with
+    ``allow_unsealed`` (the operator trusts the front-end). The fd must also cover the whole
+    region: a mapping past the end of the file faults the same way.
+    """
+    try:
+        seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+    except OSError:
+        seals = None  # not a memfd: no seals at all
+    if seals is not None and not seals & (fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_SEAL):
+        with contextlib.suppress(OSError):
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
+            seals |= fcntl.F_SEAL_SHRINK
+    where = (f"memory region gpa={region.guest_phys_addr:#x} size={region.memory_size:#x}")
+    if not (seals is not None and seals & fcntl.F_SEAL_SHRINK) and not allow_unsealed:
+        what = "not a memfd" if seals is None else "a memfd that cannot be sealed"
+        raise VhostUserRemoteError(
+            f"{where}: its fd is {what}, so the front-end could shrink it and crash the "
+            f"back-end; pass a memfd with F_SEAL_SHRINK (or MFD_ALLOW_SEALING), or start the "
+            f"back-end with --allow-unsealed-memory if the front-end is trusted"
+        )
+    try:
+        st = os.fstat(fd)
+    except OSError as e:
+        raise VhostUserRemoteError(f"{where}: cannot stat its fd: {e.strerror}") from None
+    if stat.S_ISREG(st.st_mode) and st.st_size < length:
+        raise VhostUserRemoteError(
+            f"{where}: needs {length:#x} bytes of its fd (mmap_offset + size), "
+            f"the file has {st.st_size:#x}"
+        )
+
+
+def _map_region(region: m.MemoryRegion, fd: int, allow_unsealed: bool = False) -> _Region:
     """mmap ``mmap_offset + memory_size`` bytes of ``fd`` shared (as libvhost-user does: the
     offset need not be page aligned) and view the region's part of it."""
     try:
         if region.memory_size == 0:
             raise VhostUserRemoteError("memory region of size 0")
         length = region.mmap_offset + region.memory_size
+        _guard_against_shrink(region, fd, length, allow_unsealed)
         mapping = mmap.mmap(fd, length, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
     except (OSError, ValueError, OverflowError) as e:
         raise VhostUserRemoteError(
@@ -208,10 +250,11 @@ class _Session:
     """One front-end connection: protocol state, mapped memory, vrings."""
 
     def __init__(self, sock: socket.socket, device: VhostUserDevice,
-                 loop: asyncio.AbstractEventLoop) -> None:
+                 loop: asyncio.AbstractEventLoop, *, allow_unsealed_memory: bool = False) -> None:
         self.sock = sock
         self.device = device
         self.loop = loop
+        self.allow_unsealed_memory = allow_unsealed_memory
         self.conn = BackendConnection()
         self.regions: list[_Region] = []
         self.memory: GuestMemoryMap | None = None
@@ -327,8 +370,12 @@ class _Session:
 
     # -- rings ----------------------------------------------------------------------------
 
-    def _vring(self, index: int) -> Vring:
+    def _vring(self, index: int, fd: int | None = None) -> Vring:
+        """The vring at ``index``; a bad index closes ``fd`` (the message's, now ours)."""
         if not 0 <= index < len(self.vrings):
+            if fd is not None:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
             raise VhostUserRemoteError(
                 f"vring index {index} out of range: this device has {len(self.vrings)} queues"
             )
@@ -359,10 +406,16 @@ class _Session:
             )
         except VirtQueueError as e:
             raise VhostUserRemoteError(str(e)) from None
+        if vring.kick_fd is not None:
+            try:
+                self.loop.add_reader(vring.kick_fd, self._on_kick, vring)
+            except (OSError, ValueError) as e:  # a regular file or /dev/null: epoll says EPERM
+                queue.release()
+                raise VhostUserRemoteError(
+                    f"kick fd of vring {vring.index} cannot be polled ({e}); send an eventfd"
+                ) from None
         vring.queue = queue
         vring._err_reported = False
-        if vring.kick_fd is not None:
-            self.loop.add_reader(vring.kick_fd, self._on_kick, vring)
         self.log.info("vhost_user.vring_started", vring=vring.index, size=vring.num,
                       base=vring.base, used=queue.next_used_idx)
         self.device.queue_started(vring)
@@ -445,7 +498,7 @@ class _Session:
         mapped: list[_Region] = []
         try:
             for region, fd in zip(regions, fds, strict=True):
-                mapped.append(_map_region(region, fd))
+                mapped.append(_map_region(region, fd, self.allow_unsealed_memory))
         except BaseException:
             for r in mapped:
                 r.close()
@@ -536,7 +589,7 @@ class _Session:
         return m.VringBaseReply(index=msg.index, num=vring.base)
 
     def _set_vring_kick(self, msg: m.SetVringKick) -> None:
-        vring = self._vring(msg.index)
+        vring = self._vring(msg.index, msg.fd)
         self._stop(vring)
         if vring.kick_fd is not None:
             os.close(vring.kick_fd)
@@ -550,13 +603,13 @@ class _Session:
         self._maybe_start(vring)
 
     def _set_vring_call(self, msg: m.SetVringCall) -> None:
-        vring = self._vring(msg.index)
+        vring = self._vring(msg.index, msg.fd)
         if vring.call_fd is not None:
             os.close(vring.call_fd)
         vring.call_fd = msg.fd
 
     def _set_vring_err(self, msg: m.SetVringErr) -> None:
-        vring = self._vring(msg.index)
+        vring = self._vring(msg.index, msg.fd)
         if vring.err_fd is not None:
             os.close(vring.err_fd)
         vring.err_fd = msg.fd
@@ -601,12 +654,17 @@ class VhostUserServer:
     """
 
     def __init__(self, path: str, device: VhostUserDevice, *, client: bool = False,
-                 reconnect_delay: float = 1.0) -> None:
+                 reconnect_delay: float = 1.0, allow_unsealed_memory: bool = False,
+                 listener: socket.socket | None = None) -> None:
         self.path = path
         self.device = device
+        self.allow_unsealed_memory = allow_unsealed_memory
         self.client = client
         self.reconnect_delay = reconnect_delay
-        self._listener: socket.socket | None = None
+        #: A listening socket made (and bound) by whoever started us, or None to bind ``path``.
+        self._listener: socket.socket | None = listener
+        if listener is not None:
+            listener.setblocking(False)
         self.session: _Session | None = None
         self.sessions_served = 0
 
@@ -652,7 +710,8 @@ class VhostUserServer:
         try:
             while True:
                 sock = await self._accept()
-                self.session = _Session(sock, self.device, loop)
+                self.session = _Session(sock, self.device, loop,
+                                        allow_unsealed_memory=self.allow_unsealed_memory)
                 self.sessions_served += 1
                 try:
                     await asyncio.shield(self.session.closed)

@@ -1,0 +1,241 @@
+"""Hardening (issue 14): hostile front-ends cannot crash or drain the vhost-user back-end,
+and bad configs end in one line. Each test reproduces a defect found by fuzzing."""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import structlog
+
+from pymvm.memory import GuestMemory
+from pymvm.vhost.user import messages as m
+from tests.unit.test_vhost_user_backend import (
+    AVAIL,
+    DATA,
+    DESC,
+    MEM_GPA,
+    MEM_UVA,
+    QSIZE,
+    USED,
+    Frontend,
+    RecordingDevice,
+    run_server,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+MIB = 1 << 20
+
+# A back-end in its own process, so that a crash (SIGBUS) is visible as the process dying.
+BACKEND_CHILD = textwrap.dedent("""
+    import asyncio, sys
+    from pymvm.logging import configure
+    from pymvm.vhost.user.backend import VhostUserServer
+    configure("warning")
+    from tests.unit.test_vhost_user_backend import RecordingDevice
+    server = VhostUserServer(sys.argv[1], RecordingDevice())
+    server.listen()
+    print("listening", flush=True)
+    asyncio.run(server.serve_forever())
+""")
+
+
+def fd_count() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+async def connect(path: str) -> Frontend:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, path)
+    return Frontend(sock)
+
+
+# ---------------------------------------------------------------------------------------------
+# (a) a front-end that shrinks its memory must not kill the back-end (SIGBUS)
+
+
+@pytest.mark.parametrize("sealable", [False, True], ids=["plain-memfd", "sealable-memfd"])
+def test_backend_survives_a_frontend_that_shrinks_its_memfd_under_a_live_ring(
+        tmp_path: Path, sealable: bool) -> None:
+    path = str(tmp_path / "vu.sock")
+    child = subprocess.Popen([sys.executable, "-c", BACKEND_CHILD, path], cwd=REPO,
+                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    flags = os.MFD_CLOEXEC | (os.MFD_ALLOW_SEALING if sealable else 0)
+    memfd = os.memfd_create("hostile-frontend", flags)
+    os.ftruncate(memfd, MIB)
+    try:
+        assert child.stdout is not None and child.stdout.readline() == b"listening\n"
+
+        async def hostile() -> list[str]:
+            notes: list[str] = []
+            fe = await connect(path)
+            await fe.negotiate()
+            kick, call = os.eventfd(0, os.EFD_NONBLOCK), os.eventfd(0, os.EFD_NONBLOCK)
+            try:
+                ack = await fe.request(m.SetMemTable((m.MemoryRegion(MEM_GPA, MIB, MEM_UVA, 0),),
+                                                     (memfd,), need_reply=True))
+                notes.append(f"mem table ack {getattr(ack, 'status', None)}")
+                await fe.request(m.SetVringNum(0, QSIZE))
+                await fe.request(m.SetVringAddr(0, 0, MEM_UVA + DESC, MEM_UVA + USED,
+                                                MEM_UVA + AVAIL, 0))
+                await fe.request(m.SetVringCall(0, call))
+                await fe.request(m.SetVringKick(0, kick))
+                await fe.request(m.SetVringEnable(0, True, need_reply=True))
+            except (m.VhostUserRemoteError, OSError, asyncio.TimeoutError) as e:
+                notes.append(f"refused: {e!r}")
+            try:
+                os.ftruncate(memfd, 0)  # pull the pages out from under the ring
+                notes.append("shrunk")
+            except PermissionError:
+                notes.append("shrink refused by the seal")
+            os.eventfd_write(kick, 1)
+            await asyncio.sleep(0.5)
+            fe.sock.close()
+            os.close(kick)
+            os.close(call)
+            return notes
+
+        notes = asyncio.run(hostile())
+        time.sleep(0.2)
+        assert child.poll() is None, f"back-end died ({child.returncode}) after {notes}"
+        assert os.path.exists(path)
+        if sealable:  # the back-end sealed the memfd itself: the shrink could not happen
+            assert "shrink refused by the seal" in notes
+            assert fcntl.fcntl(memfd, fcntl.F_GET_SEALS) & fcntl.F_SEAL_SHRINK
+        else:  # an unsealable memfd is refused at SET_MEM_TABLE
+            assert any(n.startswith("refused") for n in notes), notes
+
+        async def next_client() -> None:
+            fe = await connect(path)
+            assert isinstance(await fe.request(m.GetFeatures()), m.FeaturesReply)
+            fe.sock.close()
+
+        asyncio.run(next_client())  # and the back-end still serves the next front-end
+    finally:
+        os.close(memfd)
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+
+
+def test_pymvm_guest_memory_is_sealed_against_shrink_and_grow() -> None:
+    with GuestMemory(2 * MIB) as mem:
+        seals = fcntl.fcntl(mem.fd, fcntl.F_GET_SEALS)
+        assert seals & fcntl.F_SEAL_SHRINK and seals & fcntl.F_SEAL_GROW
+        with pytest.raises(PermissionError):
+            os.ftruncate(mem.fd, MIB)
+
+
+def test_region_larger_than_its_fd_is_refused_not_mapped(tmp_path: Path) -> None:
+    memfd = os.memfd_create("short", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    os.ftruncate(memfd, 4096)
+
+    async def body(server, connect_) -> None:
+        fe = await connect_()
+        await fe.negotiate()
+        ack = await fe.request(m.SetMemTable((m.MemoryRegion(MEM_GPA, MIB, MEM_UVA, 0),),
+                                             (memfd,), need_reply=True))
+        assert ack is None or not getattr(ack, "ok", True)
+
+    try:
+        with structlog.testing.capture_logs() as logs:
+            with pytest.raises((m.VhostUserRemoteError, OSError, asyncio.TimeoutError)):
+                run_server(tmp_path, RecordingDevice(), body)
+    finally:
+        os.close(memfd)
+    reasons = [e["reason"] for e in logs if e["event"] == "vhost_user.disconnected"]
+    assert reasons and "the file has 0x1000" in reasons[0], reasons
+
+
+# ---------------------------------------------------------------------------------------------
+# (b) fds of SET_VRING_KICK/CALL/ERR with an out-of-range index are closed
+
+
+@pytest.mark.parametrize("request_type", [m.SetVringKick, m.SetVringCall, m.SetVringErr])
+def test_vring_fd_with_out_of_range_index_is_closed_not_leaked(tmp_path: Path, request_type) -> None:
+    async def body(server, connect_) -> None:
+        before = fd_count()
+        for index in (2, 7, 255):
+            for _ in range(10):
+                fe = await connect_()
+                await fe.negotiate()
+                efd = os.eventfd(0)
+                fe.sock.sendmsg(*_encoded(fe, request_type(index, efd)))
+                os.close(efd)
+                assert await asyncio.wait_for(
+                    asyncio.get_running_loop().sock_recv(fe.sock, 64), 5) == b""
+                fe.sock.close()
+        await asyncio.sleep(0.05)
+        assert fd_count() == before
+
+    run_server(tmp_path, RecordingDevice(), body)
+
+
+def _encoded(fe: Frontend, msg: m.Request) -> tuple[list[bytes], list]:
+    import array
+
+    data, fds = fe.conn.send(msg)
+    return [data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
+
+
+# ---------------------------------------------------------------------------------------------
+# (c) a kick fd that cannot be polled is a protocol error
+
+
+@pytest.mark.parametrize("kind", ["dev-null", "regular-file"])
+def test_unpollable_kick_fd_is_a_protocol_error(tmp_path: Path, kind: str) -> None:
+    from tests.unit.test_vhost_user_backend import GuestRam
+
+    ram = GuestRam()
+    kick = os.open("/dev/null" if kind == "dev-null" else str(tmp_path / "f"),
+                   os.O_RDWR | os.O_CREAT)
+
+    async def body(server, connect_) -> None:
+        fe = await connect_()
+        await fe.negotiate()
+        dup = os.dup(ram.fd)
+        await fe.request(m.SetMemTable((ram.region(),), (dup,)))
+        os.close(dup)
+        await fe.request(m.SetVringNum(0, QSIZE))
+        await fe.request(m.SetVringAddr(0, 0, MEM_UVA + DESC, MEM_UVA + USED, MEM_UVA + AVAIL, 0))
+        await fe.request(m.SetVringKick(0, kick))
+        with pytest.raises((m.VhostUserRemoteError, OSError, asyncio.TimeoutError)):
+            await fe.request(m.SetVringEnable(0, True, need_reply=True))
+        fe.sock.close()
+        await asyncio.sleep(0.05)
+
+    try:
+        with structlog.testing.capture_logs() as logs:
+            run_server(tmp_path, RecordingDevice(), body)
+    finally:
+        ram.close()
+        os.close(kick)
+    assert not [e for e in logs if e["event"] == "vhost_user.session_failed"]
+    reasons = [e["reason"] for e in logs if e["event"] == "vhost_user.disconnected"]
+    assert reasons and reasons[0].startswith("protocol error: kick fd of vring 0 cannot be polled")
+
+
+# ---------------------------------------------------------------------------------------------
+# (d) deeply nested TOML: one line, exit 2
+
+
+@pytest.mark.parametrize("command", ["validate", "run"])
+@pytest.mark.parametrize("value", ["[" * 500 + "]" * 500, "{a = " * 1000 + "1" + "}" * 1000],
+                         ids=["array-500", "inline-table-1000"])
+def test_deeply_nested_toml_is_one_line_and_exit_2(tmp_path: Path, command: str, value: str) -> None:
+    cfg = tmp_path / "deep.toml"
+    cfg.write_text(f'id = "deep"\nx = {value}\n')
+    out = subprocess.run([sys.executable, "-m", "pymvm.cli", command, str(cfg)], cwd=REPO,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2, out.stderr[-500:]
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("pymvm: error: ") and "nested too deeply" in lines[0]
