@@ -3,6 +3,7 @@
     0x0000_0500  GDT                     0x0000_7000  boot_params (zero page)
     0x0000_8ff0  boot stack top          0x0000_9000  PML4, then PDPT and 4 PDs
     0x0002_0000  kernel command line     0x0009_fc00  MP table (in the EBDA)
+    0x000e_0000  ACPI tables (RSDP first, in the BIOS area Linux scans), e820-reserved
     0x0010_0000  kernel (HIMEM_START)    ...          initrd at the top of low RAM
     0xd000_0000  32-bit MMIO hole: boot timer, then one page per virtio-mmio device
     0xfec0_0000  IOAPIC, 0xfee0_0000 LAPIC (inside the hole, emulated by KVM)
@@ -21,6 +22,10 @@ CMDLINE_MAX_SIZE = 0x10000
 EBDA_START = 0x9FC00
 MPTABLE_START = EBDA_START
 HIMEM_START = 0x100000
+# ACPI tables (pymvm.boot.acpi): the RSDP must lie in 0xE0000-0xFFFFF for Linux's legacy scan.
+ACPI_TABLES_START = 0xE0000
+ACPI_TABLES_SIZE = 0x20000
+ACPI_RSDP_ADDR = ACPI_TABLES_START
 
 MMIO_HOLE_START = 0xD000_0000
 MMIO_HOLE_END = 0x1_0000_0000
@@ -43,3 +48,11 @@ VIRTIO_IRQ_MAX = 23
 COM1_PORT = 0x3F8
 I8042_DATA_PORT = 0x60
 I8042_CMD_PORT = 0x64
+# ACPI hardware-reduced power management (pymvm.devices.acpi_pm): the FADT's sleep
+# control/status registers and reset register, one byte each.
+ACPI_PM_PORT = 0x600
+ACPI_SLEEP_CONTROL_PORT = ACPI_PM_PORT
+ACPI_SLEEP_STATUS_PORT = ACPI_PM_PORT + 1
+ACPI_RESET_PORT = ACPI_PM_PORT + 2
+ACPI_PM_PORT_COUNT = 3
+ACPI_RESET_VALUE = 0x01
