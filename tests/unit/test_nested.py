@@ -688,3 +688,73 @@ def test_main_inside_the_nested_host_never_nests_again(
     monkeypatch.setattr(nested, "in_nested_host", lambda: True)
     monkeypatch.setattr(nested, "run_nested", lambda *a, **kw: pytest.fail("nested again"))
     assert nested.main(["--", "true"]) == 0
+
+
+# ------------------------------------------------------------------- benchmark attempts
+
+
+def test_attempts_rerun_the_whole_command_only_after_a_frozen_or_dead_host(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    statuses = iter([EXIT_TIMEOUT, EXIT_NESTED_HOST_DIED, 3])
+    calls = []
+
+    def run_once() -> int:
+        calls.append(1)
+        return next(statuses)
+
+    assert nested.run_with_attempts(run_once, 3) == 3  # the command's own status, third host
+    assert len(calls) == 3
+    err = capsys.readouterr().err
+    assert "attempt 2 of 3" in err and "attempt 3 of 3" in err
+    assert "not a result of the command" in err
+
+
+def test_attempts_never_rerun_a_command_that_failed_by_itself() -> None:
+    calls = []
+
+    def run_once() -> int:
+        calls.append(1)
+        return 1  # the benchmark itself failed: a real result, never retried
+
+    assert nested.run_with_attempts(run_once, 3) == 1
+    assert len(calls) == 1
+
+
+def test_attempts_give_up_with_the_hosts_status(capsys: pytest.CaptureFixture[str]) -> None:
+    assert nested.run_with_attempts(lambda: EXIT_TIMEOUT, 2) == EXIT_TIMEOUT
+    assert "giving up after 2 attempt(s)" in capsys.readouterr().err
+
+
+def test_main_reruns_in_a_fresh_nested_host_when_the_first_one_died(
+    fake_vng: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The first fake host dies without recording a status; the second runs the command.
+    monkeypatch.setattr(nested, "can_boot_linux_here", lambda: (False, "test"))
+    monkeypatch.setattr(nested, "in_nested_host", lambda: False)
+    monkeypatch.chdir(fake_vng)
+    marker = fake_vng / "died-once"
+    # FAKE_MODE is read by the fake vng; switch it after the first host via a wrapper.
+    real_run_nested = nested.run_nested
+    hosts = []
+
+    def run_nested(*args, **kwargs):
+        hosts.append(1)
+        monkeypatch.setenv("FAKE_MODE", "die" if len(hosts) == 1 else "run")
+        return real_run_nested(*args, **kwargs)
+
+    monkeypatch.setattr(nested, "run_nested", run_nested)
+    rc = nested.main(["--attempts", "3", "--", "sh", "-c", f"touch {marker}; exit 4"])
+    assert rc == 4
+    assert len(hosts) == 2
+    assert marker.exists()
+    assert "attempt 2 of 3" in capsys.readouterr().err
+
+
+def test_bench_wrappers_retry_in_a_fresh_nested_host() -> None:
+    root = Path(__file__).resolve().parents[2]
+    wrappers = [p for p in (root / "bench").iterdir() if p.is_file() and not p.suffix
+                and "pymvm.nested" in p.read_text()]
+    assert wrappers, "no bench wrapper runs the nested host"
+    for wrapper in wrappers:
+        assert "--attempts" in wrapper.read_text(), f"{wrapper.name} has no retry"
