@@ -148,3 +148,76 @@ def test_host_address_goes_on_the_tap_without_a_bridge_and_on_the_bridge_with_on
         assert "10.214.1.1/24" in addresses(names.bridge)
         assert not any(a.startswith("10.214.") for a in addresses(names.tap))
     assert link(names.bridge) is None
+
+
+# ---- bridges shared with others: another VM's, or one the user made ---------------------------
+
+
+def ports_of(bridge: str) -> set[str]:
+    with IPRoute() as ipr:
+        idx = ipr.link_lookup(ifname=bridge)[0]
+        return {link.get_attr("IFLA_IFNAME") for link in ipr.get_links()
+                if link.get_attr("IFLA_MASTER") == idx}
+
+
+def add_veth(name: str) -> None:
+    """A port for a bridge that is none of pymvm's (a veth pair; its peer goes with it)."""
+    subprocess.run(["ip", "link", "add", name, "type", "veth", "peer", "name", name + "p"],
+                   check=True)
+
+
+def test_bridge_shared_by_two_vms_stays_until_the_last_one_closes(names: Names) -> None:
+    first = HostNetwork.create(bridge=names.bridge)  # pymvm makes the bridge
+    second = HostNetwork.create(bridge=names.bridge)  # and finds it there
+    try:
+        assert ports_of(names.bridge) == {first.tap.name, second.tap.name}
+        first.close()
+        assert link(names.bridge) is not None, "the other VM is still on the bridge"
+        assert ports_of(names.bridge) == {second.tap.name}
+        second_tap = second.tap.name
+    finally:
+        first.close()
+        second.close()
+    assert link(names.bridge) is None  # the last pymvm user took the bridge it made
+    assert link(second_tap) is None
+
+
+def test_pymvm_bridge_that_gained_a_foreign_port_is_kept(names: Names) -> None:
+    port = f"pmv{names.tap[3:]}"
+    try:
+        with HostNetwork.create(bridge=names.bridge):
+            add_veth(port)
+            subprocess.run(["ip", "link", "set", port, "master", names.bridge], check=True)
+        assert link(names.bridge) is not None
+        assert ports_of(names.bridge) == {port}
+    finally:
+        subprocess.run(["ip", "link", "del", port], capture_output=True)
+
+
+def test_user_made_bridge_keeps_its_ports_and_loses_only_our_tap(names: Names) -> None:
+    port = f"pmv{names.tap[3:]}"
+    subprocess.run(["ip", "link", "add", names.bridge, "type", "bridge"], check=True)
+    try:
+        add_veth(port)
+        subprocess.run(["ip", "link", "set", port, "master", names.bridge], check=True)
+        with HostNetwork.create(bridge=names.bridge) as net:
+            assert ports_of(names.bridge) == {port, net.tap.name}
+        assert link(names.bridge) is not None
+        assert ports_of(names.bridge) == {port}
+    finally:
+        subprocess.run(["ip", "link", "del", port], capture_output=True)
+
+
+def test_preexisting_tap_is_detached_from_a_user_made_bridge_and_both_are_kept(
+        names: Names) -> None:
+    subprocess.run(["ip", "link", "add", names.bridge, "type", "bridge"], check=True)
+    subprocess.run(
+        ["ip", "tuntap", "add", "name", names.tap, "mode", "tap", "vnet_hdr"], check=True
+    )
+    with HostNetwork.create(names.tap, bridge=names.bridge):
+        assert link(names.tap).get_attr("IFLA_MASTER") == link(names.bridge)["index"]
+    assert link(names.bridge) is not None, "a bridge the user made must survive"
+    tap = link(names.tap)
+    assert tap is not None, "a TAP the user made must survive"
+    assert not tap.get_attr("IFLA_MASTER"), "our attachment must be undone"
+    assert ports_of(names.bridge) == set()
