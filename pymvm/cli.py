@@ -76,7 +76,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_build_kernel(args: argparse.Namespace) -> int:
     from .images.kernel import build_kernel
 
-    images = build_kernel(jobs=args.jobs, log=lambda msg: print(msg, file=sys.stderr, flush=True))
+    images = build_kernel(jobs=args.jobs, log=lambda msg: print(msg, file=sys.stderr, flush=True),
+                          acpi=args.acpi)
     print(images.vmlinux)
     print(images.bzimage)
     return 0
@@ -159,6 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     bk = sub.add_parser("build-kernel", help="build (or find cached) the microVM guest kernel")
     bk.add_argument("-j", "--jobs", type=int, default=None)
+    bk.add_argument("--acpi", action="store_true",
+                    help="the ACPI variant (devices and power-off through ACPI tables)")
     bk.set_defaults(func=cmd_build_kernel)
 
     bi = sub.add_parser("build-initramfs", help="build (or find cached) the test initramfs")

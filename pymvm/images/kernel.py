@@ -1,12 +1,13 @@
 """Build the minimal microVM guest kernel from Debian's linux-source-6.12.
 
-Recipe: unpack the tarball, `make tinyconfig`, merge kernels/microvm-x86_64.config,
-`make olddefconfig`, check that no option of the fragment was dropped, then
-`make vmlinux bzImage`. Results are cached under `<cache>/kernels/<key>/` (see
-`pymvm.images.cache.cache_root`); the key covers the fragment, the source tarball and
-`RECIPE_VERSION`, so editing the fragment triggers a rebuild.
+Recipe: unpack the tarball, `make tinyconfig`, merge kernels/microvm-x86_64.config (and,
+for the ACPI variant, kernels/microvm-x86_64-acpi.config after it), `make olddefconfig`,
+check that no option of the fragments was dropped, then `make vmlinux bzImage`. Results
+are cached under `<cache>/kernels/<key>/` (see `pymvm.images.cache.cache_root`); the key
+covers the fragments, the source tarball and `RECIPE_VERSION`, so editing a fragment
+triggers a rebuild and the two variants never share a cache entry.
 
-    python -m pymvm.images.kernel [--jobs N] [--cache-dir DIR] [--status]
+    python -m pymvm.images.kernel [--acpi] [--jobs N] [--cache-dir DIR] [--status]
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ RECIPE_VERSION = "microvm-kernel-1"
 SOURCE_DIR = Path("/usr/src")
 SOURCE_GLOB = "linux-source-6.12*.tar.*"
 FRAGMENT_PATH = Path(__file__).resolve().parents[2] / "kernels" / "microvm-x86_64.config"
+# Merged after FRAGMENT_PATH for the ACPI variant (`acpi=True`).
+ACPI_FRAGMENT_PATH = FRAGMENT_PATH.with_name("microvm-x86_64-acpi.config")
 MAKE_ARGS = ("ARCH=x86_64",)
 # Host tools the kernel build needs, and the Debian package providing each.
 BUILD_TOOLS = {"make": "make", "gcc": "gcc", "flex": "flex", "bison": "bison", "bc": "bc",
@@ -133,17 +136,31 @@ def _complete(images: KernelImages) -> bool:
     return all(p.is_file() for p in (images.vmlinux, images.bzimage, images.config))
 
 
-def _build_dir(cache_dir: Path | None, fragment_path: Path) -> tuple[Path, Path, bytes]:
-    fragment = fragment_path.read_bytes()
+def fragment_paths(fragment_path: Path = FRAGMENT_PATH, *, acpi: bool = False) -> list[Path]:
+    """The fragments merged, in order: the base one, then the ACPI one for that variant."""
+    return [fragment_path, ACPI_FRAGMENT_PATH] if acpi else [fragment_path]
+
+
+def combined_fragment(paths: list[Path]) -> bytes:
+    """The fragments as one text (later options win, as in merge_config.sh). The base
+    variant's text is its fragment unchanged, so its cache key does not move."""
+    parts = [paths[0].read_bytes()]
+    for extra in paths[1:]:
+        parts.append(f"\n# --- merged from {extra.name}\n".encode() + extra.read_bytes())
+    return b"".join(parts)
+
+
+def _build_dir(cache_dir: Path | None, paths: list[Path]) -> tuple[Path, Path, bytes]:
+    fragment = combined_fragment(paths)
     tarball = find_source_tarball()
     return cache_root(cache_dir) / "kernels" / cache_key(fragment, tarball), tarball, fragment
 
 
 def kernel_status(cache_dir: Path | None = None,
-                  fragment_path: Path = FRAGMENT_PATH) -> KernelImages | None:
-    """The cached kernel for the current fragment and source, or None if not built yet."""
+                  fragment_path: Path = FRAGMENT_PATH, *, acpi: bool = False) -> KernelImages | None:
+    """The cached kernel for the current fragments and source, or None if not built yet."""
     try:
-        final_dir, _, _ = _build_dir(cache_dir, fragment_path)
+        final_dir, _, _ = _build_dir(cache_dir, fragment_paths(fragment_path, acpi=acpi))
     except KernelBuildError:
         return None
     images = _images_in(final_dir)
@@ -211,9 +228,12 @@ def _run(stage: str, argv: list[str], cwd: Path, build_log: Path, log: Log,
 
 
 def build_kernel(cache_dir: Path | None = None, jobs: int | None = None,
-                 log: Log = print, fragment_path: Path = FRAGMENT_PATH) -> KernelImages:
-    """Build (or return the cached) microVM kernel; see the module docstring."""
-    final_dir, tarball, fragment = _build_dir(cache_dir, fragment_path)
+                 log: Log = print, fragment_path: Path = FRAGMENT_PATH, *,
+                 acpi: bool = False) -> KernelImages:
+    """Build (or return the cached) microVM kernel, with ACPI if asked; see the module
+    docstring."""
+    paths = fragment_paths(fragment_path, acpi=acpi)
+    final_dir, tarball, fragment = _build_dir(cache_dir, paths)
     images = _images_in(final_dir)
     if _complete(images):
         return images
@@ -224,7 +244,7 @@ def build_kernel(cache_dir: Path | None = None, jobs: int | None = None,
     build_log = kernels_dir / f"{final_dir.name}.build.log"
     build_log.write_text("")
     start = time.monotonic()
-    log(f"[kernel] building {final_dir.name} from {tarball.name} with {jobs} jobs "
+    log(f"[kernel] building {final_dir.name}{' (ACPI)' if acpi else ''} from {tarball.name} with {jobs} jobs "
         f"(a few minutes; log: {build_log})")
     log_.info("kernel_build_start", key=final_dir.name, tarball=str(tarball), jobs=jobs)
     # Built in a temp dir beside the final one so the rename into place is atomic.
@@ -235,9 +255,12 @@ def build_kernel(cache_dir: Path | None = None, jobs: int | None = None,
         (src,) = [p for p in work.iterdir() if p.is_dir()]
         make = ["make", *MAKE_ARGS]
         _run("tinyconfig", [*make, "tinyconfig"], src, build_log, log, start)
-        shutil.copyfile(fragment_path, src / "pymvm.config")
+        merged = []
+        for i, path in enumerate(paths):
+            shutil.copyfile(path, src / f"pymvm-{i}.config")
+            merged.append(f"pymvm-{i}.config")
         _run("merge fragment", ["sh", "scripts/kconfig/merge_config.sh", "-m", ".config",
-                                "pymvm.config"], src, build_log, log, start)
+                                *merged], src, build_log, log, start)
         _run("olddefconfig", [*make, "olddefconfig"], src, build_log, log, start)
         check_config(fragment.decode(), (src / ".config").read_text())
         _run("compile", [*make, f"-j{jobs}", "vmlinux", "bzImage"], src, build_log, log,
@@ -265,18 +288,19 @@ def main(argv: list[str] | None = None) -> int:
                                      description="Build the pymvm microVM guest kernel.")
     parser.add_argument("--jobs", "-j", type=int, default=None)
     parser.add_argument("--cache-dir", type=Path, default=None)
+    parser.add_argument("--acpi", action="store_true", help="the ACPI variant")
     parser.add_argument("--status", action="store_true",
                         help="print the cached kernel's paths, build nothing")
     args = parser.parse_args(argv)
     sys.stdout.reconfigure(line_buffering=True)  # progress must show up even when piped
     try:
         if args.status:
-            images = kernel_status(args.cache_dir)
+            images = kernel_status(args.cache_dir, acpi=args.acpi)
             if images is None:
                 print("kernel not built")
                 return 1
         else:
-            images = build_kernel(args.cache_dir, args.jobs)
+            images = build_kernel(args.cache_dir, args.jobs, acpi=args.acpi)
     except ImageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -160,3 +160,44 @@ def test_failed_build_step_raises_and_leaves_no_partial_kernel(tmp_path, fake_ta
 def test_kernel_cli_status_reports_not_built(tmp_path, fake_tarball, capsys):
     assert kernel.main(["--status", "--cache-dir", os.fspath(tmp_path)]) == 1
     assert "not built" in capsys.readouterr().out
+
+
+def test_acpi_fragment_turns_acpi_on_over_the_base_fragment():
+    paths = kernel.fragment_paths(acpi=True)
+    assert paths == [FRAGMENT_PATH, kernel.ACPI_FRAGMENT_PATH]
+    merged = parse_kconfig(kernel.combined_fragment(paths).decode())
+    assert merged["CONFIG_ACPI"] == "y"
+    # Command-line discovery stays, so `[boot] acpi = false` still finds the devices.
+    assert merged["CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES"] == "y"
+    assert merged["CONFIG_PCI"] == "n" and merged["CONFIG_MODULES"] == "n"
+
+
+def test_acpi_variant_has_its_own_cache_key_and_the_base_key_is_unchanged(tmp_path, fake_tarball):
+    base = kernel.combined_fragment(kernel.fragment_paths())
+    assert base == FRAGMENT_PATH.read_bytes()
+    with_acpi = kernel.combined_fragment(kernel.fragment_paths(acpi=True))
+    assert kernel.cache_key(base, fake_tarball) != kernel.cache_key(with_acpi, fake_tarball)
+    cache_dir = tmp_path / "cache"
+    built = cache_dir / "kernels" / kernel.cache_key(base, fake_tarball)
+    built.mkdir(parents=True)
+    for name in ("vmlinux", "bzImage", "config"):
+        (built / name).write_bytes(b"x")
+    assert kernel.kernel_status(cache_dir) is not None
+    assert kernel.kernel_status(cache_dir, acpi=True) is None  # never the plain kernel
+
+
+def test_acpi_build_merges_both_fragments_in_order(tmp_path, fake_tarball, monkeypatch):
+    monkeypatch.setattr(kernel, "_check_tools", lambda: None)
+    steps: list[list[str]] = []
+
+    def fake_run(stage, argv, cwd, build_log, log, start):
+        steps.append(argv)
+        if stage == "unpack":
+            (Path(argv[-1]) / "linux").mkdir()
+        if stage == "merge fragment":
+            raise KernelBuildError("stop here")
+
+    monkeypatch.setattr(kernel, "_run", fake_run)
+    with pytest.raises(KernelBuildError, match="stop here"):
+        kernel.build_kernel(tmp_path / "cache", log=lambda line: None, acpi=True)
+    assert steps[-1][-2:] == ["pymvm-0.config", "pymvm-1.config"]
