@@ -56,6 +56,7 @@ class BootConfig:
     kernel: Path
     initrd: Path | None = None
     cmdline: str = DEFAULT_CMDLINE
+    acpi: bool | Literal["auto"] = "auto"  # resolved by pymvm.boot.acpi.resolve_acpi
 
 
 @dataclass(frozen=True)
@@ -341,7 +342,7 @@ class _Parser:
         return MachineConfig(vcpus, memory, hugepages)
 
     def boot(self, t: Mapping[str, Any]) -> BootConfig:
-        self.check_keys(t, ("kernel", "initrd", "cmdline"), "boot.")
+        self.check_keys(t, ("kernel", "initrd", "cmdline", "acpi"), "boot.")
         if "kernel" not in t:
             raise self.error("boot.kernel", "missing; set it to a vmlinux or bzImage path, "
                              "or \"@microvm-kernel\" after 'pymvm build-kernel'")
@@ -357,7 +358,10 @@ class _Parser:
                              f"{CMDLINE_MAX_LEN}")
         if "\0" in cmdline or "\n" in cmdline:
             raise self.error("boot.cmdline", "contains a NUL or newline; remove it")
-        return BootConfig(kernel, initrd, cmdline)
+        acpi = t.get("acpi", "auto")
+        if not isinstance(acpi, bool) and acpi != "auto":
+            raise self.error("boot.acpi", f"expected \"auto\", true or false, got {_show(acpi)}")
+        return BootConfig(kernel, initrd, cmdline, acpi)
 
     def boot_file(self, t: Mapping[str, Any], key: str, build_command: str) -> Path | None:
         dotted = f"boot.{key}"

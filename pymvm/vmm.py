@@ -18,9 +18,11 @@ import structlog
 from . import layout
 from .boot import cpu as boot_cpu
 from .boot.loader import LoadedKernel, load_initrd, load_kernel
+from .boot.acpi import build_acpi_tables, resolve_acpi, write_acpi_tables
 from .boot.mptable import build_mptable
 from .boot.params import write_boot_data
 from .config import NetConfig, VmConfig
+from .devices.acpi_pm import AcpiPmDevice
 from .devices.boot_timer import BootTimer, process_start_monotonic_ns
 from .devices.i8042 import I8042
 from .devices.manager import DeviceManager
@@ -53,6 +55,7 @@ class VirtualMachine:
         self.kernel: LoadedKernel | None = None
         self.cmdline = ""
         self.devices: DeviceManager | None = None  # owns every virtio device and its parts
+        self.acpi = False  # ACPI tables instead of the MP table ([boot] acpi)
         self._build(serial_out)
 
     # ---- build -------------------------------------------------------------------------------
@@ -71,18 +74,29 @@ class VirtualMachine:
             m.pio_bus.insert(self.i8042, layout.I8042_DATA_PORT, 5, "i8042")
             self.boot_timer = BootTimer(self.start_ns)
             m.mmio_bus.insert(self.boot_timer, layout.BOOT_TIMER_ADDR, layout.BOOT_TIMER_SIZE, "boot-timer")
+            # ACPI ([boot] acpi, docs/config.md): tables instead of the MP table and the
+            # virtio_mmio.device= arguments, and the FADT's power registers.
+            self.acpi = resolve_acpi(cfg.boot.acpi, cfg.boot.kernel)
+            if self.acpi:
+                m.pio_bus.insert(AcpiPmDevice(self._on_acpi_power_off, self._on_acpi_reset),
+                                 layout.ACPI_PM_PORT, layout.ACPI_PM_PORT_COUNT, "acpi-pm")
 
             # virtio-mmio devices; their data planes live in vhost back-ends.
             self.devices = DeviceManager(m)
             for index, net in enumerate(cfg.net):
                 self.devices.add_net(index, net)
 
-            # Kernel, initrd, command line, boot_params, MP table.
+            # Kernel, initrd, command line, boot_params, then ACPI tables or the MP table.
             self.kernel = load_kernel(m.memory, cfg.boot.kernel)
             initrd = load_initrd(m.memory, cfg.boot.initrd, self.kernel) if cfg.boot.initrd else None
             self.cmdline = self._cmdline()
-            write_boot_data(m.memory, self.kernel, self.cmdline, initrd)
-            m.memory.write(layout.MPTABLE_START, build_mptable(cfg.machine.vcpus))
+            reserved = [(layout.ACPI_TABLES_START, layout.ACPI_TABLES_SIZE)] if self.acpi else []
+            write_boot_data(m.memory, self.kernel, self.cmdline, initrd, reserved)
+            if self.acpi:
+                write_acpi_tables(m.memory, build_acpi_tables(cfg.machine.vcpus,
+                                                              self.devices.mmio_devices()))
+            else:
+                m.memory.write(layout.MPTABLE_START, build_mptable(cfg.machine.vcpus))
             boot_cpu.write_gdt(m.memory)
             boot_cpu.write_page_tables(m.memory)
 
@@ -94,7 +108,7 @@ class VirtualMachine:
                     log.warning("msrs_partially_set", vcpu=vcpu.id, accepted=accepted)
             log.info("vm_built", kernel=str(cfg.boot.kernel), kernel_kind=self.kernel.kind,
                      entry=hex(self.kernel.entry), vcpus=cfg.machine.vcpus,
-                     memory_mib=cfg.machine.memory_mib, cmdline=self.cmdline)
+                     memory_mib=cfg.machine.memory_mib, acpi=self.acpi, cmdline=self.cmdline)
         except BaseException:
             self.close()
             raise
@@ -111,11 +125,22 @@ class VirtualMachine:
 
     def _cmdline(self) -> str:
         assert self.devices is not None
-        return " ".join([self.config.boot.cmdline, *self.devices.cmdline_fragments()])
+        # With ACPI the guest finds the devices in the DSDT: no virtio_mmio.device= (a kernel
+        # with both would register each device twice).
+        fragments = self.devices.cmdline_fragments(discovery=not self.acpi)
+        return " ".join([self.config.boot.cmdline, *fragments])
 
     def _on_i8042_reset(self) -> None:
         assert self.machine is not None
         self.machine.request_stop(StopReason(StopKind.GUEST_RESET, "guest reset (i8042)", 0))
+
+    def _on_acpi_power_off(self) -> None:
+        assert self.machine is not None
+        self.machine.request_stop(StopReason(StopKind.GUEST_SHUTDOWN, "guest powered off (ACPI S5)", 0))
+
+    def _on_acpi_reset(self) -> None:
+        assert self.machine is not None
+        self.machine.request_stop(StopReason(StopKind.GUEST_RESET, "guest reset (ACPI reset register)", 0))
 
     # ---- run ---------------------------------------------------------------------------------
     async def run(self) -> StopReason:

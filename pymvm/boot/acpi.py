@@ -18,10 +18,12 @@ passes the device list from the one place that owns it.
 
 from __future__ import annotations
 
+import mmap
 import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from pathlib import Path
+from typing import Literal, Protocol
 
 from .. import layout
 
@@ -75,10 +77,8 @@ class AcpiError(Exception):
 
 
 class MmioDevice(Protocol):
-    """What the DSDT needs from a memory-mapped device (the device registry's entries)."""
+    """What the DSDT needs from a virtio-mmio device (pymvm.devices.manager's records)."""
 
-    id: str
-    kind: str
     mmio_base: int
     mmio_size: int
     irq: int
@@ -278,7 +278,8 @@ NO_GAS = bytes(12)
 
 
 def build_dsdt(devices: Iterable[MmioDevice], *, serial: bool = True) -> bytes:
-    """The DSDT: \\_S5, COM1 and one LNRO0005 device per virtio-mmio device, in order."""
+    """The DSDT: \\_S5, COM1 and one LNRO0005 device per virtio-mmio device, in the
+    order given (slot order: the guest numbers them, and so its eth devices, that way)."""
     sb: list[bytes] = []
     if serial:
         sb.append(device(
@@ -287,7 +288,7 @@ def build_dsdt(devices: Iterable[MmioDevice], *, serial: bool = True) -> bytes:
             name("_UID", integer(0)),
             name("_CRS", resource_template(io_port(layout.COM1_PORT, 8),
                                            irq_no_flags(layout.SERIAL_IRQ)))))
-    virtio = [d for d in devices if d.kind.startswith("virtio")]
+    virtio = list(devices)
     if len(virtio) > 0xFFF:
         raise AcpiError(f"{len(virtio)} virtio devices: the DSDT names at most 4095")
     for index, dev in enumerate(virtio):
@@ -404,3 +405,31 @@ def write_acpi_tables(mem, tables: AcpiTables) -> None:
     """Copy the tables into guest memory (``mem`` is a GuestMemory)."""
     for addr, blob in tables.blobs:
         mem.write(addr, blob)
+
+
+# ---- does a kernel image understand ACPI? -----------------------------------------------------
+
+# ACPICA validates the RSDP by this signature, so a kernel built with CONFIG_ACPI carries it:
+# in vmlinux's rodata, and in a bzImage's (uncompressed) decompressor, which looks for the
+# RSDP itself (arch/x86/boot/compressed/acpi.c, built with CONFIG_ACPI since Linux 5.x).
+RSDP_SIGNATURE = b"RSD PTR "
+
+AcpiSetting = bool | Literal["auto"]
+
+
+def kernel_supports_acpi(path: Path) -> bool:
+    """Whether the kernel image at ``path`` (ELF vmlinux or bzImage) was built with ACPI."""
+    with open(path, "rb") as f:
+        try:
+            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as image:
+                return image.find(RSDP_SIGNATURE) >= 0
+        except ValueError:  # empty file
+            return False
+
+
+def resolve_acpi(setting: AcpiSetting, kernel: Path) -> bool:
+    """``[boot] acpi``: true/false as given; "auto" is on exactly when the kernel supports
+    ACPI (docs/config.md)."""
+    if setting == "auto":
+        return kernel_supports_acpi(kernel)
+    return bool(setting)

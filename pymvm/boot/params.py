@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from .. import layout
@@ -22,9 +23,11 @@ class E820Entry:
     type: int
 
 
-def e820_map(mem: GuestMemory) -> list[E820Entry]:
-    """RAM below the EBDA, RAM from 1 MiB to the MMIO hole, and RAM above 4 GiB."""
+def e820_map(mem: GuestMemory, reserved: Sequence[tuple[int, int]] = ()) -> list[E820Entry]:
+    """RAM below the EBDA, the ``reserved`` (addr, size) ranges (the ACPI tables' area,
+    between the EBDA and 1 MiB), RAM from 1 MiB to the MMIO hole, and RAM above 4 GiB."""
     entries = [E820Entry(0, layout.EBDA_START, E820_RAM)]
+    entries += [E820Entry(addr, size, E820_RESERVED) for addr, size in sorted(reserved)]
     for region in mem.regions:
         start = max(region.gpa, layout.HIMEM_START)
         if region.end > start:
@@ -37,6 +40,7 @@ def build_boot_params(
     kernel: LoadedKernel,
     cmdline: bytes,
     initrd: LoadedInitrd | None = None,
+    reserved: Sequence[tuple[int, int]] = (),
 ) -> bytes:
     """Return the 4 KiB zero page for ``kernel`` (written to ZERO_PAGE_START by the caller)."""
     if len(cmdline) + 1 > layout.CMDLINE_MAX_SIZE:
@@ -64,7 +68,7 @@ def build_boot_params(
         hdr.ramdisk_size = initrd.size & 0xFFFFFFFF
         params.ext_ramdisk_image = initrd.addr >> 32
         params.ext_ramdisk_size = initrd.size >> 32
-    entries = e820_map(mem)
+    entries = e820_map(mem, reserved)
     if len(entries) > lib.E820_MAX_ENTRIES_ZEROPAGE:
         raise BootError("too many e820 entries")
     for i, entry in enumerate(entries):
@@ -76,10 +80,11 @@ def build_boot_params(
 
 
 def write_boot_data(mem: GuestMemory, kernel: LoadedKernel, cmdline: str,
-                    initrd: LoadedInitrd | None) -> None:
+                    initrd: LoadedInitrd | None,
+                    reserved: Sequence[tuple[int, int]] = ()) -> None:
     raw = cmdline.encode()
     if b"\0" in raw:
         raise BootError("kernel command line contains a NUL byte")
-    zero_page = build_boot_params(mem, kernel, raw, initrd)
+    zero_page = build_boot_params(mem, kernel, raw, initrd, reserved)
     mem.write(layout.CMDLINE_START, raw + b"\0")
     mem.write(layout.ZERO_PAGE_START, zero_page)

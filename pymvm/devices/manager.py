@@ -188,13 +188,15 @@ class DeviceManager:
     def devices_of_kind(self, kind: str) -> list[MmioDevice]:
         return [d for d in self.mmio_devices() if d.kind == kind]
 
-    def cmdline_fragments(self) -> list[str]:
-        """``virtio_mmio.device=`` for each device, then the device's own extras."""
+    def cmdline_fragments(self, *, discovery: bool = True) -> list[str]:
+        """``virtio_mmio.device=`` for each device, then the device's own extras. Without
+        ``discovery`` only the extras: the guest finds the devices in the ACPI tables."""
         from .virtio.mmio import virtio_mmio_cmdline
 
         parts: list[str] = []
         for d in self.mmio_devices():
-            parts.append(virtio_mmio_cmdline(d.mmio_base, d.irq, d.mmio_size))
+            if discovery:
+                parts.append(virtio_mmio_cmdline(d.mmio_base, d.irq, d.mmio_size))
             parts.extend(d.cmdline_extra)
         return parts
 

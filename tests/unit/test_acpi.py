@@ -177,12 +177,6 @@ def test_dsdt_describes_com1_and_each_virtio_device_in_order():
     assert dsdt.index(b"V000") < dsdt.index(b"V001") < dsdt.index(b"V002")
 
 
-def test_dsdt_leaves_out_devices_that_are_not_virtio():
-    dsdt = acpi.build_dsdt([Dev("timer", "boot-timer", 0xD0000000, 0x1000, 0), *virtio_devices(1)])
-    assert dsdt.count(b"LNRO0005") == 1
-    assert acpi.memory32_fixed(0xD0000000, 0x1000) not in dsdt
-
-
 def test_tables_sit_in_the_bios_area_and_the_xsdt_lists_fadt_and_madt():
     tables = acpi.build_acpi_tables(2, virtio_devices(2))
     assert tables.rsdp_addr == layout.ACPI_RSDP_ADDR
@@ -277,3 +271,28 @@ def test_iasl_decodes_the_fadt_madt_and_xsdt_fields(iasl, tmp_path):
     assert "[Local APIC NMI]" in madt
     xsdt = disassemble(iasl, tmp_path, "xsdt", tables.table(b"XSDT"))
     assert len(re.findall(r"ACPI Table Address +\d+ : ", xsdt)) == 2
+
+
+# ---- "auto": does the kernel support ACPI? ------------------------------------------------------
+
+def test_kernel_with_the_rsdp_signature_supports_acpi(tmp_path):
+    with_acpi = tmp_path / "vmlinux-acpi"
+    with_acpi.write_bytes(b"\x7fELF" + bytes(5000) + b"RSD PTR " + bytes(100))
+    without = tmp_path / "vmlinux-plain"
+    without.write_bytes(b"\x7fELF" + bytes(5000) + b"RSD PTX " + bytes(100))
+    empty = tmp_path / "empty"
+    empty.write_bytes(b"")
+    assert acpi.kernel_supports_acpi(with_acpi)
+    assert not acpi.kernel_supports_acpi(without)
+    assert not acpi.kernel_supports_acpi(empty)
+    assert acpi.resolve_acpi("auto", with_acpi) is True
+    assert acpi.resolve_acpi("auto", without) is False
+    assert acpi.resolve_acpi(True, without) is True
+    assert acpi.resolve_acpi(False, with_acpi) is False
+
+
+@pytest.mark.parametrize("image", sorted(Path("/boot").glob("vmlinuz-*")) or [None])
+def test_the_hosts_stock_kernel_is_detected_as_acpi_capable(image):
+    if image is None:
+        pytest.skip("no /boot/vmlinuz-* on this host (Debian's linux-image-amd64 has one)")
+    assert acpi.kernel_supports_acpi(image)

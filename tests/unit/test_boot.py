@@ -15,7 +15,7 @@ from pymvm.boot.loader import (
     BootError, LoadedInitrd, LoadedKernel, kernel_kind, load_bzimage, load_elf, load_initrd, load_kernel,
 )
 from pymvm.boot.mptable import build_mptable
-from pymvm.boot.params import E820_RAM, build_boot_params, e820_map
+from pymvm.boot.params import E820_RAM, E820_RESERVED, build_boot_params, e820_map
 from pymvm.kvm import CpuidEntry
 from pymvm.memory import GuestMemory, GuestMemoryError, ram_ranges
 
@@ -188,6 +188,21 @@ def test_e820_has_low_ram_below_the_ebda_and_ram_from_1mib():
         m.close()
     assert entries == [(0, layout.EBDA_START, E820_RAM),
                        (layout.HIMEM_START, 64 * MIB - layout.HIMEM_START, E820_RAM)]
+
+
+def test_e820_reserves_the_acpi_tables_area_between_the_ebda_and_1mib():
+    m = GuestMemory(64 * MIB)
+    try:
+        entries = [(e.addr, e.size, e.type) for e in
+                   e820_map(m, [(layout.ACPI_TABLES_START, layout.ACPI_TABLES_SIZE)])]
+    finally:
+        m.close()
+    assert entries == [(0, layout.EBDA_START, E820_RAM),
+                       (layout.ACPI_TABLES_START, layout.ACPI_TABLES_SIZE, E820_RESERVED),
+                       (layout.HIMEM_START, 64 * MIB - layout.HIMEM_START, E820_RAM)]
+    # RAM and the reserved area do not overlap and stay below where the kernel goes.
+    assert layout.EBDA_START <= layout.ACPI_TABLES_START
+    assert layout.ACPI_TABLES_START + layout.ACPI_TABLES_SIZE <= layout.HIMEM_START
 
 
 def test_ram_larger_than_the_mmio_hole_continues_above_4gib():
