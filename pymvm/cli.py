@@ -84,11 +84,13 @@ def cmd_build_kernel(args: argparse.Namespace) -> int:
 
 
 def cmd_build_initramfs(args: argparse.Namespace) -> int:
-    from .images.initramfs import build_initramfs
+    from .images.initramfs import DEFAULT_MODULES, build_initramfs
 
     path = build_initramfs(out=Path(args.output) if args.output else None,
                            extra_binaries=args.with_binaries,
-                           log=lambda msg: print(msg, file=sys.stderr, flush=True))
+                           log=lambda msg: print(msg, file=sys.stderr, flush=True),
+                           modules=DEFAULT_MODULES if args.modules else (),
+                           kernel_release=args.kernel_release)
     print(path)
     return 0
 
@@ -168,6 +170,12 @@ def build_parser() -> argparse.ArgumentParser:
     bi.add_argument("-o", "--output")
     bi.add_argument("--with", dest="with_binaries", action="append", default=[],
                     metavar="BINARY", help="also include a host binary and its libraries (e.g. iperf3)")
+    bi.add_argument("--modules", action="store_true",
+                    help="add the virtio modules of an installed distribution kernel and their "
+                         "dependencies (loaded by /init): for kernels such as Debian's")
+    bi.add_argument("--kernel-release", metavar="RELEASE",
+                    help="whose modules (/lib/modules/RELEASE); default: the newest "
+                         "/boot/vmlinuz-* with modules installed")
     bi.set_defaults(func=cmd_build_initramfs)
 
     vu = sub.add_parser("vhost-user", help="run a built-in vhost-user back-end")

@@ -3,7 +3,8 @@
 # the placeholders (names between double at-signs) from pymvm.layout before packing it.
 #
 # Contract (everything is read from /proc/cmdline):
-#   1. mounts proc, sysfs, devtmpfs on /dev, tmpfs on /tmp and /run;
+#   1. mounts proc, sysfs, devtmpfs on /dev, tmpfs on /tmp and /run, then loads the kernel
+#      modules listed in /etc/pymvm-modules, in order (`pymvm build-initramfs --modules`);
 #   2. for each `pymvm.net=IFACE,ADDR/PREFIX[,GATEWAY]`: brings lo and IFACE up, adds ADDR,
 #      and a default route via GATEWAY if given;
 #   3. writes @@BOOT_TIMER_MAGIC@@ to the boot timer at @@BOOT_TIMER_ADDR@@ (devmem), then
@@ -29,6 +30,14 @@ mount -t tmpfs tmpfs /tmp
 mount -t tmpfs tmpfs /run
 # Late kernel messages would break the marker lines apart; emergencies still print.
 dmesg -n 1
+
+# Modules of a distribution kernel (dependencies first): virtio-mmio finds its devices in
+# the ACPI tables as it loads, so eth0 exists once virtio_net is in.
+if [ -f /etc/pymvm-modules ]; then
+    while read -r module; do
+        insmod "$module" || echo "pymvm-init: insmod $module failed"
+    done < /etc/pymvm-modules
+fi
 
 nets=
 cmd_b64=

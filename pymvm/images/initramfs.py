@@ -2,18 +2,22 @@
 
 The archive holds the static busybox with a link per applet, /dev/console and /dev/null,
 the /init script (init.sh rendered from pymvm.layout, contract in its header) and, on
-request, extra host programs with their shared libraries and ELF interpreter. Archives are
+request, extra host programs with their shared libraries and ELF interpreter, and kernel
+modules of an installed distribution kernel with their dependencies (for kernels such as
+Debian's, whose virtio drivers are modules), which /init loads in order. Archives are
 cached as `<cache>/initramfs/<key>.cpio` (see `pymvm.images.cache.cache_root`).
 
-    python -m pymvm.images.initramfs [--with iperf3] [-o PATH]
+    python -m pymvm.images.initramfs [--with iperf3] [--modules [--kernel-release R]] [-o PATH]
 """
 
 from __future__ import annotations
 
 import argparse
 import base64
+import gzip
 import hashlib
 import io
+import lzma
 import os
 import re
 import shutil
@@ -209,6 +213,124 @@ def host_program_files(name: str) -> dict[str, Path]:
     return files
 
 
+# --- kernel modules -------------------------------------------------------------------------
+
+MODULES_ROOT = Path("/lib/modules")
+BOOT_DIR = Path("/boot")
+# The virtio drivers a pymvm guest needs: the virtio-mmio transport (found through the ACPI
+# DSDT's LNRO0005 devices), net, block, entropy and vsock. Dependencies come from modules.dep.
+DEFAULT_MODULES = ("virtio_mmio", "virtio_net", "virtio_blk", "virtio_rng",
+                   "vmw_vsock_virtio_transport")
+# The list /init reads: one module path per line, in load order (dependencies first).
+MODULE_LIST = "etc/pymvm-modules"
+_KO_SUFFIXES = (".ko", ".ko.xz", ".ko.gz", ".ko.zst")
+
+
+def module_name(path: str) -> str:
+    """The module name of a modules.dep path: file name without .ko[.xz|.gz|.zst], '-' as '_'."""
+    base = path.rsplit("/", 1)[-1]
+    for suffix in _KO_SUFFIXES[::-1]:
+        if base.endswith(suffix):
+            base = base[: -len(suffix)]
+            break
+    return base.replace("-", "_")
+
+
+def parse_modules_dep(text: str) -> dict[str, tuple[str, list[str]]]:
+    """modules.dep -> {name: (path, [dependency paths])}."""
+    table: dict[str, tuple[str, list[str]]] = {}
+    for line in text.splitlines():
+        path, sep, deps = line.partition(":")
+        if sep:
+            table[module_name(path.strip())] = (path.strip(), deps.split())
+    return table
+
+
+def modules_in_load_order(wanted: Sequence[str], dep_table: dict[str, tuple[str, list[str]]],
+                          builtin: set[str], release: str) -> list[str]:
+    """Paths (relative to /lib/modules/<release>) of ``wanted`` and their dependencies,
+    each after what it needs; modules built into the kernel are skipped."""
+    order: list[str] = []
+    seen: set[str] = set()
+
+    def visit(name: str, stack: tuple[str, ...]) -> None:
+        if name in seen:
+            return
+        if name in stack:
+            raise InitramfsError(f"module dependency loop: {' -> '.join((*stack, name))}")
+        if name not in dep_table:
+            if name in builtin:
+                return
+            raise InitramfsError(f"kernel {release} has no module {name!r} (not in modules.dep "
+                                 "nor built in); check the name with `modinfo`")
+        path, deps = dep_table[name]
+        for dep in deps:
+            visit(module_name(dep), (*stack, name))
+        seen.add(name)
+        order.append(path)
+
+    for name in wanted:
+        visit(name.replace("-", "_"), ())
+    return order
+
+
+def read_module(path: Path) -> bytes:
+    """A module's ELF bytes; compressed modules (.ko.xz, .ko.gz, .ko.zst) are decompressed,
+    since busybox insmod loads plain .ko files only."""
+    data = path.read_bytes()
+    name = path.name
+    if name.endswith(".ko.xz"):
+        return lzma.decompress(data)
+    if name.endswith(".ko.gz"):
+        return gzip.decompress(data)
+    if name.endswith(".ko.zst"):
+        zstd = shutil.which("zstd")
+        if zstd is None:
+            raise InitramfsError(f"{path} is zstd-compressed; install zstd (`apt-get install zstd`)")
+        result = subprocess.run([zstd, "-dc", str(path)], capture_output=True)
+        if result.returncode != 0:
+            raise InitramfsError(f"zstd could not decompress {path}: {result.stderr.decode().strip()}")
+        return result.stdout
+    return data
+
+
+def default_kernel_release(boot_dir: Path | None = None, modules_root: Path | None = None) -> str:
+    """The newest /boot/vmlinuz-<release> that has modules installed (Debian's
+    linux-image-amd64 is the kernel the nested host runs)."""
+    boot_dir, modules_root = boot_dir or BOOT_DIR, modules_root or MODULES_ROOT
+    releases = [p.name.removeprefix("vmlinuz-") for p in sorted(boot_dir.glob("vmlinuz-*"))]
+    usable = [r for r in releases if (modules_root / r / "modules.dep").is_file()]
+    if not usable:
+        raise InitramfsError(f"no kernel in {boot_dir} with modules in {modules_root}; install "
+                             "one (`apt-get install linux-image-amd64`) or pass --kernel-release")
+    return usable[-1]
+
+
+def kernel_modules(release: str, names: Sequence[str] = DEFAULT_MODULES,
+                   modules_root: Path | None = None) -> tuple[dict[str, bytes], list[str]]:
+    """({guest path: module bytes}, guest paths in load order) for ``names`` of ``release``."""
+    directory = (modules_root or MODULES_ROOT) / release
+    try:
+        dep_text = (directory / "modules.dep").read_text()
+    except OSError:
+        raise InitramfsError(f"{directory / 'modules.dep'} not found: is kernel {release} "
+                             "installed? (see `ls /lib/modules`)") from None
+    try:
+        builtin = {module_name(line.strip())
+                   for line in (directory / "modules.builtin").read_text().splitlines() if line.strip()}
+    except OSError:
+        builtin = set()
+    files: dict[str, bytes] = {}
+    order: list[str] = []
+    for rel in modules_in_load_order(names, parse_modules_dep(dep_text), builtin, release):
+        guest = f"/lib/modules/{release}/{rel}"
+        for suffix in (".xz", ".gz", ".zst"):
+            guest = guest.removesuffix(suffix)
+        files[guest] = read_module(directory / rel)
+        order.append(guest)
+    return files, order
+
+
 # --- the archive --------------------------------------------------------------------------
 
 def render_init_script() -> str:
@@ -300,7 +422,7 @@ class _Inputs:
     script: str
     busybox_path: Path
     busybox: bytes
-    extra: dict[str, bytes]  # guest path -> content
+    extra: dict[str, bytes]  # guest path -> content (programs, modules, the module list)
 
     def key(self) -> str:
         h = hashlib.sha256()
@@ -313,12 +435,18 @@ class _Inputs:
         return h.hexdigest()[:16]
 
 
-def _gather(extra_binaries: Sequence[str]) -> _Inputs:
+def _gather(extra_binaries: Sequence[str], modules: Sequence[str] = (),
+            kernel_release: str | None = None) -> _Inputs:
     busybox_path = find_busybox()
     extra: dict[str, bytes] = {}
     for name in extra_binaries:
         for guest_path, host_path in host_program_files(name).items():
             extra[guest_path] = host_path.read_bytes()
+    if modules:
+        release = kernel_release or default_kernel_release()
+        files, order = kernel_modules(release, modules)
+        extra.update(files)
+        extra["/" + MODULE_LIST] = "".join(f"{p}\n" for p in order).encode()
     return _Inputs(render_init_script(), busybox_path, busybox_path.read_bytes(), extra)
 
 
@@ -353,9 +481,12 @@ def initramfs_status(extra_binaries: Sequence[str] | None = None,
 
 
 def build_initramfs(out: Path | None = None, extra_binaries: Sequence[str] = (),
-                    cache_dir: Path | None = None, log: Log = print) -> Path:
-    """Build (or reuse) the test initramfs; returns its path (`out` if given)."""
-    inputs = _gather(extra_binaries)
+                    cache_dir: Path | None = None, log: Log = print,
+                    modules: Sequence[str] = (), kernel_release: str | None = None) -> Path:
+    """Build (or reuse) the test initramfs; returns its path (`out` if given). ``modules``
+    (e.g. DEFAULT_MODULES) of ``kernel_release`` (default: default_kernel_release()) go in
+    with their dependencies, loaded by /init before it configures the network."""
+    inputs = _gather(extra_binaries, modules, kernel_release)
     key = inputs.key()
     directory = cache_root(cache_dir) / "initramfs"
     cached = directory / f"{key}.cpio"
@@ -368,10 +499,14 @@ def build_initramfs(out: Path | None = None, extra_binaries: Sequence[str] = (),
                             busybox_applets(inputs.busybox_path), inputs.extra)
         tmp.replace(cached)
         log(f"[initramfs] built {cached} ({cached.stat().st_size // 1024} KiB"
-            f"{', with ' + ', '.join(extra_binaries) if extra_binaries else ''})")
-        log_.info("initramfs_built", path=str(cached), extra=list(extra_binaries))
-    _write_atomically(directory / f"{key}.with", " ".join(extra_binaries))
-    _write_atomically(directory / _LATEST, key)
+            f"{', with ' + ', '.join(extra_binaries) if extra_binaries else ''}"
+            f"{', with modules ' + ', '.join(modules) if modules else ''})")
+        log_.info("initramfs_built", path=str(cached), extra=list(extra_binaries),
+                  modules=list(modules))
+    if not modules:
+        # `@test-initramfs` (initramfs_status) names the last archive built without modules.
+        _write_atomically(directory / f"{key}.with", " ".join(extra_binaries))
+        _write_atomically(directory / _LATEST, key)
     if out is None:
         return cached
     out = Path(out)
@@ -392,12 +527,20 @@ def main(argv: list[str] | None = None) -> int:
                                      description="Build the pymvm test initramfs.")
     parser.add_argument("--with", dest="extra", action="append", default=[],
                         metavar="PROGRAM", help="host program to include with its libraries")
+    parser.add_argument("--modules", action="store_true",
+                        help=f"add kernel modules ({', '.join(DEFAULT_MODULES)}) and their "
+                             "dependencies, loaded by /init")
+    parser.add_argument("--kernel-release", default=None, metavar="RELEASE",
+                        help="whose modules (/lib/modules/RELEASE); default: the newest "
+                             "/boot/vmlinuz-* with modules")
     parser.add_argument("-o", "--output", type=Path, default=None)
     parser.add_argument("--cache-dir", type=Path, default=None)
     args = parser.parse_args(argv)
     sys.stdout.reconfigure(line_buffering=True)  # progress must show up even when piped
     try:
-        path = build_initramfs(args.output, args.extra, args.cache_dir)
+        path = build_initramfs(args.output, args.extra, args.cache_dir,
+                               modules=DEFAULT_MODULES if args.modules else (),
+                               kernel_release=args.kernel_release)
     except ImageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
