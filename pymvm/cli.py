@@ -62,6 +62,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         signal.signal(signum, _raise_stop_signal)
     try:
         config = _load(args.config)
+        if args.api_sock is not None:  # the command line wins over [api] socket
+            import dataclasses
+
+            from .config import ApiConfig
+
+            config = dataclasses.replace(config, api=ApiConfig(Path(args.api_sock).absolute()))
         structlog.contextvars.bind_contextvars(vm_id=config.id)
         ok, why = can_boot_linux_here()
         if not ok:
@@ -71,6 +77,61 @@ def cmd_run(args: argparse.Namespace) -> int:
     except StopSignal as stop:
         return 128 + stop.signum
     return run_vm(config)
+
+
+# ---- control API clients: `pymvm status|pause|resume|shutdown|stop SOCK`, `pymvm net ...` ----
+EXIT_API_ERROR = 1
+
+
+def _api_call(args: argparse.Namespace, method: str, path: str, body: object,
+              describe) -> int:
+    import json
+
+    from .api.client import ApiClientError, ApiUnreachable, request
+
+    try:
+        answer = request(args.sock, method, path, body)
+    except ApiUnreachable as e:
+        print(f"pymvm: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except ApiClientError as e:
+        print(f"pymvm: error: {e.message} (HTTP {e.status})", file=sys.stderr)
+        return EXIT_API_ERROR
+    print(json.dumps(answer, indent=2) if args.json else describe(answer))
+    return 0
+
+
+def cmd_api_status(args: argparse.Namespace) -> int:
+    from .api.client import describe_vm
+
+    return _api_call(args, "GET", "/vm", None, describe_vm)
+
+
+def cmd_api_state(args: argparse.Namespace) -> int:
+    from .api.client import describe_vm
+
+    state = "paused" if args.command == "pause" else "running"
+    return _api_call(args, "PUT", "/vm/state", {"state": state}, describe_vm)
+
+
+def cmd_api_action(args: argparse.Namespace) -> int:
+    def describe(answer: dict) -> str:
+        if answer["action"] == "shutdown":
+            return "shutdown requested: Ctrl-Alt-Del sent to the guest"
+        return f"stopping: pymvm run exits with status {answer['exit_status']}"
+
+    return _api_call(args, "PUT", "/vm/actions", {"action": args.command}, describe)
+
+
+def cmd_api_net(args: argparse.Namespace) -> int:
+    from urllib.parse import quote
+
+    from .api.client import describe_net
+
+    path = f"/vm/net/{quote(args.id, safe='')}"
+    if args.link is None:
+        return _api_call(args, "GET", path, None, describe_net)
+    return _api_call(args, "PATCH", path, {"link": args.link}, describe_net)
 
 
 def cmd_build_kernel(args: argparse.Namespace) -> int:
@@ -154,7 +215,26 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="boot a VM from a TOML file, in the foreground")
     run.add_argument("config")
+    run.add_argument("--api-sock", metavar="PATH", default=None,
+                     help="serve the control API on this UNIX socket (overrides [api] socket)")
     run.set_defaults(func=cmd_run)
+
+    for name, func, what in (
+            ("status", cmd_api_status, "show a running VM's state (GET /vm)"),
+            ("pause", cmd_api_state, "pause a running VM's vCPUs"),
+            ("resume", cmd_api_state, "resume a paused VM"),
+            ("shutdown", cmd_api_action, "ask the guest to shut down (Ctrl-Alt-Del)"),
+            ("stop", cmd_api_action, "end a VM at once (pymvm run exits with status 3)")):
+        client = sub.add_parser(name, help=what)
+        client.add_argument("sock", metavar="SOCK", help="the VM's API socket (--api-sock)")
+        client.add_argument("--json", action="store_true", help="print the API's JSON answer")
+        client.set_defaults(func=func)
+    net = sub.add_parser("net", help="show a VM's NIC, or set its link up or down")
+    net.add_argument("sock", metavar="SOCK", help="the VM's API socket (--api-sock)")
+    net.add_argument("id", metavar="ID", help="the NIC's id ([[net]] id)")
+    net.add_argument("--link", choices=["up", "down"], default=None)
+    net.add_argument("--json", action="store_true", help="print the API's JSON answer")
+    net.set_defaults(func=cmd_api_net)
 
     val = sub.add_parser("validate", help="check a VM's TOML file without starting it")
     val.add_argument("config")
@@ -205,6 +285,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
                       ("pymvm.devices.bus", "BusError"),
                       ("pymvm.vmm", "VmmError"),
                       ("pymvm.devices.manager", "DeviceManagerError"),
+                      ("pymvm.api.errors", "ApiSocketError"),
                       ("pymvm.vhost.errors", "VhostError"),
                       ("pymvm.net.errors", "NetError"),
                       ("pymvm.devices.virtio.device", "VirtioError"),

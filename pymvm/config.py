@@ -82,6 +82,11 @@ class NetConfig:
 
 
 @dataclass(frozen=True)
+class ApiConfig:
+    socket: Path | None = None  # the control API's UNIX socket; None: no API
+
+
+@dataclass(frozen=True)
 class VmConfig:
     id: str
     machine: MachineConfig
@@ -89,6 +94,7 @@ class VmConfig:
     serial: SerialConfig
     net: tuple[NetConfig, ...]
     source: Path
+    api: ApiConfig = ApiConfig()
 
 
 def default_resolve_artifact(name: str) -> Path:
@@ -300,7 +306,7 @@ class _Parser:
     # -- sections ---------------------------------------------------------------------------
 
     def vm(self, data: Mapping[str, Any]) -> VmConfig:
-        self.check_keys(data, ("id", "machine", "boot", "serial", "net"), "")
+        self.check_keys(data, ("id", "machine", "boot", "serial", "net", "api"), "")
         vm_id = self.string(data, "id", "id", None)
         if vm_id is None:
             vm_id = Path(self.source).stem
@@ -318,7 +324,8 @@ class _Parser:
         boot = self.boot(self.table(data, "boot", "boot"))
         serial = self.serial(self.table(data, "serial", "serial"))
         net = self.net(data.get("net", []), vm_id)
-        return VmConfig(vm_id, machine, boot, serial, net, Path(self.source))
+        api = self.api(self.table(data, "api", "api"))
+        return VmConfig(vm_id, machine, boot, serial, net, Path(self.source), api)
 
     def machine(self, t: Mapping[str, Any]) -> MachineConfig:
         self.check_keys(t, ("vcpus", "memory_mib", "hugepages"), "machine.")
@@ -406,6 +413,23 @@ class _Parser:
             "boot.kernel",
             f"{shown} is neither an ELF vmlinux (no \\x7fELF magic) nor a bzImage (no \"HdrS\" "
             "at offset 0x202); point it at vmlinux or arch/x86/boot/bzImage")
+
+    def api(self, t: Mapping[str, Any]) -> ApiConfig:
+        self.check_keys(t, ("socket",), "api.")
+        raw = self.string(t, "socket", "api.socket", None)
+        if raw is None:
+            return ApiConfig()
+        path = self.path(raw)
+        if not raw or path.is_dir():
+            raise self.error("api.socket", f"{_show(raw)} is a directory; name the socket file "
+                             "to create, e.g. \"/run/pymvm/vm1.sock\"")
+        if not path.parent.is_dir():
+            raise self.error("api.socket", f"directory {path.parent} does not exist; create it "
+                             "or choose another path")
+        if len(str(path).encode()) > 107:  # sun_path holds 108 bytes with its NUL
+            raise self.error("api.socket", f"{path} is longer than a UNIX socket path may be "
+                             "(107 bytes); choose a shorter path")
+        return ApiConfig(path)
 
     def serial(self, t: Mapping[str, Any]) -> SerialConfig:
         self.check_keys(t, ("output", "path", "input"), "serial.")

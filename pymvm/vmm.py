@@ -11,11 +11,13 @@ import os
 import signal
 import sys
 import time
+from pathlib import Path
 from typing import BinaryIO
 
 import structlog
 
 from . import layout
+from .api.controller import EXIT_API_STOP  # noqa: F401 (an exit status, listed below)
 from .boot import cpu as boot_cpu
 from .boot.loader import LoadedKernel, load_initrd, load_kernel
 from .boot.acpi import build_acpi_tables, resolve_acpi, write_acpi_tables
@@ -35,6 +37,7 @@ log = structlog.get_logger()
 EXIT_OK = 0  # the guest rebooted or powered off
 EXIT_VM_ERROR = 1  # the guest crashed the vCPU or KVM failed
 EXIT_USAGE = 2  # bad config or command line
+# EXIT_API_STOP = 3: ended by the control API's "stop" action
 EXIT_SIGINT = 128 + signal.SIGINT
 EXIT_SIGTERM = 128 + signal.SIGTERM
 
@@ -142,12 +145,37 @@ class VirtualMachine:
         assert self.machine is not None
         self.machine.request_stop(StopReason(StopKind.GUEST_RESET, "guest reset (ACPI reset register)", 0))
 
+    # ---- control API -------------------------------------------------------------------------
+    def controlled(self):
+        """What the control API sees and steers of this VM."""
+        from .api.controller import ControlledVm
+
+        cfg = self.config
+        assert self.machine is not None
+        return ControlledVm(
+            id=cfg.id, machine=self.machine, devices=self.devices, vcpus=cfg.machine.vcpus,
+            memory_mib=cfg.machine.memory_mib, kernel=str(cfg.boot.kernel),
+            started_ns=self.start_ns, boot_time_us=lambda: self.boot_timer.boot_time_us,
+            ctrl_alt_del=self.i8042.send_ctrl_alt_del)
+
+    async def _start_api(self, path: Path):
+        from .api.controller import Controller
+        from .api.metrics import VmMetrics
+        from .api.server import ApiServer
+
+        controlled = self.controlled()
+        server = ApiServer(Controller(controlled, VmMetrics(controlled)), path)
+        await server.start()
+        return server
+
     # ---- run ---------------------------------------------------------------------------------
-    async def run(self) -> StopReason:
-        """Run until the guest stops or a signal arrives; returns why it stopped."""
+    async def run(self, api_socket: Path | None = None) -> StopReason:
+        """Run until the guest stops or a signal arrives; returns why it stopped. With
+        ``api_socket`` the control API is served there from this loop, before any vCPU runs."""
         m = self.machine
         assert m is not None
         loop = asyncio.get_running_loop()
+        api = await self._start_api(api_socket) if api_socket is not None else None
         stopped: asyncio.Future[StopReason] = loop.create_future()
 
         def on_stop(reason: StopReason) -> None:
@@ -168,6 +196,8 @@ class VirtualMachine:
             if stdin_fd is not None:
                 loop.remove_reader(stdin_fd)
             flusher.cancel()
+            if api is not None:
+                await api.close()  # removes the socket
         await loop.run_in_executor(None, m.join)
         self.serial.flush()
         return reason
@@ -243,9 +273,15 @@ def _raise_stop_signal(signum: int, frame: object) -> None:
     raise StopSignal(signum)
 
 
-def run_vm(config: VmConfig) -> int:
-    """Build and run a VM in the foreground; returns the process exit status."""
+def run_vm(config: VmConfig, api_socket: Path | None = None) -> int:
+    """Build and run a VM in the foreground; returns the process exit status. The control
+    API is served on ``api_socket``, else on the config's ``[api] socket`` if set."""
     started = time.monotonic()
+    api_socket = api_socket if api_socket is not None else config.api.socket
+    if api_socket is not None:
+        from .api.server import check_socket_path
+
+        check_socket_path(api_socket)  # a live VMM there: refuse before building anything
     stop_signals = (signal.SIGINT, signal.SIGTERM)
     previous = {s: signal.signal(s, _raise_stop_signal) for s in stop_signals}
     vm: VirtualMachine | None = None
@@ -257,7 +293,7 @@ def run_vm(config: VmConfig) -> int:
                      exit_status=128 + stop.signum)
             return 128 + stop.signum
         try:
-            reason = asyncio.run(vm.run())  # the loop's own handlers take over meanwhile
+            reason = asyncio.run(vm.run(api_socket))  # the loop's own handlers take over meanwhile
         except StopSignal as stop:  # between the build and the loop's handlers
             reason = StopReason(StopKind.SIGNAL, f"received {stop}", 128 + stop.signum)
     finally:

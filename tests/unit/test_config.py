@@ -208,7 +208,7 @@ def test_unknown_key_suggests_the_close_match(tmp_path: Path, kernel: Path) -> N
 
 def test_unknown_key_without_close_match_lists_known_keys(tmp_path: Path, kernel: Path) -> None:
     msg = error_of(tmp_path, "colour = 1\n" + MINIMAL)
-    assert "unknown key colour (known keys: id, machine, boot, serial, net)" in msg
+    assert "unknown key colour (known keys: id, machine, boot, serial, net, api)" in msg
 
 
 def test_unknown_key_in_net_entry_is_indexed(tmp_path: Path, kernel: Path) -> None:
@@ -418,3 +418,23 @@ def test_host_ip_is_accepted_with_the_builtin_backend(tmp_path: Path, kernel: Pa
 def test_cmdline_with_nul_or_newline_is_rejected(tmp_path: Path, kernel: Path, bad: str) -> None:
     msg = error_of(tmp_path, MINIMAL + f'cmdline = "console=ttyS0{bad}quiet"\n')
     assert "boot.cmdline: contains a NUL or newline; remove it" in msg
+
+
+def test_api_socket_is_optional_and_relative_to_the_toml(tmp_path: Path, kernel: Path) -> None:
+    assert load(tmp_path, MINIMAL).api.socket is None
+    cfg = load(tmp_path, MINIMAL + '[api]\nsocket = "vm.sock"\n')
+    assert cfg.api.socket == tmp_path / "vm.sock"
+
+
+def test_api_socket_in_a_missing_directory_names_the_key_and_fix(tmp_path: Path, kernel: Path) -> None:
+    msg = error_of(tmp_path, MINIMAL + '[api]\nsocket = "nodir/vm.sock"\n')
+    assert "api.socket: directory" in msg and "does not exist; create it" in msg
+
+
+def test_api_socket_that_is_a_directory_is_refused(tmp_path: Path, kernel: Path) -> None:
+    msg = error_of(tmp_path, MINIMAL + '[api]\nsocket = "."\n')
+    assert "api.socket:" in msg and "is a directory" in msg
+
+
+def test_api_unknown_key_is_an_error(tmp_path: Path, kernel: Path) -> None:
+    assert "unknown key api.path" in error_of(tmp_path, MINIMAL + '[api]\npath = "x"\n')

@@ -133,9 +133,48 @@ def test_unknown_command_is_ignored(kbc: Kbc) -> None:
     assert kbc.command(k.CMD_SELF_TEST) == 0x55
 
 
-def test_keyboard_bytes_are_ignored_without_reply(kbc: Kbc) -> None:
-    kbc.outb(I8042_DATA_PORT, 0xF2)  # atkbd GETID
-    assert not kbc.inb(I8042_CMD_PORT) & k.STR_OBF
+def read_all(kbc: Kbc) -> list[int]:
+    """Drain the output buffer as Linux's i8042 interrupt handler does, one byte at a time."""
+    out = []
+    while kbc.inb(I8042_CMD_PORT) & k.STR_OBF:
+        out.append(kbc.inb(I8042_DATA_PORT))
+    return out
+
+
+def test_keyboard_get_id_answers_ack_and_the_translated_mf2_id(kbc: Kbc) -> None:
+    kbc.outb(I8042_DATA_PORT, k.KBD_CMD_GET_ID)  # atkbd_probe()
+    assert read_all(kbc) == [k.KBD_ACK, 0xAB, 0x41]
+
+
+def test_keyboard_get_id_without_translation_answers_the_raw_id(kbc: Kbc) -> None:
+    kbc.command(k.CMD_WRITE_CTR, k.CTR_SYSFLAG | k.CTR_KBDINT)  # XLATE off
+    kbc.outb(I8042_DATA_PORT, k.KBD_CMD_GET_ID)
+    assert read_all(kbc) == [k.KBD_ACK, 0xAB, 0x83]
+
+
+def test_keyboard_acks_commands_and_their_parameters(kbc: Kbc) -> None:
+    for byte in (k.KBD_CMD_SET_LEDS, 0x00, k.KBD_CMD_SET_REPEAT, 0x20, 0xF4):
+        kbc.outb(I8042_DATA_PORT, byte)
+        assert read_all(kbc) == [k.KBD_ACK]
+    kbc.outb(I8042_DATA_PORT, k.KBD_CMD_RESET)
+    assert read_all(kbc) == [k.KBD_ACK, k.KBD_BAT_OK]
+    kbc.outb(I8042_DATA_PORT, k.KBD_CMD_ECHO)
+    assert read_all(kbc) == [k.KBD_CMD_ECHO]
+
+
+def test_ctrl_alt_del_queues_set1_press_and_release_with_one_interrupt_per_byte(kbc: Kbc) -> None:
+    irqs = kbc.irqs
+    kbc.dev.send_ctrl_alt_del()
+    assert kbc.irqs == irqs + 1  # for the first byte
+    assert read_all(kbc) == [0x1D, 0x38, 0xE0, 0x53, 0xE0, 0xD3, 0xB8, 0x9D]
+    assert kbc.irqs == irqs + 8  # each read re-raises while bytes remain
+    assert kbc.resets == 0  # the guest reboots, not the device
+
+
+def test_ctrl_alt_del_uses_set2_when_the_guest_turned_translation_off(kbc: Kbc) -> None:
+    kbc.command(k.CMD_WRITE_CTR, k.CTR_SYSFLAG | k.CTR_KBDINT)
+    kbc.dev.send_ctrl_alt_del()
+    assert read_all(kbc) == list(k.CTRL_ALT_DEL_SET2)
 
 
 def test_interrupt_is_optional() -> None:

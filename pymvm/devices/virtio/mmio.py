@@ -163,6 +163,12 @@ class VirtioMmioTransport:
         return self._status
 
     @property
+    def lock(self) -> threading.RLock:
+        """Held while the transport's state changes (vCPU accesses, signals): take it to
+        change device state the guest reads, such as the config space, from another thread."""
+        return self._lock
+
+    @property
     def activated(self) -> bool:
         return self._activated
 
