@@ -76,7 +76,24 @@ def cmd_run(args: argparse.Namespace) -> int:
                 hint="run it in the nested KVM host: python -m pymvm.nested -- pymvm run " + args.config)
     except StopSignal as stop:
         return 128 + stop.signum
-    return run_vm(config)
+    from . import sandbox, state
+
+    sandbox.settings.backend_user = args.backend_user or None
+    # Host resources are recorded as they are made; a killed VMM's are undone by the next run.
+    with state.vm_state(config.id):
+        return run_vm(config)
+
+
+def cmd_cleanup(args: argparse.Namespace) -> int:
+    """Undo the host resources of VMMs that died without cleaning up (kill -9, OOM)."""
+    from .state import cleanup_stale, state_root
+
+    done = cleanup_stale()
+    for name, undone in done.items():
+        print(f"{name}: removed {', '.join(undone) if undone else 'nothing (already gone)'}")
+    if not done:
+        print(f"nothing to clean up in {state_root()}")
+    return 0
 
 
 # ---- control API clients: `pymvm status|pause|resume|shutdown|stop SOCK`, `pymvm net ...` ----
@@ -169,7 +186,11 @@ def cmd_vhost_user_net(args: argparse.Namespace) -> int:
     from .vhost.user.backend import VhostUserServer
     from .vhost.user.errors import VhostUserError
 
+    from . import sandbox
+
     log = structlog.get_logger().bind(device="vhost-user-net", tap=args.tap, socket=args.socket)
+    if args.parent_pid is not None:
+        sandbox.exit_with_parent(args.parent_pid)
 
     async def serve(server: VhostUserServer) -> None:
         loop = asyncio.get_running_loop()
@@ -196,6 +217,9 @@ def cmd_vhost_user_net(args: argparse.Namespace) -> int:
         backend = NetBackend(tap)
         server = VhostUserServer(args.socket, backend, client=args.client,
                                  allow_unsealed_memory=args.allow_unsealed_memory)
+        server.listen()  # bound while we may still write where the socket goes
+        if args.user:  # set up: the rest needs only the TAP fd and the socket
+            sandbox.drop_privileges(args.user, parent_pid=args.parent_pid)
         log.info("vhost_user_net.start", mode="client" if args.client else "server")
         try:
             asyncio.run(serve(server))
@@ -215,6 +239,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="boot a VM from a TOML file, in the foreground")
     run.add_argument("config")
+    run.add_argument("--backend-user", default="nobody", metavar="USER",
+                     help="user the built-in vhost-user back-ends run as once set up "
+                          "(default nobody; '' keeps them root)")
     run.add_argument("--api-sock", metavar="PATH", default=None,
                      help="serve the control API on this UNIX socket (overrides [api] socket)")
     run.set_defaults(func=cmd_run)
@@ -235,6 +262,10 @@ def build_parser() -> argparse.ArgumentParser:
     net.add_argument("--link", choices=["up", "down"], default=None)
     net.add_argument("--json", action="store_true", help="print the API's JSON answer")
     net.set_defaults(func=cmd_api_net)
+
+    cl = sub.add_parser("cleanup", help="remove TAPs, bridges, back-ends and sockets left by "
+                                        "VMMs that were killed (state in $PYMVM_STATE_DIR or /run/pymvm)")
+    cl.set_defaults(func=cmd_cleanup)
 
     val = sub.add_parser("validate", help="check a VM's TOML file without starting it")
     val.add_argument("config")
@@ -265,6 +296,10 @@ def build_parser() -> argparse.ArgumentParser:
     vun.add_argument("--tap", required=True, metavar="NAME", help="TAP to create or attach to")
     vun.add_argument("--client", action="store_true",
                      help="connect to a front-end listening on --socket instead of listening")
+    vun.add_argument("--parent-pid", type=int, metavar="PID",
+                     help="exit when process PID (the VMM that started us) dies")
+    vun.add_argument("--user", metavar="USER",
+                     help="once the TAP and socket are set up, run as USER with no capabilities")
     vun.add_argument("--allow-unsealed-memory", action="store_true",
                      help="accept guest memory fds the front-end could shrink (memfds without "
                           "F_SEAL_SHRINK, hugetlbfs files; DPDK's virtio-user): only for a "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 import structlog
@@ -20,6 +21,37 @@ def configure(level: str = "info", *, json: bool = True, stream=None) -> None:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level.upper())),
-        logger_factory=structlog.PrintLoggerFactory(stream),
+        logger_factory=lambda *args: LineLogger(stream),
         cache_logger_on_first_use=False,
     )
+
+
+class LineLogger:
+    """Writes each log line with one write(2), so that the JSON lines of the VMM and of its
+    back-end processes, which share stderr, never interleave mid-line (PrintLogger's text
+    stream splits lines longer than its buffer into several writes)."""
+
+    def __init__(self, stream) -> None:
+        self._stream = stream
+        try:
+            self._fd: int | None = stream.fileno()
+        except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is an OSError
+            self._fd = None
+
+    def msg(self, message: str) -> None:
+        data = (message + "\n").encode("utf-8", "backslashreplace")
+        if self._fd is None:
+            self._stream.write(data.decode("utf-8"))
+            self._stream.flush()
+            return
+        self._stream.flush()  # whatever was printed before goes first
+        view = memoryview(data)
+        while view:  # a pipe or terminal may take less than all of it
+            try:
+                view = view[os.write(self._fd, view):]
+            except InterruptedError:
+                continue
+            except OSError:
+                return  # stderr is gone: nothing to log to
+
+    log = debug = info = warn = warning = error = critical = exception = fatal = failure = msg

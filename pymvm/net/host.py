@@ -17,6 +17,7 @@ import structlog
 from pyroute2 import IPRoute, NetlinkError
 from pyroute2 import netns as pyroute2_netns
 
+from pymvm import state
 from pymvm.net.errors import HostNetworkError
 from pymvm.net.tap import MAX_NAME_LEN, Tap
 
@@ -140,6 +141,7 @@ class HostNetwork:
                     f"creating network namespace {netns!r} failed: {exc}: run as root"
                 ) from None
             self._push(f"netns {netns}", lambda: pyroute2_netns.remove(netns))
+            state.record("netns", name=netns)
             log.info("netns_created", netns=netns)
 
         with _ipr(netns) as ipr:
@@ -147,6 +149,8 @@ class HostNetwork:
         tap = Tap.open(tap_name, netns=netns, multi_queue=multi_queue)
         self._tap = tap
         self._push(f"tap {tap.name}", self._close_tap)
+        if not tap_existed:  # goes with our fd, unless someone makes it persistent
+            state.record("tap", name=tap.name, netns=netns)
 
         with _ipr(netns) as ipr:
             tap_idx = _link_index(ipr, tap.name)
@@ -187,6 +191,7 @@ class HostNetwork:
                 br_idx = _link_index(ipr, bridge)
                 assert br_idx is not None
                 if created:
+                    state.record("bridge", name=bridge, netns=netns)
                     ipr.link("set", index=br_idx, ifalias=BRIDGE_ALIAS)
                     log.info("bridge_created", bridge=bridge, netns=netns)
             # A bridge pymvm made (ours or another VM's) goes with its last pymvm user.
@@ -206,6 +211,7 @@ class HostNetwork:
             addr, plen = str(iface.ip), iface.network.prefixlen
             try:
                 ipr.addr("add", index=br_idx, address=addr, prefixlen=plen)
+                state.record("address", dev=bridge, address=addr, prefixlen=plen, netns=netns)
                 if not created:  # a bridge we delete takes its addresses with it
                     self._push(
                         f"address {iface} on {bridge}",
@@ -236,6 +242,7 @@ class HostNetwork:
             if exc.code == errno.EEXIST:  # already there: not ours to remove
                 return
             raise _netlink_error(f"adding {iface} to {name!r}", exc) from None
+        state.record("address", dev=name, address=addr, prefixlen=plen, netns=self.netns)
         if not removed_with_link:
             self._push(f"address {iface} on {name}", lambda: self._del_addr(name, addr, plen))
 

@@ -239,3 +239,135 @@ def test_deeply_nested_toml_is_one_line_and_exit_2(tmp_path: Path, command: str,
     assert out.returncode == 2, out.stderr[-500:]
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("pymvm: error: ") and "nested too deeply" in lines[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Line-atomic logs: the VMM and its back-ends share stderr
+
+
+LOGGER_CHILD = textwrap.dedent("""
+    import sys
+    import structlog
+    from pymvm.logging import configure
+    stream = open(sys.argv[1], "a")
+    configure("info", stream=stream)
+    log = structlog.get_logger()
+    for i in range(200):
+        log.info("big", who=sys.argv[2], i=i, pad="x" * 20000)
+""")
+
+
+def test_log_lines_of_processes_sharing_a_file_never_interleave(tmp_path: Path) -> None:
+    out = tmp_path / "log.jsonl"
+    out.touch()
+    procs = [subprocess.Popen([sys.executable, "-c", LOGGER_CHILD, str(out), who], cwd=REPO)
+             for who in ("a", "b", "c")]
+    assert [p.wait(60) for p in procs] == [0, 0, 0]
+    import json
+
+    lines = out.read_text().splitlines()
+    records = [json.loads(line) for line in lines]  # a torn line fails to parse
+    assert len(records) == 600 and {r["who"] for r in records} == {"a", "b", "c"}
+
+
+# ---------------------------------------------------------------------------------------------
+# State directory: the next `pymvm run` undoes what a dead VMM recorded, a live one's is kept
+
+
+def test_next_run_undoes_what_a_dead_vmm_recorded_and_keeps_a_live_ones(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import json
+    import uuid
+
+    from pyroute2 import IPRoute
+
+    from pymvm import state
+
+    monkeypatch.setenv(state.STATE_DIR_ENV, str(tmp_path))
+    tap = f"pvst{uuid.uuid4().hex[:6]}"
+    with IPRoute() as ipr:  # persistent, as the built-in back-end's TAP is
+        ipr.link("add", ifname=tap, kind="tuntap", mode="tap")
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    sock = tmp_path / "left.sock"
+    sock.touch()
+    stale, live = tmp_path / "old.1", tmp_path / "other.2"
+    for path, pid in ((stale, dead.pid), (live, os.getpid())):
+        path.mkdir()
+        (path / state.OWNER).write_text(json.dumps(
+            {"pid": pid, "start_time": state.process_start_time(pid), "vm_id": path.name}))
+        (path / state.RESOURCES).write_text(
+            json.dumps({"kind": "tap", "name": tap, "netns": None}) + "\n"
+            + json.dumps({"kind": "socket", "path": str(sock)}) + "\n" if path == stale else "")
+    try:
+        with state.vm_state("new") as mine:
+            state.record("socket", path="/nonexistent")
+            assert state.current() is mine
+            with IPRoute() as ipr:
+                assert not ipr.link_lookup(ifname=tap)
+            assert not sock.exists() and not stale.exists() and live.exists()
+            assert (mine.path / state.RESOURCES).read_text().count("\n") == 1
+        assert not mine.path.exists()  # a clean exit forgets its own records
+    finally:
+        with IPRoute() as ipr:
+            if ipr.link_lookup(ifname=tap):
+                ipr.link("del", index=ipr.link_lookup(ifname=tap)[0])
+
+
+# ---------------------------------------------------------------------------------------------
+# Least privilege: the built-in back-end runs as an unprivileged user, no capabilities
+
+
+def _status(pid: int) -> dict[str, str]:
+    return dict(line.split(":\t", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+                if ":\t" in line)
+
+
+def test_builtin_backend_drops_to_an_unprivileged_user_with_no_capabilities_and_still_serves(
+        tmp_path: Path) -> None:
+    import pwd
+    import uuid
+
+    from tests.unit.test_vhost_user_backend import GuestRam
+
+    nobody = pwd.getpwnam("nobody").pw_uid
+    path, tap = str(tmp_path / "vu.sock"), f"pvpr{uuid.uuid4().hex[:6]}"
+    proc = subprocess.Popen([sys.executable, "-m", "pymvm.cli", "vhost-user", "net", "--socket", path,
+                             "--tap", tap, "--user", "nobody", "--parent-pid", str(os.getpid())],
+                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    ram = GuestRam()
+    try:
+        deadline = time.monotonic() + 20
+        while _status(proc.pid)["Uid"].split()[0] != str(nobody):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read().decode()[-2000:]
+            time.sleep(0.05)
+        st = _status(proc.pid)
+        assert st["Uid"].split() == [str(nobody)] * 4 and st["Groups"].strip() == ""
+        for caps in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"):
+            assert int(st[caps], 16) == 0, (caps, st[caps])
+        assert st["NoNewPrivs"].strip() == "1"
+        targets = sorted(os.readlink(f"/proc/{proc.pid}/fd/{fd}") for fd in os.listdir(f"/proc/{proc.pid}/fd")
+                         if int(fd) > 2)
+        # Its TAP, its listening socket, and asyncio's own epoll and wake-up socketpair.
+        assert [t.split(":")[0] for t in targets] == ["/dev/net/tun", "anon_inode", "socket", "socket",
+                                                      "socket"], targets
+
+        async def session() -> None:
+            fe = await connect(path)
+            await fe.negotiate()  # SET_FEATURES sets the TAP's offloads: no privilege needed
+            dup = os.dup(ram.fd)
+            ack = await fe.request(m.SetMemTable((ram.region(),), (dup,), need_reply=True))
+            os.close(dup)
+            assert isinstance(ack, m.Ack) and ack.ok
+            fe.sock.close()
+
+        asyncio.run(session())
+        assert proc.poll() is None
+    finally:
+        ram.close()
+        proc.terminate()
+        proc.wait(10)
+    with __import__("pyroute2").IPRoute() as ipr:
+        idx = ipr.link_lookup(ifname=tap)
+        if idx:  # a non-persistent TAP goes with the back-end's fd
+            ipr.link("del", index=idx[0])

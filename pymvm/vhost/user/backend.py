@@ -32,6 +32,7 @@ from pymvm.devices.virtio.queue import GuestMemoryMap, VirtQueue, VirtQueueError
 from pymvm.devices.virtio.constants import VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC
 from pymvm.vhost.user import messages as m
 from pymvm.vhost.user.errors import VhostUserError, VhostUserRemoteError
+from pymvm.vhost.user.inflight import InflightQueue, queue_region_size
 from pymvm.vhost.user.messages import ProtocolFeature as PF
 from pymvm.vhost.user.protocol import NEED_DATA, PEER_CLOSED, BackendConnection
 
@@ -82,6 +83,15 @@ class VhostUserDevice(ABC):
     @abstractmethod
     def queue_kicked(self, vring: Vring) -> None:
         """The driver kicked ``vring``: new buffers are available."""
+
+    def config(self, offset: int, size: int) -> bytes:
+        """``size`` bytes of the device's config space at ``offset`` (GET_CONFIG); b"" fails
+        the request (devices with PF.CONFIG in ``protocol_features`` override this)."""
+        return b""
+
+    def set_config(self, offset: int, data: bytes) -> int:
+        """SET_CONFIG; a REPLY_ACK status (non-zero: refused)."""
+        return 1
 
     def device_request(self, msg: m.Request) -> int:
         """A device-class request (SEND_RARP, NET_SET_MTU...); return a REPLY_ACK status."""
@@ -190,7 +200,38 @@ class Vring:
     started: bool = False
     enabled: bool = False
     queue: VirtQueue | None = None
+    #: This ring's inflight record (INFLIGHT_SHMFD), and the heads a dead back-end left
+    #: unfinished, for the device to run again before popping new ones.
+    inflight: InflightQueue | None = None
+    resubmit: tuple[int, ...] = ()
     _err_reported: bool = False
+
+    def pop(self):
+        """The next available chain (``VirtQueue.pop_avail``), recorded as in flight."""
+        queue = self.queue
+        if queue is None:
+            return None
+        chain = queue.pop_avail()
+        inflight = self.inflight
+        if inflight is not None:
+            if chain is not None:
+                inflight.fetched(chain.head)
+            if queue.dropped_chains:  # malformed chains went straight to the used ring
+                inflight.sync_used_idx(queue.next_used_idx)
+        return chain
+
+    def put_used(self, head: int, length: int) -> None:
+        """Return ``head`` to the driver, in the order the inflight record needs."""
+        queue = self.queue
+        if queue is None:
+            return
+        inflight = self.inflight
+        if inflight is None:
+            queue.add_used(head, length)
+            return
+        inflight.begin_used(head)
+        queue.add_used(head, length)
+        inflight.end_used(head, queue.next_used_idx)
 
     def signal_used(self) -> None:
         """Notify the driver of used buffers, once per batch, if it wants to be told."""
@@ -260,6 +301,9 @@ class _Session:
         self.memory: GuestMemoryMap | None = None
         self.vrings = [Vring(i, self) for i in range(device.num_queues)]
         self.acked_features = 0
+        #: The inflight region (GET/SET_INFLIGHT_FD): mapping, its view from mmap_offset,
+        #: queue count and queue size.
+        self.inflight: tuple[mmap.mmap, memoryview, int, int] | None = None
         self.closed = loop.create_future()
         self.log = log.bind(peer=sock.fileno())
         self._handlers: dict[type[m.Message], Callable[[m.Request], m.Reply | int | None]] = {
@@ -282,6 +326,10 @@ class _Session:
             m.SetVringCall: self._set_vring_call,
             m.SetVringErr: self._set_vring_err,
             m.SetVringEnable: self._set_vring_enable,
+            m.GetConfig: self._get_config,
+            m.SetConfig: lambda msg: self.device.set_config(msg.offset, msg.data),
+            m.GetInflightFd: self._get_inflight_fd,
+            m.SetInflightFd: self._set_inflight_fd,
             m.SendRarp: self.device.device_request,
             m.NetSetMtu: self.device.device_request,
         }
@@ -364,6 +412,7 @@ class _Session:
         with contextlib.suppress(Exception):
             self.device.reset()
         self._unmap()
+        self._unmap_inflight()
         self.conn.close()
         self.sock.close()
         self.closed.set_result(reason)
@@ -393,6 +442,7 @@ class _Session:
         if vring.addr is None or self.memory is None or vring.num == 0:
             return
         addr = vring.addr
+        inflight = self._inflight_queue(vring)
         try:
             queue = VirtQueue(
                 self.memory, vring.num,
@@ -414,10 +464,17 @@ class _Session:
                 raise VhostUserRemoteError(
                     f"kick fd of vring {vring.index} cannot be polled ({e}); send an eventfd"
                 ) from None
+        vring.inflight, vring.resubmit = inflight, ()
+        if inflight is not None:
+            # A restarted back-end: resubmit what the last one took and never returned, and
+            # pop from where it stopped (spec "Inflight I/O tracking").
+            recovery = inflight.recover(queue.next_used_idx)
+            vring.resubmit = recovery.heads
+            queue.set_last_avail(recovery.next_avail)
         vring.queue = queue
         vring._err_reported = False
         self.log.info("vhost_user.vring_started", vring=vring.index, size=vring.num,
-                      base=vring.base, used=queue.next_used_idx)
+                      base=vring.base, used=queue.next_used_idx, resubmit=len(vring.resubmit))
         self.device.queue_started(vring)
         # Buffers made available before the kick fd existed would otherwise wait forever.
         if vring.queue is not None and queue.has_avail():
@@ -435,6 +492,7 @@ class _Session:
             self.log.exception("vhost_user.device_stop_failed", vring=vring.index)
         vring.base = queue.last_avail_idx
         vring.queue = None
+        vring.inflight, vring.resubmit = None, ()
         queue.release()
         self.log.info("vhost_user.vring_stopped", vring=vring.index, base=vring.base)
 
@@ -549,6 +607,84 @@ class _Session:
         if self.device.num_queues > 2:
             features |= PF.MQ
         return m.ProtocolFeaturesReply(features=int(features))
+
+    def _get_config(self, msg: m.GetConfig) -> m.Reply:
+        data = self.device.config(msg.offset, msg.size) if msg.size else b""
+        if len(data) != msg.size:
+            data = b""  # spec: a zero-length payload tells the front-end it failed
+        return m.ConfigReply(offset=msg.offset, data=data, flags=msg.flags)
+
+    # -- inflight I/O tracking (INFLIGHT_SHMFD) --------------------------------------------
+
+    def _inflight_queue(self, vring: Vring) -> InflightQueue | None:
+        if self.inflight is None:
+            return None
+        _, view, num_queues, queue_size = self.inflight
+        if vring.index >= num_queues or vring.num != queue_size:
+            self.log.warning("vhost_user.inflight_unusable", vring=vring.index, size=vring.num,
+                             inflight_queues=num_queues, inflight_queue_size=queue_size)
+            return None
+        size = queue_region_size(queue_size)
+        return InflightQueue(view[vring.index * size : (vring.index + 1) * size], queue_size)
+
+    def _unmap_inflight(self) -> None:
+        if self.inflight is not None:
+            mapping, view, _, _ = self.inflight
+            self.inflight = None
+            view.release()
+            with contextlib.suppress(BufferError):  # a queue still holds a view: freed with it
+                mapping.close()
+
+    def _get_inflight_fd(self, msg: m.GetInflightFd) -> m.Reply:
+        if not (1 <= msg.num_queues <= len(self.vrings) and 1 <= msg.queue_size <= 32768):
+            raise VhostUserRemoteError(
+                f"GET_INFLIGHT_FD for {msg.num_queues} queues of {msg.queue_size}: this device "
+                f"has {len(self.vrings)} queues of at most 32768 entries")
+        size = msg.num_queues * queue_region_size(msg.queue_size)
+        fd = os.memfd_create("vhost-user-inflight", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        try:
+            os.ftruncate(fd, size)
+            # Sealed before the front-end sees it: nobody can shrink it under our mapping.
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_SEAL)
+            mapping = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        except OSError:
+            os.close(fd)
+            raise
+        self._unmap_inflight()
+        self.inflight = (mapping, memoryview(mapping), msg.num_queues, msg.queue_size)
+        region = queue_region_size(msg.queue_size)
+        for index in range(msg.num_queues):  # every queue starts "nothing in flight"
+            InflightQueue(self.inflight[1][index * region : (index + 1) * region],
+                          msg.queue_size).recover(0)
+        self.log.info("vhost_user.inflight_created", queues=msg.num_queues,
+                      queue_size=msg.queue_size, size=size)
+        reply = m.InflightFdReply(mmap_size=size, mmap_offset=0, num_queues=msg.num_queues,
+                                  queue_size=msg.queue_size, fd=fd)
+        try:
+            self._send(reply)
+        finally:
+            os.close(fd)  # the front-end has its copy; our mapping stays
+        return None  # type: ignore[return-value]
+
+    def _set_inflight_fd(self, msg: m.SetInflightFd) -> None:
+        fd = msg.fd
+        try:
+            if not (1 <= msg.num_queues <= len(self.vrings) and 1 <= msg.queue_size <= 32768):
+                raise VhostUserRemoteError(
+                    f"SET_INFLIGHT_FD for {msg.num_queues} queues of {msg.queue_size}: this "
+                    f"device has {len(self.vrings)} queues of at most 32768 entries")
+            need = msg.num_queues * queue_region_size(msg.queue_size)
+            if msg.mmap_size < need:
+                raise VhostUserRemoteError(
+                    f"SET_INFLIGHT_FD region of {msg.mmap_size} bytes; {msg.num_queues} queues "
+                    f"of {msg.queue_size} need {need}")
+            region = m.MemoryRegion(0, msg.mmap_size, 0, msg.mmap_offset)
+            mapped = _map_region(region, fd, self.allow_unsealed_memory)
+        finally:
+            os.close(fd)
+        self._unmap_inflight()
+        self.inflight = (mapped.map, mapped.view, msg.num_queues, msg.queue_size)
+        self.log.info("vhost_user.inflight_set", queues=msg.num_queues, queue_size=msg.queue_size)
 
     def _reset_owner(self, msg: m.Request) -> None:
         for vring in self.vrings:
@@ -731,6 +867,6 @@ class VhostUserServer:
         if self._listener is not None:
             self._listener.close()
             self._listener = None
-            with contextlib.suppress(FileNotFoundError):
+            with contextlib.suppress(OSError):  # gone, or not ours to remove after a privilege drop
                 os.unlink(self.path)
             log.info("vhost_user.stopped_listening", socket=self.path)

@@ -630,12 +630,14 @@ class BuiltinNetBackendProcess:
         from pyroute2 import IPRoute
         from pyroute2 import netns as pyroute2_netns
 
+        from pymvm import state
         from pymvm.net.host import HostNetwork
         from pymvm.net.tap import run_in_netns
 
         if netns is not None and netns not in pyroute2_netns.listnetns():
             pyroute2_netns.create(netns)  # before the TAP, which is made inside it
             self._undo.append((f"netns {netns}", lambda: pyroute2_netns.remove(netns)))
+            state.record("netns", name=netns)
         name = tap or f"pymvm{os.getpid() % 100000}v{next(_tap_numbers)}"
 
         def make_persistent_tap() -> bool:
@@ -654,6 +656,7 @@ class BuiltinNetBackendProcess:
 
         if run_in_netns(netns, make_persistent_tap):
             self._undo.append((f"tap {name}", lambda: run_in_netns(netns, delete_tap)))
+            state.record("tap", name=name, netns=netns)  # persistent: outlives our process
         hostnet = HostNetwork.create(name, mtu=mtu, bridge=bridge, netns=netns,
                                      host_address=host_ip)
         self.host_network = hostnet
@@ -662,14 +665,22 @@ class BuiltinNetBackendProcess:
 
         self._tmpdir = tempfile.mkdtemp(prefix="pymvm-vu-")
         self._undo.append(("socket dir", lambda: shutil.rmtree(self._tmpdir or "", True)))
+        state.record("dir", path=self._tmpdir)
         self.socket_path = os.path.join(self._tmpdir, "net.sock")
+        # --parent-pid: the back-end ends itself when we die, even by SIGKILL.
         argv = [sys.executable, "-m", "pymvm.cli", "vhost-user", "net",
-                "--socket", self.socket_path, "--tap", name]
+                "--socket", self.socket_path, "--tap", name, "--parent-pid", str(os.getpid())]
+        from pymvm.sandbox import settings
+
+        if settings.backend_user:  # no root, no capabilities once its TAP and socket are set up
+            argv += ["--user", settings.backend_user]
         if netns is not None:
             argv = ["ip", "netns", "exec", netns, *argv]
         self.process = subprocess.Popen(argv, stdin=subprocess.DEVNULL,
                                         stdout=subprocess.DEVNULL, close_fds=True)
         self._undo.append(("back-end process", self._stop_process))
+        state.record("process", pid=self.process.pid,
+                     start_time=state.process_start_time(self.process.pid))
         self._log.info("builtin_backend_started", pid=self.process.pid, tap=name, netns=netns,
                        socket=self.socket_path)
         deadline = time.monotonic() + ready_timeout
