@@ -70,6 +70,7 @@ class TcpPeer:
 
     def join(self) -> None:
         self.thread.join(60)
+        assert not self.thread.is_alive(), "the TCP peer was still running 60 s after the guest"
 
 
 def test_vhost_net_guest_gets_its_address_and_pings_the_host(boot_vm):

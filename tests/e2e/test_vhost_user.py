@@ -120,6 +120,7 @@ class TcpPeer:
 
     def join(self) -> None:
         self.thread.join(60)
+        assert not self.thread.is_alive(), "the TCP peer was still running 60 s after the guest"
 
 
 def transfer_command(host: str, up_port: int, down_port: int, size: int) -> str:

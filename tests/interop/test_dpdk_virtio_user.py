@@ -103,7 +103,13 @@ class PmdFrontend:
                 found = re.compile(pattern).search(self.output, start)
             if found:
                 return found
-            assert self.proc.poll() is None or time.monotonic() < deadline, self.output[-2000:]
+            if self.proc.poll() is not None:  # it will never print it: fail now, not later
+                self._reader.join(5)  # the rest of what it printed
+                with self._lock:
+                    found = re.compile(pattern).search(self.output, start)
+                assert found, (f"testpmd exited ({self.proc.returncode}) before printing "
+                               f"{pattern!r}: {self.output[-2000:]}")
+                return found
             assert time.monotonic() < deadline, f"testpmd never printed {pattern!r}: {self.output[-2000:]}"
             time.sleep(0.05)
 
