@@ -116,3 +116,20 @@ def test_no_server_at_the_socket_is_a_one_line_error_exit_2(tmp_path, capsys):
     assert pymvm("status", str(tmp_path / "none.sock")) == 2
     err = capsys.readouterr().err
     assert err.startswith("pymvm: error: cannot reach the API at ") and err.count("\n") == 1
+
+
+def test_run_with_a_live_api_socket_is_a_one_line_error_exit_2_before_building(tmp_path, capsys):
+    from pymvm.api.server import bind_socket
+
+    kernel = tmp_path / "vmlinux"
+    kernel.write_bytes(b"\x7fELF" + bytes(60))  # only its magic is read before the socket check
+    config = tmp_path / "vm.toml"
+    config.write_text(f'[boot]\nkernel = "{kernel}"\n[serial]\noutput = "none"\n')
+    live = bind_socket(str(tmp_path / "api.sock"))
+    try:
+        assert pymvm("run", str(config), "--api-sock", str(tmp_path / "api.sock")) == 2
+    finally:
+        live.close()
+    err = [line for line in capsys.readouterr().err.splitlines() if not line.startswith("{")]
+    assert err == [f"pymvm: error: API socket {tmp_path / 'api.sock'} is served by another "
+                   "running VMM; stop it or choose another --api-sock path"]
