@@ -173,6 +173,26 @@ def cmd_build_initramfs(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _serve_until_signal(server) -> None:
+    """Serve a vhost-user back-end until SIGINT/SIGTERM (or until serving fails)."""
+    import asyncio
+    import signal
+
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    server.listen()
+    serving = asyncio.create_task(server.serve_forever())
+    stopping = asyncio.create_task(stop.wait())
+    await asyncio.wait({serving, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    for task in (serving, stopping):
+        task.cancel()
+    await asyncio.gather(serving, stopping, return_exceptions=True)
+    if serving.done() and not serving.cancelled() and serving.exception() is not None:
+        raise serving.exception()  # type: ignore[misc]
+
+
 def cmd_vhost_user_net(args: argparse.Namespace) -> int:
     """Serve a TAP to one vhost-user front-end at a time until SIGINT/SIGTERM."""
     import asyncio
@@ -192,21 +212,6 @@ def cmd_vhost_user_net(args: argparse.Namespace) -> int:
     if args.parent_pid is not None:
         sandbox.exit_with_parent(args.parent_pid)
 
-    async def serve(server: VhostUserServer) -> None:
-        loop = asyncio.get_running_loop()
-        stop = asyncio.Event()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        server.listen()
-        serving = asyncio.create_task(server.serve_forever())
-        stopping = asyncio.create_task(stop.wait())
-        await asyncio.wait({serving, stopping}, return_when=asyncio.FIRST_COMPLETED)
-        for task in (serving, stopping):
-            task.cancel()
-        await asyncio.gather(serving, stopping, return_exceptions=True)
-        if serving.done() and not serving.cancelled() and serving.exception() is not None:
-            raise serving.exception()  # type: ignore[misc]
-
     with Tap.open(args.tap) as tap:
         try:
             with IPRoute() as ipr:
@@ -222,13 +227,62 @@ def cmd_vhost_user_net(args: argparse.Namespace) -> int:
             sandbox.drop_privileges(args.user, parent_pid=args.parent_pid)
         log.info("vhost_user_net.start", mode="client" if args.client else "server")
         try:
-            asyncio.run(serve(server))
+            asyncio.run(_serve_until_signal(server))
         except VhostUserError as e:
             print(f"pymvm: error: {e}", file=sys.stderr)
             return EXIT_USAGE
         finally:
             server.close()
             log.info("vhost_user_net.stop", **backend.stats)
+    return 0
+
+
+def cmd_vhost_user_blk(args: argparse.Namespace) -> int:
+    """Serve a raw image to one vhost-user front-end at a time until SIGINT/SIGTERM."""
+    import asyncio
+    import os
+
+    from . import sandbox
+    from .images.disk import lock_fd, open_image
+    from .vhost.backends.blk import BlkBackend
+    from .vhost.user.backend import VhostUserServer
+    from .vhost.user.errors import VhostUserError
+
+    if args.parent_pid is not None:
+        sandbox.exit_with_parent(args.parent_pid)
+    if not 1 <= args.num_queues <= 64:
+        print(f"pymvm: error: --num-queues {args.num_queues}: use 1..64", file=sys.stderr)
+        return EXIT_USAGE
+    if args.image_fd is not None:
+        fd, path = args.image_fd, f"fd {args.image_fd}"
+        try:
+            size = os.lseek(fd, 0, os.SEEK_END)
+        except OSError as e:
+            print(f"pymvm: error: --image-fd {fd}: {e.strerror}", file=sys.stderr)
+            return EXIT_USAGE
+        lock_fd(fd, args.read_only, path)  # the VMM's lock: same file description, a no-op
+    else:
+        image = open_image(args.image, read_only=args.read_only)
+        fd, path, size = image.fd, args.image, image.size
+    log = structlog.get_logger().bind(device="vhost-user-blk", image=str(path), socket=args.socket)
+    backend = BlkBackend(fd, size, read_only=args.read_only, serial=args.serial,
+                         num_queues=args.num_queues, workers=args.workers)
+    server = VhostUserServer(args.socket, backend, client=args.client,
+                             allow_unsealed_memory=args.allow_unsealed_memory)
+    try:
+        server.listen()  # bound while we may still write where the socket goes
+        if args.user:
+            sandbox.drop_privileges(args.user, parent_pid=args.parent_pid)
+        log.info("vhost_user_blk.start", mode="client" if args.client else "server",
+                 sectors=backend.capacity, read_only=args.read_only)
+        asyncio.run(_serve_until_signal(server))
+    except VhostUserError as e:
+        print(f"pymvm: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    finally:
+        server.close()
+        backend.close()
+        log.info("vhost_user_blk.stop", **backend.stats)
     return 0
 
 
@@ -305,6 +359,25 @@ def build_parser() -> argparse.ArgumentParser:
                           "F_SEAL_SHRINK, hugetlbfs files; DPDK's virtio-user): only for a "
                           "trusted front-end, a shrink kills the back-end (SIGBUS)")
     vun.set_defaults(func=cmd_vhost_user_net)
+    vub = vu_sub.add_parser("blk", help="vhost-user-blk back-end serving a raw image")
+    vub.add_argument("--socket", required=True, metavar="PATH", help="vhost-user UNIX socket")
+    image = vub.add_mutually_exclusive_group(required=True)
+    image.add_argument("--image", metavar="FILE", help="raw disk image (locked while served)")
+    image.add_argument("--image-fd", type=int, metavar="FD",
+                       help="an open (and locked) image inherited from the VMM")
+    vub.add_argument("--read-only", action="store_true", help="refuse writes (VIRTIO_BLK_F_RO)")
+    vub.add_argument("--serial", default="", help="what GET_ID answers (at most 20 bytes)")
+    vub.add_argument("--num-queues", type=int, default=1, help="request queues (1..64)")
+    vub.add_argument("--workers", type=int, default=16, help="I/O threads (requests in flight)")
+    vub.add_argument("--client", action="store_true",
+                     help="connect to a front-end listening on --socket instead of listening")
+    vub.add_argument("--parent-pid", type=int, metavar="PID",
+                     help="exit when process PID (the VMM that started us) dies")
+    vub.add_argument("--user", metavar="USER",
+                     help="once the image and socket are open, run as USER with no capabilities")
+    vub.add_argument("--allow-unsealed-memory", action="store_true",
+                     help="accept guest memory fds the front-end could shrink (see 'net')")
+    vub.set_defaults(func=cmd_vhost_user_blk)
     return p
 
 
@@ -325,6 +398,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
                       ("pymvm.net.errors", "NetError"),
                       ("pymvm.devices.virtio.device", "VirtioError"),
                       ("pymvm.nested", "NestedHostError"),
+                      ("pymvm.images.disk", "DiskImageError"),
                       ("pymvm.vhost.user.errors", "VhostUserError")):
         try:
             errors.append(getattr(__import__(mod, fromlist=[name]), name))

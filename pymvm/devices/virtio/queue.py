@@ -252,6 +252,10 @@ class VirtQueue:
     def next_used_idx(self) -> int:
         return self._next_used
 
+    def set_last_avail(self, idx: int) -> None:
+        """Resume popping at avail ring position ``idx`` (inflight recovery)."""
+        self._last_avail = idx & 0xFFFF
+
     def has_avail(self) -> bool:
         return self.broken is None and self._avail16[1] != self._last_avail
 
@@ -292,6 +296,23 @@ class VirtQueue:
         except (ValueError, IndexError, TypeError, struct.error) as e:  # released views
             self._break(f"ring access failed: {e}")
             return None
+
+    def chain_at(self, head: int) -> DescriptorChain | None:
+        """The chain at descriptor ``head`` without popping it: a request a dead back-end
+        took from the ring and a restarted one resubmits (inflight tracking). A malformed
+        chain or head is handed back unused; None then."""
+        if self.broken is not None or not self._views:
+            return None
+        if not 0 <= head < self.size:
+            self._break(f"resubmitted head {head} is outside the {self.size}-entry table")
+            return None
+        try:
+            return self._walk(head)
+        except _InvalidChain as e:
+            self._drop(head, str(e))
+        except (ValueError, IndexError, TypeError, struct.error) as e:  # released views
+            self._break(f"ring access failed: {e}")
+        return None
 
     def pop_writable(self, views: list[memoryview], used: list[int], nsegs: list[int],
                      want: int, min_len: int) -> int:

@@ -1,0 +1,470 @@
+"""The built-in vhost-user-blk back-end: request parsing against hostile chains, requests
+served through the vhost-user server on a real image file, GET_CONFIG, and the inflight
+region a restarted back-end resubmits from."""
+
+from __future__ import annotations
+
+import os
+import struct
+import threading
+from pathlib import Path
+
+import pytest
+
+from pymvm.devices.virtio import blk as b
+from pymvm.devices.virtio.queue import VRING_DESC_F_NEXT, VRING_DESC_F_WRITE, DescriptorChain
+from pymvm.vhost.backends.blk import BlkBackend, BlkRequest, Rejected, parse_request
+from pymvm.vhost.user import inflight as inf
+from pymvm.vhost.user import messages as m
+from pymvm.vhost.user.errors import VhostUserRequestFailed
+from pymvm.vhost.user.messages import ProtocolFeature as PF
+from pymvm.vhost.user.protocol import NEED_DATA
+from tests.unit.test_vhost_user_backend import (
+    DATA,
+    QSIZE,
+    USED,
+    GuestRam,
+    run_server,
+    start_queue0,
+    until,
+)
+
+NEXT, WRITE = VRING_DESC_F_NEXT, VRING_DESC_F_WRITE
+CAPACITY = 64  # sectors of the test image: 32 KiB
+
+
+def hdr(rtype: int, sector: int = 0) -> bytes:
+    return b.REQUEST_HEADER.pack(rtype, 0, sector)
+
+
+def chain(readable: list[bytes], writable: list[int]) -> DescriptorChain:
+    """A chain of fresh buffers: ``readable`` contents, ``writable`` sizes."""
+    return DescriptorChain(0, [memoryview(bytearray(r)) for r in readable],
+                           [memoryview(bytearray(n)) for n in writable])
+
+
+# ---------------------------------------------------------------------------------------------
+# Request parsing: every hostile shape gets a status, none reaches the image
+
+
+def test_read_request_is_parsed_with_data_and_status_split_off_the_writable_buffers() -> None:
+    req = parse_request(chain([hdr(b.VIRTIO_BLK_T_IN, 3)], [1024, 1]), CAPACITY, False)
+    assert isinstance(req, BlkRequest)
+    assert (req.type, req.sector, req.length) == (b.VIRTIO_BLK_T_IN, 3, 1024)
+    assert [v.nbytes for v in req.data] == [1024] and req.status.nbytes == 1
+
+
+def test_status_byte_sharing_the_data_buffer_is_its_last_byte() -> None:
+    c = chain([hdr(b.VIRTIO_BLK_T_IN)], [513])
+    req = parse_request(c, CAPACITY, False)
+    assert isinstance(req, BlkRequest) and req.length == 512
+    req.status[0] = 7
+    assert c.writable[0][512] == 7
+
+
+def test_header_split_over_two_buffers_is_reassembled() -> None:
+    raw = hdr(b.VIRTIO_BLK_T_OUT, 5)
+    req = parse_request(chain([raw[:5], raw[5:] + b"x" * 512], [1]), CAPACITY, False)
+    assert isinstance(req, BlkRequest) and req.sector == 5 and req.length == 512
+    assert b"".join(bytes(v) for v in req.data) == b"x" * 512
+
+
+@pytest.mark.parametrize("readable,writable,read_only,status,why", [
+    ([b"\0" * 15], [1], False, b.VIRTIO_BLK_S_IOERR, "short header"),
+    ([], [1], False, b.VIRTIO_BLK_S_IOERR, "no header at all"),
+    ([hdr(b.VIRTIO_BLK_T_IN, CAPACITY)], [513], False, b.VIRTIO_BLK_S_IOERR, "read past the end"),
+    ([hdr(b.VIRTIO_BLK_T_IN, CAPACITY - 1)], [1025], False, b.VIRTIO_BLK_S_IOERR, "read crossing the end"),
+    ([hdr(b.VIRTIO_BLK_T_IN, 2**64 - 1)], [513], False, b.VIRTIO_BLK_S_IOERR, "sector near 2^64"),
+    ([hdr(b.VIRTIO_BLK_T_OUT, 2**64 - 1) + b"x" * 512], [1], False, b.VIRTIO_BLK_S_IOERR, "write wrapping"),
+    ([hdr(b.VIRTIO_BLK_T_IN)], [101], False, b.VIRTIO_BLK_S_IOERR, "partial sector"),
+    ([hdr(b.VIRTIO_BLK_T_IN) + b"x" * 512], [513], False, b.VIRTIO_BLK_S_IOERR, "read carrying data"),
+    ([hdr(b.VIRTIO_BLK_T_OUT) + b"x" * 512], [513], False, b.VIRTIO_BLK_S_IOERR, "write into the device-writable side"),
+    ([hdr(b.VIRTIO_BLK_T_OUT) + b"x" * 512], [1], True, b.VIRTIO_BLK_S_IOERR, "write to a read-only disk"),
+    ([hdr(b.VIRTIO_BLK_T_DISCARD) + b.DISCARD_SEGMENT.pack(0, 8, 0)], [1], True, b.VIRTIO_BLK_S_IOERR, "discard on read-only"),
+    ([hdr(99)], [1], False, b.VIRTIO_BLK_S_UNSUPP, "unknown type"),
+    ([hdr(b.VIRTIO_BLK_T_DISCARD) + b.DISCARD_SEGMENT.pack(0, 8, 1)], [1], False, b.VIRTIO_BLK_S_UNSUPP, "discard with unmap flag"),
+    ([hdr(b.VIRTIO_BLK_T_WRITE_ZEROES) + b.DISCARD_SEGMENT.pack(0, 8, 6)], [1], False, b.VIRTIO_BLK_S_UNSUPP, "unknown wz flags"),
+    ([hdr(b.VIRTIO_BLK_T_DISCARD) + b.DISCARD_SEGMENT.pack(2**64 - 4, 8, 0)], [1], False, b.VIRTIO_BLK_S_IOERR, "discard range overflow"),
+    ([hdr(b.VIRTIO_BLK_T_WRITE_ZEROES) + b.DISCARD_SEGMENT.pack(CAPACITY - 1, 2, 0)], [1], False, b.VIRTIO_BLK_S_IOERR, "wz past the end"),
+    ([hdr(b.VIRTIO_BLK_T_DISCARD) + b"\0" * 10], [1], False, b.VIRTIO_BLK_S_IOERR, "ragged discard payload"),
+    ([hdr(b.VIRTIO_BLK_T_DISCARD)], [1], False, b.VIRTIO_BLK_S_IOERR, "discard without a segment"),
+    ([hdr(b.VIRTIO_BLK_T_DISCARD) + b.DISCARD_SEGMENT.pack(0, 8, 0) * 2], [1], False, b.VIRTIO_BLK_S_UNSUPP, "two segments"),
+])
+def test_hostile_request_is_rejected_with_a_status(readable, writable, read_only, status, why) -> None:
+    result = parse_request(chain(readable, writable), CAPACITY, read_only)
+    assert isinstance(result, Rejected), why
+    assert result.status == status, why
+
+
+def test_chain_without_a_writable_status_byte_cannot_be_answered() -> None:
+    assert parse_request(chain([hdr(b.VIRTIO_BLK_T_IN), b"\0"], []), CAPACITY, False) is None
+
+
+def test_last_sector_of_the_disk_is_addressable() -> None:
+    req = parse_request(chain([hdr(b.VIRTIO_BLK_T_IN, CAPACITY - 1)], [513]), CAPACITY, False)
+    assert isinstance(req, BlkRequest)
+
+
+# ---------------------------------------------------------------------------------------------
+# Served through the vhost-user server, on a real file
+
+
+@pytest.fixture
+def image(tmp_path: Path) -> Path:
+    path = tmp_path / "disk.img"
+    path.write_bytes(bytes(range(256)) * (CAPACITY * 2))
+    return path
+
+
+class BlkDriver:
+    """Requests on queue 0 of GuestRam, two descriptors each (slot i: descriptors 2i, 2i+1),
+    header at DATA + 0x2000 * i and data after it."""
+
+    def __init__(self, ram: GuestRam) -> None:
+        self.ram = ram
+
+    def submit(self, rtype: int, sector: int, *, out: bytes = b"", in_len: int = 0,
+               slot: int = 0, extra: bytes = b"") -> int:
+        """Publish one request; returns the offset of its status byte."""
+        base = DATA + 0x2000 * slot
+        d = 2 * slot
+        self.ram.map[base : base + 16] = hdr(rtype, sector)
+        if in_len:  # header | data + status (the status is the last writable byte)
+            status = base + 16 + in_len
+            self.ram.desc(d, base, 16, NEXT, d + 1)
+            self.ram.desc(d + 1, base + 16, in_len + 1, WRITE)
+        else:  # header + payload | status
+            payload = out or extra
+            self.ram.map[base + 16 : base + 16 + len(payload)] = payload
+            status = base + 0x1F00
+            self.ram.desc(d, base, 16 + len(payload), NEXT, d + 1)
+            self.ram.desc(d + 1, status, 1, WRITE)
+        self.ram.map[status] = 0xFF
+        self.ram.publish(d)
+        return status
+
+    def data(self, slot: int, length: int) -> bytes:
+        base = DATA + 0x2000 * slot + 16
+        return bytes(self.ram.map[base : base + length])
+
+
+BLK_PROTOCOL = PF.REPLY_ACK | PF.CONFIGURE_MEM_SLOTS | PF.CONFIG | PF.INFLIGHT_SHMFD | PF.MQ
+
+
+async def negotiate(fe) -> PF:
+    """The handshake with the protocol features a blk front-end uses; what was agreed."""
+    await fe.request(m.GetFeatures())
+    await fe.request(m.SetFeatures(fe.conn.negotiate_features(-1)))
+    await fe.request(m.GetProtocolFeatures())
+    agreed = fe.conn.negotiate_protocol_features(BLK_PROTOCOL)
+    await fe.request(m.SetProtocolFeatures(int(agreed)))
+    await fe.request(m.SetOwner())
+    return agreed
+
+
+async def request_with_fds(fe, msg: m.Request) -> m.Message:
+    """A request whose reply carries fds (the test Frontend's sock_recv drops them)."""
+    import array
+    import asyncio
+    import socket
+
+    data, fds = fe.conn.send(msg)
+    fe.sock.sendmsg([data])
+    while (event := fe.conn.next_event()) is NEED_DATA:
+        try:
+            chunk, anc, _, _ = fe.sock.recvmsg(4096, socket.CMSG_SPACE(4 * 8))
+        except BlockingIOError:
+            await asyncio.sleep(0.01)
+            continue
+        got = array.array("i")
+        for level, kind, payload in anc:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                got.frombytes(payload[: len(payload) - len(payload) % 4])
+        fe.conn.receive_data(chunk, list(got))
+    return event
+
+
+def serve_blk(tmp_path: Path, image: Path, body, *, read_only: bool = False,
+              serial: str = "pymvm-test") -> BlkBackend:
+    fd = os.open(image, os.O_RDONLY if read_only else os.O_RDWR)
+    device = BlkBackend(fd, image.stat().st_size, read_only=read_only, serial=serial, workers=4)
+    try:
+        run_server(tmp_path, device, body)
+    finally:
+        device.close()
+        os.close(fd)
+    return device
+
+
+def test_write_flush_read_get_id_through_the_server_reach_the_image(tmp_path: Path, image: Path) -> None:
+    ram = GuestRam()
+    drv = BlkDriver(ram)
+
+    async def body(server, connect) -> None:
+        fe = await connect()
+        await negotiate(fe)
+        kick, call = await start_queue0(fe, ram)
+        s0 = drv.submit(b.VIRTIO_BLK_T_OUT, 4, out=b"W" * 1024, slot=0)
+        s1 = drv.submit(b.VIRTIO_BLK_T_FLUSH, 0, slot=1)
+        os.eventfd_write(kick, 1)
+        await until(lambda: ram.used_idx() == 2)
+        assert ram.map[s0] == ram.map[s1] == b.VIRTIO_BLK_S_OK
+        s2 = drv.submit(b.VIRTIO_BLK_T_IN, 3, in_len=2048, slot=0)
+        s3 = drv.submit(b.VIRTIO_BLK_T_GET_ID, 0, in_len=20, slot=1)
+        os.eventfd_write(kick, 1)
+        await until(lambda: ram.used_idx() == 4)
+        assert ram.map[s2] == ram.map[s3] == b.VIRTIO_BLK_S_OK
+        assert drv.data(0, 2048) == bytes(range(256)) * 2 + b"W" * 1024 + bytes(range(256)) * 2
+        assert drv.data(1, 20) == b"pymvm-test".ljust(20, b"\0")
+        assert os.eventfd_read(call) >= 1
+        for fd in (kick, call):
+            os.close(fd)
+
+    try:
+        serve_blk(tmp_path, image, body)
+    finally:
+        ram.close()
+    data = image.read_bytes()
+    assert data[4 * 512 : 6 * 512] == b"W" * 1024
+    assert data[:512] == bytes(range(256)) * 2  # nothing else touched
+
+
+def test_discard_and_write_zeroes_leave_zeros_in_the_range_only(tmp_path: Path, image: Path) -> None:
+    ram = GuestRam()
+    drv = BlkDriver(ram)
+
+    async def body(server, connect) -> None:
+        fe = await connect()
+        await negotiate(fe)
+        kick, call = await start_queue0(fe, ram)
+        s0 = drv.submit(b.VIRTIO_BLK_T_DISCARD, 0, extra=b.DISCARD_SEGMENT.pack(8, 8, 0), slot=0)
+        s1 = drv.submit(b.VIRTIO_BLK_T_WRITE_ZEROES, 0, extra=b.DISCARD_SEGMENT.pack(24, 2, 0), slot=1)
+        os.eventfd_write(kick, 1)
+        await until(lambda: ram.used_idx() == 2)
+        assert ram.map[s0] == ram.map[s1] == b.VIRTIO_BLK_S_OK
+        for fd in (kick, call):
+            os.close(fd)
+
+    try:
+        serve_blk(tmp_path, image, body)
+    finally:
+        ram.close()
+    data = image.read_bytes()
+    pattern = bytes(range(256)) * 2
+    assert data[8 * 512 : 16 * 512] == bytes(8 * 512)
+    assert data[24 * 512 : 26 * 512] == bytes(1024)
+    assert data[7 * 512 : 8 * 512] == pattern and data[16 * 512 : 17 * 512] == pattern
+    assert data[26 * 512 : 27 * 512] == pattern
+    assert len(data) == CAPACITY * 512
+
+
+def test_hostile_requests_through_the_server_get_statuses_and_leave_the_image_alone(
+        tmp_path: Path, image: Path) -> None:
+    ram = GuestRam()
+    drv = BlkDriver(ram)
+    before = image.read_bytes()
+
+    async def body(server, connect) -> None:
+        fe = await connect()
+        await negotiate(fe)
+        kick, call = await start_queue0(fe, ram)
+        s0 = drv.submit(b.VIRTIO_BLK_T_OUT, CAPACITY - 1, out=b"X" * 1024, slot=0)
+        s1 = drv.submit(77, 0, slot=1)
+        # A status byte in a device-readable buffer: handed back unused, nothing written.
+        ram.map[DATA + 0x6000 : DATA + 0x6010] = hdr(b.VIRTIO_BLK_T_IN)
+        ram.desc(4, DATA + 0x6000, 16, NEXT, 5)
+        ram.desc(5, DATA + 0x6100, 1)
+        ram.map[DATA + 0x6100] = 0xEE
+        ram.publish(4)
+        os.eventfd_write(kick, 1)
+        await until(lambda: ram.used_idx() == 3)
+        assert ram.map[s0] == b.VIRTIO_BLK_S_IOERR
+        assert ram.map[s1] == b.VIRTIO_BLK_S_UNSUPP
+        assert ram.map[DATA + 0x6100] == 0xEE
+        used_heads = [struct.unpack_from("<II", ram.map, USED + 4 + 8 * i) for i in range(3)]
+        assert (4, 0) in used_heads
+        for fd in (kick, call):
+            os.close(fd)
+
+    try:
+        serve_blk(tmp_path, image, body)
+    finally:
+        ram.close()
+    assert image.read_bytes() == before
+
+
+def test_read_only_disk_refuses_writes_and_offers_ro(tmp_path: Path, image: Path) -> None:
+    ram = GuestRam()
+    drv = BlkDriver(ram)
+    before = image.read_bytes()
+
+    async def body(server, connect) -> None:
+        fe = await connect()
+        features = await fe.request(m.GetFeatures())
+        assert features.features >> b.VIRTIO_BLK_F_RO & 1
+        assert not features.features >> b.VIRTIO_BLK_F_DISCARD & 1
+        await fe.request(m.SetFeatures(fe.conn.negotiate_features(-1)))
+        await fe.request(m.GetProtocolFeatures())
+        await fe.request(m.SetProtocolFeatures(int(fe.conn.negotiate_protocol_features(PF.REPLY_ACK))))
+        await fe.request(m.SetOwner())
+        kick, call = await start_queue0(fe, ram)
+        s0 = drv.submit(b.VIRTIO_BLK_T_OUT, 0, out=b"X" * 512, slot=0)
+        os.eventfd_write(kick, 1)
+        await until(lambda: ram.used_idx() == 1)
+        assert ram.map[s0] == b.VIRTIO_BLK_S_IOERR
+        for fd in (kick, call):
+            os.close(fd)
+
+    try:
+        serve_blk(tmp_path, image, body, read_only=True)
+    finally:
+        ram.close()
+    assert image.read_bytes() == before
+
+
+def test_requests_run_in_worker_threads_several_at_once(tmp_path: Path, image: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Four reads are all in pread at the same time: the loop did not wait for any of them."""
+    ram = GuestRam()
+    drv = BlkDriver(ram)
+    barrier = threading.Barrier(4, timeout=5)
+    threads: set[str] = set()
+    real_preadv = os.preadv
+
+    def slow_preadv(fd, views, offset):
+        threads.add(threading.current_thread().name)
+        barrier.wait()  # breaks (and fails the reads) unless 4 run at once
+        return real_preadv(fd, views, offset)
+
+    monkeypatch.setattr(os, "preadv", slow_preadv)
+
+    async def body(server, connect) -> None:
+        fe = await connect()
+        await negotiate(fe)
+        kick, call = await start_queue0(fe, ram)
+        statuses = [drv.submit(b.VIRTIO_BLK_T_IN, i, in_len=512, slot=i) for i in range(4)]
+        os.eventfd_write(kick, 1)
+        await until(lambda: ram.used_idx() == 4)
+        assert [ram.map[s] for s in statuses] == [b.VIRTIO_BLK_S_OK] * 4
+        for fd in (kick, call):
+            os.close(fd)
+
+    try:
+        serve_blk(tmp_path, image, body)
+    finally:
+        ram.close()
+    assert len(threads) == 4 and all(t.startswith("blk-io") for t in threads)
+
+
+def test_get_config_answers_capacity_and_limits(tmp_path: Path, image: Path) -> None:
+    async def body(server, connect) -> None:
+        fe = await connect()
+        await negotiate(fe)
+        reply = await fe.request(m.GetConfig(0, b.CONFIG_SIZE))
+        assert isinstance(reply, m.ConfigReply) and not reply.failed
+        cfg = b.BlkConfig.unpack(reply.data)
+        assert cfg.capacity == CAPACITY and cfg.blk_size == 512 and cfg.num_queues == 1
+        assert cfg.seg_max > 0 and cfg.max_discard_seg == 1 and cfg.max_write_zeroes_seg == 1
+        part = await fe.request(m.GetConfig(0, 8))
+        assert struct.unpack("<Q", part.data)[0] == CAPACITY
+        with pytest.raises(VhostUserRequestFailed):  # past the end: the empty failure reply
+            await fe.request(m.GetConfig(b.CONFIG_SIZE - 4, 8))
+
+    serve_blk(tmp_path, image, body)
+
+
+# ---------------------------------------------------------------------------------------------
+# Inflight I/O tracking
+
+
+def test_inflight_region_layout_matches_the_spec() -> None:
+    assert inf.QUEUE_HEADER.size == 16 and inf.DESC_STATE.size == 16
+    assert inf.queue_region_size(256) == 4160  # 16 + 16 * 256, rounded up to 64
+    assert inf.queue_region_size(2) == 64
+    raw = bytearray(inf.queue_region_size(8))
+    q = inf.InflightQueue(memoryview(raw), 8)
+    q.recover(5)
+    features, version, desc_num, last_batch, used_idx = inf.QUEUE_HEADER.unpack_from(raw)
+    assert (version, desc_num, used_idx) == (1, 8, 5)
+    q.fetched(3)
+    q.fetched(1)
+    assert raw[16 + 16 * 3] == 1 and raw[16 + 16 * 1] == 1  # inflight flag at desc offset 0
+    assert struct.unpack_from("<Q", raw, 16 + 16 * 3 + 8)[0] == 1  # counter at offset 8
+    assert struct.unpack_from("<Q", raw, 16 + 16 * 1 + 8)[0] == 2
+    q.begin_used(3)
+    assert struct.unpack_from("<H", raw, 12)[0] == 3  # last_batch_head
+    q.end_used(3, 6)
+    assert raw[16 + 16 * 3] == 0 and struct.unpack_from("<H", raw, 14)[0] == 6
+
+
+def test_recovery_resubmits_in_fetch_order_and_clears_a_published_completion() -> None:
+    raw = bytearray(inf.queue_region_size(8))
+    q = inf.InflightQueue(memoryview(raw), 8)
+    q.recover(0)
+    for head in (5, 2, 7):
+        q.fetched(head)
+    q.begin_used(2)  # the dead back-end published head 2 (used idx 0 -> 1), then died
+    again = inf.InflightQueue(memoryview(raw), 8)
+    recovery = again.recover(1)
+    assert recovery.heads == (5, 7)
+    assert recovery.next_avail == 1 + 2  # used + still in flight = everything fetched
+    assert again.pending() == [5, 7]
+
+
+def test_recovery_of_a_region_for_another_queue_size_starts_clean() -> None:
+    raw = bytearray(inf.queue_region_size(16))
+    q = inf.InflightQueue(memoryview(raw), 8)
+    q.recover(0)
+    q.fetched(1)
+    other = inf.InflightQueue(memoryview(raw), 16)
+    assert other.recover(9) == inf.Recovery((), 9)
+
+
+def test_restarted_backend_resubmits_requests_left_in_the_inflight_region(
+        tmp_path: Path, image: Path) -> None:
+    """Connection 1 gets the region (GET_INFLIGHT_FD); the test marks two reads as fetched
+    and unfinished, as a back-end killed mid-request leaves them; connection 2 is handed the
+    region (SET_INFLIGHT_FD) and completes both without the driver publishing anything."""
+    ram = GuestRam()
+    drv = BlkDriver(ram)
+
+    async def body(server, connect) -> None:
+        fe = await connect()
+        assert await negotiate(fe) & PF.INFLIGHT_SHMFD
+        reply = await request_with_fds(fe, m.GetInflightFd(num_queues=1, queue_size=QSIZE))
+        assert isinstance(reply, m.InflightFdReply)
+        assert reply.mmap_size >= inf.region_size(1, QSIZE)
+        region_fd = reply.fd
+        fe.sock.close()
+        await until(lambda: server.session is None or server.sessions_served == 2 or
+                    server.session.closed.done())
+        # The "dead" back-end had fetched the requests at heads 0 and 2 (avail idx 2).
+        import mmap as mmap_mod
+        region = mmap_mod.mmap(region_fd, reply.mmap_size)
+        q = inf.InflightQueue(memoryview(region)[: inf.queue_region_size(QSIZE)], QSIZE)
+        s0 = drv.submit(b.VIRTIO_BLK_T_IN, 1, in_len=512, slot=0)
+        s1 = drv.submit(b.VIRTIO_BLK_T_IN, 2, in_len=512, slot=1)
+        q.fetched(0)
+        q.fetched(2)
+        assert q.pending() == [0, 2]
+        fe2 = await connect()
+        await negotiate(fe2)
+        await fe2.request(m.SetInflightFd(reply.mmap_size, 0, 1, QSIZE, region_fd))
+        kick, call = await start_queue0(fe2, ram)  # SET_VRING_BASE 0 = the used idx
+        await until(lambda: ram.used_idx() == 2)
+        assert ram.map[s0] == ram.map[s1] == b.VIRTIO_BLK_S_OK
+        assert drv.data(0, 512) == bytes(range(256)) * 2 and drv.data(1, 512) == bytes(range(256)) * 2
+        assert q.pending() == [] and q.used_idx == 2
+        base = await fe2.request(m.GetVringBase(0))
+        assert base.num == 2  # resumed after the two resubmitted requests
+        del q
+        region.close()
+        os.close(region_fd)
+        for fd in (kick, call):
+            os.close(fd)
+
+    try:
+        device = serve_blk(tmp_path, image, body)
+    finally:
+        ram.close()
+    assert device.stats["resubmitted"] == 2
