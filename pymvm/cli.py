@@ -399,7 +399,8 @@ def user_errors() -> tuple[type[BaseException], ...]:
                       ("pymvm.devices.virtio.device", "VirtioError"),
                       ("pymvm.nested", "NestedHostError"),
                       ("pymvm.images.disk", "DiskImageError"),
-                      ("pymvm.vhost.user.errors", "VhostUserError")):
+                      ("pymvm.vhost.user.errors", "VhostUserError"),
+                      ("pymvm.sandbox", "SandboxError")):
         try:
             errors.append(getattr(__import__(mod, fromlist=[name]), name))
         except (ImportError, AttributeError):

@@ -672,7 +672,7 @@ class BuiltinNetBackendProcess:
                 "--socket", self.socket_path, "--tap", name, "--parent-pid", str(os.getpid())]
         from pymvm.sandbox import settings
 
-        if settings.backend_user:  # no root, no capabilities once its TAP and socket are set up
+        if settings.backend_user and os.geteuid() == 0:  # no root, no capabilities once set up
             argv += ["--user", settings.backend_user]
         if netns is not None:
             argv = ["ip", "netns", "exec", netns, *argv]
