@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import subprocess
 from collections.abc import Iterator
 
 import pytest
-from pyroute2 import IPRoute
+from pyroute2 import IPRoute, NetlinkError
 from pyroute2 import netns as pyroute2_netns
 
 from pymvm.net.errors import HostNetworkError
+from pymvm.net import host
 from pymvm.net.host import HostNetwork
 
 pytestmark = pytest.mark.skipif(
@@ -221,3 +223,67 @@ def test_preexisting_tap_is_detached_from_a_user_made_bridge_and_both_are_kept(
     assert tap is not None, "a TAP the user made must survive"
     assert not tap.get_attr("IFLA_MASTER"), "our attachment must be undone"
     assert ports_of(names.bridge) == set()
+
+
+# ---- addresses on a TAP that existed before, and netlink errors -------------------------------
+
+
+def test_host_address_on_a_preexisting_tap_is_removed_at_close_and_the_tap_kept(
+        names: Names) -> None:
+    subprocess.run(["ip", "tuntap", "add", "name", names.tap, "mode", "tap", "vnet_hdr"],
+                   check=True)
+    with HostNetwork.create(names.tap, host_address="10.215.0.1/24"):
+        assert "10.215.0.1/24" in addresses(names.tap)
+    assert link(names.tap) is not None
+    assert not any(a.startswith("10.215.") for a in addresses(names.tap))
+
+
+def test_address_already_on_a_preexisting_tap_is_left_there(names: Names) -> None:
+    subprocess.run(["ip", "tuntap", "add", "name", names.tap, "mode", "tap", "vnet_hdr"],
+                   check=True)
+    subprocess.run(["ip", "addr", "add", "10.216.0.1/24", "dev", names.tap], check=True)
+    with HostNetwork.create(names.tap, host_address="10.216.0.1/24"):
+        assert "10.216.0.1/24" in addresses(names.tap)
+    assert "10.216.0.1/24" in addresses(names.tap), "not ours to remove"
+
+
+def test_bad_tap_address_names_the_tap_and_leaves_nothing(names: Names) -> None:
+    with pytest.raises(HostNetworkError,
+                       match=rf"address '10.0.0.300/24' for '{names.tap}' is not a CIDR"):
+        HostNetwork.create(names.tap, tap_address="10.0.0.300/24")
+    assert link(names.tap) is None
+
+
+def test_bridge_made_by_someone_else_between_lookup_and_add_is_used_and_kept(
+        names: Names, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Another VM (or the user) creates the bridge after our lookup: our add gets EEXIST.
+    subprocess.run(["ip", "link", "add", names.bridge, "type", "bridge"], check=True)
+    real_index = host._link_index
+    looked_up: list[str] = []
+
+    def first_lookup_misses(ipr, name: str):
+        if name == names.bridge and name not in looked_up:
+            looked_up.append(name)
+            return None
+        return real_index(ipr, name)
+
+    monkeypatch.setattr(host, "_link_index", first_lookup_misses)
+    with HostNetwork.create(names.tap, bridge=names.bridge) as net:
+        assert link(names.tap).get_attr("IFLA_MASTER") == link(names.bridge)["index"]
+        assert net.bridge == names.bridge
+    assert looked_up == [names.bridge]
+    assert link(names.bridge) is not None, "a bridge we did not make must survive"
+    assert not link(names.bridge).get_attr("IFLA_IFALIAS")  # and is not marked as ours
+
+
+@pytest.mark.parametrize(("code", "hint"), [
+    (errno.EPERM, ": run as root (needs CAP_NET_ADMIN)"),
+    (errno.EEXIST, ": an interface of that name already exists; choose another name"),
+    (errno.EINVAL, ": the value is out of range for this interface"),
+    (errno.ENODEV, ""),
+])
+def test_netlink_errors_name_the_action_the_kernel_message_and_a_hint(
+        code: int, hint: str) -> None:
+    err = host._netlink_error("creating bridge 'br0'", NetlinkError(code, "kernel says no"))
+    assert isinstance(err, HostNetworkError)
+    assert str(err) == f"creating bridge 'br0' failed: kernel says no{hint}"
