@@ -1,4 +1,11 @@
-"""The VMM's vhost-user front-end for virtio-net: a ``NetBackend`` served by another process.
+"""The VMM's vhost-user front-end, one for every device type: the data plane of a virtio
+device (net, blk...) served by another process.
+
+The device model says what differs per type (QEMU's vhost-user-blk/-net and Cloud Hypervisor's
+``vu_common_ctrl`` split it the same way): the feature bits that may pass between guest and
+back-end (``features_mask``), the protocol features it needs (CONFIG for a config space read
+with GET_CONFIG, INFLIGHT_SHMFD for disks), and its queues, which come with the rings at
+``start``. :class:`VhostUserNetBackend` and :class:`VhostUserBlkBackend` are thin users.
 
 The back-end (DPDK testpmd, OVS-DPDK, pymvm's built-in one) maps guest RAM through the memfd
 we pass, reads the rings at the userspace addresses we give (our mapping: the spec's
@@ -13,10 +20,15 @@ the same path again, server mode accepts the next back-end. A lost back-end neve
 the vCPU thread: the VM keeps running, its net device just moves no packets until the
 back-end is back, when the handshake is redone and an active device's rings are replayed.
 
-Ring positions on reconnect: a back-end that died cannot answer GET_VRING_BASE, so the replay
-starts each ring at the used ring's ``idx`` as it is in guest memory (the last buffer the dead
-back-end returned), as QEMU does for virtio-net without inflight tracking. Buffers it had
-taken but not returned are processed again (a re-sent or dropped packet, not a stuck ring).
+Ring positions: ``stop()`` returns each ring's :class:`RingPosition` (the next available
+entry, from GET_VRING_BASE, and the used ring's idx) and ``start()`` accepts positions to
+resume at (SET_VRING_BASE), so a ring can move from one back-end to another. A back-end that
+died cannot answer GET_VRING_BASE, so the replay after a reconnect starts each ring at the
+used ring's ``idx`` as it is in guest memory (the last buffer the dead back-end returned), as
+QEMU does without inflight tracking: buffers it had taken but not returned are processed
+again (a re-sent or dropped packet, not a stuck ring). With inflight tracking (disks) the
+front-end keeps the back-end's inflight region (GET_INFLIGHT_FD) and hands it to the next one
+(SET_INFLIGHT_FD), which resubmits the unfinished requests and resumes after them.
 """
 
 from __future__ import annotations
@@ -33,7 +45,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import structlog
 
@@ -81,6 +93,30 @@ class VhostUserFrontendError(VhostUserError):
     """The vhost-user back-end could not be reached, or refused to set up the device."""
 
 
+class RingPosition(NamedTuple):
+    """Where a split ring stands: the next available entry the device will take, and the
+    used ring's idx (what the device has returned)."""
+
+    next_avail: int
+    used_idx: int
+
+
+@dataclass
+class _InflightRegion:
+    """The back-end's inflight region (GET_INFLIGHT_FD), kept for the next back-end."""
+
+    fd: int
+    mmap_size: int
+    mmap_offset: int
+    num_queues: int
+    queue_size: int
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
 @dataclass(frozen=True)
 class _Activation:
     """What activate() was given: replayed as is after a reconnect."""
@@ -113,18 +149,36 @@ def _read_u16(regions: Sequence[Any], hva: int) -> int:
     raise VhostUserFrontendError(f"host address {hva:#x} is not inside guest memory")
 
 
-class VhostUserNetBackend:
-    """virtio-net's data plane in a vhost-user back-end reached at ``socket_path``.
+class VhostUserFrontend:
+    """A virtio device's data plane in a vhost-user back-end reached at ``socket_path``.
 
     ``mode="client"``: connect to a back-end listening there, retrying for up to
     ``connect_timeout`` seconds while it starts. ``mode="server"``: listen there and wait as
     long for a back-end (an OVS-DPDK ``dpdkvhostuserclient`` port) to connect. The handshake
     runs in the constructor, so ``features()`` answers at once.
+
+    ``features_mask``: the virtio feature bits the device model can pass through;
+    ``protocol_features``: the protocol features to use when offered, ``required`` those
+    without which the device cannot work; ``inflight``: track in-flight requests in shared
+    memory (INFLIGHT_SHMFD) so that a restarted back-end resubmits them.
     """
 
+    device_name = "vhost-user"
+
     def __init__(self, socket_path: str | os.PathLike[str], mode: SocketMode = "client", *,
+                 features_mask: int = -1,
+                 protocol_features: PF = WANTED_PROTOCOL_FEATURES,
+                 required_protocol_features: PF = PF(0),
+                 inflight: bool = False,
                  connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
                  request_timeout: float = DEFAULT_REQUEST_TIMEOUT) -> None:
+        self._features_mask = features_mask
+        self._wanted_protocol = protocol_features | required_protocol_features
+        self._required_protocol = required_protocol_features
+        self._use_inflight = inflight
+        self._inflight: _InflightRegion | None = None
+        #: GET_QUEUE_NUM of the current connection (None: the back-end has no MQ).
+        self.backend_queues: int | None = None
         if mode not in ("client", "server"):
             raise VhostUserFrontendError(
                 f"vhost-user socket mode {mode!r} is unknown; use 'client' or 'server'"
@@ -132,7 +186,7 @@ class VhostUserNetBackend:
         self.socket_path = str(socket_path)
         self.mode: SocketMode = mode
         self.request_timeout = request_timeout
-        self._log = log.bind(device="vhost-user-net", socket=self.socket_path, mode=mode)
+        self._log = log.bind(device=self.device_name, socket=self.socket_path, mode=mode)
         self._lock = threading.RLock()  # one request sequence on the socket at a time
         self._wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)  # readable once closed
         self._closed = False
@@ -175,11 +229,49 @@ class VhostUserNetBackend:
         )
         self._supervisor.start()
 
-    # ---- NetBackend --------------------------------------------------------------------------
+    # ---- the device model's interface ---------------------------------------------------------
 
     def features(self) -> int:
-        """The back-end's virtio-net features that pymvm can offer the guest."""
+        """The back-end's virtio features that the device model can offer the guest."""
         return self._device_features
+
+    def get_config(self, offset: int, size: int) -> bytes:
+        """``size`` bytes of the back-end's config space at ``offset`` (GET_CONFIG)."""
+        with self._lock:
+            channel = self._channel
+            if channel is None:
+                raise VhostUserFrontendError(
+                    f"vhost-user back-end {self.socket_path} is not connected: no config space")
+            if not self._protocol_features & PF.CONFIG:
+                raise VhostUserFrontendError(
+                    f"the vhost-user back-end at {self.socket_path} does not offer "
+                    "VHOST_USER_PROTOCOL_F_CONFIG: it has no config space to read")
+            try:
+                reply = channel.request(m.GetConfig(offset, size))
+            except VhostUserDisconnected as e:
+                self._lost(channel, str(e))
+                raise VhostUserFrontendError(f"{e}; check the back-end's log") from None
+            except VhostUserRequestFailed:
+                raise VhostUserFrontendError(
+                    f"the vhost-user back-end refused GET_CONFIG of {size} bytes at {offset}"
+                ) from None
+            assert isinstance(reply, m.ConfigReply)
+            return reply.data
+
+    def set_config(self, offset: int, data: bytes) -> None:
+        """Write the back-end's config space (SET_CONFIG); a refusal is logged, not raised
+        (the guest wrote a config field, which must not fail the vCPU)."""
+        with self._lock:
+            channel = self._channel
+            if channel is None or not self._protocol_features & PF.CONFIG:
+                self._log.warning("vhost_user_set_config_dropped", offset=offset, size=len(data))
+                return
+            try:
+                channel.request(m.SetConfig(offset, bytes(data), need_reply=self._ack()))
+            except VhostUserDisconnected as e:
+                self._lost(channel, str(e))
+            except VhostUserRequestFailed as e:
+                self._log.warning("vhost_user_set_config_refused", status=e.status)
 
     @property
     def protocol_features(self) -> PF:
@@ -199,13 +291,26 @@ class VhostUserNetBackend:
         return self._connected.wait(timeout)
 
     def activate(self, ctx: ActivationContext, mem_regions: Sequence[Any]) -> None:
-        """Hand the rings to the back-end. Refusals raise; a lost back-end only logs."""
+        """Hand the rings to the back-end from their start (a driver's DRIVER_OK)."""
+        self.start(ctx, mem_regions)
+
+    def reset(self) -> dict[int, int]:
+        """Stop the rings; returns {queue index: next available entry} (GET_VRING_BASE)."""
+        return {q: pos.next_avail for q, pos in self.stop().items()}
+
+    def start(self, ctx: ActivationContext, mem_regions: Sequence[Any],
+              positions: dict[int, RingPosition] | None = None) -> None:
+        """Hand the rings to the back-end, each resuming at ``positions[queue].next_avail``
+        (SET_VRING_BASE; 0 for a queue not given). Refusals raise; a lost back-end only
+        logs (the rings start when it is back)."""
         with self._lock:
             if self._closed:
                 raise VhostUserFrontendError(f"vhost-user back-end {self.socket_path} is closed")
             if self._activation is not None:
-                raise VhostUserFrontendError("vhost-user net is already active: reset() first")
+                raise VhostUserFrontendError(f"{self.device_name} is already active: stop() first")
             activation = self._prepare(ctx, mem_regions)
+            bases = {q.index: (positions[q.index].next_avail if positions and q.index in positions
+                               else 0) for q in ctx.queues}
             self._bases = {}
             channel = self._channel
             if channel is None:
@@ -214,7 +319,7 @@ class VhostUserNetBackend:
                                   reason="back-end not connected; rings start when it is back")
                 return
             try:
-                self._start(channel, activation, {q.index: 0 for q in ctx.queues})
+                self._start(channel, activation, bases)
             except VhostUserDisconnected as e:
                 self._activation = activation  # replayed once the back-end is back
                 self._lost(channel, str(e))
@@ -228,8 +333,9 @@ class VhostUserNetBackend:
             self._log.info("vhost_user_activated", features=hex(ctx.acked_features),
                            queues=[q.index for q in ctx.queues])
 
-    def reset(self) -> dict[int, int]:
-        """Stop the rings; returns {queue index: ring position} (GET_VRING_BASE)."""
+    def stop(self) -> dict[int, RingPosition]:
+        """Stop the rings; returns each queue's position: the next available entry from
+        GET_VRING_BASE (the used idx when the back-end cannot answer) and the used idx."""
         with self._lock:
             activation, self._activation = self._activation, None
             if activation is None:
@@ -244,12 +350,18 @@ class VhostUserNetBackend:
                 except VhostUserRequestFailed as e:
                     self._log.warning("vhost_user_stop_refused", request=e.request.name,
                                       status=e.status)
+            positions: dict[int, RingPosition] = {}
             for q, addrs in zip(activation.ctx.queues, activation.ring_addrs, strict=True):
+                used = self._used_idx(activation, addrs)
                 if q.index not in bases:  # the back-end could not tell: trust the used ring
-                    bases[q.index] = self._used_idx(activation, addrs)
+                    bases[q.index] = used
+                positions[q.index] = RingPosition(bases[q.index], used)
             self._bases = bases
+            if self._inflight is not None:  # the rings were stopped cleanly: nothing to redo
+                self._inflight.close()
+                self._inflight = None
             self._log.info("vhost_user_reset", vring_bases=bases)
-            return dict(bases)
+            return positions
 
     def close(self) -> None:
         """Disconnect, stop reconnecting (promptly) and release the socket; idempotent."""
@@ -275,6 +387,9 @@ class VhostUserNetBackend:
             self._listener.close()
             self._listener = None
             self._unlink_own_socket()
+        if self._inflight is not None:
+            self._inflight.close()
+            self._inflight = None
         if supervisor is None or not supervisor.is_alive():
             os.close(self._wake)
         self._log.info("vhost_user_closed")
@@ -307,7 +422,7 @@ class VhostUserNetBackend:
     def _start(self, channel: FrontendChannel, activation: _Activation,
                bases: dict[int, int]) -> None:
         ctx, ack = activation.ctx, self._ack()
-        acked = ctx.acked_features & GUEST_FEATURES
+        acked = ctx.acked_features & self._features_mask
         missing = acked & ~self._backend_features
         if missing:
             raise VhostUserFrontendError(
@@ -316,6 +431,7 @@ class VhostUserNetBackend:
             )
         features = acked | (self._backend_features & PROTOCOL_FEATURES_FLAG)
         channel.request(m.SetFeatures(features, need_reply=ack))
+        self._set_inflight(channel, ctx)
         self._send_mem_table(channel, activation.regions)
         for q, addrs, kick, call in zip(ctx.queues, activation.ring_addrs, ctx.kick_fds,
                                         ctx.call_fds, strict=True):
@@ -330,6 +446,26 @@ class VhostUserNetBackend:
                 channel.request(m.SetVringEnable(q.index, True, need_reply=ack))
         if self._protocol_features & PF.STATUS:  # DPDK waits for DRIVER_OK when STATUS is on
             channel.request(m.SetStatus(DRIVER_OK_STATUS, need_reply=ack))
+
+    def _set_inflight(self, channel: FrontendChannel, ctx: ActivationContext) -> None:
+        """With INFLIGHT_SHMFD: the region from the first back-end (GET_INFLIGHT_FD), handed to
+        this one (SET_INFLIGHT_FD) before its rings start."""
+        if not (self._use_inflight and self._protocol_features & PF.INFLIGHT_SHMFD):
+            return
+        sizes = {q.size for q in ctx.queues}
+        if len(sizes) != 1:
+            self._log.warning("vhost_user_inflight_off", reason="queues of different sizes")
+            return
+        if self._inflight is None:
+            num_queues = max(q.index for q in ctx.queues) + 1
+            reply = channel.request(m.GetInflightFd(num_queues=num_queues,
+                                                    queue_size=sizes.pop()))
+            assert isinstance(reply, m.InflightFdReply)
+            self._inflight = _InflightRegion(reply.fd, reply.mmap_size, reply.mmap_offset,
+                                             reply.num_queues, reply.queue_size)
+        r = self._inflight
+        channel.request(m.SetInflightFd(r.mmap_size, r.mmap_offset, r.num_queues, r.queue_size,
+                                        r.fd, need_reply=self._ack()))
 
     def _send_mem_table(self, channel: FrontendChannel, regions: tuple[Any, ...]) -> None:
         ack = self._ack()
@@ -461,16 +597,24 @@ class VhostUserNetBackend:
                     f"the vhost-user back-end at {self.socket_path} lacks VIRTIO_F_VERSION_1 "
                     "(modern virtio); pymvm offers only modern devices"
                 )
-            self._device_features = features & GUEST_FEATURES
+            self._device_features = features & self._features_mask
         protocol = PF(0)
+        backend_queues = None
         if features & PROTOCOL_FEATURES_FLAG:
             channel.request(m.GetProtocolFeatures())
-            protocol = channel.conn.negotiate_protocol_features(WANTED_PROTOCOL_FEATURES)
+            protocol = channel.conn.negotiate_protocol_features(self._wanted_protocol)
             channel.request(m.SetProtocolFeatures(protocol))
             if protocol & PF.MQ:
                 queues = channel.request(m.GetQueueNum())
                 assert isinstance(queues, m.QueueNumReply)
+                backend_queues = queues.num_queues
                 self._log.debug("vhost_user_queue_num", queues=queues.num_queues)
+        missing = self._required_protocol & ~protocol
+        if missing:
+            raise VhostUserFrontendError(
+                f"the vhost-user back-end at {self.socket_path} does not offer protocol "
+                f"features {missing!r} that {self.device_name} needs; use a back-end that does")
+        self.backend_queues = backend_queues
         # Acked when REPLY_ACK is on: the handshake ends once the back-end took ownership.
         channel.request(m.SetOwner(need_reply=bool(protocol & PF.REPLY_ACK)))
         max_slots = m.MAX_MEM_REGIONS
@@ -583,6 +727,38 @@ class VhostUserNetBackend:
             self._log.error("vhost_user_replay_refused", error=str(e))
             return
         self._log.info("vhost_user_replayed", vring_bases=bases)
+
+
+class VhostUserNetBackend(VhostUserFrontend):
+    """virtio-net's data plane in a vhost-user back-end: the generic front-end with the
+    virtio-net features pymvm passes through (the same set as vhost-net)."""
+
+    device_name = "vhost-user-net"
+
+    def __init__(self, socket_path: str | os.PathLike[str], mode: SocketMode = "client", *,
+                 connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+                 request_timeout: float = DEFAULT_REQUEST_TIMEOUT) -> None:
+        super().__init__(socket_path, mode, features_mask=GUEST_FEATURES,
+                         connect_timeout=connect_timeout, request_timeout=request_timeout)
+
+
+class VhostUserBlkBackend(VhostUserFrontend):
+    """virtio-blk's data plane in a vhost-user-blk back-end (pymvm's built-in one,
+    qemu-storage-daemon, SPDK): its config space comes with GET_CONFIG, and in-flight
+    requests are tracked in shared memory so that a restarted back-end finishes them."""
+
+    device_name = "vhost-user-blk"
+
+    def __init__(self, socket_path: str | os.PathLike[str], mode: SocketMode = "client", *,
+                 connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+                 request_timeout: float = DEFAULT_REQUEST_TIMEOUT) -> None:
+        from pymvm.devices.virtio.blk import PASSTHROUGH_FEATURES
+
+        super().__init__(socket_path, mode,
+                         features_mask=PASSTHROUGH_FEATURES | 1 << VIRTIO_F_VERSION_1,
+                         protocol_features=WANTED_PROTOCOL_FEATURES | PF.INFLIGHT_SHMFD,
+                         required_protocol_features=PF.CONFIG, inflight=True,
+                         connect_timeout=connect_timeout, request_timeout=request_timeout)
 
 
 # ---- the built-in back-end as a child process ------------------------------------------------
