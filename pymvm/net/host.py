@@ -253,12 +253,6 @@ class HostNetwork:
             self._tap.close()
             self._tap = None
 
-    def _del_link(self, name: str) -> None:
-        with _ipr(self.netns) as ipr:
-            idx = _link_index(ipr, name)
-            if idx is not None:
-                ipr.link("del", index=idx)
-
     def _del_bridge_if_unused(self, name: str) -> None:
         # Several VMs may share a bridge that the first of them created: the last one out
         # (no other ports left once our TAP is gone) removes it.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import subprocess
@@ -287,3 +288,117 @@ def test_netlink_errors_name_the_action_the_kernel_message_and_a_hint(
     err = host._netlink_error("creating bridge 'br0'", NetlinkError(code, "kernel says no"))
     assert isinstance(err, HostNetworkError)
     assert str(err) == f"creating bridge 'br0' failed: kernel says no{hint}"
+
+
+# ---- a user's namespace, refused netlink requests, name limits --------------------------------
+
+
+def test_in_a_users_netns_our_bridge_goes_and_the_netns_stays(names: Names) -> None:
+    pyroute2_netns.create(names.netns)
+    with HostNetwork.create(names.tap, bridge=names.bridge, netns=names.netns):
+        assert link(names.bridge, names.netns) is not None
+    assert names.netns in pyroute2_netns.listnetns()
+    assert link(names.bridge, names.netns) is None, "the bridge we made goes with us"
+    assert link(names.tap, names.netns) is None
+
+
+def test_in_a_users_netns_a_users_tap_is_detached_from_a_users_bridge(names: Names) -> None:
+    pyroute2_netns.create(names.netns)
+    ns = ["ip", "-n", names.netns]
+    subprocess.run([*ns, "link", "add", names.bridge, "type", "bridge"], check=True)
+    subprocess.run([*ns, "tuntap", "add", "name", names.tap, "mode", "tap", "vnet_hdr"],
+                   check=True)
+    with HostNetwork.create(names.tap, bridge=names.bridge, netns=names.netns,
+                            host_address="10.217.0.1/24"):
+        assert link(names.tap, names.netns).get_attr("IFLA_MASTER") == link(
+            names.bridge, names.netns)["index"]
+    tap = link(names.tap, names.netns)
+    assert tap is not None and not tap.get_attr("IFLA_MASTER")
+    assert link(names.bridge, names.netns) is not None
+    assert not any(a.startswith("10.217.") for a in addresses(names.bridge, names.netns))
+
+
+def test_address_already_on_a_users_bridge_is_left_there(names: Names) -> None:
+    subprocess.run(["ip", "link", "add", names.bridge, "type", "bridge"], check=True)
+    subprocess.run(["ip", "addr", "add", "10.218.0.1/24", "dev", names.bridge], check=True)
+    with HostNetwork.create(names.tap, bridge=names.bridge, host_address="10.218.0.1/24"):
+        pass
+    assert "10.218.0.1/24" in addresses(names.bridge), "not ours to remove"
+
+
+def test_bridge_name_that_is_no_bridge_is_refused_naming_tap_and_bridge(names: Names) -> None:
+    port = f"pmv{names.tap[3:]}"
+    add_veth(port)
+    try:
+        with pytest.raises(HostNetworkError,
+                           match=rf"^attaching TAP '{names.tap}' to bridge '{port}' failed: "):
+            HostNetwork.create(names.tap, bridge=port)
+        assert link(names.tap) is None and link(port) is not None
+    finally:
+        subprocess.run(["ip", "link", "del", port], capture_output=True)
+
+
+def test_bridge_the_kernel_refuses_to_create_is_reported_and_nothing_left(names: Names) -> None:
+    with pytest.raises(HostNetworkError, match=r"^creating bridge 'br x' failed: "):
+        HostNetwork.create(names.tap, bridge="br x")  # the kernel takes no spaces in names
+    assert link(names.tap) is None
+
+
+@pytest.mark.parametrize("where", ["tap", "bridge"])
+def test_refused_address_is_reported_naming_it_and_nothing_left(
+        names: Names, monkeypatch: pytest.MonkeyPatch, where: str) -> None:
+    real_ipr = host._ipr
+
+    class RefusingAddresses:
+        def __init__(self, ipr: IPRoute) -> None:
+            self._ipr = ipr
+
+        def __getattr__(self, name: str):
+            return getattr(self._ipr, name)
+
+        def addr(self, command: str, *args, **kwargs):
+            if command == "add":
+                raise NetlinkError(errno.EPERM, "Operation not permitted")
+            return self._ipr.addr(command, *args, **kwargs)
+
+    @contextlib.contextmanager
+    def refusing_ipr(netns):
+        with real_ipr(netns) as ipr:
+            yield RefusingAddresses(ipr)
+
+    monkeypatch.setattr(host, "_ipr", refusing_ipr)
+    bridge = names.bridge if where == "bridge" else None
+    device = names.bridge if where == "bridge" else names.tap
+    target = f"bridge '{device}'" if where == "bridge" else f"'{device}'"
+    with pytest.raises(HostNetworkError, match=(
+            rf"^adding 10.219.0.1/24 to {target} failed: Operation not permitted: run as root")):
+        HostNetwork.create(names.tap, bridge=bridge, host_address="10.219.0.1/24")
+    assert link(names.tap) is None and link(names.bridge) is None
+
+
+@pytest.mark.parametrize(("what", "key"), [("bridge", "bridge"),
+                                           ("network namespace", "netns")])
+def test_names_of_1_to_15_bytes_are_taken_and_others_refused(what: str, key: str) -> None:
+    for bad in ("", "n" * 16):
+        with pytest.raises(HostNetworkError,
+                           match=rf"^{what} name '{bad}' must be 1-15 bytes: choose another"):
+            HostNetwork.create(**{key: bad})
+
+
+def test_a_15_byte_bridge_name_is_taken(names: Names) -> None:
+    name = (names.bridge + "x" * 15)[:15]
+    try:
+        with HostNetwork.create(bridge=name):
+            assert link(name) is not None
+    finally:
+        subprocess.run(["ip", "link", "del", name], capture_output=True)
+
+
+def test_multi_queue_tap_is_made_when_asked(names: Names) -> None:
+    iff_multi_queue = 0x0100  # <linux/if_tun.h>
+    with HostNetwork.create(names.tap, multi_queue=True):
+        flags = int(open(f"/sys/class/net/{names.tap}/tun_flags").read(), 16)
+        assert flags & iff_multi_queue
+    with HostNetwork.create(names.tap):
+        flags = int(open(f"/sys/class/net/{names.tap}/tun_flags").read(), 16)
+        assert not flags & iff_multi_queue
