@@ -127,7 +127,7 @@ def test_out_of_range_mtu_fails_with_host_network_error_and_removes_the_tap(name
 
 
 def test_bridge_address_without_bridge_is_refused() -> None:
-    with pytest.raises(HostNetworkError, match="needs a bridge"):
+    with pytest.raises(HostNetworkError, match="^bridge_address needs a bridge: set bridge as well$"):
         HostNetwork.create(bridge_address="10.0.0.1/24")
 
 
@@ -402,3 +402,16 @@ def test_multi_queue_tap_is_made_when_asked(names: Names) -> None:
     with HostNetwork.create(names.tap):
         flags = int(open(f"/sys/class/net/{names.tap}/tun_flags").read(), 16)
         assert not flags & iff_multi_queue
+
+
+def test_netns_that_cannot_be_created_is_reported_and_nothing_left(
+        names: Names, monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(name: str) -> None:
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(host.pyroute2_netns, "create", refuse)
+    with pytest.raises(HostNetworkError, match=(
+            rf"^creating network namespace '{names.netns}' failed: .*Operation not permitted.*: "
+            "run as root$")):
+        HostNetwork.create(names.tap, netns=names.netns)
+    assert names.netns not in pyroute2_netns.listnetns() and link(names.tap) is None
