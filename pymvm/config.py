@@ -23,6 +23,8 @@ MIN_MEMORY_MIB = 16
 CMDLINE_MAX_LEN = 4095  # bytes, without the terminating NUL
 DEFAULT_CMDLINE = "console=ttyS0 reboot=k panic=-1"
 IFNAMSIZ = 16  # includes the NUL: names are at most 15 characters
+VSOCK_CID_MIN = 3  # 0-2: hypervisor, loopback, host (virtio 1.2 5.10.4)
+VSOCK_CID_MAX = 0xFFFF_FFFE  # a 32-bit CID; 0xFFFFFFFF is VMADDR_CID_ANY
 _ID_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _MAC_RE = re.compile(r"[0-9A-Fa-f]{2}(:[0-9A-Fa-f]{2}){5}")
 
@@ -87,6 +89,11 @@ class ApiConfig:
 
 
 @dataclass(frozen=True)
+class VsockConfig:
+    cid: int  # the guest's context id (3 .. 2**32-2); derived from the VM id when not set
+
+
+@dataclass(frozen=True)
 class VmConfig:
     id: str
     machine: MachineConfig
@@ -95,6 +102,7 @@ class VmConfig:
     net: tuple[NetConfig, ...]
     source: Path
     api: ApiConfig = ApiConfig()
+    vsock: VsockConfig | None = None  # [vsock]: a virtio-vsock device on vhost-vsock
 
 
 def default_resolve_artifact(name: str) -> Path:
@@ -306,7 +314,7 @@ class _Parser:
     # -- sections ---------------------------------------------------------------------------
 
     def vm(self, data: Mapping[str, Any]) -> VmConfig:
-        self.check_keys(data, ("id", "machine", "boot", "serial", "net", "api"), "")
+        self.check_keys(data, ("id", "machine", "boot", "serial", "net", "api", "vsock"), "")
         vm_id = self.string(data, "id", "id", None)
         if vm_id is None:
             vm_id = Path(self.source).stem
@@ -325,7 +333,8 @@ class _Parser:
         serial = self.serial(self.table(data, "serial", "serial"))
         net = self.net(data.get("net", []), vm_id)
         api = self.api(self.table(data, "api", "api"))
-        return VmConfig(vm_id, machine, boot, serial, net, Path(self.source), api)
+        vsock = self.vsock(self.table(data, "vsock", "vsock"), vm_id) if "vsock" in data else None
+        return VmConfig(vm_id, machine, boot, serial, net, Path(self.source), api, vsock)
 
     def machine(self, t: Mapping[str, Any]) -> MachineConfig:
         self.check_keys(t, ("vcpus", "memory_mib", "hugepages"), "machine.")
@@ -430,6 +439,11 @@ class _Parser:
             raise self.error("api.socket", f"{path} is longer than a UNIX socket path may be "
                              "(107 bytes); choose a shorter path")
         return ApiConfig(path)
+
+    def vsock(self, t: Mapping[str, Any], vm_id: str) -> VsockConfig:
+        self.check_keys(t, ("cid",), "vsock.")
+        cid = self.integer(t, "cid", "vsock.cid", None, VSOCK_CID_MIN, VSOCK_CID_MAX)
+        return VsockConfig(cid if cid is not None else default_vsock_cid(vm_id))
 
     def serial(self, t: Mapping[str, Any]) -> SerialConfig:
         self.check_keys(t, ("output", "path", "input"), "serial.")
@@ -558,6 +572,12 @@ class _Parser:
         if value.replace(":", "") == "000000000000":
             raise self.error(pre + "mac", "00:00:00:00:00:00 is not usable; choose another")
         return value.lower()
+
+
+def default_vsock_cid(vm_id: str) -> int:
+    """The guest CID of a VM whose [vsock] sets none: a hash of its id, never 0-2 (reserved)."""
+    digest = hashlib.sha256(b"pymvm-vsock-cid\0" + vm_id.encode()).digest()
+    return VSOCK_CID_MIN + int.from_bytes(digest[:4], "little") % (VSOCK_CID_MAX - VSOCK_CID_MIN + 1)
 
 
 def _generated_mac(vm_id: str, index: int, taken: set[str]) -> str:

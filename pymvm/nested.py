@@ -47,7 +47,7 @@ IN_NESTED_ENV = "PYMVM_IN_NESTED"
 KERNEL_CMDLINE_MARK = "pymvm_nested=1"
 """Appended to the nested host's kernel command line: detects it even with a scrubbed env."""
 
-NESTED_MODULES = ("kvm_amd", "vhost_net", "tun")
+NESTED_MODULES = ("kvm_amd", "vhost_net", "vhost_vsock", "tun")
 
 # QEMU TCG cannot run a hardware-KVM CPU model; EPYC + svm gives kvm_amd with nested paging.
 QEMU_CPU = "EPYC,+svm"

@@ -88,6 +88,8 @@ class VirtualMachine:
             self.devices = DeviceManager(m)
             for index, net in enumerate(cfg.net):
                 self.devices.add_net(index, net)
+            if cfg.vsock is not None:
+                self.devices.add_vsock(cfg.vsock)
 
             # Kernel, initrd, command line, boot_params, then ACPI tables or the MP table.
             self.kernel = load_kernel(m.memory, cfg.boot.kernel)

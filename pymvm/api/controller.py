@@ -190,6 +190,9 @@ class Controller:
         }
         if d.kind == "net":
             info["net"] = self._net_facts(d)
+        elif d.kind == "vsock":
+            info["vsock"] = {"cid": d.info.get("cid"),
+                             "transport_resets": getattr(d.device, "events_sent", 0)}
         return info
 
     @staticmethod

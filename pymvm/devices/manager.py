@@ -27,7 +27,7 @@ from .. import layout
 from .virtio import constants as vc
 
 if TYPE_CHECKING:
-    from ..config import NetConfig
+    from ..config import NetConfig, VsockConfig
     from ..machine import Machine
     from .virtio.device import VirtioDevice
     from .virtio.mmio import VirtioMmioTransport
@@ -101,7 +101,7 @@ class OwnedPart:
 
 @dataclass
 class MmioDevice:
-    """One virtio-mmio device in the registry. ``kind``: "net" (later "vsock", "block")."""
+    """One virtio-mmio device in the registry. ``kind``: "net" or "vsock" (later "block")."""
 
     id: str
     kind: str
@@ -310,6 +310,30 @@ class DeviceManager:
             return
         raise DeviceManagerError(f"net[{index}].backend = {net.backend!r} is not available in "
                                  "this build; use backend = \"vhost-net\"")
+
+    def add_vsock(self, vsock: VsockConfig, device_id: str = "vsock0") -> MmioDevice:
+        """A virtio-vsock device for guest CID ``vsock.cid``: rx/tx on /dev/vhost-vsock, the
+        event queue in the device model. The CID is claimed now: a CID in use or a missing
+        vhost_vsock module fails the build."""
+        from ..vhost.kernel import VhostVsockBackend
+        from .virtio.vsock import VirtioVsockDevice
+
+        record = self.reserve(device_id, "vsock")
+        try:
+            backend = VhostVsockBackend(vsock.cid)
+            record.backend.obj = backend
+            record.backend.stack.callback(backend.close)
+            device = VirtioVsockDevice(vsock.cid, backend)
+            record.backend.stack.callback(device.close)  # its watcher stops before the fd closes
+            record.info.update(cid=vsock.cid)
+            self.attach_transport(record, device)
+        except BaseException:
+            self._devices.pop(device_id, None)
+            record.close()
+            raise
+        log.info("vsock_device_added", cid=vsock.cid, mmio_base=hex(record.mmio_base),
+                 irq=record.irq)
+        return record
 
     # ---- teardown ------------------------------------------------------------------------------
     def close(self) -> None:

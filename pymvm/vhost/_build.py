@@ -1,7 +1,7 @@
-"""cffi build module for the in-kernel vhost-net and TAP bindings (API mode).
+"""cffi build module for the in-kernel vhost-net, vhost-vsock and TAP bindings (API mode).
 
 ioctl numbers, flags and struct layouts come from the system's <linux/vhost.h>,
-<linux/if_tun.h>, <linux/virtio_net.h> and <net/if.h> through the C compiler: every ``...``
+<linux/if_tun.h>, <linux/virtio_net.h>, <linux/virtio_vsock.h> and <net/if.h> through the C compiler: every ``...``
 below is filled in at build time, nothing is hand-computed. Built at install time
 (setup.py ``cffi_modules``) into ``pymvm.vhost._vhost_cffi``.
 """
@@ -32,6 +32,8 @@ typedef unsigned long long __u64;
 #define VHOST_FILE_UNBIND ...
 #define VHOST_F_LOG_ALL ...
 #define VHOST_NET_F_VIRTIO_NET_HDR ...
+#define VHOST_VSOCK_SET_GUEST_CID ...
+#define VHOST_VSOCK_SET_RUNNING ...
 
 struct vhost_memory_region {
     __u64 guest_phys_addr; __u64 memory_size; __u64 userspace_addr; __u64 flags_padding; ...;
@@ -65,6 +67,13 @@ struct vhost_vring_addr {
 #define VIRTIO_F_ACCESS_PLATFORM ...
 #define VIRTIO_RING_F_INDIRECT_DESC ...
 #define VIRTIO_RING_F_EVENT_IDX ...
+
+/* ---- virtio-vsock (<linux/virtio_vsock.h>, <linux/virtio_ids.h>; virtio 1.2 5.10) ---- */
+#define VIRTIO_ID_VSOCK ...
+#define VIRTIO_VSOCK_F_SEQPACKET ...
+#define VIRTIO_VSOCK_EVENT_TRANSPORT_RESET ...
+struct virtio_vsock_config { __u64 guest_cid; ...; };
+struct virtio_vsock_event { __u32 id; ...; };
 
 /* header sizes the TAP and vhost-net must agree on */
 #define PYMVM_VIRTIO_NET_HDR_SIZE ...
@@ -111,6 +120,8 @@ SOURCE = r"""
 #include <linux/virtio_config.h>
 #include <linux/virtio_net.h>
 #include <linux/virtio_ring.h>
+#include <linux/virtio_ids.h>
+#include <linux/virtio_vsock.h>
 
 #define PYMVM_VIRTIO_NET_HDR_SIZE sizeof(struct virtio_net_hdr)
 #define PYMVM_VIRTIO_NET_HDR_MRG_RXBUF_SIZE sizeof(struct virtio_net_hdr_mrg_rxbuf)

@@ -1,9 +1,10 @@
-"""The in-kernel vhost-net back-end: pymvm drives the control plane, the kernel moves packets.
+"""The in-kernel vhost back-ends (vhost-net, vhost-vsock): pymvm drives the control plane,
+the kernel moves the data.
 
 Once activated, the kernel's vhost worker reads the guest's split rings straight out of
 guest memory (through the mem table of host userspace addresses), is woken by the queue's
 kick eventfd (a KVM ioeventfd on QueueNotify) and signals the guest through the call
-eventfd (a KVM irqfd). See Documentation/virtual/vhost and drivers/vhost/net.c.
+eventfd (a KVM irqfd). See Documentation/virtual/vhost, drivers/vhost/net.c and vsock.c.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import errno
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, Self
 
 import structlog
 
@@ -26,6 +27,12 @@ if TYPE_CHECKING:
 log = structlog.get_logger()
 
 VHOST_NET_PATH = "/dev/vhost-net"
+VHOST_VSOCK_PATH = "/dev/vhost-vsock"
+
+# Guest CIDs (virtio 1.2 5.10.4): 0-2 are reserved (hypervisor, local, host) and the kernel
+# takes a 32-bit CID, U32_MAX being VMADDR_CID_ANY.
+VSOCK_CID_MIN = 3
+VSOCK_CID_MAX = 0xFFFF_FFFE
 
 VIRTIO_F_VERSION_1 = 1 << lib.VIRTIO_F_VERSION_1
 VIRTIO_NET_F_MRG_RXBUF = 1 << lib.VIRTIO_NET_F_MRG_RXBUF
@@ -75,6 +82,8 @@ _IOCTL_HINTS = {
     ("VHOST_NET_SET_BACKEND", errno.ENOTSOCK): "the backend fd is not a TAP",
     ("VHOST_NET_SET_BACKEND", errno.EFAULT): "the rings are not inside the mem table",
     ("VHOST_NET_SET_BACKEND", errno.ENOBUFS): "the queue index is out of range",
+    ("VHOST_VSOCK_SET_GUEST_CID", errno.EINVAL): "the CID must be from 3 to 4294967294",
+    ("VHOST_VSOCK_SET_RUNNING", errno.EFAULT): "the rings are not inside the mem table",
 }
 
 
@@ -181,29 +190,26 @@ def vring_host_addrs(
     )
 
 
-class VhostNet:
-    """Owner of one /dev/vhost-net fd and of the queues it has attached to a TAP.
+class VhostDevice:
+    """Owner of one /dev/vhost-* fd: the ring set-up every in-kernel vhost device shares.
 
-    deactivate() closes the fd and the next activate() opens a fresh one: a new vhost
-    device starts from a clean state (no stale rings, log or owner), which is simpler
-    and more robust than VHOST_RESET_OWNER across guest reboots and driver rebinds.
+    Subclasses (VhostNet, VhostVsock) add the device-specific ioctls that start and stop the
+    kernel's worker on the rings (NET_SET_BACKEND, VSOCK_SET_RUNNING).
     """
 
-    def __init__(self, path: str = VHOST_NET_PATH) -> None:
+    #: What the device is called in messages, and the module that provides its node.
+    name = "vhost"
+    module = "vhost"
+
+    def __init__(self, path: str) -> None:
         self._path = path
         self._fd: int | None = None
         self._owned = False
         self._features: int | None = None
         self._active: list[int] = []
-        self._log = log.bind(device="vhost-net")
+        self._log = log.bind(device=self.name)
 
-    @classmethod
-    def open(cls, path: str = VHOST_NET_PATH) -> VhostNet:
-        vhost = cls(path)
-        vhost._open()
-        return vhost
-
-    def __enter__(self) -> VhostNet:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -212,7 +218,9 @@ class VhostNet:
     @property
     def fd(self) -> int:
         if self._fd is None:
-            raise VhostError("vhost-net device is not open: call VhostNet.open() first")
+            raise VhostError(
+                f"{self.name} device is not open: call {type(self).__name__}.open() first"
+            )
         return self._fd
 
     @property
@@ -226,7 +234,7 @@ class VhostNet:
             self._fd = os.open(self._path, os.O_RDWR | os.O_CLOEXEC)
         except FileNotFoundError:
             raise VhostError(
-                f"{self._path} does not exist: load the module with 'modprobe vhost_net'"
+                f"{self._path} does not exist: load the module with 'modprobe {self.module}'"
             ) from None
         except PermissionError:
             raise VhostError(
@@ -317,6 +325,92 @@ class VhostNet:
     def set_vring_call(self, index: int, fd: int) -> None:
         self._vring_file(lib.VHOST_SET_VRING_CALL, "VHOST_SET_VRING_CALL", index, fd)
 
+    # ---- shared ring set-up ----
+
+    def _prepare(
+        self,
+        acked_features: int,
+        mem_regions: Sequence[MemoryRegionLike],
+        queues: Sequence[VringLike],
+        kick_fds: Sequence[int],
+        call_fds: Sequence[int],
+    ) -> tuple[int, list[VringHostAddrs]]:
+        """Check the arguments and translate the rings, touching no ioctl; returns the
+        feature bits the kernel will get and each queue's host addresses."""
+        if self._active:
+            raise VhostError(
+                f"{self.name} is already active: deactivate() before activating again"
+            )
+        if not len(queues) == len(kick_fds) == len(call_fds):
+            raise VhostError(
+                f"{len(queues)} queues but {len(kick_fds)} kick and {len(call_fds)} call "
+                "eventfds: pass one of each per queue"
+            )
+        # vhost rejects bits it does not know (offloads, MAC...) with EOPNOTSUPP.
+        features = acked_features & self.features()
+        event_idx = bool(features & VIRTIO_RING_F_EVENT_IDX)
+        # Translate first so a bad guest address fails before the kernel is touched.
+        return features, [vring_host_addrs(mem_regions, q, event_idx) for q in queues]
+
+    def _setup_rings(
+        self,
+        features: int,
+        mem_regions: Sequence[MemoryRegionLike],
+        queues: Sequence[VringLike],
+        host_addrs: Sequence[VringHostAddrs],
+        kick_fds: Sequence[int],
+        call_fds: Sequence[int],
+        vring_bases: Mapping[int, int] | None,
+    ) -> None:
+        """Owner, features, mem table, then each ring: size, base, addresses, kick, call."""
+        bases = vring_bases or {}
+        self._open()
+        if not self._owned:
+            self.set_owner()
+        self.set_features(features)
+        self.set_mem_table(mem_regions)
+        for q, addrs, kick, call in zip(queues, host_addrs, kick_fds, call_fds, strict=True):
+            self.set_vring_num(q.index, q.size)
+            self.set_vring_base(q.index, bases.get(q.index, 0))
+            self.set_vring_addr(q.index, addrs)
+            self.set_vring_kick(q.index, kick)
+            self.set_vring_call(q.index, call)
+
+    def _vring_bases(self, indexes: Sequence[int]) -> dict[int, int]:
+        return {index: self.get_vring_base(index) for index in indexes}
+
+    def _close_fd(self) -> None:
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            self._owned = False
+            os.close(fd)
+
+    def close(self) -> None:
+        """Release the device; safe to call more than once."""
+        self._active.clear()
+        self._close_fd()
+
+
+class VhostNet(VhostDevice):
+    """Owner of one /dev/vhost-net fd and of the queues it has attached to a TAP.
+
+    deactivate() closes the fd and the next activate() opens a fresh one: a new vhost
+    device starts from a clean state (no stale rings, log or owner), which is simpler
+    and more robust than VHOST_RESET_OWNER across guest reboots and driver rebinds.
+    """
+
+    name = "vhost-net"
+    module = "vhost_net"
+
+    def __init__(self, path: str = VHOST_NET_PATH) -> None:
+        super().__init__(path)
+
+    @classmethod
+    def open(cls, path: str = VHOST_NET_PATH) -> VhostNet:
+        vhost = cls(path)
+        vhost._open()
+        return vhost
+
     def set_backend(self, index: int, fd: int) -> None:
         """Attach queue ``index`` to a TAP fd; -1 detaches it (the worker stops on it)."""
         self._vring_file(lib.VHOST_NET_SET_BACKEND, "VHOST_NET_SET_BACKEND", index, fd)
@@ -335,32 +429,11 @@ class VhostNet:
     ) -> None:
         """Hand the queues to the kernel. ``vring_bases`` restores saved ring positions
         (snapshot/restore); a freshly reset device starts every ring at 0."""
-        if self._active:
-            raise VhostError("vhost-net is already active: deactivate() before activating again")
-        if not len(queues) == len(kick_fds) == len(call_fds):
-            raise VhostError(
-                f"{len(queues)} queues but {len(kick_fds)} kick and {len(call_fds)} call "
-                "eventfds: pass one of each per queue"
-            )
-        # vhost rejects bits it does not know (offloads, MAC...) with EOPNOTSUPP.
-        features = acked_features & self.features()
-        event_idx = bool(features & VIRTIO_RING_F_EVENT_IDX)
-        # Translate first so a bad guest address fails before the kernel is touched.
-        host_addrs = [vring_host_addrs(mem_regions, q, event_idx) for q in queues]
-        bases = vring_bases or {}
-
-        self._open()
+        features, host_addrs = self._prepare(acked_features, mem_regions, queues, kick_fds,
+                                             call_fds)
         try:
-            if not self._owned:
-                self.set_owner()
-            self.set_features(features)
-            self.set_mem_table(mem_regions)
-            for q, addrs, kick, call in zip(queues, host_addrs, kick_fds, call_fds, strict=True):
-                self.set_vring_num(q.index, q.size)
-                self.set_vring_base(q.index, bases.get(q.index, 0))
-                self.set_vring_addr(q.index, addrs)
-                self.set_vring_kick(q.index, kick)
-                self.set_vring_call(q.index, call)
+            self._setup_rings(features, mem_regions, queues, host_addrs, kick_fds, call_fds,
+                              vring_bases)
             for q in queues:
                 self.set_backend(q.index, tap_fd)
                 self._active.append(q.index)
@@ -386,24 +459,126 @@ class VhostNet:
         try:
             for index in self._active:
                 self.set_backend(index, lib.VHOST_FILE_UNBIND)
-            for index in self._active:
-                bases[index] = self.get_vring_base(index)
+            bases = self._vring_bases(self._active)
         finally:
             self._active.clear()
             self._close_fd()
         self._log.info("vhost_net_deactivated", vring_bases=bases)
         return bases
 
-    def _close_fd(self) -> None:
-        if self._fd is not None:
-            fd, self._fd = self._fd, None
-            self._owned = False
-            os.close(fd)
+
+class VhostVsock(VhostDevice):
+    """Owner of one /dev/vhost-vsock fd: the guest's CID and its rx/tx rings.
+
+    Unlike VhostNet, the fd lives as long as the device: it holds the guest's CID (a free CID
+    for anyone else the moment it closed), and the kernel resets host sockets connected to
+    the guest only when it closes. A driver reset stops the worker (SET_RUNNING 0); the next
+    DRIVER_OK programs the rings again on the same fd.
+    """
+
+    name = "vhost-vsock"
+    module = "vhost_vsock"
+
+    def __init__(self, path: str = VHOST_VSOCK_PATH) -> None:
+        super().__init__(path)
+        self.cid: int | None = None
+
+    @classmethod
+    def open(cls, path: str = VHOST_VSOCK_PATH) -> VhostVsock:
+        vhost = cls(path)
+        vhost._open()
+        return vhost
+
+    def set_guest_cid(self, cid: int) -> None:
+        val = ffi.new("__u64 *", cid)
+        self._check(lib.pymvm_ioctl_ptr(self.fd, lib.VHOST_VSOCK_SET_GUEST_CID, val),
+                    "VHOST_VSOCK_SET_GUEST_CID")
+
+    def set_running(self, running: bool) -> None:
+        val = ffi.new("int *", 1 if running else 0)
+        self._check(lib.pymvm_ioctl_ptr(self.fd, lib.VHOST_VSOCK_SET_RUNNING, val),
+                    "VHOST_VSOCK_SET_RUNNING")
+
+    def claim_cid(self, cid: int, *, key: str = "vsock.cid") -> None:
+        """Open the device and take ``cid`` for this guest. A CID someone else holds is a
+        VhostError naming a free one (found by trying the next CIDs on this fd)."""
+        if not VSOCK_CID_MIN <= cid <= VSOCK_CID_MAX:
+            raise VhostError(f"{key} = {cid} is not a guest CID: choose one from "
+                             f"{VSOCK_CID_MIN} to {VSOCK_CID_MAX}")
+        self._open()
+        try:
+            self.set_guest_cid(cid)
+        except VhostIoctlError as e:
+            if e.errno != errno.EADDRINUSE:
+                self._close_fd()
+                raise
+            free = self._probe_free_cid(cid)
+            self._close_fd()  # releases whatever the probe took
+            other = f"e.g. {key} = {free}" if free is not None else "another one"
+            raise VhostError(f"{key} = {cid} is already in use on this host (another VM or "
+                             f"vhost-vsock user holds it); choose {other}") from None
+        self.cid = cid
+        self._log.info("vhost_vsock_cid_claimed", cid=cid)
+
+    def _probe_free_cid(self, taken: int, tries: int = 64) -> int | None:
+        for step in range(1, tries + 1):
+            candidate = VSOCK_CID_MIN + (taken - VSOCK_CID_MIN + step) % (
+                VSOCK_CID_MAX - VSOCK_CID_MIN + 1)
+            try:
+                self.set_guest_cid(candidate)
+            except VhostIoctlError:
+                continue
+            return candidate
+        return None
+
+    def activate(
+        self,
+        acked_features: int,
+        mem_regions: Sequence[MemoryRegionLike],
+        queues: Sequence[VringLike],
+        kick_fds: Sequence[int],
+        call_fds: Sequence[int],
+        vring_bases: Mapping[int, int] | None = None,
+    ) -> None:
+        """Program the rx/tx rings and start the kernel's worker (SET_RUNNING 1)."""
+        if self.cid is None:
+            raise VhostError("vhost-vsock has no guest CID: call claim_cid() before activating")
+        features, host_addrs = self._prepare(acked_features, mem_regions, queues, kick_fds,
+                                             call_fds)
+        try:
+            self._setup_rings(features, mem_regions, queues, host_addrs, kick_fds, call_fds,
+                              vring_bases)
+            self.set_running(True)
+        except BaseException:
+            self._stop_quietly()
+            raise
+        self._active = [q.index for q in queues]
+        self._log.info("vhost_vsock_activated", cid=self.cid, features=hex(features),
+                       queues=self._active)
+
+    def _stop_quietly(self) -> None:
+        try:
+            self.set_running(False)
+        except VhostError as e:  # never started: nothing to stop
+            self._log.debug("vhost_vsock_stop_failed", error=str(e))
+
+    def deactivate(self) -> dict[int, int]:
+        """Stop the worker and return {queue index: last avail index}; the fd and the CID
+        stay for the next activate()."""
+        if not self._active or self._fd is None:
+            self._active.clear()
+            return {}
+        try:
+            self.set_running(False)
+            bases = self._vring_bases(self._active)
+        finally:
+            self._active.clear()
+        self._log.info("vhost_vsock_deactivated", vring_bases=bases)
+        return bases
 
     def close(self) -> None:
-        """Release the device; safe to call more than once. The kernel detaches the TAP."""
-        self._active.clear()
-        self._close_fd()
+        super().close()
+        self.cid = None
 
 
 class VhostNetBackend:
@@ -441,6 +616,61 @@ class VhostNetBackend:
 
     def reset(self) -> None:
         """Device reset: detach the rings; a reset device restarts them at index 0."""
+        self._vhost.deactivate()
+
+    def close(self) -> None:
+        self._vhost.close()
+
+
+# vhost-vsock implements the rings; SEQPACKET only where the kernel reports it (Linux >= 5.14).
+VSOCK_RING_FEATURES = (
+    VIRTIO_F_VERSION_1
+    | VIRTIO_RING_F_EVENT_IDX
+    | 1 << lib.VIRTIO_RING_F_INDIRECT_DESC
+    | 1 << lib.VIRTIO_VSOCK_F_SEQPACKET
+)
+
+
+class VhostVsockBackend:
+    """The data plane of a virtio-vsock device: rx (0) and tx (1) in the kernel's vhost-vsock.
+
+    The event queue (2) is not the kernel's: the device model keeps it. The CID is claimed at
+    construction, so a CID in use or a missing /dev/vhost-vsock fails the VM's build.
+    """
+
+    def __init__(self, cid: int, vhost: VhostVsock | None = None) -> None:
+        self._vhost = vhost or VhostVsock()
+        try:
+            self._vhost.claim_cid(cid)
+        except BaseException:
+            self._vhost.close()
+            raise
+        self.cid = cid
+
+    @property
+    def vhost(self) -> VhostVsock:
+        return self._vhost
+
+    def features(self) -> int:
+        vhost_features = self._vhost.features()
+        if not vhost_features & VIRTIO_F_VERSION_1:
+            raise VhostError("the kernel's vhost-vsock lacks VIRTIO_F_VERSION_1: use a host "
+                             "kernel >= 4.8")
+        return vhost_features & VSOCK_RING_FEATURES
+
+    def activate(self, ctx: ActivationContext, mem_regions: Sequence[Any]) -> None:
+        if not ctx.kick_fds or not ctx.call_fds:
+            raise VhostError(
+                "vhost-vsock needs a kick and a call eventfd per queue: the transport must "
+                "register KVM ioeventfds and irqfds before activating"
+            )
+        picked = [(q, k, c) for q, k, c in zip(ctx.queues, ctx.kick_fds, ctx.call_fds,
+                                                strict=True) if q.index in (0, 1)]
+        self._vhost.activate(ctx.acked_features, mem_regions, [p[0] for p in picked],
+                             [p[1] for p in picked], [p[2] for p in picked])
+
+    def reset(self) -> None:
+        """Device reset: stop the worker; a reset device restarts its rings at index 0."""
         self._vhost.deactivate()
 
     def close(self) -> None:

@@ -303,7 +303,7 @@ def test_script_loads_the_kvm_vhost_and_tun_modules_first() -> None:
     script = nested.render_script(["true"], cwd=Path("/"), env={}, status_path=Path("/s"))
     lines = script.splitlines()
     loaded = [line.split()[1] for line in lines if line.startswith("modprobe")]
-    assert loaded == ["kvm_amd", "vhost_net", "tun"]
+    assert loaded == ["kvm_amd", "vhost_net", "vhost_vsock", "tun"]
 
 
 def test_script_refuses_an_empty_command() -> None:
