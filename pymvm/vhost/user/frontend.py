@@ -755,7 +755,7 @@ class VhostUserBlkBackend(VhostUserFrontend):
         from pymvm.devices.virtio.blk import PASSTHROUGH_FEATURES
 
         super().__init__(socket_path, mode,
-                         features_mask=PASSTHROUGH_FEATURES | 1 << VIRTIO_F_VERSION_1,
+                         features_mask=PASSTHROUGH_FEATURES | VIRTIO_F_VERSION_1,  # a mask here
                          protocol_features=WANTED_PROTOCOL_FEATURES | PF.INFLIGHT_SHMFD,
                          required_protocol_features=PF.CONFIG, inflight=True,
                          connect_timeout=connect_timeout, request_timeout=request_timeout)
