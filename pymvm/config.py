@@ -83,6 +83,23 @@ class NetConfig:
     host_ip: ipaddress.IPv4Interface | ipaddress.IPv6Interface | None = None
 
 
+BlockBackend = Literal["builtin", "vhost-user"]
+
+
+@dataclass(frozen=True)
+class BlockConfig:
+    """A [[block]] disk: a virtio-blk device served by a vhost-user-blk back-end."""
+
+    id: str
+    backend: BlockBackend
+    path: Path | None = None  # the raw image (builtin)
+    socket: Path | None = None  # the back-end's socket (vhost-user)
+    socket_mode: SocketMode = "client"
+    read_only: bool = False
+    root: bool = False  # adds root=/dev/vdX to the command line
+    serial: str = ""  # what GET_ID answers (builtin; at most 20 bytes)
+
+
 @dataclass(frozen=True)
 class ApiConfig:
     socket: Path | None = None  # the control API's UNIX socket; None: no API
@@ -103,6 +120,7 @@ class VmConfig:
     source: Path
     api: ApiConfig = ApiConfig()
     vsock: VsockConfig | None = None  # [vsock]: a virtio-vsock device on vhost-vsock
+    block: tuple[BlockConfig, ...] = ()  # [[block]]: virtio-blk disks
 
 
 def default_resolve_artifact(name: str) -> Path:
@@ -314,7 +332,8 @@ class _Parser:
     # -- sections ---------------------------------------------------------------------------
 
     def vm(self, data: Mapping[str, Any]) -> VmConfig:
-        self.check_keys(data, ("id", "machine", "boot", "serial", "net", "api", "vsock"), "")
+        self.check_keys(data, ("id", "machine", "boot", "serial", "net", "api", "vsock",
+                               "block"), "")
         vm_id = self.string(data, "id", "id", None)
         if vm_id is None:
             vm_id = Path(self.source).stem
@@ -334,7 +353,8 @@ class _Parser:
         net = self.net(data.get("net", []), vm_id)
         api = self.api(self.table(data, "api", "api"))
         vsock = self.vsock(self.table(data, "vsock", "vsock"), vm_id) if "vsock" in data else None
-        return VmConfig(vm_id, machine, boot, serial, net, Path(self.source), api, vsock)
+        block = self.block(data.get("block", []))
+        return VmConfig(vm_id, machine, boot, serial, net, Path(self.source), api, vsock, block)
 
     def machine(self, t: Mapping[str, Any]) -> MachineConfig:
         self.check_keys(t, ("vcpus", "memory_mib", "hugepages"), "machine.")
@@ -536,6 +556,86 @@ class _Parser:
         net = dict(id=net_id, backend=backend, tap=tap, bridge=bridge, netns=netns, mtu=mtu,
                    socket=socket, socket_mode=socket_mode, ip=interface, host_ip=host_interface)
         return net, mac
+
+    def block(self, value: Any) -> tuple[BlockConfig, ...]:
+        if isinstance(value, dict):
+            raise self.error("block", "expected an array of tables; write [[block]], not [block]")
+        if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+            raise self.error("block", f"expected an array of tables ([[block]]), got {_show(value)}")
+        disks = [self.block_one(t, i) for i, t in enumerate(value)]
+        seen: dict[str, int] = {}
+        images: dict[Path, int] = {}
+        root = None
+        for i, disk in enumerate(disks):
+            if disk.id in seen:
+                raise self.error(f"block[{i}].id", f"{_show(disk.id)} is already used by "
+                                 f"block[{seen[disk.id]}]; choose a unique id")
+            seen[disk.id] = i
+            if disk.path is not None:
+                key = disk.path.resolve()
+                if key in images and not (disk.read_only and disks[images[key]].read_only):
+                    raise self.error(f"block[{i}].path", f"{disk.path} is already block"
+                                     f"[{images[key]}]'s image; one image serves one writable disk")
+                images[key] = i
+            if disk.root:
+                if root is not None:
+                    raise self.error(f"block[{i}].root", f"block[{root}] is already the root "
+                                     "disk; set root = true on one disk only")
+                root = i
+        return tuple(disks)
+
+    def block_one(self, t: Mapping[str, Any], i: int) -> BlockConfig:
+        from .images.disk import DiskImageError, check_image, open_image
+
+        pre = f"block[{i}]."
+        self.check_keys(t, ("id", "backend", "path", "socket", "socket_mode", "read_only",
+                            "root", "serial"), pre)
+        disk_id = self.string(t, "id", pre + "id", f"disk{i}")
+        assert disk_id is not None
+        if not _ID_RE.fullmatch(disk_id):
+            raise self.error(pre + "id", f"expected 1-64 characters from A-Z a-z 0-9 _ -, "
+                             f"got {_show(disk_id)}")
+        backend = self.choice(t, "backend", pre + "backend", "builtin", ("builtin", "vhost-user"))
+        read_only = self.boolean(t, "read_only", pre + "read_only", False)
+        root = self.boolean(t, "root", pre + "root", False)
+        serial = self.string(t, "serial", pre + "serial", "")
+        assert serial is not None
+        if len(serial.encode()) > 20 or not serial.isprintable():
+            raise self.error(pre + "serial", f"{_show(serial)} is not up to 20 printable bytes; "
+                             "shorten it")
+        path = socket = None
+        socket_mode = "client"
+        if backend == "builtin":
+            raw = self.string(t, "path", pre + "path", None)
+            if not raw:
+                raise self.error(pre + "path", "required with backend = \"builtin\"; set it to a "
+                                 "raw disk image (e.g. one made by 'pymvm build-rootfs')")
+            path = self.path(raw)
+            try:
+                check_image(path, read_only)
+                open_image(path, read_only=read_only).close()  # free now, not locked by a VM
+            except DiskImageError as e:
+                raise self.error(pre + "path", str(e)) from None
+            for key in ("socket", "socket_mode"):
+                if key in t:
+                    raise self.error(pre + key, "only used with backend = \"vhost-user\"; "
+                                     "remove it (backend is \"builtin\")")
+        else:
+            raw = self.string(t, "socket", pre + "socket", None)
+            if not raw:
+                raise self.error(pre + "socket", "required with backend = \"vhost-user\"; set "
+                                 "it to the vhost-user-blk back-end's unix socket path")
+            socket = self.path(raw)
+            socket_mode = self.choice(t, "socket_mode", pre + "socket_mode", "client",
+                                      ("client", "server"))
+            if "path" in t:
+                raise self.error(pre + "path", "not used with backend = \"vhost-user\" (the "
+                                 "back-end owns the image); remove it")
+            if serial:
+                raise self.error(pre + "serial", "only used with backend = \"builtin\" (the "
+                                 "vhost-user back-end answers GET_ID); remove it")
+        return BlockConfig(disk_id, backend, path, socket, socket_mode,  # type: ignore[arg-type]
+                           read_only, root, serial)
 
     def interface(self, t: Mapping[str, Any], key: str, pre: str, example: str):
         raw = self.string(t, key, pre + key, None)

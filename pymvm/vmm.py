@@ -88,6 +88,8 @@ class VirtualMachine:
             self.devices = DeviceManager(m)
             for index, net in enumerate(cfg.net):
                 self.devices.add_net(index, net)
+            for index, block in enumerate(cfg.block):
+                self.devices.add_block(index, block)
             if cfg.vsock is not None:
                 self.devices.add_vsock(cfg.vsock)
 
@@ -189,6 +191,7 @@ class VirtualMachine:
         stdin_fd = self._watch_stdin(loop)
         flusher = loop.create_task(self._flush_serial_periodically())
         try:
+            self._confine()  # set-up is done: the vCPU threads start under the filter
             log.info("vm_starting")
             m.start()
             reason = await stopped
@@ -203,6 +206,15 @@ class VirtualMachine:
         await loop.run_in_executor(None, m.join)
         self.serial.flush()
         return reason
+
+    def _confine(self) -> None:
+        from .sandbox import settings
+
+        if settings.seccomp:
+            from . import syscalls
+
+            syscalls.install_vmm()
+            syscalls.run_self_test_if_asked("vmm")
 
     async def _flush_serial_periodically(self) -> None:
         # Whole lines are written by the vCPU thread; partial ones (prompts) are pushed here.

@@ -27,7 +27,7 @@ from .. import layout
 from .virtio import constants as vc
 
 if TYPE_CHECKING:
-    from ..config import NetConfig, VsockConfig
+    from ..config import BlockConfig, NetConfig, VsockConfig
     from ..machine import Machine
     from .virtio.device import VirtioDevice
     from .virtio.mmio import VirtioMmioTransport
@@ -335,9 +335,66 @@ class DeviceManager:
                  irq=record.irq)
         return record
 
+    def add_block(self, index: int, block: BlockConfig) -> MmioDevice:
+        """A virtio-blk device for ``block[index]`` of the config: a vhost-user-blk front-end
+        to pymvm's built-in back-end (started here, on the image it locks) or to the back-end
+        at ``block.socket``. A root disk adds root=/dev/vdX to the command line."""
+        from ..vhost.user.frontend import DEFAULT_CONNECT_TIMEOUT, VhostUserBlkBackend
+        from .virtio.blk import VirtioBlkDevice
+
+        letter = len(self.devices_of_kind("block"))  # vda, vdb... in slot (probe) order
+        record = self.reserve(block.id, "block")
+        try:
+            assert self.machine.memory is not None
+            assert all(r.fd >= 0 for r in self.machine.memory.regions)  # shared with the back-end
+            info = record.info
+            info.update(backend=block.backend, read_only=block.read_only, root=block.root,
+                        path=str(block.path) if block.path else None, socket=None)
+            timeout = DEFAULT_CONNECT_TIMEOUT
+            if block.backend == "builtin":
+                from ..vhost.backends.process import READY_TIMEOUT, BuiltinBlkBackendProcess
+
+                assert block.path is not None
+                process = BuiltinBlkBackendProcess.start(block.path, read_only=block.read_only,
+                                                         serial=block.serial)
+                record.host.obj = process
+                record.host.stack.callback(process.close)
+                socket_path, mode, timeout = process.socket_path, "client", READY_TIMEOUT
+            else:
+                assert block.socket is not None
+                socket_path, mode = str(block.socket), block.socket_mode
+            info["socket"] = socket_path
+            backend = VhostUserBlkBackend(socket_path, mode, connect_timeout=timeout)
+            record.backend.obj = backend
+            record.backend.stack.callback(backend.close)
+            device = VirtioBlkDevice(backend, read_only=block.read_only, name=f"block {block.id}")
+            info["sectors"] = device.capacity
+            self.attach_transport(record, device)
+            if block.root:
+                name = _disk_name(letter)
+                record.cmdline_extra.append(f"root=/dev/{name} {'ro' if block.read_only else 'rw'}")
+                info["guest_name"] = name
+        except BaseException:
+            self._devices.pop(block.id, None)
+            record.close()
+            raise
+        log.info("block_device_added", block=block.id, backend=block.backend,
+                 sectors=record.info["sectors"], mmio_base=hex(record.mmio_base), irq=record.irq)
+        return record
+
     # ---- teardown ------------------------------------------------------------------------------
     def close(self) -> None:
         """Close every device, newest first."""
         for record in reversed(self.mmio_devices()):
             record.close()
         self._devices.clear()
+
+
+def _disk_name(index: int) -> str:
+    """Linux's virtio-blk names: vda..vdz, vdaa... (drivers/block/virtio_blk.c)."""
+    suffix = ""
+    index += 1
+    while index:
+        index, rest = divmod(index - 1, 26)
+        suffix = chr(ord("a") + rest) + suffix
+    return "vd" + suffix

@@ -208,7 +208,7 @@ def test_unknown_key_suggests_the_close_match(tmp_path: Path, kernel: Path) -> N
 
 def test_unknown_key_without_close_match_lists_known_keys(tmp_path: Path, kernel: Path) -> None:
     msg = error_of(tmp_path, "colour = 1\n" + MINIMAL)
-    assert "unknown key colour (known keys: id, machine, boot, serial, net, api, vsock)" in msg
+    assert "unknown key colour (known keys: id, machine, boot, serial, net, api, vsock, block)" in msg
 
 
 def test_unknown_key_in_net_entry_is_indexed(tmp_path: Path, kernel: Path) -> None:
