@@ -193,6 +193,16 @@ async def _serve_until_signal(server) -> None:
         raise serving.exception()  # type: ignore[misc]
 
 
+def cmd_build_rootfs(args: argparse.Namespace) -> int:
+    from .images.rootfs import build_rootfs
+
+    path = build_rootfs(Path(args.output), size_mib=args.size_mib,
+                        extra_binaries=args.with_binaries,
+                        log=lambda msg: print(msg, file=sys.stderr, flush=True))
+    print(path)
+    return 0
+
+
 def cmd_vhost_user_net(args: argparse.Namespace) -> int:
     """Serve a TAP to one vhost-user front-end at a time until SIGINT/SIGTERM."""
     import asyncio
@@ -342,6 +352,14 @@ def build_parser() -> argparse.ArgumentParser:
                     help="whose modules (/lib/modules/RELEASE); default: the newest "
                          "/boot/vmlinuz-* with modules installed")
     bi.set_defaults(func=cmd_build_initramfs)
+
+    br = sub.add_parser("build-rootfs", help="build an ext4 root disk image with the test "
+                                              "initramfs's tree and init ([[block]] root = true)")
+    br.add_argument("-o", "--output", default="rootfs.ext4", help="image to write (replaced)")
+    br.add_argument("--size-mib", type=int, default=256, help="image size in MiB (default 256)")
+    br.add_argument("--with", dest="with_binaries", action="append", default=[],
+                    metavar="BINARY", help="also include a host binary and its libraries (e.g. fio)")
+    br.set_defaults(func=cmd_build_rootfs)
 
     vu = sub.add_parser("vhost-user", help="run a built-in vhost-user back-end")
     vu_sub = vu.add_subparsers(dest="backend", required=True)
