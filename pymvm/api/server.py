@@ -123,6 +123,8 @@ async def _read_json(request: web.Request) -> Any:
         return json.loads(raw)
     except (UnicodeDecodeError, ValueError) as e:
         raise BadRequest(f"the body is not valid JSON ({e}); send a JSON object") from None
+    except RecursionError:
+        raise BadRequest("the body nests too deeply; send a flat JSON object") from None
 
 
 class ApiServer:

@@ -201,6 +201,11 @@ def test_bad_state_bodies_are_400_with_a_json_error_naming_the_problem(vm, raw, 
     assert vm.machine.state is MachineState.RUNNING
 
 
+def test_deeply_nested_json_is_400_not_a_crash(vm):
+    status, body, _ = run(vm, "PUT", "/vm/state", raw=b"[" * 30000 + b"]" * 30000)
+    assert status == 400 and "nests too deeply" in body["error"]
+
+
 def test_bad_action_and_bad_link_are_400(vm):
     assert run(vm, "PUT", "/vm/actions", {"action": "reboot"})[0] == 400
     status, body, _ = run(vm, "PATCH", "/vm/net/net0", {"link": "sideways"})
