@@ -296,3 +296,17 @@ def test_the_hosts_stock_kernel_is_detected_as_acpi_capable(image):
     if image is None:
         pytest.skip("no /boot/vmlinuz-* on this host (Debian's linux-image-amd64 has one)")
     assert acpi.kernel_supports_acpi(image)
+
+
+def test_auto_tells_pymvms_two_kernels_apart_in_both_formats():
+    from pymvm.images.kernel import kernel_status
+
+    plain, with_acpi = kernel_status(), kernel_status(acpi=True)
+    if plain is None and with_acpi is None:
+        pytest.skip("no pymvm kernel built here (pymvm build-kernel [--acpi]; scripts/setup does)")
+    if plain is not None:
+        assert not acpi.kernel_supports_acpi(plain.vmlinux)
+        assert not acpi.kernel_supports_acpi(plain.bzimage)
+    if with_acpi is not None:
+        assert acpi.kernel_supports_acpi(with_acpi.vmlinux)
+        assert acpi.kernel_supports_acpi(with_acpi.bzimage)
