@@ -7,12 +7,16 @@
 #      modules listed in /etc/pymvm-modules, in order (`pymvm build-initramfs --modules`);
 #   2. for each `pymvm.net=IFACE,ADDR/PREFIX[,GATEWAY]`: brings lo and IFACE up, adds ADDR,
 #      and a default route via GATEWAY if given;
-#   3. writes @@BOOT_TIMER_MAGIC@@ to the boot timer at @@BOOT_TIMER_ADDR@@ (devmem), then
+#   3. starts the guest agent (/sbin/pymvm-agent, docs/agent.md) in the background on vsock
+#      port `pymvm.agent_port=N` (default @@AGENT_PORT@@);
+#   4. writes @@BOOT_TIMER_MAGIC@@ to the boot timer at @@BOOT_TIMER_ADDR@@ (devmem), then
 #      prints `@@READY_MARKER@@ cpus=<online CPUs>` on its own line;
-#   4. `pymvm.cmd=<base64>`: runs the decoded command with `sh -c` (stdin /dev/null, output
+#   5. `pymvm.cmd=<base64>`: runs the decoded command with `sh -c` (stdin /dev/null, output
 #      on the console), then prints `@@EXIT_MARKER@@ <exit status>` on its own line;
 #      else with `pymvm.shell=1`: an interactive shell on the console until it exits;
-#   5. sync, then `reboot -f` (the VMM sees the reset: i8042 with reboot=k, triple fault
+#      else with `pymvm.agent=1`: waits for the agent (the VM runs until stopped from outside
+#      or a command run through the agent reboots it);
+#   6. sync, then `reboot -f` (the VMM sees the reset: i8042 with reboot=k, triple fault
 #      with reboot=t). Should reboot fail, init exits and the kernel panics (use panic=-1).
 #      Under QEMU microvm use reboot=t or add `-device i8042`: reboot=k with no i8042 falls
 #      back to a BIOS restart, which qboot turns into a fresh boot, forever.
@@ -42,12 +46,16 @@ fi
 nets=
 cmd_b64=
 shell=0
+agent_port=@@AGENT_PORT@@
+agent_wait=0
 set -f  # split the command line on blanks, but never glob its words
 for arg in $(cat /proc/cmdline); do
     case "$arg" in
         pymvm.net=*) nets="$nets ${arg#pymvm.net=}" ;;
         pymvm.cmd=*) cmd_b64="${arg#pymvm.cmd=}" ;;
         pymvm.shell=1) shell=1 ;;
+        pymvm.agent=1) agent_wait=1 ;;
+        pymvm.agent_port=*) agent_port="${arg#pymvm.agent_port=}" ;;
     esac
 done
 set +f
@@ -67,6 +75,13 @@ for spec in $nets; do
     fi
 done
 
+# The guest agent serves commands and files over vsock from now on (one process per client).
+agent_pid=
+if [ -x /sbin/pymvm-agent ]; then
+    /sbin/pymvm-agent --port "$agent_port" </dev/null &
+    agent_pid=$!
+fi
+
 cpus=$(grep -c ^processor /proc/cpuinfo)
 devmem @@BOOT_TIMER_ADDR@@ 8 @@BOOT_TIMER_MAGIC@@ || echo "pymvm-init: boot timer write failed"
 echo "@@READY_MARKER@@ cpus=$cpus"
@@ -82,6 +97,9 @@ if [ -n "$cmd_b64" ]; then
     echo "@@EXIT_MARKER@@ $rc"
 elif [ "$shell" = 1 ]; then
     setsid cttyhack sh
+elif [ "$agent_wait" = 1 ] && [ -n "$agent_pid" ]; then
+    wait "$agent_pid"
+    echo "pymvm-init: the guest agent exited"
 fi
 
 sync

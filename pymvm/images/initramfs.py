@@ -32,6 +32,7 @@ from pathlib import Path, PurePosixPath
 import structlog
 
 from pymvm import layout
+from pymvm.images.agent import AGENT_PORT
 from pymvm.images.cache import ImageError, cache_root
 
 log_ = structlog.get_logger()
@@ -340,6 +341,7 @@ def render_init_script() -> str:
         "BOOT_TIMER_MAGIC": str(layout.BOOT_TIMER_MAGIC),
         "READY_MARKER": READY_MARKER,
         "EXIT_MARKER": EXIT_MARKER,
+        "AGENT_PORT": str(AGENT_PORT),
     }
     script = INIT_TEMPLATE.read_text()
     for key, value in values.items():
@@ -436,9 +438,12 @@ class _Inputs:
 
 
 def _gather(extra_binaries: Sequence[str], modules: Sequence[str] = (),
-            kernel_release: str | None = None) -> _Inputs:
+            kernel_release: str | None = None, cache_dir: Path | None = None) -> _Inputs:
+    from pymvm.images.agent import GUEST_PATH, build_agent
+
     busybox_path = find_busybox()
-    extra: dict[str, bytes] = {}
+    # The guest agent (docs/agent.md), built from this repository's source: in every image.
+    extra: dict[str, bytes] = {GUEST_PATH: build_agent(cache_dir).read_bytes()}
     for name in extra_binaries:
         for guest_path, host_path in host_program_files(name).items():
             extra[guest_path] = host_path.read_bytes()
@@ -469,12 +474,12 @@ def initramfs_status(extra_binaries: Sequence[str] | None = None,
         try:
             # Rebuilding the key from the programs it was built with detects staleness.
             with_names = (directory / f"{key}.with").read_text().split()
-            current = _gather(with_names).key()
+            current = _gather(with_names, cache_dir=cache_dir).key()
         except (OSError, ImageError):
             return None
         return latest if current == key and latest.is_file() else None
     try:
-        path = directory / f"{_gather(extra_binaries).key()}.cpio"
+        path = directory / f"{_gather(extra_binaries, cache_dir=cache_dir).key()}.cpio"
     except ImageError:
         return None
     return path if path.is_file() else None
@@ -486,7 +491,7 @@ def build_initramfs(out: Path | None = None, extra_binaries: Sequence[str] = (),
     """Build (or reuse) the test initramfs; returns its path (`out` if given). ``modules``
     (e.g. DEFAULT_MODULES) of ``kernel_release`` (default: default_kernel_release()) go in
     with their dependencies, loaded by /init before it configures the network."""
-    inputs = _gather(extra_binaries, modules, kernel_release)
+    inputs = _gather(extra_binaries, modules, kernel_release, cache_dir)
     key = inputs.key()
     directory = cache_root(cache_dir) / "initramfs"
     cached = directory / f"{key}.cpio"
