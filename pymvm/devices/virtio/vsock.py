@@ -144,7 +144,7 @@ class VirtioVsockDevice(VirtioDevice):
             self.activations += 1
             self.active = True
             delivered = self._deliver_pending_locked()
-        if not delivered and kick is not None:
+        if not delivered and kick is not None and kick >= 0:
             self._start_watcher(kick)
         self._log.info("virtio-vsock activated", features=hex(ctx.acked_features),
                        activations=self.activations)
@@ -173,10 +173,13 @@ class VirtioVsockDevice(VirtioDevice):
 
     def _watch(self, kick_fd: int, stop_fd: int) -> None:
         """Wait for the driver's event-queue kick, then deliver what is pending."""
+        poller = select.poll()
+        poller.register(kick_fd, select.POLLIN)
+        poller.register(stop_fd, select.POLLIN)
         deadline = EVENT_WAIT_S
         while deadline > 0:
-            try:
-                ready, _, _ = select.select([kick_fd, stop_fd], [], [], 0.5)
+            try:  # poll(2): in the VMM's seccomp allowlist (docs/seccomp.md)
+                ready = [fd for fd, _ in poller.poll(500)]
             except (OSError, ValueError):
                 return
             if stop_fd in ready:
