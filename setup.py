@@ -7,5 +7,6 @@ setup(
         "pymvm/kvm/_build.py:ffibuilder",
         "pymvm/vhost/_build.py:ffibuilder",
         "pymvm/boot/_build.py:ffibuilder",
+        "pymvm/syscalls/_build.py:ffibuilder",
     ],
 )

@@ -200,11 +200,13 @@ def make_backend_session():
         reasons: list[str] = []
         close = session.close
         session.close = lambda reason: (reasons.append(reason), close(reason))  # type: ignore
+        msgs: list[tuple[bytes, list[int]]] = []
         try:
             msgs = handshake(fdp.ConsumeBytes(4096)) if fdp.ConsumeBool() else []
             for _ in range(fdp.ConsumeIntInRange(1, 12)):
                 msgs.append(random_message(fdp))
-            for payload, fds in msgs:
+            while msgs:
+                payload, fds = msgs.pop(0)
                 anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else []
                 try:
                     front.sendmsg([payload], anc)
@@ -225,6 +227,9 @@ def make_backend_session():
                 front.shutdown(socket.SHUT_WR)
                 session._on_readable()
         finally:
+            for _, fds in msgs:  # not sent: the session ended first
+                for fd in fds:
+                    os.close(fd)
             session.close("harness done")
             front.close()
         bad = [r for r in reasons if r.startswith("internal error")]

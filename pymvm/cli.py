@@ -79,6 +79,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from . import sandbox, state
 
     sandbox.settings.backend_user = args.backend_user or None
+    sandbox.settings.seccomp = not args.no_seccomp
     # Host resources are recorded as they are made; a killed VMM's are undone by the next run.
     with state.vm_state(config.id):
         return run_vm(config)
@@ -173,8 +174,9 @@ def cmd_build_initramfs(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _serve_until_signal(server) -> None:
-    """Serve a vhost-user back-end until SIGINT/SIGTERM (or until serving fails)."""
+async def _serve_until_signal(server, confine=None) -> None:
+    """Serve a vhost-user back-end until SIGINT/SIGTERM (or until serving fails).
+    ``confine`` (a seccomp installer) runs once the loop and the socket are set up."""
     import asyncio
     import signal
 
@@ -183,6 +185,8 @@ async def _serve_until_signal(server) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     server.listen()
+    if confine is not None:
+        confine()
     serving = asyncio.create_task(server.serve_forever())
     stopping = asyncio.create_task(stop.wait())
     await asyncio.wait({serving, stopping}, return_when=asyncio.FIRST_COMPLETED)
@@ -233,11 +237,23 @@ def cmd_vhost_user_net(args: argparse.Namespace) -> int:
         server = VhostUserServer(args.socket, backend, client=args.client,
                                  allow_unsealed_memory=args.allow_unsealed_memory)
         server.listen()  # bound while we may still write where the socket goes
+        if not args.no_seccomp:
+            from . import syscalls
+
+            syscalls.prepare()
         if args.user:  # set up: the rest needs only the TAP fd and the socket
+            user_errors()  # imported now: the new user may not read the interpreter's files
             sandbox.drop_privileges(args.user, parent_pid=args.parent_pid)
         log.info("vhost_user_net.start", mode="client" if args.client else "server")
+        confine = None
+        if not args.no_seccomp:
+            from . import syscalls
+
+            def confine() -> None:
+                syscalls.install_backend()
+                syscalls.run_self_test_if_asked("backend")
         try:
-            asyncio.run(_serve_until_signal(server))
+            asyncio.run(_serve_until_signal(server, confine))
         except VhostUserError as e:
             print(f"pymvm: error: {e}", file=sys.stderr)
             return EXIT_USAGE
@@ -303,6 +319,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="boot a VM from a TOML file, in the foreground")
     run.add_argument("config")
+    run.add_argument("--no-seccomp", action="store_true",
+                     help="run the VMM and its built-in back-ends without their seccomp "
+                          "allowlists (docs/seccomp.md)")
     run.add_argument("--backend-user", default="nobody", metavar="USER",
                      help="user the built-in vhost-user back-ends run as once set up "
                           "(default nobody; '' keeps them root)")
@@ -368,6 +387,8 @@ def build_parser() -> argparse.ArgumentParser:
     vun.add_argument("--tap", required=True, metavar="NAME", help="TAP to create or attach to")
     vun.add_argument("--client", action="store_true",
                      help="connect to a front-end listening on --socket instead of listening")
+    vun.add_argument("--no-seccomp", action="store_true",
+                     help="serve without the back-end's seccomp allowlist (docs/seccomp.md)")
     vun.add_argument("--parent-pid", type=int, metavar="PID",
                      help="exit when process PID (the VMM that started us) dies")
     vun.add_argument("--user", metavar="USER",
@@ -418,7 +439,8 @@ def user_errors() -> tuple[type[BaseException], ...]:
                       ("pymvm.nested", "NestedHostError"),
                       ("pymvm.images.disk", "DiskImageError"),
                       ("pymvm.vhost.user.errors", "VhostUserError"),
-                      ("pymvm.sandbox", "SandboxError")):
+                      ("pymvm.sandbox", "SandboxError"),
+                      ("pymvm.syscalls", "SeccompError")):
         try:
             errors.append(getattr(__import__(mod, fromlist=[name]), name))
         except (ImportError, AttributeError):

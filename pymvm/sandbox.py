@@ -40,6 +40,9 @@ class Settings:
 
     #: User the built-in back-ends drop to once set up; None keeps them as they started.
     backend_user: str | None = None
+    #: seccomp allowlists for the VMM and the back-ends it starts (``pymvm run`` turns them
+    #: on unless --no-seccomp; off for library use, such as the tests' in-process VMs).
+    seccomp: bool = False
 
 
 settings = Settings()

@@ -371,3 +371,33 @@ def test_builtin_backend_drops_to_an_unprivileged_user_with_no_capabilities_and_
         idx = ipr.link_lookup(ifname=tap)
         if idx:  # a non-persistent TAP goes with the back-end's fd
             ipr.link("del", index=idx[0])
+
+
+# ---------------------------------------------------------------------------------------------
+# seccomp: the built-in back-end's allowlist
+
+
+@pytest.mark.skipif(not __import__("pymvm.syscalls", fromlist=["available"]).available(),
+                    reason="libseccomp's Python binding is missing: apt-get install python3-seccomp")
+def test_forbidden_syscall_kills_the_filtered_backend_and_the_log_names_it(tmp_path: Path) -> None:
+    import json
+    import uuid
+
+    path, tap = str(tmp_path / "vu.sock"), f"pvsc{uuid.uuid4().hex[:6]}"
+    done = subprocess.run([sys.executable, "-m", "pymvm.cli", "vhost-user", "net", "--socket", path,
+                           "--tap", tap, "--user", "nobody"], cwd=REPO, capture_output=True,
+                          timeout=60, env={**os.environ, "PYMVM_SECCOMP_SELF_TEST": "backend"})
+    assert done.returncode == -signal.SIGSYS, done.stderr.decode()[-3000:]
+    logs = [json.loads(line) for line in done.stderr.decode().splitlines() if line.startswith("{")]
+    assert any(e["event"] == "seccomp_installed" and e["process"] == "vhost-user-backend" for e in logs)
+    (violation,) = [e for e in logs if e["event"] == "seccomp_violation"]
+    assert violation["syscall"] == "reboot" and violation["process"] == "vhost-user-backend"
+
+
+def test_seccomp_doc_lists_every_allowed_syscall_with_its_reason() -> None:
+    from pymvm import syscalls
+
+    doc = (REPO / "docs" / "seccomp.md").read_text()
+    for allow in (syscalls.PYTHON_RUNTIME, syscalls.BACKEND, syscalls.VMM):
+        for name, why in allow.items():
+            assert f"| `{name}` | {why} |" in doc, f"docs/seccomp.md lacks {name}: regenerate its tables"

@@ -850,6 +850,8 @@ class BuiltinNetBackendProcess:
 
         if settings.backend_user and os.geteuid() == 0:  # no root, no capabilities once set up
             argv += ["--user", settings.backend_user]
+        if not settings.seccomp:
+            argv.append("--no-seccomp")
         if netns is not None:
             argv = ["ip", "netns", "exec", netns, *argv]
         self.process = subprocess.Popen(argv, stdin=subprocess.DEVNULL,
