@@ -17,6 +17,7 @@ network, then the plumbing.
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -33,6 +34,9 @@ if TYPE_CHECKING:
     from .virtio.mmio import VirtioMmioTransport
 
 log = structlog.get_logger()
+
+#: How long a swap waits for a new vhost-user back-end to answer (client) or connect (server).
+SWAP_CONNECT_TIMEOUT = 10.0
 
 
 class DeviceManagerError(Exception):
@@ -114,6 +118,7 @@ class MmioDevice:
     plumbing: OwnedPart = field(default_factory=OwnedPart)
     info: dict[str, Any] = field(default_factory=dict)  # kind-specific facts for the API
     cmdline_extra: list[str] = field(default_factory=list)
+    config: Any = None  # the device's config entry (a NetConfig...), for a back-end swap
 
     @property
     def mmio_base(self) -> int:
@@ -254,7 +259,11 @@ class DeviceManager:
         try:
             self._net_backend(record, index, net)
             mac = bytes(int(part, 16) for part in net.mac.split(":"))
-            device = VirtioNetDevice(mac, net.mtu, record.backend.obj)
+            from .virtio.net import PASSTHROUGH_FEATURES, SWAPPABLE_FEATURES
+
+            mask = SWAPPABLE_FEATURES if getattr(net, "swappable", False) else PASSTHROUGH_FEATURES
+            device = VirtioNetDevice(mac, net.mtu, record.backend.obj, features_mask=mask)
+            record.config = net
             self.attach_transport(record, device)
             if net.ip is not None:
                 from ..images.initramfs import encode_net
@@ -288,7 +297,7 @@ class DeviceManager:
             backend.features()  # opens /dev/vhost-net now: a missing module is a build error
             return
         if net.backend in ("vhost-user", "builtin"):
-            from ..vhost.user.frontend import BuiltinNetBackendProcess, VhostUserNetBackend
+            from ..vhost.user.frontend import VhostUserNetBackend
 
             # The back-end maps guest RAM through its fd: it must be memfd/hugetlbfs shared.
             assert self.machine.memory is not None
@@ -296,20 +305,123 @@ class DeviceManager:
             if net.backend == "vhost-user":
                 assert net.socket is not None  # the config requires it
                 socket_path, mode = str(net.socket), net.socket_mode
+                backend = VhostUserNetBackend(socket_path, mode)
+                record.backend.stack.callback(backend.close)
             else:
-                process = BuiltinNetBackendProcess.start(net.tap, mtu=net.mtu, bridge=net.bridge,
-                                                         netns=net.netns, host_ip=host_ip)
-                record.host.obj = process
-                record.host.stack.callback(process.close)
-                info["tap"] = process.host_network.tap.name
-                socket_path, mode = process.socket_path, "client"
+                # The VMM owns the TAP whatever the back-end; the child gets its fd.
+                tap = self._host_tap(record, net)
+                backend, socket_path = self._builtin_backend(record.backend.stack, tap)
             info["socket"] = socket_path
-            backend = VhostUserNetBackend(socket_path, mode)
             record.backend.obj = backend
-            record.backend.stack.callback(backend.close)
             return
         raise DeviceManagerError(f"net[{index}].backend = {net.backend!r} is not available in "
                                  "this build; use backend = \"vhost-net\"")
+
+    def _host_tap(self, record: MmioDevice, net: NetConfig) -> Any:
+        """The TAP of the device's host network, made now if it has none (a NIC that
+        started on an external vhost-user back-end)."""
+        from ..net.host import HostNetwork
+
+        if record.host.obj is None:
+            host_ip = str(net.host_ip) if net.host_ip is not None else None
+            hostnet = HostNetwork.create(net.tap, mtu=net.mtu, bridge=net.bridge,
+                                         netns=net.netns, host_address=host_ip)
+            record.host.obj = hostnet
+            record.host.stack.callback(hostnet.close)
+            record.info["tap"] = hostnet.tap.name
+        return record.host.obj.tap
+
+    @staticmethod
+    def _builtin_backend(stack: contextlib.ExitStack, tap: Any,
+                         connect_timeout: float | None = None) -> tuple[Any, str]:
+        """pymvm's built-in back-end on ``tap`` (its fd inherited) and a front-end connected
+        to it; both closed by ``stack`` (front-end first)."""
+        from ..vhost.backends.process import BuiltinNetBackendOnTap
+        from ..vhost.user.frontend import DEFAULT_CONNECT_TIMEOUT, VhostUserNetBackend
+
+        process = BuiltinNetBackendOnTap.start(tap.fd, tap.name)
+        stack.callback(process.close)
+        backend = VhostUserNetBackend(process.socket_path, "client",
+                                      connect_timeout=connect_timeout or DEFAULT_CONNECT_TIMEOUT)
+        stack.callback(backend.close)
+        backend.process = process  # type: ignore[attr-defined]  # for the API and tests
+        return backend, process.socket_path
+
+    # ---- swapping a NIC's back-end -------------------------------------------------------------
+    def swap_net_backend(self, device_id: str, backend: str, socket: str | None = None,
+                         socket_mode: str = "client", *,
+                         connect_timeout: float = SWAP_CONNECT_TIMEOUT) -> dict[str, Any]:
+        """Move NIC ``device_id``'s data plane to a new back-end while the guest runs (issue 10):
+        ``backend`` is "vhost-net", "builtin" (a fresh pymvm back-end process) or "vhost-user"
+        (at ``socket``, dialled as ``socket_mode`` "client" or awaited as "server"). The TAP
+        stays the VMM's; the rings move over at their positions (pymvm.devices.swap).
+
+        Raises SwapRefused (nothing touched) or SwapFailed (the old back-end serves again)."""
+        from .swap import SwapFailed, SwapRefused, hand_over
+
+        record = self.get(device_id)
+        if record.kind != "net" or record.transport is None:
+            raise SwapRefused(f"device {device_id!r} is not a network device")
+        net = record.config
+        if backend not in ("vhost-net", "builtin", "vhost-user"):
+            raise SwapRefused(f"back-end {backend!r} is unknown; use vhost-net, builtin or "
+                              "vhost-user")
+        if backend == "vhost-user" and not socket:
+            raise SwapRefused("a vhost-user back-end needs \"socket\": the path of its socket")
+        if socket_mode not in ("client", "server"):
+            raise SwapRefused(f"socket_mode {socket_mode!r} is unknown; use client or server")
+        from ..net.errors import NetError
+        from ..vhost.errors import VhostError
+        from ..vhost.user.errors import VhostUserError
+
+        new_part = OwnedPart()
+        try:
+            try:
+                if backend == "vhost-net":
+                    from ..vhost.kernel import VhostNetBackend
+
+                    tap = self._host_tap(record, net)
+                    new = VhostNetBackend(tap)
+                    new_part.stack.callback(new.close)
+                    new.features()  # opens /dev/vhost-net: a missing module fails here
+                    socket_path = None
+                elif backend == "builtin":
+                    tap = self._host_tap(record, net)
+                    new, socket_path = self._builtin_backend(new_part.stack, tap, connect_timeout)
+                else:
+                    from ..vhost.user.frontend import VhostUserNetBackend
+
+                    assert socket is not None
+                    if socket_mode == "client" and not os.path.exists(socket):
+                        raise SwapFailed(f"no vhost-user back-end socket at {socket}; start the "
+                                         "back-end first")
+                    new = VhostUserNetBackend(socket, socket_mode,  # type: ignore[arg-type]
+                                              connect_timeout=connect_timeout)
+                    new_part.stack.callback(new.close)
+                    socket_path = socket
+            except (VhostError, VhostUserError, NetError, OSError) as e:
+                raise SwapFailed(f"the new {backend} back-end could not be set up: {e}; the old "
+                                 "back-end keeps serving") from None
+            new_part.obj = new
+            transport = record.transport
+            hand_over(record.device, new, acked=transport.acked_features, lock=transport.lock,
+                      on_old_lost=transport.signal_needs_reset)
+        except BaseException:
+            new_part.close()
+            raise
+        old_part, record.backend = record.backend, new_part
+        old_kind = record.info.get("backend")
+        record.info.update(backend=backend, socket=socket_path)
+        try:
+            old_part.close()
+        except Exception as e:  # the swap is done; a leftover is only logged
+            log.warning("swap_old_backend_close_failed", device=device_id, error=str(e))
+        announce = getattr(new, "announce", None)
+        if announce is not None and backend == "vhost-user":
+            announce(record.device.mac)  # an external switch learns the MAC on its new port
+        log.info("net_backend_swap_done", device=device_id, old=old_kind, new=backend,
+                 socket=socket_path)
+        return dict(record.info)
 
     def add_vsock(self, vsock: VsockConfig, device_id: str = "vsock0") -> MmioDevice:
         """A virtio-vsock device for guest CID ``vsock.cid``: rx/tx on /dev/vhost-vsock, the

@@ -19,6 +19,7 @@ import structlog
 
 from pymvm.vhost._vhost_cffi import ffi, lib
 from pymvm.vhost.errors import VhostError, VhostIoctlError
+from pymvm.vhost.queue_state import RingPosition, used_idx_at
 
 if TYPE_CHECKING:
     from pymvm.devices.virtio.device import ActivationContext
@@ -592,6 +593,8 @@ class VhostNetBackend:
         self._tap = tap
         self._vhost = vhost or VhostNet()
         self._log = log.bind(device="vhost-net", tap=tap.name)
+        self._used_rings: dict[int, int] = {}  # queue index -> host address of its used ring
+        self._regions: tuple[Any, ...] = ()
 
     @property
     def vhost(self) -> VhostNet:
@@ -600,7 +603,19 @@ class VhostNetBackend:
     def features(self) -> int:
         return offered_features(self._vhost.features())
 
+    @property
+    def active(self) -> bool:
+        return self._vhost.active
+
     def activate(self, ctx: ActivationContext, mem_regions: Sequence[Any]) -> None:
+        """Hand the rings to the kernel from their start (a driver's DRIVER_OK)."""
+        self.start(ctx, mem_regions)
+
+    def start(self, ctx: ActivationContext, mem_regions: Sequence[Any],
+              positions: Mapping[int, RingPosition] | None = None) -> None:
+        """Hand the rings to the kernel, each resuming at ``positions[queue].next_avail``
+        (VHOST_SET_VRING_BASE; 0 for a queue not given). The kernel reads the used idx from
+        the guest's used ring itself."""
         if not ctx.kick_fds or not ctx.call_fds:
             raise VhostError(
                 "vhost-net needs a kick and a call eventfd per queue: the transport must "
@@ -610,13 +625,29 @@ class VhostNetBackend:
         # The TAP must frame packets exactly as vhost-net expects and the guest negotiated.
         self._tap.set_vnet_hdr_size(vnet_hdr_size(acked))
         self._tap.set_offload(acked)
+        bases = {q: pos.next_avail for q, pos in (positions or {}).items()}
         self._vhost.activate(
-            acked, mem_regions, ctx.queues, ctx.kick_fds, ctx.call_fds, self._tap.fd
+            acked, mem_regions, ctx.queues, ctx.kick_fds, ctx.call_fds, self._tap.fd,
+            vring_bases=bases,
         )
+        event_idx = bool(acked & VIRTIO_RING_F_EVENT_IDX)
+        self._used_rings = {q.index: vring_host_addrs(mem_regions, q, event_idx).used
+                            for q in ctx.queues}
+        self._regions = tuple(mem_regions)
+
+    def stop(self) -> dict[int, RingPosition]:
+        """Detach the rings; returns each queue's position: the next available entry
+        (VHOST_GET_VRING_BASE) and the used ring's idx read from guest memory."""
+        bases = self._vhost.deactivate()
+        positions = {q: RingPosition(base, used_idx_at(self._regions, self._used_rings[q]))
+                     for q, base in bases.items() if q in self._used_rings}
+        self._used_rings = {}
+        return positions
 
     def reset(self) -> None:
         """Device reset: detach the rings; a reset device restarts them at index 0."""
         self._vhost.deactivate()
+        self._used_rings = {}
 
     def close(self) -> None:
         self._vhost.close()

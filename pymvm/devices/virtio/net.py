@@ -46,6 +46,16 @@ PASSTHROUGH_FEATURES = c.feature_mask(
     c.VIRTIO_RING_F_INDIRECT_DESC,
 )
 
+# What every back-end kind a NIC may be swapped to implements (``swappable = true``): the
+# ring layout features. The offloads are left out: DPDK's vhost PMD drops the TSO bits unless
+# started with tso=1, and OVS-DPDK offers no checksum or segmentation offload without
+# userspace-tso-enable; vhost-net and the built-in back-end have them all (docs/config.md).
+SWAPPABLE_FEATURES = c.feature_mask(
+    c.VIRTIO_NET_F_MRG_RXBUF,
+    c.VIRTIO_RING_F_EVENT_IDX,
+    c.VIRTIO_RING_F_INDIRECT_DESC,
+)
+
 
 class NetBackend(Protocol):
     """The data plane of a virtio-net device (vhost-net, vhost-user)."""
@@ -77,7 +87,8 @@ class VirtioNetDevice(VirtioDevice):
     device_type = c.VIRTIO_ID_NET
 
     def __init__(
-        self, mac: bytes, mtu: int | None, backend: NetBackend, queue_pairs: int = 1
+        self, mac: bytes, mtu: int | None, backend: NetBackend, queue_pairs: int = 1,
+        features_mask: int = PASSTHROUGH_FEATURES,
     ) -> None:
         self.mac = _check_mac(mac)
         if mtu is not None and not MTU_MIN <= mtu <= MTU_MAX:
@@ -93,13 +104,18 @@ class VirtioNetDevice(VirtioDevice):
         self.queue_max_sizes = (QUEUE_MAX_SIZE,) * (2 * queue_pairs)
         self.link_up = True
         self.active = False
+        #: The back-end bits the guest may be offered (SWAPPABLE_FEATURES for a swappable NIC).
+        self.features_mask = features_mask & PASSTHROUGH_FEATURES
+        #: What the rings were handed over with at DRIVER_OK (None while the driver is not up):
+        #: a back-end swap starts the next back-end with the same context.
+        self.activation: ActivationContext | None = None
         self._log = log.bind(device="virtio-net", mac=self.mac.hex(":"))
 
     def avail_features(self) -> int:
         own = c.feature_mask(c.VIRTIO_F_VERSION_1, c.VIRTIO_NET_F_MAC, c.VIRTIO_NET_F_STATUS)
         if self.mtu is not None:
             own |= 1 << c.VIRTIO_NET_F_MTU
-        return own | (self.backend.features() & PASSTHROUGH_FEATURES)
+        return own | (self.backend.features() & self.features_mask)
 
     def config_bytes(self) -> bytes:
         # struct virtio_net_config up to mtu; the driver reads it little-endian (VERSION_1).
@@ -121,8 +137,10 @@ class VirtioNetDevice(VirtioDevice):
             )
         self.backend.activate(ctx, ctx.mem_regions)
         self.active = True
+        self.activation = ctx
         self._log.info("virtio-net activated", features=hex(ctx.acked_features))
 
     def reset(self) -> None:
         self.active = False
+        self.activation = None
         self.backend.reset()

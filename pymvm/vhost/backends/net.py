@@ -303,11 +303,14 @@ class NetBackend(VhostUserDevice):
         self.stats["rx_packets"] += 1
 
     def _return_held(self, queue: VirtQueue | None) -> None:
-        """Give back the buffers held for packets that never came (used length 0)."""
+        """Give back the buffers held for packets that never came, uncompleted: they are the
+        last ones popped, in ring order, so the ring's next available entry moves back over
+        them (GET_VRING_BASE then reports a position before them and the next back-end
+        takes them again). Completing them with length 0 instead would count as receive
+        errors in the guest."""
         if queue is not None and self._rx_used:
-            entries = self._rx_used.copy()
-            entries[1::2] = [0] * (len(entries) // 2)
-            queue.add_used_batch(entries)
+            chains = len(self._rx_used) // 2
+            queue.set_last_avail(queue.last_avail_idx - chains)
         self._rx_views.clear()
         self._rx_used.clear()
         self._rx_nsegs.clear()
