@@ -475,7 +475,53 @@ def make_selftest():
 
 
 def make_api():
-    return None  # replaced below once the control API (pymvm.api) has a request handler
+    try:
+        import pymvm.api  # noqa: F401
+    except ImportError:
+        return None  # the control API is not in this tree
+    import asyncio
+    import warnings
+
+    import atheris
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from pymvm.api.server import ApiServer
+    from tests.unit.test_api import Vm
+
+    warnings.simplefilter("ignore")
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    server = ApiServer(Vm().controller, "/nonexistent/unused.sock")
+    client = TestClient(TestServer(server.app()), loop=loop)
+    loop.run_until_complete(client.start_server())
+    methods = ["GET", "PUT", "PATCH", "POST", "DELETE", "HEAD", "OPTIONS"]
+    paths = ["/vm", "/vm/state", "/vm/actions", "/vm/devices", "/vm/net/net0", "/vm/net/",
+             "/metrics", "/openapi.json", "/"]
+    bodies = [b'{"state": "paused"}', b'{"state": "running"}', b'{"action": "stop"}',
+              b'{"action": "shutdown"}', b'{"link": "down"}', b'{"link": "up"}']
+
+    async def one(data: bytes) -> None:
+        fdp = atheris.FuzzedDataProvider(data)
+        server.controller = Vm().controller  # a fresh VM: a stop must not end the fuzzing
+        for _ in range(fdp.ConsumeIntInRange(1, 4)):
+            method = fdp.PickValueInList(methods)
+            path = fdp.PickValueInList(paths)
+            if fdp.ConsumeIntInRange(0, 3) == 0:
+                path += fdp.ConsumeUnicodeNoSurrogates(16).replace("?", "%3F").replace("#", "")
+            body = fdp.PickValueInList(bodies) if fdp.ConsumeBool() else fdp.ConsumeBytes(
+                fdp.ConsumeIntInRange(0, 300))
+            try:
+                resp = await client.request(method, path, data=body)
+            except ValueError:
+                continue  # a path aiohttp's client will not send
+            await resp.read()
+            if resp.status >= 500:
+                raise FuzzCrash(f"{method} {path!r} with {body[:80]!r}: status {resp.status}")
+
+    def one_input(data: bytes) -> None:
+        loop.run_until_complete(one(data))
+
+    return one_input
 
 
 # ---------------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 FUZZ = REPO / "bench" / "fuzz.py"
 EXPECTED = ("vhost_user_decoder", "backend_session", "frontend_session_client",
-            "frontend_session_server", "virtqueue", "virtio_mmio", "config")
+            "frontend_session_server", "virtqueue", "virtio_mmio", "config", "api")
 
 
 def results(stdout: str) -> dict[str, float]:
