@@ -152,6 +152,18 @@ def cmd_api_net(args: argparse.Namespace) -> int:
     return _api_call(args, "PATCH", path, {"link": args.link}, describe_net)
 
 
+def cmd_exec(args: argparse.Namespace) -> int:
+    from .testing.exec import ExecError, exec_in_vm
+
+    command = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
+    try:
+        return exec_in_vm(args.sock, command, timeout=args.timeout, port=args.port,
+                          stdin=args.stdin)
+    except ExecError as e:
+        print(f"pymvm: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+
+
 def cmd_build_kernel(args: argparse.Namespace) -> int:
     from .images.kernel import build_kernel
 
@@ -226,10 +238,27 @@ def cmd_vhost_user_net(args: argparse.Namespace) -> int:
     if args.parent_pid is not None:
         sandbox.exit_with_parent(args.parent_pid)
 
-    with Tap.open(args.tap) as tap:
+    if args.tap_fd is not None:
+        # The VMM owns the TAP (and brought it up): serve the fd it passed us.
+        import os
+
         try:
-            with IPRoute() as ipr:
-                ipr.link("set", index=ipr.link_lookup(ifname=tap.name)[0], state="up")
+            os.fstat(args.tap_fd)
+        except OSError as e:
+            print(f"pymvm: error: --tap-fd {args.tap_fd} is not an open fd ({e.strerror}); "
+                  "pass a TAP fd this process inherited", file=sys.stderr)
+            return EXIT_USAGE
+        tap_cm = Tap(args.tap_fd, args.tap or f"fd{args.tap_fd}")
+    elif args.tap is None:
+        print("pymvm: error: give --tap NAME or --tap-fd N", file=sys.stderr)
+        return EXIT_USAGE
+    else:
+        tap_cm = Tap.open(args.tap)
+    with tap_cm as tap:
+        try:
+            if args.tap_fd is None:
+                with IPRoute() as ipr:
+                    ipr.link("set", index=ipr.link_lookup(ifname=tap.name)[0], state="up")
         except (NetlinkError, IndexError) as e:
             print(f"pymvm: error: cannot bring TAP {tap.name} up: {e}", file=sys.stderr)
             return EXIT_USAGE
@@ -346,6 +375,16 @@ def build_parser() -> argparse.ArgumentParser:
     net.add_argument("--json", action="store_true", help="print the API's JSON answer")
     net.set_defaults(func=cmd_api_net)
 
+    ex = sub.add_parser("exec", help="run a command in a running VM through its guest agent "
+                                      "(vsock); exits with the command's status")
+    ex.add_argument("sock", metavar="SOCK", help="the VM's API socket (--api-sock)")
+    ex.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
+                    help="kill the command (its process group) after this long; exit 124")
+    ex.add_argument("--port", type=int, default=None, help="the agent's vsock port (default 1024)")
+    ex.add_argument("-i", "--stdin", action="store_true", help="send this stdin to the command")
+    ex.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD [ARG...]")
+    ex.set_defaults(func=cmd_exec)
+
     cl = sub.add_parser("cleanup", help="remove TAPs, bridges, back-ends and sockets left by "
                                         "VMMs that were killed (state in $PYMVM_STATE_DIR or /run/pymvm)")
     cl.set_defaults(func=cmd_cleanup)
@@ -384,7 +423,10 @@ def build_parser() -> argparse.ArgumentParser:
     vu_sub = vu.add_subparsers(dest="backend", required=True)
     vun = vu_sub.add_parser("net", help="vhost-user net back-end forwarding to a TAP")
     vun.add_argument("--socket", required=True, metavar="PATH", help="vhost-user UNIX socket")
-    vun.add_argument("--tap", required=True, metavar="NAME", help="TAP to create or attach to")
+    vun.add_argument("--tap", metavar="NAME", help="TAP to create or attach to")
+    vun.add_argument("--tap-fd", type=int, metavar="N",
+                     help="serve the TAP behind inherited fd N (the VMM's) instead of opening "
+                          "--tap by name; --tap then only names it in logs")
     vun.add_argument("--client", action="store_true",
                      help="connect to a front-end listening on --socket instead of listening")
     vun.add_argument("--no-seccomp", action="store_true",
