@@ -185,9 +185,11 @@ async def request_with_fds(fe, msg: m.Request) -> m.Message:
 
 
 def serve_blk(tmp_path: Path, image: Path, body, *, read_only: bool = False,
+              inline_nowait: bool = True,
               serial: str = "pymvm-test") -> BlkBackend:
     fd = os.open(image, os.O_RDONLY if read_only else os.O_RDWR)
-    device = BlkBackend(fd, image.stat().st_size, read_only=read_only, serial=serial, workers=4)
+    device = BlkBackend(fd, image.stat().st_size, read_only=read_only, serial=serial, workers=4,
+                        inline_nowait=inline_nowait)
     try:
         run_server(tmp_path, device, body)
     finally:
@@ -322,21 +324,26 @@ def test_read_only_disk_refuses_writes_and_offers_ro(tmp_path: Path, image: Path
     assert image.read_bytes() == before
 
 
-def test_requests_run_in_worker_threads_several_at_once(tmp_path: Path, image: Path,
-                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    """Four reads are all in pread at the same time: the loop did not wait for any of them."""
+def test_reads_that_would_block_run_in_worker_threads_several_at_once(
+        tmp_path: Path, image: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The loop's RWF_NOWAIT attempt says EAGAIN (data not cached): four reads then sit in
+    pread in four workers at the same time; the loop waited for none of them."""
     ram = GuestRam()
     drv = BlkDriver(ram)
     barrier = threading.Barrier(4, timeout=5)
     threads: set[str] = set()
     real_preadv = os.preadv
+    tries: list[str] = []
 
-    def slow_preadv(fd, views, offset):
+    def preadv(fd, views, offset, flags=0):
+        if flags & os.RWF_NOWAIT:
+            tries.append(threading.current_thread().name)
+            raise BlockingIOError(11, "would block")
         threads.add(threading.current_thread().name)
         barrier.wait()  # breaks (and fails the reads) unless 4 run at once
         return real_preadv(fd, views, offset)
 
-    monkeypatch.setattr(os, "preadv", slow_preadv)
+    monkeypatch.setattr(os, "preadv", preadv)
 
     async def body(server, connect) -> None:
         fe = await connect()
@@ -350,10 +357,39 @@ def test_requests_run_in_worker_threads_several_at_once(tmp_path: Path, image: P
             os.close(fd)
 
     try:
-        serve_blk(tmp_path, image, body)
+        device = serve_blk(tmp_path, image, body)
     finally:
         ram.close()
     assert len(threads) == 4 and all(t.startswith("blk-io") for t in threads)
+    assert len(tries) == 4 and not any(t.startswith("blk-io") for t in tries)  # on the loop
+    assert device.stats["inline"] == 0
+
+
+def test_cached_reads_and_writes_complete_on_the_loop_without_a_worker(
+        tmp_path: Path, image: Path) -> None:
+    ram = GuestRam()
+    drv = BlkDriver(ram)
+
+    async def body(server, connect) -> None:
+        fe = await connect()
+        await negotiate(fe)
+        kick, call = await start_queue0(fe, ram)
+        s0 = drv.submit(b.VIRTIO_BLK_T_IN, 2, in_len=512, slot=0)
+        s1 = drv.submit(b.VIRTIO_BLK_T_OUT, 3, out=b"Z" * 512, slot=1)
+        os.eventfd_write(kick, 1)
+        await until(lambda: ram.used_idx() == 2)
+        assert ram.map[s0] == ram.map[s1] == b.VIRTIO_BLK_S_OK
+        assert drv.data(0, 512) == bytes(range(256)) * 2
+        for fd in (kick, call):
+            os.close(fd)
+
+    image.read_bytes()  # in the page cache
+    try:
+        device = serve_blk(tmp_path, image, body)
+    finally:
+        ram.close()
+    assert device.stats["inline"] >= 1  # tmpfs and ext4 serve cached reads with RWF_NOWAIT
+    assert image.read_bytes()[3 * 512 : 4 * 512] == b"Z" * 512
 
 
 def test_get_config_answers_capacity_and_limits(tmp_path: Path, image: Path) -> None:
