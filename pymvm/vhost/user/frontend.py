@@ -45,7 +45,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal
 
 import structlog
 
@@ -59,6 +59,7 @@ from pymvm.vhost.kernel import (
     VringHostAddrs,
     vring_host_addrs,
 )
+from pymvm.vhost.queue_state import RingPosition
 from pymvm.vhost.user import messages as m
 from pymvm.vhost.user.errors import VhostUserError, VhostUserRequestFailed
 from pymvm.vhost.user.messages import PROTOCOL_FEATURES_FLAG
@@ -91,14 +92,6 @@ _CLOSE_JOIN_TIMEOUT = 5.0
 
 class VhostUserFrontendError(VhostUserError):
     """The vhost-user back-end could not be reached, or refused to set up the device."""
-
-
-class RingPosition(NamedTuple):
-    """Where a split ring stands: the next available entry the device will take, and the
-    used ring's idx (what the device has returned)."""
-
-    next_avail: int
-    used_idx: int
 
 
 @dataclass
