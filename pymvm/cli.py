@@ -142,11 +142,26 @@ def cmd_api_action(args: argparse.Namespace) -> int:
 
 
 def cmd_api_net(args: argparse.Namespace) -> int:
+    import os
     from urllib.parse import quote
 
     from .api.client import describe_net
 
     path = f"/vm/net/{quote(args.id, safe='')}"
+    if args.backend is not None:
+        if args.link is not None:
+            print("pymvm: error: give --link or --backend, not both", file=sys.stderr)
+            return EXIT_USAGE
+        body: dict[str, str] = {"backend": args.backend}
+        if args.socket is not None:
+            body["socket"] = os.path.abspath(args.socket)
+        if args.socket_mode is not None:
+            body["socket_mode"] = args.socket_mode
+        return _api_call(args, "PUT", f"{path}/backend", body, describe_net)
+    if args.socket is not None or args.socket_mode is not None:
+        print("pymvm: error: --socket and --socket-mode go with --backend vhost-user",
+              file=sys.stderr)
+        return EXIT_USAGE
     if args.link is None:
         return _api_call(args, "GET", path, None, describe_net)
     return _api_call(args, "PATCH", path, {"link": args.link}, describe_net)
@@ -372,6 +387,12 @@ def build_parser() -> argparse.ArgumentParser:
     net.add_argument("sock", metavar="SOCK", help="the VM's API socket (--api-sock)")
     net.add_argument("id", metavar="ID", help="the NIC's id ([[net]] id)")
     net.add_argument("--link", choices=["up", "down"], default=None)
+    net.add_argument("--backend", choices=["vhost-net", "builtin", "vhost-user"], default=None,
+                     help="move the NIC's data plane to this back-end while the guest runs "
+                          "(builtin: a fresh pymvm back-end process)")
+    net.add_argument("--socket", metavar="PATH", help="the vhost-user back-end's socket")
+    net.add_argument("--socket-mode", choices=["client", "server"], default=None,
+                     help="client (default): connect to it; server: listen there for it")
     net.add_argument("--json", action="store_true", help="print the API's JSON answer")
     net.set_defaults(func=cmd_api_net)
 

@@ -48,6 +48,7 @@ class VmmAction(enum.Enum):
     GET_DEVICES = "get-devices"
     GET_NET = "get-net"
     PATCH_NET = "patch-net"
+    SWAP_NET = "swap-net"
     METRICS = "metrics"
 
 
@@ -94,6 +95,35 @@ def _object_body(body: Any, fields: Mapping[str, tuple[str, ...]], example: str)
     return out
 
 
+_SWAP_EXAMPLE = '{"backend": "vhost-user", "socket": "/run/ovs/vm1.sock", "socket_mode": "server"}'
+
+
+def _swap_body(body: Any) -> tuple[str, str | None, str]:
+    """``{"backend": ..., "socket": ..., "socket_mode": ...}`` of PUT /vm/net/{id}/backend."""
+    if not isinstance(body, dict):
+        raise BadRequest(f"the body must be a JSON object such as {_SWAP_EXAMPLE}")
+    unknown = sorted(set(body) - {"backend", "socket", "socket_mode"})
+    if unknown:
+        raise BadRequest(f"unknown field {unknown[0]!r}; send backend, socket and socket_mode "
+                         f"(e.g. {_SWAP_EXAMPLE})")
+    backend = body.get("backend")
+    if backend not in ("vhost-net", "builtin", "vhost-user"):
+        raise BadRequest('field "backend" must be "vhost-net", "builtin" or "vhost-user", got '
+                         f"{_show(backend)}")
+    socket = body.get("socket")
+    mode = body.get("socket_mode", "client")
+    if mode not in ("client", "server"):
+        raise BadRequest(f'field "socket_mode" must be "client" or "server", got {_show(mode)}')
+    if backend == "vhost-user":
+        if not isinstance(socket, str) or not socket.startswith("/") or "\0" in socket:
+            raise BadRequest('a vhost-user back-end needs "socket": the absolute path of its '
+                             f"UNIX socket, got {_show(socket)}")
+    elif socket is not None or "socket_mode" in body:
+        raise BadRequest(f'"socket" and "socket_mode" are only for backend "vhost-user"; '
+                         f"{backend} takes neither")
+    return backend, socket, mode
+
+
 def _show(value: Any) -> str:
     import json
 
@@ -118,6 +148,7 @@ class Controller:
             VmmAction.GET_DEVICES: self._get_devices,
             VmmAction.GET_NET: self._get_net,
             VmmAction.PATCH_NET: self._patch_net,
+            VmmAction.SWAP_NET: self._swap_net,
             VmmAction.METRICS: self._metrics,
         }
 
@@ -242,6 +273,28 @@ class Controller:
 
         await asyncio.get_running_loop().run_in_executor(None, set_link)
         log.info("api_link_changed", device=d.id, link=link)
+        return self._device_info(d)
+
+    async def _swap_net(self, request: ApiRequest) -> dict[str, Any]:
+        """Move the NIC's data plane to another back-end while the guest runs (issue 10)."""
+        from ..devices.swap import SwapError
+
+        d = self.net_device(request.device_id)
+        backend, socket, mode = _swap_body(request.body)
+        if self.vm.machine.state not in (MachineState.CREATED, MachineState.RUNNING,
+                                         MachineState.PAUSED):
+            raise Conflict(f"the VM is {API_STATES[self.vm.machine.state]}: its back-ends are "
+                           "going")
+        assert self.vm.devices is not None
+
+        def swap() -> None:
+            self.vm.devices.swap_net_backend(d.id, backend, socket, mode)  # type: ignore[union-attr]
+
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, swap)
+        except SwapError as e:
+            raise Conflict(str(e)) from None
+        log.info("api_backend_swapped", device=d.id, backend=backend, socket=socket)
         return self._device_info(d)
 
     # ---- metrics -------------------------------------------------------------------------------

@@ -147,6 +147,7 @@ class ApiServer:
         r.add_get("/vm/devices", self._simple(VmmAction.GET_DEVICES), allow_head=False)
         r.add_get("/vm/net/{id}", self._net_get, allow_head=False)
         r.add_patch("/vm/net/{id}", self._net_patch)
+        r.add_put("/vm/net/{id}/backend", self._net_swap)
         r.add_get("/metrics", self._metrics, allow_head=False)
         r.add_get("/openapi.json", self._openapi_doc, allow_head=False)
         return app
@@ -172,6 +173,13 @@ class ApiServer:
         self.controller.net_device(device_id)
         body = await _read_json(request)
         req = ApiRequest(VmmAction.PATCH_NET, device_id=device_id, body=body)
+        return _json(await self.controller.dispatch(req))
+
+    async def _net_swap(self, request: web.Request) -> web.Response:
+        device_id = request.match_info["id"]
+        self.controller.net_device(device_id)  # an unknown device is 404 whatever the body
+        body = await _read_json(request)
+        req = ApiRequest(VmmAction.SWAP_NET, device_id=device_id, body=body)
         return _json(await self.controller.dispatch(req))
 
     async def _metrics(self, request: web.Request) -> web.Response:

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import stat
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -37,6 +39,8 @@ log = structlog.get_logger()
 
 #: How long a swap waits for a new vhost-user back-end to answer (client) or connect (server).
 SWAP_CONNECT_TIMEOUT = 10.0
+#: How long closing the VM waits for a swap under way (its own waits are bounded).
+SWAP_CLOSE_WAIT = 60.0
 
 
 class DeviceManagerError(Exception):
@@ -170,6 +174,9 @@ class DeviceManager:
         self.machine = machine
         self.allocator = allocator or SlotAllocator()
         self._devices: dict[str, MmioDevice] = {}
+        # One back-end swap at a time; close() waits for it, then refuses new ones.
+        self._swap_lock = threading.Lock()
+        self._closing = False
 
     # ---- registry ----------------------------------------------------------------------------
     def __iter__(self) -> Iterator[MmioDevice]:
@@ -357,12 +364,25 @@ class DeviceManager:
         stays the VMM's; the rings move over at their positions (pymvm.devices.swap).
 
         Raises SwapRefused (nothing touched) or SwapFailed (the old back-end serves again)."""
+        from .swap import SwapRefused
+
+        with self._swap_lock:
+            if self._closing:
+                raise SwapRefused("the VM is stopping: its devices are being closed")
+            return self._swap_net_backend(device_id, backend, socket, socket_mode,
+                                          connect_timeout)
+
+    def _swap_net_backend(self, device_id: str, backend: str, socket: str | None,
+                          socket_mode: str, connect_timeout: float) -> dict[str, Any]:
         from .swap import SwapFailed, SwapRefused, hand_over
 
         record = self.get(device_id)
         if record.kind != "net" or record.transport is None:
             raise SwapRefused(f"device {device_id!r} is not a network device")
         net = record.config
+        if backend in ("vhost-net", "builtin") and record.host.obj is None and net is None:
+            raise SwapRefused(f"device {device_id!r} has no host network to put a {backend} "
+                              "back-end on; use a vhost-user back-end")
         if backend not in ("vhost-net", "builtin", "vhost-user"):
             raise SwapRefused(f"back-end {backend!r} is unknown; use vhost-net, builtin or "
                               "vhost-user")
@@ -395,6 +415,9 @@ class DeviceManager:
                     if socket_mode == "client" and not os.path.exists(socket):
                         raise SwapFailed(f"no vhost-user back-end socket at {socket}; start the "
                                          "back-end first")
+                    if socket_mode == "client" and not stat.S_ISSOCK(os.stat(socket).st_mode):
+                        raise SwapFailed(f"{socket} is not a UNIX socket; give the vhost-user "
+                                         "back-end's socket")
                     new = VhostUserNetBackend(socket, socket_mode,  # type: ignore[arg-type]
                                               connect_timeout=connect_timeout)
                     new_part.stack.callback(new.close)
@@ -496,10 +519,19 @@ class DeviceManager:
 
     # ---- teardown ------------------------------------------------------------------------------
     def close(self) -> None:
-        """Close every device, newest first."""
-        for record in reversed(self.mmio_devices()):
-            record.close()
-        self._devices.clear()
+        """Close every device, newest first; a back-end swap under way finishes first (its
+        new back-end is then the device's and closes with it), later ones are refused."""
+        self._closing = True
+        locked = self._swap_lock.acquire(timeout=SWAP_CLOSE_WAIT)
+        if not locked:
+            log.warning("swap_still_running_at_close", waited_s=SWAP_CLOSE_WAIT)
+        try:
+            for record in reversed(self.mmio_devices()):
+                record.close()
+            self._devices.clear()
+        finally:
+            if locked:
+                self._swap_lock.release()
 
 
 def _disk_name(index: int) -> str:

@@ -59,7 +59,7 @@ def feature_names(bits: int) -> list[str]:
 class SwapError(Exception):
     """A back-end swap did not happen; the old back-end still serves the device."""
 
-    status = 502
+    status = 409
 
 
 class SwapRefused(SwapError):
@@ -70,9 +70,11 @@ class SwapRefused(SwapError):
 
 
 class SwapFailed(SwapError):
-    """The new back-end failed; the old one was put back at the saved ring positions."""
+    """The new back-end failed; the old one was put back at the saved ring positions.
+    409 like a refusal: the request conflicts with the state of the new back-end, and the
+    VMM itself is fine (a 5xx would say it is not)."""
 
-    status = 502
+    status = 409
 
 
 class SwappableBackend(Protocol):

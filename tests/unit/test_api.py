@@ -179,7 +179,8 @@ def test_openapi_document_is_served_as_stored(vm):
     status, body, _ = run(vm, "GET", "/openapi.json")
     assert status == 200 and body == json.loads(OPENAPI_PATH.read_text())
     assert set(body["paths"]) == {"/vm", "/vm/state", "/vm/actions", "/vm/devices",
-                                  "/vm/net/{id}", "/metrics", "/openapi.json"}
+                                  "/vm/net/{id}", "/vm/net/{id}/backend", "/metrics",
+                                  "/openapi.json"}
 
 
 # ---- errors: 400 ---------------------------------------------------------------------------
