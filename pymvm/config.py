@@ -81,6 +81,8 @@ class NetConfig:
     socket_mode: SocketMode = "client"
     ip: ipaddress.IPv4Interface | ipaddress.IPv6Interface | None = None
     host_ip: ipaddress.IPv4Interface | ipaddress.IPv6Interface | None = None
+    #: May move to any back-end kind while running: offered only what all kinds implement.
+    swappable: bool = False
 
 
 BlockBackend = Literal["builtin", "vhost-user"]
@@ -513,7 +515,7 @@ class _Parser:
     def net_one(self, t: Mapping[str, Any], i: int) -> tuple[dict[str, Any], str | None]:
         pre = f"net[{i}]."
         self.check_keys(t, ("id", "backend", "tap", "bridge", "netns", "mac", "mtu", "socket",
-                            "socket_mode", "ip", "host_ip"), pre)
+                            "socket_mode", "ip", "host_ip", "swappable"), pre)
         net_id = self.string(t, "id", pre + "id", f"net{i}")
         assert net_id is not None
         if not _ID_RE.fullmatch(net_id):
@@ -530,6 +532,7 @@ class _Parser:
                              "name as shown by 'ip netns list'")
         mac = self.mac(t, pre)
         mtu = self.integer(t, "mtu", pre + "mtu", None, 68, 65535)
+        swappable = self.boolean(t, "swappable", pre + "swappable", False)
         raw_socket = self.string(t, "socket", pre + "socket", None)
         socket_mode = self.choice(t, "socket_mode", pre + "socket_mode", "client",
                                   ("client", "server"))
@@ -540,7 +543,7 @@ class _Parser:
                                  "it to the back-end's unix socket path")
             socket = self.path(raw_socket)
             for key in ("tap", "bridge", "netns"):
-                if key in t:
+                if key in t and not swappable:  # swappable: the TAP it may move to
                     raise self.error(pre + key, "not used with backend = \"vhost-user\" (the "
                                      "vhost-user back-end owns the host side); remove it")
         else:
@@ -550,11 +553,12 @@ class _Parser:
                                      f"remove it (backend is {_show(backend)})")
         interface = self.interface(t, "ip", pre, "10.0.0.2/24")
         host_interface = self.interface(t, "host_ip", pre, "10.0.0.1/24")
-        if host_interface is not None and backend == "vhost-user":
+        if host_interface is not None and backend == "vhost-user" and not swappable:
             raise self.error(pre + "host_ip", "not used with backend = \"vhost-user\" (the "
                              "vhost-user back-end owns the host side); remove it")
         net = dict(id=net_id, backend=backend, tap=tap, bridge=bridge, netns=netns, mtu=mtu,
-                   socket=socket, socket_mode=socket_mode, ip=interface, host_ip=host_interface)
+                   socket=socket, socket_mode=socket_mode, ip=interface, host_ip=host_interface,
+                   swappable=swappable)
         return net, mac
 
     def block(self, value: Any) -> tuple[BlockConfig, ...]:

@@ -348,3 +348,23 @@ def test_a_swap_through_the_registry_moves_the_rings_and_closes_the_old_part(
     assert new.events[-1] == ("start", {0: RingPosition(7, 7), 1: RingPosition(8, 8)})
     assert closed == ["old"] and not old.running
     assert info["backend"] == "vhost-user" and info["socket"] == path
+
+
+def test_swappable_in_the_toml_limits_the_offer_and_allows_a_tap_for_vhost_user(tmp_path) -> None:
+    from pymvm.config import ConfigError, load_config
+
+    kernel = tmp_path / "vmlinux"
+    kernel.write_bytes(b"\x7fELF")
+    base = f'[boot]\nkernel = "{kernel}"\n'
+    cfg = tmp_path / "vm.toml"
+    cfg.write_text(base + '[[net]]\nbackend = "vhost-user"\nsocket = "/run/a.sock"\n'
+                   'swappable = true\ntap = "tapsw0"\nbridge = "br0"\nhost_ip = "10.9.0.1/24"\n')
+    net = load_config(cfg).net[0]
+    assert net.swappable and net.tap == "tapsw0" and net.bridge == "br0"
+    cfg.write_text(base + '[[net]]\nbackend = "vhost-user"\nsocket = "/run/a.sock"\n'
+                   'tap = "tapsw0"\n')
+    with pytest.raises(ConfigError, match=r"net\[0\].tap"):
+        load_config(cfg)
+    cfg.write_text(base + '[[net]]\nswappable = "yes"\n')
+    with pytest.raises(ConfigError, match=r"net\[0\].swappable"):
+        load_config(cfg)
