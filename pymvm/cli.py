@@ -341,11 +341,22 @@ def cmd_vhost_user_blk(args: argparse.Namespace) -> int:
                              allow_unsealed_memory=args.allow_unsealed_memory)
     try:
         server.listen()  # bound while we may still write where the socket goes
+        confine = None
+        if not args.no_seccomp:
+            from . import syscalls
+
+            syscalls.prepare()
+            backend.start_workers()  # the I/O threads exist before the filter
+
+            def confine() -> None:
+                syscalls.install_blk_backend()
+                syscalls.run_self_test_if_asked("backend")
         if args.user:
+            user_errors()  # imported now: the new user may not read the interpreter's files
             sandbox.drop_privileges(args.user, parent_pid=args.parent_pid)
         log.info("vhost_user_blk.start", mode="client" if args.client else "server",
                  sectors=backend.capacity, read_only=args.read_only)
-        asyncio.run(_serve_until_signal(server))
+        asyncio.run(_serve_until_signal(server, confine))
     except VhostUserError as e:
         print(f"pymvm: error: {e}", file=sys.stderr)
         return EXIT_USAGE
@@ -477,6 +488,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="exit when process PID (the VMM that started us) dies")
     vub.add_argument("--user", metavar="USER",
                      help="once the image and socket are open, run as USER with no capabilities")
+    vub.add_argument("--no-seccomp", action="store_true",
+                     help="serve without the blk back-end's seccomp allowlist (docs/seccomp.md)")
     vub.add_argument("--allow-unsealed-memory", action="store_true",
                      help="accept guest memory fds the front-end could shrink (see 'net')")
     vub.set_defaults(func=cmd_vhost_user_blk)

@@ -97,6 +97,23 @@ BACKEND: dict[str, str] = {
     "ioctl": "TUNSETOFFLOAD/TUNSETVNETHDRSZ when the driver acks features; FIONBIO on sockets",
 }
 
+#: The built-in vhost-user-blk back-end, once its image is open, its socket bound and its I/O
+#: threads started: the protocol part of the net back-end's list (no TAP), plus image I/O and
+#: the inflight region.
+BLK_BACKEND: dict[str, str] = {
+    **{name: why for name, why in BACKEND.items() if name not in ("readv", "writev", "ioctl")},
+    "ioctl": "FIONBIO on sockets; FIOCLEX; TCGETS (no TAP, no other request)",
+    "preadv": "image -> guest buffers: reads in the I/O threads",
+    "pwritev": "guest buffers -> image: writes in the I/O threads",
+    "preadv2": "reads tried on the event loop with RWF_NOWAIT (page cache hits)",
+    "pwritev2": "writes tried on the event loop with RWF_NOWAIT",
+    "pwrite64": "WRITE_ZEROES on a file system without FALLOC_FL_ZERO_RANGE",
+    "fdatasync": "VIRTIO_BLK_T_FLUSH",
+    "fallocate": "DISCARD (punch a hole) and WRITE_ZEROES (zero a range)",
+    "memfd_create": "the inflight region a front-end asks for (GET_INFLIGHT_FD)",
+    "ftruncate": "sizing the inflight region",
+}
+
 #: The VMM: vCPU threads, the asyncio loop, the control API, vhost-net/vhost-user plumbing,
 #: teardown, and what a live back-end swap needs (a spawned back-end inherits this filter).
 VMM: dict[str, str] = {
@@ -307,6 +324,19 @@ def install(process: str, allow: dict[str, str], *, socket_families: tuple[int, 
 def install_backend() -> int:
     return install("vhost-user-backend", BACKEND, socket_families=SOCKET_FAMILIES["backend"],
                    ioctl_requests=backend_ioctls())
+
+
+def blk_backend_ioctls() -> tuple[int, ...]:
+    """The only ioctl requests the blk back-end makes after set-up."""
+    import termios
+
+    return (termios.FIONBIO, termios.FIOCLEX, termios.TCGETS)
+
+
+def install_blk_backend() -> int:
+    return install("vhost-user-blk-backend", BLK_BACKEND,
+                   socket_families=SOCKET_FAMILIES["backend"],
+                   ioctl_requests=blk_backend_ioctls())
 
 
 def install_vmm() -> int:

@@ -303,6 +303,15 @@ class BlkBackend(VhostUserDevice):
         self._pending.clear()
         self._reap()
 
+    def start_workers(self) -> None:
+        """Start every I/O thread now (the pool starts them on demand otherwise): after the
+        seccomp filter is installed no new thread can be made."""
+        workers = self._pool._max_workers
+        ready = threading.Barrier(workers + 1)
+        for _ in range(workers):
+            self._pool.submit(ready.wait)
+        ready.wait()
+
     def close(self) -> None:
         self._pool.shutdown(wait=True)
 

@@ -87,6 +87,8 @@ class BuiltinBlkBackendProcess:
 
         if settings.backend_user:  # no root, no capabilities once the socket is bound
             argv += ["--user", settings.backend_user]
+        if not settings.seccomp:
+            argv.append("--no-seccomp")
         return argv
 
     def _spawn(self) -> None:
