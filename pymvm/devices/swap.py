@@ -80,7 +80,8 @@ class SwapFailed(SwapError):
 class SwappableBackend(Protocol):
     def features(self) -> int: ...
 
-    def start(self, ctx: Any, mem_regions: Any, positions: Any = None) -> None: ...
+    def start(self, ctx: Any, mem_regions: Any, positions: Any = None, *,
+              strict: bool = False) -> None: ...
 
     def stop(self) -> Mapping[int, Any]: ...
 
@@ -140,7 +141,9 @@ def hand_over(device: SwappableDevice, new: SwappableBackend, *, acked: int = 0,
         stopped = old.stop()
         positions = {q: RingPosition(p.resume_at(), p.used_idx) for q, p in stopped.items()}
         try:
-            new.start(ctx, regions, positions)
+            # strict: a back-end that hangs up during the set-up raises instead of waiting
+            # for a reconnect, so that the old one comes back now.
+            new.start(ctx, regions, positions, strict=True)
         except BaseException as e:
             log.warning("swap_new_backend_failed", error=str(e), positions=positions)
             try:

@@ -612,10 +612,11 @@ class VhostNetBackend:
         self.start(ctx, mem_regions)
 
     def start(self, ctx: ActivationContext, mem_regions: Sequence[Any],
-              positions: Mapping[int, RingPosition] | None = None) -> None:
+              positions: Mapping[int, RingPosition] | None = None, *,
+              strict: bool = True) -> None:
         """Hand the rings to the kernel, each resuming at ``positions[queue].next_avail``
         (VHOST_SET_VRING_BASE; 0 for a queue not given). The kernel reads the used idx from
-        the guest's used ring itself."""
+        the guest's used ring itself. Every failure raises (``strict`` is always so here)."""
         if not ctx.kick_fds or not ctx.call_fds:
             raise VhostError(
                 "vhost-net needs a kick and a call eventfd per queue: the transport must "

@@ -31,7 +31,7 @@ class NewBackend:
     def features(self) -> int:
         return self.offered
 
-    def start(self, ctx, regions, positions=None) -> None:
+    def start(self, ctx, regions, positions=None, strict=False) -> None:
         pass
 
     def stop(self) -> dict:

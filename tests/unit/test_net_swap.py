@@ -50,7 +50,7 @@ class FakeBackend:
     def activate(self, ctx: Any, regions: Any) -> None:
         self.start(ctx, regions)
 
-    def start(self, ctx: Any, regions: Any, positions: Any = None) -> None:
+    def start(self, ctx: Any, regions: Any, positions: Any = None, strict: bool = False) -> None:
         self.kicks_seen_at_start = [eventfd_value(fd) for fd in ctx.kick_fds]
         for fd, value in zip(ctx.kick_fds, self.kicks_seen_at_start):
             if value:
@@ -194,12 +194,12 @@ def test_the_swap_holds_the_transport_lock_so_no_driver_reset_runs_in_between(ev
     seen = []
 
     class Probe(FakeBackend):
-        def start(self, ctx, regions, positions=None):
+        def start(self, ctx, regions, positions=None, strict=False):
             # Another thread (a vCPU writing the status register) cannot take the lock now.
             t = threading.Thread(target=lambda: seen.append(lock.acquire(timeout=0.05)))
             t.start()
             t.join()
-            super().start(ctx, regions, positions)
+            super().start(ctx, regions, positions, strict)
 
     old = FakeBackend("old", positions={0: RingPosition(1, 1), 1: RingPosition(1, 1)})
     device, ctx = live_device(old, eventfds)

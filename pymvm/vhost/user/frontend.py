@@ -292,10 +292,11 @@ class VhostUserFrontend:
         return {q: pos.next_avail for q, pos in self.stop().items()}
 
     def start(self, ctx: ActivationContext, mem_regions: Sequence[Any],
-              positions: dict[int, RingPosition] | None = None) -> None:
+              positions: dict[int, RingPosition] | None = None, *, strict: bool = False) -> None:
         """Hand the rings to the back-end, each resuming at ``positions[queue].next_avail``
         (SET_VRING_BASE; 0 for a queue not given). Refusals raise; a lost back-end only
-        logs (the rings start when it is back)."""
+        logs (the rings start when it is back), unless ``strict`` (a back-end swap, which
+        puts the old back-end back instead): then a lost back-end raises too."""
         with self._lock:
             if self._closed:
                 raise VhostUserFrontendError(f"vhost-user back-end {self.socket_path} is closed")
@@ -306,6 +307,9 @@ class VhostUserFrontend:
                                else 0) for q in ctx.queues}
             self._bases = {}
             channel = self._channel
+            if channel is None and strict:
+                raise VhostUserFrontendError(
+                    f"vhost-user back-end {self.socket_path} is not connected")
             if channel is None:
                 self._activation = activation
                 self._log.warning("vhost_user_activate_deferred",
@@ -314,8 +318,12 @@ class VhostUserFrontend:
             try:
                 self._start(channel, activation, bases)
             except VhostUserDisconnected as e:
-                self._activation = activation  # replayed once the back-end is back
                 self._lost(channel, str(e))
+                if strict:
+                    raise VhostUserFrontendError(
+                        f"the vhost-user back-end at {self.socket_path} hung up while its rings "
+                        f"were set up: {e}") from None
+                self._activation = activation  # replayed once the back-end is back
                 return
             except VhostUserRequestFailed as e:
                 raise VhostUserFrontendError(
@@ -355,6 +363,22 @@ class VhostUserFrontend:
                 self._inflight = None
             self._log.info("vhost_user_reset", vring_bases=bases)
             return positions
+
+    def announce(self, mac: bytes) -> bool:
+        """Ask the back-end to announce the guest's MAC on its network (SEND_RARP: a RARP
+        frame, so that a switch learns the port), as QEMU does after a migration; False
+        when the back-end does not offer VHOST_USER_PROTOCOL_F_RARP or is not connected."""
+        with self._lock:
+            channel = self._channel
+            if channel is None or not self._protocol_features & PF.RARP:
+                return False
+            try:
+                channel.request(m.SendRarp(bytes(mac)))
+            except VhostUserDisconnected as e:
+                self._lost(channel, str(e))
+                return False
+            self._log.info("vhost_user_rarp_sent", mac=bytes(mac).hex(":"))
+            return True
 
     def close(self) -> None:
         """Disconnect, stop reconnecting (promptly) and release the socket; idempotent."""
@@ -732,6 +756,7 @@ class VhostUserNetBackend(VhostUserFrontend):
                  connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
                  request_timeout: float = DEFAULT_REQUEST_TIMEOUT) -> None:
         super().__init__(socket_path, mode, features_mask=GUEST_FEATURES,
+                         protocol_features=WANTED_PROTOCOL_FEATURES | PF.RARP,
                          connect_timeout=connect_timeout, request_timeout=request_timeout)
 
 
