@@ -14,6 +14,8 @@ import pytest
 
 from pymvm.vhost.user import messages as m
 from pymvm.vhost.user.backend import MAX_MEM_SLOTS, VhostUserServer
+from pymvm.vhost.user.errors import VhostUserRequestFailed
+from pymvm.vhost.user.messages import ProtocolFeature as PF
 from tests.unit.test_vhost_user_backend import (
     AVAIL,
     DATA,
@@ -273,3 +275,146 @@ def test_add_mem_reg_beyond_the_offered_slots_drops_the_connection(tmp_path) -> 
     finally:
         for ram in slots:
             ram.close()
+
+
+# ---- REM_MEM_REG, RESET_OWNER, requests the device does not serve ------------------------------
+
+
+def test_rem_mem_reg_unmaps_that_region_and_rings_in_the_others_keep_working(
+        tmp_path, ram: Ram) -> None:
+    extra = Ram(0x10000, gpa=0x800000, uva=0x7F0000800000)
+    device = RecordingDevice()
+
+    async def body(server: VhostUserServer, connect) -> None:
+        fe = await connect()
+        await fe.negotiate()
+        for r in (ram, extra):
+            ack = await fe.request(m.AddMemReg(r.region(), r.fd, need_reply=True))
+            assert isinstance(ack, m.Ack) and ack.ok
+        kick, call = await start_ring_in_mapped_memory(fe, ram)
+        assert extra.mappings() == 2
+        ack = await fe.request(m.RemMemReg(extra.region(), need_reply=True))
+        assert isinstance(ack, m.Ack) and ack.ok
+        assert extra.mappings() == 1 and ram.mappings() == 2
+        ram.map[DATA:DATA + 4] = b"kept"
+        ram.desc(0, ram.gpa + DATA, 4)
+        ram.publish(0)
+        os.eventfd_write(kick, 1)
+        await until(lambda: device.payloads == [b"kept"])
+        # A region the back-end never had is a protocol error.
+        await send(fe, m.RemMemReg(extra.region(), need_reply=True))
+        await assert_dropped(fe)
+        for fd in (kick, call):
+            os.close(fd)
+
+    try:
+        run_server(tmp_path, device, body)
+    finally:
+        extra.close()
+
+
+async def start_ring_in_mapped_memory(fe: Frontend, ram: Ram) -> tuple[int, int]:
+    """Start vring 0 with its rings at the start of ``ram`` (already in the table)."""
+    await fe.request(m.SetVringNum(0, QSIZE))
+    uva = ram.uva
+    await fe.request(m.SetVringAddr(0, 0, uva + DESC, uva + USED, uva + AVAIL, 0))
+    kick, call = os.eventfd(0, os.EFD_NONBLOCK), os.eventfd(0, os.EFD_NONBLOCK)
+    await fe.request(m.SetVringCall(0, call))
+    await fe.request(m.SetVringKick(0, kick))
+    ack = await fe.request(m.SetVringEnable(0, True, need_reply=True))
+    assert isinstance(ack, m.Ack) and ack.ok
+    return kick, call
+
+
+def test_reset_owner_stops_the_rings_closes_their_fds_and_forgets_features(
+        tmp_path, ram: Ram) -> None:
+    device = RecordingDevice()
+
+    async def body(server: VhostUserServer, connect) -> None:
+        eventfds_before = eventfds_open()
+        fe = await connect()
+        await fe.negotiate()
+        kick, call = await start_ring(fe, ram, ram.uva)
+        assert eventfds_open() == eventfds_before + 4
+        await fe.request(m.ResetOwner())
+        base = await fe.request(m.GetVringBase(0))  # answered: the session goes on
+        assert isinstance(base, m.VringBaseReply) and base.num == 0
+        assert ("stopped", 0) in device.events and "reset" in device.events
+        assert eventfds_open() == eventfds_before + 2  # only the test's own are left
+        session = server.session
+        assert session is not None and session.acked_features == 0
+        assert all(v.queue is None and v.kick_fd is None for v in session.vrings)
+        for fd in (kick, call):
+            os.close(fd)
+
+    run_server(tmp_path, device, body)
+
+
+def test_unserved_request_with_an_fd_is_refused_and_its_fd_closed(tmp_path) -> None:
+    async def body(server: VhostUserServer, connect) -> None:
+        fe = await connect()
+        await fe.negotiate()
+        eventfds_before = eventfds_open()
+        log_fd = os.eventfd(0)
+        with pytest.raises(VhostUserRequestFailed, match="SET_LOG_FD"):
+            await fe.request(m.SetLogFd(log_fd, need_reply=True))
+        assert eventfds_open() == eventfds_before + 1  # the back-end's copy is closed
+        os.close(log_fd)
+
+    run_server(tmp_path, RecordingDevice(), body)
+
+
+class DefaultsDevice(RecordingDevice):
+    """Offers RARP and CONFIG but keeps VhostUserDevice's default handlers for them."""
+
+    protocol_features = PF.RARP | PF.CONFIG
+
+
+def test_device_requests_and_config_of_a_device_without_them(tmp_path) -> None:
+    async def body(server: VhostUserServer, connect) -> None:
+        fe = await connect()
+        reply = await fe.request(m.GetFeatures())
+        await fe.request(m.SetFeatures(fe.conn.negotiate_features(-1)))
+        await fe.request(m.GetProtocolFeatures())
+        await fe.request(m.SetProtocolFeatures(int(fe.conn.negotiate_protocol_features(
+            PF.REPLY_ACK | PF.RARP | PF.CONFIG))))
+        assert isinstance(reply, m.FeaturesReply)
+        ack = await fe.request(m.SendRarp(b"\x52\x54\x00\x00\x00\x01", need_reply=True))
+        assert isinstance(ack, m.Ack) and ack.ok  # ignored, not refused
+        # An empty reply payload is the spec's failure: the front-end reports it.
+        with pytest.raises(VhostUserRequestFailed, match="GET_CONFIG"):
+            await fe.request(m.GetConfig(0, 8))
+        with pytest.raises(VhostUserRequestFailed, match="SET_CONFIG"):
+            await fe.request(m.SetConfig(0, b"\x01", need_reply=True))
+
+    run_server(tmp_path, DefaultsDevice(), body)
+
+
+class FailingDevice(RecordingDevice):
+    def queue_kicked(self, vring) -> None:
+        raise RuntimeError("device bug")
+
+
+def test_device_failing_on_a_kick_signals_the_error_eventfd_once(tmp_path, ram: Ram) -> None:
+    async def body(server: VhostUserServer, connect) -> None:
+        fe = await connect()
+        await fe.negotiate()
+        err = os.eventfd(0, os.EFD_NONBLOCK)
+        await fe.request(m.SetVringErr(0, err))
+        kick, call = await start_ring(fe, ram, ram.uva)
+        os.eventfd_write(kick, 1)
+        await until(lambda: _readable(err))
+        assert os.eventfd_read(err) == 1
+        os.eventfd_write(kick, 1)
+        await asyncio.sleep(0.2)  # a second failure on the same broken ring...
+        assert not _readable(err)  # ...is not signalled again
+        for fd in (kick, call, err):
+            os.close(fd)
+
+    run_server(tmp_path, FailingDevice(), body)
+
+
+def _readable(fd: int) -> bool:
+    import select
+
+    return bool(select.select([fd], [], [], 0)[0])
