@@ -14,8 +14,8 @@
 #   5. `pymvm.cmd=<base64>`: runs the decoded command with `sh -c` (stdin /dev/null, output
 #      on the console), then prints `@@EXIT_MARKER@@ <exit status>` on its own line;
 #      else with `pymvm.shell=1`: an interactive shell on the console until it exits;
-#      else with `pymvm.agent=1`: waits for the agent (the VM runs until stopped from outside
-#      or a command run through the agent reboots it);
+#      else with `pymvm.agent=1` or a virtio-vsock device (id 0x0013): waits for the agent
+#      (the VM runs until stopped from outside or a command run through the agent reboots it);
 #   6. sync, then `reboot -f` (the VMM sees the reset: i8042 with reboot=k, triple fault
 #      with reboot=t). Should reboot fail, init exits and the kernel panics (use panic=-1).
 #      Under QEMU microvm use reboot=t or add `-device i8042`: reboot=k with no i8042 falls
@@ -97,7 +97,7 @@ if [ -n "$cmd_b64" ]; then
     echo "@@EXIT_MARKER@@ $rc"
 elif [ "$shell" = 1 ]; then
     setsid cttyhack sh
-elif [ "$agent_wait" = 1 ] && [ -n "$agent_pid" ]; then
+elif [ -n "$agent_pid" ] && { [ "$agent_wait" = 1 ] || grep -qsx 0x0013 /sys/bus/virtio/devices/*/device; }; then
     wait "$agent_pid"
     echo "pymvm-init: the guest agent exited"
 fi

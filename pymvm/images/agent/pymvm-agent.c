@@ -545,8 +545,39 @@ static void serve(int conn)
 
 static void usage(void)
 {
-    fprintf(stderr, "usage: pymvm-agent [--port N | --unix PATH]\n");
+    fprintf(stderr, "usage: pymvm-agent [--port N | --unix PATH | --connect CID:PORT]\n");
     exit(2);
+}
+
+/* --connect CID:PORT: a vsock client for tests (guest -> host is CID 2): sends stdin, half-closes,
+   then copies what the peer sends to stdout until it closes. */
+static int connect_mode(const char *spec)
+{
+    char *end;
+    unsigned long cid = strtoul(spec, &end, 10), port;
+    if (*end != ':')
+        usage();
+    port = strtoul(end + 1, &end, 10);
+    if (*end || port > 0xFFFFFFFFul || cid > 0xFFFFFFFFul)
+        usage();
+    struct sockaddr_vm addr = {.svm_family = AF_VSOCK, .svm_cid = (unsigned int)cid,
+                               .svm_port = (unsigned int)port};
+    int fd = socket(AF_VSOCK, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (fd < 0 || connect(fd, (struct sockaddr *)&addr, sizeof addr) < 0) {
+        fprintf(stderr, "pymvm-agent: cannot connect to vsock %lu:%lu: %s\n", cid, port,
+                strerror(errno));
+        return 1;
+    }
+    char buf[CHUNK];
+    ssize_t n;
+    while ((n = read(0, buf, sizeof buf)) > 0)
+        if (write_all(fd, buf, (size_t)n) < 0)
+            return 1;
+    shutdown(fd, SHUT_WR);
+    while ((n = read(fd, buf, sizeof buf)) > 0)
+        if (write_all(1, buf, (size_t)n) < 0)
+            return 1;
+    return n < 0;
 }
 
 int main(int argc, char **argv)
@@ -561,6 +592,8 @@ int main(int argc, char **argv)
                 usage();
         } else if (!strcmp(argv[i], "--unix") && i + 1 < argc) {
             unix_path = argv[++i];
+        } else if (!strcmp(argv[i], "--connect") && i + 1 < argc) {
+            return connect_mode(argv[i + 1]);
         } else {
             usage();
         }
