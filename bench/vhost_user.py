@@ -32,7 +32,6 @@ import argparse
 import os
 import re
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -42,65 +41,12 @@ from pathlib import Path
 
 from common import CMDLINE, guest_script, parse, run_guest, start_server_when_up, stop
 
+from pymvm.testing.dpdk import TESTPMD, Testpmd, wait_until
+
 HOST_IP, GUEST_IP = "10.89.0.1", "10.89.0.2"
 MEMORY_MIB = 512
 BACKENDS = ("vhost-net", "builtin", "dpdk")
-TESTPMD = "dpdk-testpmd"
 START_TIMEOUT_S = 120
-
-
-def wait_until(predicate, timeout: float, what: str, proc: subprocess.Popen | None = None) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"{what}: the process exited with status {proc.returncode}")
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"{what}: not within {timeout:.0f} s")
-        time.sleep(0.1)
-
-
-class Testpmd:
-    """dpdk-testpmd in non-interactive mode: forwarding starts at once, a newline on stdin
-    stops it and makes it print its totals."""
-
-    def __init__(self, vdevs: list[str], forward_mode: str, log: Path, prefix: str) -> None:
-        self.log, self.prefix = log, prefix
-        self._out = log.open("wb")
-        # Two lcores (main, forwarding): on CPUs 0 and 1, or both on CPU 0 on a 1-CPU host.
-        lcores = ["-l", "0,1"] if len(os.sched_getaffinity(0)) >= 2 else ["--lcores", "0@0,1@0"]
-        argv = ["stdbuf", "-oL", TESTPMD, *lcores, "--no-pci", "--no-huge", "-m", "1024",
-                "--single-file-segments", f"--file-prefix={prefix}"]
-        for vdev in vdevs:
-            argv += ["--vdev", vdev]
-        argv += ["--", f"--forward-mode={forward_mode}", "--auto-start", "--total-num-mbufs=8192"]
-        # stdin stays open: testpmd (without -i) exits once it reads a line there.
-        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=self._out,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
-
-    def text(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def wait_started(self, extra=lambda: True) -> None:
-        try:
-            wait_until(lambda: "Press enter to exit" in self.text() and extra(), START_TIMEOUT_S,
-                       "testpmd start", self.proc)
-        except RuntimeError as e:
-            raise RuntimeError(f"{e}\n{self.text()[-3000:]}") from None
-
-    def finish(self) -> str:
-        """Stop forwarding and exit; testpmd's whole output."""
-        if self.proc.poll() is None:
-            try:
-                assert self.proc.stdin is not None
-                self.proc.stdin.write(b"\n")
-                self.proc.stdin.flush()
-                self.proc.wait(30)
-            except (OSError, subprocess.TimeoutExpired):
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-        self._out.close()
-        shutil.rmtree(f"/var/run/dpdk/{self.prefix}", ignore_errors=True)
-        return self.text()
 
 
 def link_up(name: str) -> bool:

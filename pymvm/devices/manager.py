@@ -440,8 +440,8 @@ class DeviceManager:
         except Exception as e:  # the swap is done; a leftover is only logged
             log.warning("swap_old_backend_close_failed", device=device_id, error=str(e))
         announce = getattr(new, "announce", None)
-        if announce is not None and backend == "vhost-user":
-            announce(record.device.mac)  # an external switch learns the MAC on its new port
+        if announce is not None:  # a switch (a bridge, OVS, testpmd's peer) learns the port
+            announce(record.device.mac)
         log.info("net_backend_swap_done", device=device_id, old=old_kind, new=backend,
                  socket=socket_path)
         return dict(record.info)

@@ -1,0 +1,364 @@
+"""Swapping a running VM's network back-end (issue 10): one guest keeps a checked TCP transfer
+going in each direction and a sequence-numbered UDP stream while its NIC moves vhost-net ->
+built-in -> DPDK testpmd -> built-in (a fresh process) -> vhost-net through the control API.
+
+The host side is a bridge holding the VMM's TAP (with the host address on the bridge) and,
+for the DPDK leg, testpmd's TAP (testpmd forwards between its vhost-user port and that TAP),
+so the guest's peer address stays the same whatever the back-end.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import socket
+import struct
+import subprocess
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from pymvm.api.client import ApiClientError
+
+from .conftest import link_exists, unique
+from .test_api import ApiGuest
+
+pytestmark = pytest.mark.e2e
+
+HOST_IP, GUEST_IP = "10.79.0.1", "10.79.0.2"
+ECHO_PORT, UP_PORT, DOWN_PORT = 7777, 5061, 5062
+SIZE = 64 << 20  # each way
+SLOW_RATE = 160 << 10  # bytes/s each way while the swaps run: the transfer outlasts them
+UDP_PPS = 1000
+SWAP_API_TIMEOUT_S = 600.0  # a built-in back-end's Python start in the nested host
+# Generous bounds for the emulated nested host (the measured values go to results/).
+MAX_GAP_S = 20.0
+HELPERS = Path(__file__).parent / "helpers"
+RESULTS = Path(__file__).resolve().parents[2] / "results"
+
+
+@pytest.fixture(scope="module")
+def swap_images(guest_images):
+    """The test initramfs with iperf3 and the UDP echo (built static here, kept in the image
+    cache so the archive's key stays the same from run to run)."""
+    from pymvm.images.cache import cache_root
+    from pymvm.images.initramfs import build_initramfs
+
+    out = cache_root() / "e2e-helpers"
+    out.mkdir(parents=True, exist_ok=True)
+    exe = out / "pymvm-udp-echo"
+    source = HELPERS / "udp_echo.c"
+    if not exe.exists() or exe.stat().st_mtime < source.stat().st_mtime:
+        subprocess.run(["gcc", "-static", "-O2", "-o", str(exe) + ".new", str(source)],
+                       check=True)
+        os.replace(str(exe) + ".new", exe)
+    initramfs = build_initramfs(extra_binaries=["iperf3", str(exe)], log=lambda *_: None)
+    return SimpleNamespace(vmlinux=guest_images.vmlinux, initramfs=initramfs, udp_echo=exe)
+
+
+class Throttle:
+    """At most ``rate`` bytes/s, and never past ``hold`` bytes, until ``release()``: the
+    transfer cannot end before the last swap, however slow the swaps are."""
+
+    def __init__(self, rate: int, hold: int = SIZE * 3 // 4) -> None:
+        self.rate, self.hold = rate, hold
+        self.free = threading.Event()
+        self.start: float | None = None  # the clock runs from the first byte
+        self.done = 0
+
+    def take(self, n: int) -> None:
+        if self.start is None:
+            self.start = time.monotonic()
+        self.done += n
+        while not self.free.is_set():
+            ahead = self.done / self.rate - (time.monotonic() - self.start)
+            if ahead <= 0 and self.done < self.hold:
+                return
+            self.free.wait(min(max(ahead, 0.05), 0.1))
+
+    def release(self) -> None:
+        self.free.set()
+
+
+class Peer(threading.Thread):
+    """The host end of one TCP connection: receives ``expect`` bytes (digest kept) or sends
+    ``payload``, throttled; counts connections and bytes."""
+
+    def __init__(self, port: int, throttle: Throttle, *, expect: int = 0,
+                 payload: bytes = b"") -> None:
+        super().__init__(daemon=True)
+        self.port, self.throttle, self.expect, self.payload = port, throttle, expect, payload
+        self.moved = 0
+        self.connections = 0
+        self.digest = hashlib.sha256()
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            deadline = time.monotonic() + 600
+            while True:  # the host address appears with the VMM's bridge
+                try:
+                    listener.bind((HOST_IP, self.port))
+                    break
+                except OSError:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.2)
+            listener.listen(1)
+            listener.settimeout(900)
+            conn, _ = listener.accept()
+            listener.close()
+            self.connections += 1
+            with conn:
+                conn.settimeout(600)
+                if self.payload:
+                    view = memoryview(self.payload)
+                    while self.moved < len(view):
+                        n = conn.send(view[self.moved:self.moved + 16384])
+                        self.moved += n
+                        self.throttle.take(n)
+                    return
+                while self.moved < self.expect:
+                    chunk = conn.recv(min(16384, self.expect - self.moved))
+                    if not chunk:
+                        break
+                    self.digest.update(chunk)
+                    self.moved += len(chunk)
+                    self.throttle.take(len(chunk))
+        except BaseException as e:  # reported by the test
+            self.error = e
+
+
+class UdpStream:
+    """Numbered datagrams to the guest's echo at ``pps``; the echoes' arrival times."""
+
+    def __init__(self, pps: int = UDP_PPS) -> None:
+        self.pps = pps
+        self.sent: dict[int, float] = {}
+        self.received: dict[int, float] = {}
+        self.stop = threading.Event()
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind((HOST_IP, 0))
+        self.sock.connect((GUEST_IP, ECHO_PORT))
+        self.sock.settimeout(0.2)
+        self.threads = [threading.Thread(target=self._send, daemon=True),
+                        threading.Thread(target=self._receive, daemon=True)]
+        for t in self.threads:
+            t.start()
+
+    def _send(self) -> None:
+        t0 = time.monotonic()
+        seq = 0
+        while not self.stop.is_set():
+            now = time.monotonic()
+            due = int((now - t0) * self.pps) + 1
+            while seq < due:
+                try:
+                    self.sock.send(struct.pack("!Q", seq).ljust(64, b"\0"))
+                except OSError:
+                    pass  # an ICMP error from an earlier datagram: keep going
+                self.sent[seq] = now
+                seq += 1
+            time.sleep(0.004)
+
+    def _receive(self) -> None:
+        while not self.stop.is_set():
+            try:
+                data = self.sock.recv(2048)
+            except (TimeoutError, OSError):
+                continue
+            if len(data) >= 8:
+                self.received.setdefault(struct.unpack_from("!Q", data)[0], time.monotonic())
+
+    def close(self) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(5)
+        self.sock.close()
+
+    def echoes_since(self, t: float) -> int:
+        return sum(1 for r in list(self.received.values()) if r >= t)
+
+    def window(self, t0: float, t1: float) -> dict[str, float]:
+        """Longest time without an echo in [t0, t1] and the datagrams sent then never echoed."""
+        arrivals = sorted(r for r in list(self.received.values()) if t0 <= r <= t1)
+        points = [t0, *arrivals, t1]
+        gap = max(b - a for a, b in zip(points, points[1:]))
+        sent = [s for s, t in list(self.sent.items()) if t0 <= t <= t1]
+        lost = sum(1 for s in sent if s not in self.received)
+        return {"gap_ms": round(gap * 1000, 1), "lost": lost, "sent": len(sent)}
+
+
+def guest_command() -> str:
+    return (
+        f"pymvm-udp-echo {ECHO_PORT} & "
+        f"dd if=/dev/urandom of=/tmp/up bs=65536 count={SIZE // 65536} 2>/dev/null; "
+        "echo UP=$(sha256sum /tmp/up | cut -d' ' -f1); "
+        "echo MAC0=$(cat /sys/class/net/eth0/address); "
+        f"(nc {HOST_IP} {UP_PORT} < /tmp/up; echo UPNC=$?) & A=$!; "
+        f"(nc {HOST_IP} {DOWN_PORT} < /dev/null | sha256sum | cut -d' ' -f1 | sed 's/^/DOWN=/') & "
+        "B=$!; wait $A $B; "
+        "echo MAC1=$(cat /sys/class/net/eth0/address); "
+        "echo RXLEN=$(cat /sys/class/net/eth0/statistics/rx_length_errors) "
+        "RXERR=$(cat /sys/class/net/eth0/statistics/rx_errors); "
+        "dmesg | grep -iE 'virtio|net|timed out|watchdog|reset' | sed 's/^/KLOG /'; "
+        "echo SWAP-GUEST-DONE")
+
+
+def _which(name: str) -> bool:
+    from shutil import which
+
+    return which(name) is not None
+
+
+@dataclass
+class SwapRecord:
+    to: str
+    seconds: float
+    gap_ms: float
+    lost: int
+    sent: int
+    up_bytes: int
+    down_bytes: int
+
+
+@pytest.mark.skipif(not _which("dpdk-testpmd"), reason="dpdk-testpmd is not installed: "
+                    "apt-get install dpdk-dev")
+def test_swap_vhost_net_builtin_dpdk_builtin_vhost_net_keeps_tcp_and_udp_going(
+        tmp_path, swap_images):
+    from pymvm.testing.dpdk import Testpmd
+
+    tap, bridge, dtap = unique("pmsw"), unique("pmsb"), unique("pmsd")
+    prefix = unique("pmsw-dpdk")
+    sock = tmp_path / "testpmd.sock"
+    throttle = Throttle(SLOW_RATE)
+    download = os.urandom(SIZE)
+    up = Peer(UP_PORT, throttle, expect=SIZE)
+    down = Peer(DOWN_PORT, Throttle(SLOW_RATE), payload=download)
+    down_throttle = down.throttle
+    up.start()
+    down.start()
+    net = (f'[[net]]\nid = "net0"\nbackend = "vhost-net"\ntap = "{tap}"\nbridge = "{bridge}"\n'
+           f'host_ip = "{HOST_IP}/24"\nip = "{GUEST_IP}/24"\nswappable = true\n')
+    guest = ApiGuest(tmp_path, swap_images, guest_command(), net)
+    pmd = None
+    stream = None
+    records: list[SwapRecord] = []
+    try:
+        guest.wait_console(r"MAC0=(\S+)", timeout=900)
+        mac0 = re.search(r"MAC0=(\S+)", guest.console()).group(1)
+        stream = UdpStream()
+        deadline = time.monotonic() + 600
+        while not (up.moved > (1 << 20) and down.moved > (1 << 20)
+                   and stream.echoes_since(time.monotonic() - 2) > UDP_PPS // 2):
+            assert guest.proc.poll() is None, guest.console()[-3000:]
+            assert time.monotonic() < deadline, (up.moved, down.moved, len(stream.received))
+            time.sleep(0.5)
+        dev = guest.api("GET", "/vm/net/net0")
+        assert dev["net"]["backend"] == "vhost-net" and dev["net"]["mac"] == mac0
+
+        def swap(backend: str, **extra: str) -> None:
+            before_up, before_down = up.moved, down.moved
+            t0 = time.monotonic()
+            answer = guest_api(guest, "PUT", "/vm/net/net0/backend", {"backend": backend, **extra})
+            t1 = time.monotonic()
+            assert answer["net"]["backend"] == backend and answer["net"]["mac"] == mac0
+            assert answer["driver"]["driver_ok"] and not answer["driver"]["needs_reset"]
+            # Data moves on the new back-end, both ways, and echoes come back.
+            wait_for(lambda: up.moved > before_up + (256 << 10)
+                     and down.moved > before_down + (256 << 10)
+                     and stream.echoes_since(t1) > UDP_PPS, 600, f"traffic on {backend}", guest)
+            assert up.moved < SIZE and down.moved < SIZE, "the transfer ended before the swap"
+            w = stream.window(t0, t1 + 1.0)
+            records.append(SwapRecord(backend, round(t1 - t0, 2), w["gap_ms"], w["lost"],
+                                      w["sent"], up.moved, down.moved))
+
+        swap("builtin")
+
+        # A swap to a socket where nothing listens is refused; the built-in back-end serves on.
+        t_refused = time.monotonic()
+        with pytest.raises(ApiClientError) as refused:
+            guest_api(guest, "PUT", "/vm/net/net0/backend",
+                      {"backend": "vhost-user", "socket": str(tmp_path / "nobody.sock")})
+        assert refused.value.status == 409
+        assert "no vhost-user back-end socket" in refused.value.message
+        assert guest.api("GET", "/vm/net/net0")["net"]["backend"] == "builtin"
+        wait_for(lambda: stream.echoes_since(time.monotonic() - 1) > UDP_PPS // 2, 120,
+                 "echoes after the refused swap", guest)
+        refused_window = stream.window(t_refused, time.monotonic())
+
+        pmd = Testpmd([f"net_vhost0,iface={sock},queues=1", f"net_tap0,iface={dtap}"], "io",
+                      tmp_path / "testpmd.log", prefix)
+        pmd.wait_started(lambda: sock.exists() and link_exists(dtap))
+        subprocess.run(["ip", "link", "set", dtap, "master", bridge, "up"], check=True)
+        swap("vhost-user", socket=str(sock), socket_mode="client")
+        swap("builtin")  # a fresh process: a live upgrade
+        pmd_text = pmd.finish()
+        pmd = None
+        swap("vhost-net")
+        throttle.release()
+        down_throttle.release()
+        guest.wait_console(r"SWAP-GUEST-DONE", timeout=900)
+        run = guest.finish(timeout=300)
+    finally:
+        throttle.release()
+        down_throttle.release()
+        if stream is not None:
+            stream.close()
+        if pmd is not None:
+            pmd.finish()
+        if guest.proc.poll() is None:
+            guest.proc.kill()
+    console = guest.console()
+    results = {"swaps": [r.__dict__ for r in records], "refused_swap": refused_window,
+               "udp_pps": UDP_PPS, "nested_cpus": len(os.sched_getaffinity(0))}
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "swap-e2e.json").write_text(json.dumps(results, indent=1) + "\n")
+    print(json.dumps(results))
+    up.join(60)
+    down.join(60)
+    assert up.error is None and down.error is None, (up.error, down.error)
+    assert up.connections == 1 and down.connections == 1  # the same connections throughout
+    assert up.moved == SIZE and down.moved == SIZE, (up.moved, down.moved, console[-3000:])
+    assert f"UP={up.digest.hexdigest()}" in console, console[-3000:]
+    assert f"DOWN={hashlib.sha256(download).hexdigest()}" in console, console[-3000:]
+    assert "UPNC=0" in console
+    assert re.search(r"MAC1=(\S+)", console).group(1) == mac0
+    assert "RXLEN=0 " in console, "the guest counted short (0-length) receive buffers"
+    klog = [line.lower() for line in console.splitlines() if line.startswith("KLOG ")]
+    bad = [line for line in klog if "timed out" in line or "watchdog" in line
+           or ("virtio" in line and "reset" in line)]
+    assert not bad, "\n".join(klog)  # no TX timeout, no virtio reset in the guest
+    assert [r.to for r in records] == ["builtin", "vhost-user", "builtin", "vhost-net"]
+    # The switch was told the guest's MAC on its new port (SEND_RARP).
+    assert run.events("vhost_user_rarp_sent"), pmd_text[-2000:]
+    for r in records:
+        assert r.gap_ms <= MAX_GAP_S * 1000, results
+        assert r.lost <= max(200, r.sent // 2), results
+    assert run.returncode == 0, run.describe()
+    assert not link_exists(tap) and not link_exists(bridge)
+
+
+def guest_api(guest: ApiGuest, method: str, path: str, body: object = None):
+    from pymvm.api.client import request
+
+    return request(guest.sock, method, path, body, timeout=SWAP_API_TIMEOUT_S)
+
+
+def wait_for(predicate, timeout: float, what: str, guest: ApiGuest) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if guest.proc.poll() is not None:
+            pytest.fail(f"{what}: the VM ended (rc={guest.proc.returncode}):\n"
+                        f"{guest.console()[-3000:]}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what}: not within {timeout:.0f} s:\n{guest.console()[-3000:]}")
+        time.sleep(0.2)
