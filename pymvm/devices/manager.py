@@ -38,7 +38,7 @@ if TYPE_CHECKING:
 log = structlog.get_logger()
 
 #: How long a swap waits for a new vhost-user back-end to answer (client) or connect (server).
-SWAP_CONNECT_TIMEOUT = 10.0
+SWAP_CONNECT_TIMEOUT = 30.0
 #: How long closing the VM waits for a swap under way (its own waits are bounded).
 SWAP_CLOSE_WAIT = 60.0
 

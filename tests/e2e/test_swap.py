@@ -91,9 +91,10 @@ class Peer(threading.Thread):
     ``payload``, throttled; counts connections and bytes."""
 
     def __init__(self, port: int, throttle: Throttle, *, expect: int = 0,
-                 payload: bytes = b"") -> None:
+                 payload: bytes = b"", host: str = HOST_IP) -> None:
         super().__init__(daemon=True)
         self.port, self.throttle, self.expect, self.payload = port, throttle, expect, payload
+        self.host = host
         self.moved = 0
         self.connections = 0
         self.digest = hashlib.sha256()
@@ -106,7 +107,7 @@ class Peer(threading.Thread):
             deadline = time.monotonic() + 600
             while True:  # the host address appears with the VMM's bridge
                 try:
-                    listener.bind((HOST_IP, self.port))
+                    listener.bind((self.host, self.port))
                     break
                 except OSError:
                     if time.monotonic() > deadline:
@@ -140,14 +141,14 @@ class Peer(threading.Thread):
 class UdpStream:
     """Numbered datagrams to the guest's echo at ``pps``; the echoes' arrival times."""
 
-    def __init__(self, pps: int = UDP_PPS) -> None:
+    def __init__(self, pps: int = UDP_PPS, host: str = HOST_IP, guest: str = GUEST_IP) -> None:
         self.pps = pps
         self.sent: dict[int, float] = {}
         self.received: dict[int, float] = {}
         self.stop = threading.Event()
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.bind((HOST_IP, 0))
-        self.sock.connect((GUEST_IP, ECHO_PORT))
+        self.sock.bind((host, 0))
+        self.sock.connect((guest, ECHO_PORT))
         self.sock.settimeout(0.2)
         self.threads = [threading.Thread(target=self._send, daemon=True),
                         threading.Thread(target=self._receive, daemon=True)]
@@ -362,3 +363,130 @@ def wait_for(predicate, timeout: float, what: str, guest: ApiGuest) -> None:
         if time.monotonic() > deadline:
             pytest.fail(f"{what}: not within {timeout:.0f} s:\n{guest.console()[-3000:]}")
         time.sleep(0.2)
+
+
+# ---- OVS-DPDK ------------------------------------------------------------------------------
+
+OVS_HOST, OVS_SIGNAL, OVS_A, OVS_B = "10.80.0.1", "10.80.0.9", "10.80.0.2", "10.80.0.3"
+AB_PORT, B_UP_PORT = 5070, 5081
+B_SIZE, AB_SIZE = 16 << 20, 4 << 20
+
+
+def _ovs_available() -> bool:
+    from pymvm.testing import ovs
+
+    return ovs.available()
+
+
+@pytest.mark.skipif(not _ovs_available(), reason="OVS with DPDK is not installed: apt-get "
+                    "install openvswitch-switch-dpdk")
+def test_swap_ovs_dpdk_two_vms_ping_and_move_tcp_data_and_one_moves_in_from_vhost_net_and_back(
+        tmp_path, swap_images):
+    """VM A sits on an OVS-DPDK dpdkvhostuserclient port from its start (pymvm listens). VM B
+    starts on vhost-net, its TAP a port of the same OVS bridge, moves onto a vhost-user port
+    of its own, exchanges checked TCP data with A there, and moves back; its TCP upload to the
+    host runs through both moves."""
+    from pymvm.testing.ovs import OvsDpdk
+
+    bridge, tap_b = unique("pmob"), unique("pmotb")
+    sock_a, sock_b = tmp_path / "a.sock", tmp_path / "b.sock"
+    ovs = OvsDpdk(tmp_path / "ovs", unique("pmovs")).start()
+    a = b = stream = None
+    throttle = Throttle(SLOW_RATE, hold=B_SIZE * 3 // 4)
+    up = Peer(B_UP_PORT, throttle, expect=B_SIZE, host=OVS_HOST)
+    records: list[SwapRecord] = []
+    try:
+        ovs.add_bridge(bridge, f"{OVS_HOST}/24")
+        ovs.add_vhost_user_port(bridge, "vua", sock_a)
+        ovs.add_vhost_user_port(bridge, "vub", sock_b)
+        up.start()
+        (tmp_path / "a").mkdir()
+        (tmp_path / "b").mkdir()
+        a = ApiGuest(tmp_path / "a", swap_images,
+                     f"nc -l -p {AB_PORT} | sha256sum | cut -d' ' -f1 | sed 's/^/GOT=/'; "
+                     f"while true; do ping -c 1 -W 2 {OVS_B} >/dev/null && echo A-PINGS-B; "
+                     "sleep 1; done",
+                     f'[[net]]\nid = "net0"\nbackend = "vhost-user"\nsocket = "{sock_a}"\n'
+                     f'socket_mode = "server"\nip = "{OVS_A}/24"\n')
+        b = ApiGuest(tmp_path / "b", swap_images,
+                     f"pymvm-udp-echo {ECHO_PORT} & "
+                     f"dd if=/dev/urandom of=/tmp/up bs=65536 count={B_SIZE // 65536} 2>/dev/null; "
+                     f"dd if=/dev/urandom of=/tmp/ab bs=65536 count={AB_SIZE // 65536} 2>/dev/null; "
+                     "echo UP=$(sha256sum /tmp/up | cut -d' ' -f1) "
+                     "AB=$(sha256sum /tmp/ab | cut -d' ' -f1); "
+                     f"(nc {OVS_HOST} {B_UP_PORT} < /tmp/up; echo UPNC=$?) & U=$!; "
+                     # the test puts OVS_SIGNAL up once B is on its vhost-user port
+                     f"until ping -c 1 -W 1 {OVS_SIGNAL} >/dev/null 2>&1; do sleep 1; done; "
+                     f"echo B-ON-OVS; nc {OVS_A} {AB_PORT} < /tmp/ab; echo ABNC=$?; "
+                     f"(while true; do ping -c 1 -W 2 {OVS_A} >/dev/null && echo B-PINGS-A; "
+                     "sleep 1; done) & "
+                     "wait $U; echo MAC=$(cat /sys/class/net/eth0/address); "
+                     "dmesg | grep -iE 'virtio|timed out|watchdog' | sed 's/^/KLOG /'; "
+                     "echo B-DONE",
+                     f'[[net]]\nid = "net0"\nbackend = "vhost-net"\ntap = "{tap_b}"\n'
+                     f'ip = "{OVS_B}/24"\nswappable = true\n')
+        wait_for(lambda: link_exists(tap_b), 600, "B's TAP", b)
+        ovs.add_system_port(bridge, tap_b)
+        b.wait_console(r"UP=", timeout=900)
+        wait_for(lambda: up.moved > (1 << 20), 600, "B's upload through its TAP port", b)
+        stream = UdpStream(host=OVS_HOST, guest=OVS_B)
+        wait_for(lambda: stream.echoes_since(time.monotonic() - 2) > UDP_PPS // 2, 300,
+                 "echoes from B", b)
+        mac = guest_api(b, "GET", "/vm/net/net0")["net"]["mac"]
+
+        def swap(backend: str, **extra: str) -> None:
+            before = up.moved
+            t0 = time.monotonic()
+            answer = guest_api(b, "PUT", "/vm/net/net0/backend", {"backend": backend, **extra})
+            t1 = time.monotonic()
+            assert answer["net"]["backend"] == backend and answer["net"]["mac"] == mac
+            wait_for(lambda: up.moved > before + (256 << 10)
+                     and stream.echoes_since(t1) > UDP_PPS, 600, f"traffic on {backend}", b)
+            assert up.moved < B_SIZE
+            w = stream.window(t0, t1 + 1.0)
+            records.append(SwapRecord(backend, round(t1 - t0, 2), w["gap_ms"], w["lost"],
+                                      w["sent"], up.moved, 0))
+
+        swap("vhost-user", socket=str(sock_b), socket_mode="server")
+        subprocess.run(["ip", "addr", "add", f"{OVS_SIGNAL}/24", "dev", bridge], check=True)
+        a.wait_console(r"GOT=[0-9a-f]{64}", timeout=600)
+        b.wait_console(r"B-PINGS-A", timeout=300)
+        a.wait_console(r"A-PINGS-B", timeout=300)
+        swap("vhost-net")
+        throttle.release()
+        b.wait_console(r"B-DONE", timeout=900)
+        run_b = b.finish(timeout=300)
+        guest_api(a, "PUT", "/vm/actions", {"action": "stop"})
+        run_a = a.finish(timeout=300)
+    finally:
+        throttle.release()
+        if stream is not None:
+            stream.close()
+        for g in (a, b):
+            if g is not None and g.proc.poll() is None:
+                g.proc.kill()
+        ovs_logs = ovs.logs()
+        ovs.close()
+    results = {"ovs_swaps": [r.__dict__ for r in records],
+               "nested_cpus": len(os.sched_getaffinity(0))}
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "swap-ovs-e2e.json").write_text(json.dumps(results, indent=1) + "\n")
+    print(json.dumps(results))
+    up.join(60)
+    console_a, console_b = a.console(), b.console()
+    assert up.error is None and up.connections == 1 and up.moved == B_SIZE, (up.error, up.moved)
+    assert f"UP={up.digest.hexdigest()}" in console_b, console_b[-3000:]
+    ab = re.search(r"AB=([0-9a-f]{64})", console_b).group(1)
+    assert f"GOT={ab}" in console_a, console_a[-3000:]  # B -> A through OVS-DPDK, checked
+    assert "ABNC=0" in console_b and "UPNC=0" in console_b
+    assert re.search(r"MAC=(\S+)", console_b).group(1) == mac
+    klog = [line.lower() for line in console_b.splitlines() if line.startswith("KLOG ")]
+    assert not [line for line in klog if "timed out" in line or "watchdog" in line
+                or ("virtio" in line and "reset" in line)], "\n".join(klog)
+    assert [r.to for r in records] == ["vhost-user", "vhost-net"]
+    assert run_b.events("vhost_user_rarp_sent"), ovs_logs[-2000:]
+    for r in records:
+        assert r.gap_ms <= MAX_GAP_S * 1000, results
+        assert r.lost <= max(200, r.sent // 2), results
+    assert run_b.returncode == 0, run_b.describe()
+    assert run_a.returncode == 3, run_a.describe()
