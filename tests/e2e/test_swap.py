@@ -14,7 +14,6 @@ import json
 import os
 import re
 import socket
-import struct
 import subprocess
 import threading
 import time
@@ -25,6 +24,8 @@ from types import SimpleNamespace
 import pytest
 
 from pymvm.api.client import ApiClientError
+from pymvm.testing.udp import ECHO_PORT, build_udp_echo, initramfs_with_udp_echo
+from pymvm.testing.udp import UdpStream as _UdpStream
 
 from .conftest import link_exists, unique
 from .test_api import ApiGuest
@@ -32,34 +33,20 @@ from .test_api import ApiGuest
 pytestmark = pytest.mark.e2e
 
 HOST_IP, GUEST_IP = "10.79.0.1", "10.79.0.2"
-ECHO_PORT, UP_PORT, DOWN_PORT = 7777, 5061, 5062
+UP_PORT, DOWN_PORT = 5061, 5062
 SIZE = 64 << 20  # each way
 SLOW_RATE = 160 << 10  # bytes/s each way while the swaps run: the transfer outlasts them
 UDP_PPS = 1000
 SWAP_API_TIMEOUT_S = 600.0  # a built-in back-end's Python start in the nested host
 # Generous bounds for the emulated nested host (the measured values go to results/).
 MAX_GAP_S = 20.0
-HELPERS = Path(__file__).parent / "helpers"
 RESULTS = Path(__file__).resolve().parents[2] / "results"
 
 
 @pytest.fixture(scope="module")
 def swap_images(guest_images):
-    """The test initramfs with iperf3 and the UDP echo (built static here, kept in the image
-    cache so the archive's key stays the same from run to run)."""
-    from pymvm.images.cache import cache_root
-    from pymvm.images.initramfs import build_initramfs
-
-    out = cache_root() / "e2e-helpers"
-    out.mkdir(parents=True, exist_ok=True)
-    exe = out / "pymvm-udp-echo"
-    source = HELPERS / "udp_echo.c"
-    if not exe.exists() or exe.stat().st_mtime < source.stat().st_mtime:
-        subprocess.run(["gcc", "-static", "-O2", "-o", str(exe) + ".new", str(source)],
-                       check=True)
-        os.replace(str(exe) + ".new", exe)
-    initramfs = build_initramfs(extra_binaries=["iperf3", str(exe)], log=lambda *_: None)
-    return SimpleNamespace(vmlinux=guest_images.vmlinux, initramfs=initramfs, udp_echo=exe)
+    """The test initramfs with iperf3 and the UDP echo."""
+    return SimpleNamespace(vmlinux=guest_images.vmlinux, initramfs=initramfs_with_udp_echo())
 
 
 class Throttle:
@@ -138,69 +125,13 @@ class Peer(threading.Thread):
             self.error = e
 
 
-class UdpStream:
-    """Numbered datagrams to the guest's echo at ``pps``; the echoes' arrival times."""
-
-    def __init__(self, pps: int = UDP_PPS, host: str = HOST_IP, guest: str = GUEST_IP) -> None:
-        self.pps = pps
-        self.sent: dict[int, float] = {}
-        self.received: dict[int, float] = {}
-        self.stop = threading.Event()
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.bind((host, 0))
-        self.sock.connect((guest, ECHO_PORT))
-        self.sock.settimeout(0.2)
-        self.threads = [threading.Thread(target=self._send, daemon=True),
-                        threading.Thread(target=self._receive, daemon=True)]
-        for t in self.threads:
-            t.start()
-
-    def _send(self) -> None:
-        t0 = time.monotonic()
-        seq = 0
-        while not self.stop.is_set():
-            now = time.monotonic()
-            due = int((now - t0) * self.pps) + 1
-            while seq < due:
-                try:
-                    self.sock.send(struct.pack("!Q", seq).ljust(64, b"\0"))
-                except OSError:
-                    pass  # an ICMP error from an earlier datagram: keep going
-                self.sent[seq] = now
-                seq += 1
-            time.sleep(0.004)
-
-    def _receive(self) -> None:
-        while not self.stop.is_set():
-            try:
-                data = self.sock.recv(2048)
-            except (TimeoutError, OSError):
-                continue
-            if len(data) >= 8:
-                self.received.setdefault(struct.unpack_from("!Q", data)[0], time.monotonic())
-
-    def close(self) -> None:
-        self.stop.set()
-        for t in self.threads:
-            t.join(5)
-        self.sock.close()
-
-    def echoes_since(self, t: float) -> int:
-        return sum(1 for r in list(self.received.values()) if r >= t)
-
-    def window(self, t0: float, t1: float) -> dict[str, float]:
-        """Longest time without an echo in [t0, t1] and the datagrams sent then never echoed."""
-        arrivals = sorted(r for r in list(self.received.values()) if t0 <= r <= t1)
-        points = [t0, *arrivals, t1]
-        gap = max(b - a for a, b in zip(points, points[1:]))
-        sent = [s for s, t in list(self.sent.items()) if t0 <= t <= t1]
-        lost = sum(1 for s in sent if s not in self.received)
-        return {"gap_ms": round(gap * 1000, 1), "lost": lost, "sent": len(sent)}
+def UdpStream(host: str = HOST_IP, guest: str = GUEST_IP) -> _UdpStream:
+    return _UdpStream(host, guest, pps=UDP_PPS)
 
 
 def guest_command() -> str:
     return (
-        f"pymvm-udp-echo {ECHO_PORT} & "
+        f"{build_udp_echo()} {ECHO_PORT} & "
         f"dd if=/dev/urandom of=/tmp/up bs=65536 count={SIZE // 65536} 2>/dev/null; "
         "echo UP=$(sha256sum /tmp/up | cut -d' ' -f1); "
         "echo MAC0=$(cat /sys/class/net/eth0/address); "
@@ -409,7 +340,7 @@ def test_swap_ovs_dpdk_two_vms_ping_and_move_tcp_data_and_one_moves_in_from_vhos
                      f'[[net]]\nid = "net0"\nbackend = "vhost-user"\nsocket = "{sock_a}"\n'
                      f'socket_mode = "server"\nip = "{OVS_A}/24"\n')
         b = ApiGuest(tmp_path / "b", swap_images,
-                     f"pymvm-udp-echo {ECHO_PORT} & "
+                     f"{build_udp_echo()} {ECHO_PORT} & "
                      f"dd if=/dev/urandom of=/tmp/up bs=65536 count={B_SIZE // 65536} 2>/dev/null; "
                      f"dd if=/dev/urandom of=/tmp/ab bs=65536 count={AB_SIZE // 65536} 2>/dev/null; "
                      "echo UP=$(sha256sum /tmp/up | cut -d' ' -f1) "

@@ -1,9 +1,10 @@
 /* udp_echo PORT: send every UDP datagram that arrives on PORT back to its sender.
  *
- * The guest half of the back-end swap tests' sequence-numbered UDP stream (tests/e2e/
- * test_swap.py): the host sends numbered datagrams at a fixed rate, this echoes them, and the
- * host sees per swap how long nothing came back and which numbers never did. Built static by
- * the test and put in the guest's initramfs (busybox nc has no UDP).
+ * The guest half of the sequence-numbered UDP stream of the back-end swap tests
+ * (tests/e2e/test_swap.py) and bench/swap: the host sends numbered datagrams at a fixed
+ * rate, this echoes them, and the host sees per swap how long nothing came back and which
+ * numbers never did. Built static (pymvm.testing.udp) and put in the guest's initramfs
+ * (busybox nc has no UDP).
  */
 #include <arpa/inet.h>
 #include <netinet/in.h>

@@ -1,0 +1,114 @@
+"""A sequence-numbered UDP stream through a guest, for back-end swap tests and benchmarks.
+
+The guest runs ``pymvm-udp-echo PORT`` (udp_echo.c, built static here and put in the test
+initramfs); the host sends numbered datagrams at a fixed rate and keeps when each echo came
+back. Over any time window this gives the longest time without an echo (the data-plane gap
+of a swap or a back-end restart, whichever direction stalled) and the datagrams sent then
+that never came back.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+SOURCE = Path(__file__).with_name("udp_echo.c")
+GUEST_PROGRAM = "pymvm-udp-echo"
+ECHO_PORT = 7777
+
+
+def build_udp_echo() -> Path:
+    """The static echo program, kept in the image cache (a stable path: the initramfs that
+    carries it keeps its cache key)."""
+    from pymvm.images.cache import cache_root
+
+    out = cache_root() / "testing"
+    out.mkdir(parents=True, exist_ok=True)
+    exe = out / GUEST_PROGRAM
+    if not exe.exists() or exe.stat().st_mtime < SOURCE.stat().st_mtime:
+        tmp = exe.with_suffix(".new")
+        subprocess.run(["gcc", "-static", "-O2", "-o", str(tmp), str(SOURCE)], check=True)
+        os.replace(tmp, exe)
+    return exe
+
+
+def initramfs_with_udp_echo() -> Path:
+    """The test initramfs with iperf3 and the echo program."""
+    from pymvm.images.initramfs import build_initramfs
+
+    return build_initramfs(extra_binaries=["iperf3", str(build_udp_echo())],
+                           log=lambda *_: None)
+
+
+class UdpStream:
+    """Numbered datagrams from ``host`` to the echo at ``guest`` at ``pps``; arrival times."""
+
+    def __init__(self, host: str, guest: str, *, pps: int = 1000, port: int = ECHO_PORT) -> None:
+        self.pps = pps
+        self.sent: dict[int, float] = {}
+        self.received: dict[int, float] = {}
+        self.stop = threading.Event()
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind((host, 0))
+        self.sock.connect((guest, port))
+        self.sock.settimeout(0.2)
+        self.threads = [threading.Thread(target=self._send, daemon=True),
+                        threading.Thread(target=self._receive, daemon=True)]
+        for t in self.threads:
+            t.start()
+
+    def _send(self) -> None:
+        t0 = time.monotonic()
+        seq = 0
+        while not self.stop.is_set():
+            now = time.monotonic()
+            due = int((now - t0) * self.pps) + 1
+            while seq < due:
+                try:
+                    self.sock.send(struct.pack("!Q", seq).ljust(64, b"\0"))
+                except OSError:
+                    pass  # an ICMP error from an earlier datagram: keep going
+                self.sent[seq] = now
+                seq += 1
+            time.sleep(0.004)
+
+    def _receive(self) -> None:
+        while not self.stop.is_set():
+            try:
+                data = self.sock.recv(2048)
+            except OSError:  # the timeout included
+                continue
+            if len(data) >= 8:
+                self.received.setdefault(struct.unpack_from("!Q", data)[0], time.monotonic())
+
+    def close(self) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(5)
+        self.sock.close()
+
+    def echoes_since(self, t: float) -> int:
+        return sum(1 for r in list(self.received.values()) if r >= t)
+
+    def wait_flowing(self, timeout: float, *, share: float = 0.5) -> bool:
+        """Until at least ``share`` of the last second's datagrams came back."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.echoes_since(time.monotonic() - 1.0) >= self.pps * share:
+                return True
+            time.sleep(0.1)
+        return False
+
+    def window(self, t0: float, t1: float) -> dict[str, float]:
+        """Longest time without an echo in [t0, t1] and the datagrams sent then never echoed."""
+        arrivals = sorted(r for r in list(self.received.values()) if t0 <= r <= t1)
+        points = [t0, *arrivals, t1]
+        gap = max(b - a for a, b in zip(points, points[1:]))
+        sent = [s for s, t in list(self.sent.items()) if t0 <= t <= t1]
+        lost = sum(1 for s in sent if s not in self.received)
+        return {"gap_ms": round(gap * 1000, 1), "lost": lost, "sent": len(sent)}
