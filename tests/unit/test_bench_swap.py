@@ -1,0 +1,40 @@
+"""bench/swap: its wrapper runs bench/swap.py in the nested host like the other benchmarks
+(one CPU and three attempts unless the environment says otherwise), and the script's
+summary arithmetic."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_the_wrapper_runs_swap_py_in_the_nested_host_with_the_shared_knobs() -> None:
+    text = (ROOT / "bench" / "swap").read_text()
+    line = next(x for x in text.splitlines() if x.startswith("exec "))
+    assert re.fullmatch(
+        r'exec "\$python" -m pymvm\.nested --cpus "\$\{PYMVM_NESTED_CPUS:-1\}" '
+        r'--attempts "\$\{PYMVM_BENCH_ATTEMPTS:-3\}" -- "\$python" bench/swap\.py "\$@"', line)
+    assert (ROOT / "bench" / "swap").stat().st_mode & 0o111
+
+
+def _load():
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        spec = importlib.util.spec_from_file_location("bench_swap", ROOT / "bench" / "swap.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+
+
+def test_summary_is_the_median_gap_and_loss_and_the_cycle_visits_every_kind() -> None:
+    bench = _load()
+    samples = [{"gap_ms": g, "lost": lo, "sent": 100} for g, lo in ((5, 1), (50, 9), (7, 2))]
+    assert bench.summary(samples) == (7, 2)
+    names = [bench.NAMES[t] for t in bench.CYCLE]
+    assert names == ["builtin", "dpdk", "builtin", "vhost-net"]  # from vhost-net and back
