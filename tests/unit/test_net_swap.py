@@ -368,3 +368,52 @@ def test_swappable_in_the_toml_limits_the_offer_and_allows_a_tap_for_vhost_user(
     cfg.write_text(base + '[[net]]\nswappable = "yes"\n')
     with pytest.raises(ConfigError, match=r"net\[0\].swappable"):
         load_config(cfg)
+
+
+def test_stopping_the_vm_during_a_swap_waits_for_it_then_closes_the_new_backend(
+        eventfds, monkeypatch, tmp_path) -> None:
+    import socket as socketlib
+
+    from pymvm.vhost.user import frontend
+
+    manager, record, old = registry_with_live_nic(eventfds)
+    started, release = threading.Event(), threading.Event()
+    made = []
+
+    class Slow(FakeBackend):
+        def __init__(self, path, mode, **kw):
+            super().__init__("new")
+            self.closed = False
+            made.append(self)
+
+        def start(self, ctx, regions, positions=None, strict=False):
+            started.set()
+            assert release.wait(10)
+            super().start(ctx, regions, positions, strict)
+
+        def close(self):
+            self.closed = True
+
+    monkeypatch.setattr(frontend, "VhostUserNetBackend", Slow)
+    path = str(tmp_path / "s.sock")
+    s = socketlib.socket(socketlib.AF_UNIX)
+    s.bind(path)
+    swap = threading.Thread(target=manager.swap_net_backend, args=("net0", "vhost-user", path))
+    swap.start()
+    try:
+        assert started.wait(10)
+        closer = threading.Thread(target=manager.close)
+        closer.start()
+        closer.join(0.3)
+        assert closer.is_alive(), "close() must wait for the swap under way"
+        release.set()
+        closer.join(10)
+        swap.join(10)
+        assert not closer.is_alive() and not swap.is_alive()
+    finally:
+        release.set()
+        s.close()
+    assert made[0].closed, "the swapped-in back-end closes with the VM"
+    assert len(manager) == 0
+    with pytest.raises(SwapRefused, match="stopping"):
+        manager.swap_net_backend("net0", "builtin")
