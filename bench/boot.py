@@ -78,6 +78,9 @@ def boot_once(argv: list[str], timeout: float = 300.0) -> tuple[float, int]:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("-n", "--runs", type=int, default=10)
+    p.add_argument("--exec-runs", type=int, default=1,
+                   help="time to the first command result through the agent over vsock, per "
+                        "VMM (bench/first_exec.py; 0: skip)")
     args = p.parse_args()
 
     from pymvm.images.initramfs import build_initramfs, encode_cmd
@@ -122,6 +125,14 @@ def main() -> int:
         print(f"{name}: median boot {t * 1000:.1f} ms, median VMM memory overhead {o / 1024:.1f} MiB")
     print(f"boot_time_ratio={med['pymvm'][0] / med['qemu'][0]:.3f}")
     print(f"memory_overhead_ratio={med['pymvm'][1] / med['qemu'][1]:.3f}")
+    if args.exec_runs > 0:
+        from first_exec import exec_part
+
+        with tempfile.TemporaryDirectory(prefix="pymvm-bench-") as tmp:
+            ratio, p50_ms = exec_part(qemu, kernel.bzimage, initramfs, Path(tmp), args.exec_runs,
+                                      MEMORY_MIB, CMDLINE)
+        print(f"first_exec_ratio={ratio:.3f}")
+        print(f"run_true_p50_ms={p50_ms:.2f}", flush=True)
     return 0
 
 
