@@ -401,3 +401,42 @@ def test_seccomp_doc_lists_every_allowed_syscall_with_its_reason() -> None:
     for allow in (syscalls.PYTHON_RUNTIME, syscalls.BACKEND, syscalls.VMM):
         for name, why in allow.items():
             assert f"| `{name}` | {why} |" in doc, f"docs/seccomp.md lacks {name}: regenerate its tables"
+
+
+# ---------------------------------------------------------------------------------------------
+# Found by bench/fuzz (virtqueue harness): a used ring laid over the available ring made
+# pop_writable give dropped chains back into the avail ring and loop forever
+
+
+@pytest.mark.parametrize("over", ["available ring", "descriptor table"])
+def test_used_ring_overlapping_the_driver_areas_is_refused(over: str) -> None:
+    from pymvm.devices.virtio.queue import GuestMemoryMap, VirtQueue, VirtQueueError
+
+    ram = bytearray(0x4000)
+    memory = GuestMemoryMap([(0x1000, memoryview(ram))])
+    desc, avail = 0x1000, 0x2000
+    used = avail + 4 if over == "available ring" else desc + 0x40
+    with pytest.raises(VirtQueueError, match=f"overlaps the {over}"):
+        VirtQueue(memory, 16, desc, avail, used)
+    VirtQueue(memory, 16, desc, avail, 0x3000).release()  # apart: fine
+    memory.release()
+
+
+def test_pop_writable_gives_back_bad_chains_and_returns_when_the_ring_is_drained() -> None:
+    import struct
+
+    from pymvm.devices.virtio.queue import GuestMemoryMap, VirtQueue
+
+    ram = bytearray(0x4000)
+    memory = GuestMemoryMap([(0x1000, memoryview(ram))])
+    queue = VirtQueue(memory, 8, 0x1000, 0x2000, 0x3000)
+    for i in range(8):  # eight one-byte writable buffers: all shorter than the device needs
+        struct.pack_into("<QIHH", ram, 16 * i, 0x1800, 1, 2, 0)
+        struct.pack_into("<H", ram, 0x1000 + 4 + 2 * i, i)
+    struct.pack_into("<H", ram, 0x1000 + 2, 8)
+    views: list = []
+    assert queue.pop_writable(views, [], [], 1 << 16, 64) == 0 and views == []
+    assert queue.dropped_chains == 8 and queue.last_avail_idx == 8
+    assert struct.unpack_from("<H", ram, 0x2000 + 2)[0] == 8  # all given back, used idx 8
+    queue.release()
+    memory.release()

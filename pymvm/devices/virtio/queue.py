@@ -224,6 +224,17 @@ class VirtQueue:
                     f"memory region; the driver gave a bad ring address"
                 )
         assert desc is not None and avail is not None and used is not None
+        # The device writes the used ring: laid over the available ring or the descriptor
+        # table, each used entry would change what the driver published, and a walk that
+        # gives chains back (dropping them) could feed itself forever.
+        used_end = used_gpa + 6 + 8 * size
+        for what, gpa, length in (("available ring", avail_gpa, 6 + 2 * size),
+                                  ("descriptor table", desc_gpa, DESC_SIZE * size)):
+            if gpa < used_end and used_gpa < gpa + length:
+                raise VirtQueueError(
+                    f"{name}: used ring at {used_gpa:#x} for {size} entries overlaps the {what} "
+                    f"at {gpa:#x}; the driver gave a bad ring address"
+                )
         self.name = name
         self.size = size
         self.memory = memory
@@ -339,18 +350,23 @@ class VirtQueue:
         lo, hi, region = largest if largest is not None else (0, 0, None)
         last = self._last_avail
         write = VRING_DESC_F_WRITE
+        # At most one ring's worth per call: the buffers handed out (or dropped) may lie over
+        # the available ring, and writing them must not keep one call going forever.
+        budget = size
         try:
-            while got < want:
+            while got < want and budget > 0:
                 pending = (avail16[1] - last) & 0xFFFF
                 if pending == 0:
                     break
                 if pending > size:
                     self._break(f"avail idx is {pending} entries ahead, more than the queue size")
                     break
+                pending = min(pending, budget)
                 # The published entries up to the ring's end, in one read.
                 start = last & mask
                 for head in avail16[2 + start : 2 + min(start + pending, size)].tolist():
                     last = (last + 1) & 0xFFFF
+                    budget -= 1
                     if head >= size:
                         self._break(f"avail ring names head {head}, outside the {size}-entry table")
                         return got
