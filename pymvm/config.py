@@ -328,7 +328,12 @@ class _Parser:
         return value
 
     def path(self, value: str) -> Path:
-        path = Path(value).expanduser()
+        try:
+            path = Path(value).expanduser()
+        except RuntimeError:  # "~name/..." for a user this host does not have (found by bench/fuzz)
+            user = value[1:].split("/", 1)[0]
+            raise ConfigError(f"{self.source}: path {_show(value)}: ~{user} names no user on this "
+                              f"host (and ~ no home directory); write the full path") from None
         return path if path.is_absolute() else self.base_dir / path
 
     # -- sections ---------------------------------------------------------------------------

@@ -440,3 +440,18 @@ def test_pop_writable_gives_back_bad_chains_and_returns_when_the_ring_is_drained
     assert struct.unpack_from("<H", ram, 0x2000 + 2)[0] == 8  # all given back, used idx 8
     queue.release()
     memory.release()
+
+
+# Found by bench/fuzz (config harness): "~name/..." for an unknown user raised RuntimeError
+# (a traceback and exit 1) instead of a one-line error.
+
+
+@pytest.mark.parametrize("command", ["validate", "run"])
+def test_path_under_an_unknown_users_home_is_one_line_and_exit_2(tmp_path: Path, command: str) -> None:
+    cfg = tmp_path / "vm.toml"
+    cfg.write_text('id = "x"\n[boot]\nkernel = "~nosuchuser-pymvm/vmlinux"\n')
+    out = subprocess.run([sys.executable, "-m", "pymvm.cli", command, str(cfg)], cwd=REPO,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2, out.stderr[-2000:]
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "~nosuchuser-pymvm names no user" in lines[0]
