@@ -5,6 +5,7 @@ session: /proc/self/maps and /proc/self/fd, not the session's own fields."""
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import mmap
 import os
 import socket
@@ -418,3 +419,131 @@ def _readable(fd: int) -> bool:
     import select
 
     return bool(select.select([fd], [], [], 0)[0])
+
+
+def test_rem_mem_reg_must_match_address_size_and_front_end_address(tmp_path, ram: Ram) -> None:
+    region = ram.region()
+    near_misses = [
+        m.MemoryRegion(region.guest_phys_addr, region.memory_size // 2, region.userspace_addr, 0),
+        m.MemoryRegion(region.guest_phys_addr, region.memory_size, region.userspace_addr + PAGE, 0),
+        m.MemoryRegion(region.guest_phys_addr + PAGE, region.memory_size, region.userspace_addr, 0),
+    ]
+    for wrong in near_misses:
+        async def body(server: VhostUserServer, connect, wrong=wrong) -> None:
+            fe = await connect()
+            await fe.negotiate()
+            ack = await fe.request(m.AddMemReg(region, ram.fd, need_reply=True))
+            assert isinstance(ack, m.Ack) and ack.ok
+            await send(fe, m.RemMemReg(wrong, need_reply=True))
+            await assert_dropped(fe)  # not the region it has: a protocol error
+
+        run_server(tmp_path, RecordingDevice(), body)
+
+
+def test_rings_restart_after_reset_owner(tmp_path, ram: Ram) -> None:
+    device = RecordingDevice()
+
+    async def body(server: VhostUserServer, connect) -> None:
+        fe = await connect()
+        await fe.negotiate()
+        kick, call = await start_ring(fe, ram, ram.uva)
+        await fe.request(m.ResetOwner())
+        await fe.negotiate()
+        device.events.clear()
+        kick2, call2 = await start_ring(fe, ram, ram.uva)
+        assert device.events == [("started", 0)]
+        ram.desc(0, ram.gpa + DATA, 2)
+        ram.map[DATA:DATA + 2] = b"ok"
+        ram.publish(0)
+        os.eventfd_write(kick2, 1)
+        await until(lambda: device.payloads == [b"ok"])
+        for fd in (kick, call, kick2, call2):
+            os.close(fd)
+
+    run_server(tmp_path, device, body)
+
+
+def test_get_config_success_echoes_offset_and_flags(tmp_path) -> None:
+    class ConfigDevice(RecordingDevice):
+        protocol_features = PF.CONFIG
+
+        def config(self, offset: int, size: int) -> bytes:
+            return bytes(range(offset, offset + size))
+
+    async def body(server: VhostUserServer, connect) -> None:
+        fe = await connect()
+        await fe.request(m.GetFeatures())
+        await fe.request(m.SetFeatures(fe.conn.negotiate_features(-1)))
+        await fe.request(m.GetProtocolFeatures())
+        await fe.request(m.SetProtocolFeatures(int(fe.conn.negotiate_protocol_features(
+            PF.REPLY_ACK | PF.CONFIG))))
+        reply = await fe.request(m.GetConfig(4, 4, flags=1))
+        assert isinstance(reply, m.ConfigReply)
+        assert (reply.offset, reply.data, reply.flags) == (4, bytes([4, 5, 6, 7]), 1)
+
+    run_server(tmp_path, ConfigDevice(), body)
+
+
+def test_default_device_config_of_any_size_fails(tmp_path) -> None:
+    async def body(server: VhostUserServer, connect) -> None:
+        fe = await connect()
+        await fe.request(m.GetFeatures())
+        await fe.request(m.SetFeatures(fe.conn.negotiate_features(-1)))
+        await fe.request(m.GetProtocolFeatures())
+        await fe.request(m.SetProtocolFeatures(int(fe.conn.negotiate_protocol_features(
+            PF.REPLY_ACK | PF.CONFIG))))
+        for size in (1, 4, 8):
+            with pytest.raises(VhostUserRequestFailed, match="GET_CONFIG"):
+                await fe.request(m.GetConfig(0, size))
+
+    run_server(tmp_path, DefaultsDevice(), body)
+
+
+# ---- GET_INFLIGHT_FD -------------------------------------------------------------------------
+
+
+class InflightDevice(RecordingDevice):
+    protocol_features = PF.INFLIGHT_SHMFD
+
+
+async def inflight_session(fe: Frontend) -> None:
+    await fe.request(m.GetFeatures())
+    await fe.request(m.SetFeatures(fe.conn.negotiate_features(-1)))
+    await fe.request(m.GetProtocolFeatures())
+    await fe.request(m.SetProtocolFeatures(int(fe.conn.negotiate_protocol_features(
+        PF.REPLY_ACK | PF.INFLIGHT_SHMFD))))
+    await fe.request(m.SetOwner())
+
+
+@pytest.mark.parametrize("queues, size", [(1, 1), (2, 32768)])
+def test_inflight_region_is_sealed_and_sized_for_the_queues_asked(
+        tmp_path, queues: int, size: int) -> None:
+    from pymvm.vhost.user.inflight import queue_region_size
+    from tests.unit.test_vhost_user_blk import request_with_fds
+
+    async def body(server: VhostUserServer, connect) -> None:
+        fe = await connect()
+        await inflight_session(fe)
+        reply = await request_with_fds(fe, m.GetInflightFd(num_queues=queues, queue_size=size))
+        assert isinstance(reply, m.InflightFdReply)
+        try:
+            assert reply.mmap_size == queues * queue_region_size(size)
+            assert os.fstat(reply.fd).st_size == reply.mmap_size
+            seals = fcntl.fcntl(reply.fd, fcntl.F_GET_SEALS)
+            assert seals & fcntl.F_SEAL_SHRINK and seals & fcntl.F_SEAL_SEAL
+        finally:
+            os.close(reply.fd)
+
+    run_server(tmp_path, InflightDevice(), body)
+
+
+@pytest.mark.parametrize("queues, size", [(0, 8), (3, 8), (1, 0), (1, 32769)])
+def test_inflight_request_outside_the_device_drops_the_connection(
+        tmp_path, queues: int, size: int) -> None:
+    async def body(server: VhostUserServer, connect) -> None:
+        fe = await connect()
+        await inflight_session(fe)
+        await send(fe, m.GetInflightFd(num_queues=queues, queue_size=size))
+        await assert_dropped(fe)
+
+    run_server(tmp_path, InflightDevice(), body)

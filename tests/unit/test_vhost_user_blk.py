@@ -170,10 +170,13 @@ async def request_with_fds(fe, msg: m.Request) -> m.Message:
 
     data, fds = fe.conn.send(msg)
     fe.sock.sendmsg([data])
+    deadline = asyncio.get_running_loop().time() + 5
     while (event := fe.conn.next_event()) is NEED_DATA:
         try:
             chunk, anc, _, _ = fe.sock.recvmsg(4096, socket.CMSG_SPACE(4 * 8))
         except BlockingIOError:
+            # A back-end that never answers fails the test now, not at pytest's timeout.
+            assert asyncio.get_running_loop().time() < deadline, f"no reply to {msg!r}"
             await asyncio.sleep(0.01)
             continue
         got = array.array("i")
