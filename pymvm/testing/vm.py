@@ -228,6 +228,7 @@ class MicroVM:
                     assert self._agent is not None
                     self._agent.connect_timeout = 5
                     self._agent.ping()
+                    self._agent.connect_timeout = 30  # a busy guest may accept slowly
                     return
                 except AgentError as e:
                     last = str(e)
