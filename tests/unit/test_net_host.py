@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import errno
 import os
 import subprocess
@@ -415,3 +416,48 @@ def test_netns_that_cannot_be_created_is_reported_and_nothing_left(
             "run as root$")):
         HostNetwork.create(names.tap, netns=names.netns)
     assert names.netns not in pyroute2_netns.listnetns() and link(names.tap) is None
+
+
+# ---- what a VMM records for the cleanup after it dies (pymvm.state) ---------------------------
+
+
+def recorded(st) -> list[dict]:
+    from pymvm import state
+
+    return [json.loads(line) for line in (st.path / state.RESOURCES).read_text().splitlines()]
+
+
+def test_created_bridge_netns_and_addresses_are_recorded_for_cleanup(
+        names: Names, tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pymvm import state
+
+    monkeypatch.setenv(state.STATE_DIR_ENV, str(tmp_path))
+    with state.vm_state("rec") as st:
+        with HostNetwork.create(names.tap, bridge=names.bridge, netns=names.netns,
+                                host_address="10.220.0.1/24"):
+            records = recorded(st)
+    assert {"kind": "netns", "name": names.netns} in records
+    assert {"kind": "bridge", "name": names.bridge, "netns": names.netns} in records
+    assert {"kind": "tap", "name": names.tap, "netns": names.netns} in records
+    assert {"kind": "address", "dev": names.bridge, "address": "10.220.0.1", "prefixlen": 24,
+            "netns": names.netns} in records
+
+
+def test_addresses_put_on_existing_devices_are_recorded_for_cleanup(
+        names: Names, tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pymvm import state
+
+    monkeypatch.setenv(state.STATE_DIR_ENV, str(tmp_path))
+    subprocess.run(["ip", "link", "add", names.bridge, "type", "bridge"], check=True)
+    subprocess.run(["ip", "tuntap", "add", "name", names.tap, "mode", "tap", "vnet_hdr"],
+                   check=True)
+    with state.vm_state("rec") as st:
+        with HostNetwork.create(names.tap, bridge=names.bridge, host_address="10.221.0.1/24"):
+            pass
+        with HostNetwork.create(names.tap, host_address="10.221.1.1/24"):
+            records = recorded(st)
+    assert {"kind": "address", "dev": names.bridge, "address": "10.221.0.1", "prefixlen": 24,
+            "netns": None} in records
+    assert {"kind": "address", "dev": names.tap, "address": "10.221.1.1", "prefixlen": 24,
+            "netns": None} in records
+    assert not any(r["kind"] in ("bridge", "tap") for r in records)  # none of them are ours
