@@ -39,8 +39,11 @@ log = structlog.get_logger()
 
 #: How long a swap waits for a new vhost-user back-end to answer (client) or connect (server).
 SWAP_CONNECT_TIMEOUT = 30.0
+#: How long a swap waits for a fresh built-in back-end to listen (a Python start under load
+#: in an emulated host took over 120 s).
+SWAP_READY_TIMEOUT = 600.0
 #: How long closing the VM waits for a swap under way (its own waits are bounded).
-SWAP_CLOSE_WAIT = 60.0
+SWAP_CLOSE_WAIT = SWAP_READY_TIMEOUT + 60.0
 
 
 class DeviceManagerError(Exception):
@@ -340,13 +343,15 @@ class DeviceManager:
 
     @staticmethod
     def _builtin_backend(stack: contextlib.ExitStack, tap: Any,
-                         connect_timeout: float | None = None) -> tuple[Any, str]:
+                         connect_timeout: float | None = None,
+                         ready_timeout: float | None = None) -> tuple[Any, str]:
         """pymvm's built-in back-end on ``tap`` (its fd inherited) and a front-end connected
         to it; both closed by ``stack`` (front-end first)."""
-        from ..vhost.backends.process import BuiltinNetBackendOnTap
+        from ..vhost.backends.process import READY_TIMEOUT, BuiltinNetBackendOnTap
         from ..vhost.user.frontend import DEFAULT_CONNECT_TIMEOUT, VhostUserNetBackend
 
-        process = BuiltinNetBackendOnTap.start(tap.fd, tap.name)
+        process = BuiltinNetBackendOnTap.start(tap.fd, tap.name,
+                                               ready_timeout=ready_timeout or READY_TIMEOUT)
         stack.callback(process.close)
         backend = VhostUserNetBackend(process.socket_path, "client",
                                       connect_timeout=connect_timeout or DEFAULT_CONNECT_TIMEOUT)
@@ -407,7 +412,9 @@ class DeviceManager:
                     socket_path = None
                 elif backend == "builtin":
                     tap = self._host_tap(record, net)
-                    new, socket_path = self._builtin_backend(new_part.stack, tap, connect_timeout)
+                    # While the VM runs (and moves packets) a Python start takes longer.
+                    new, socket_path = self._builtin_backend(new_part.stack, tap, connect_timeout,
+                                                             SWAP_READY_TIMEOUT)
                 else:
                     from ..vhost.user.frontend import VhostUserNetBackend
 

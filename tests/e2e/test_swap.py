@@ -37,7 +37,7 @@ UP_PORT, DOWN_PORT = 5061, 5062
 SIZE = 64 << 20  # each way
 SLOW_RATE = 160 << 10  # bytes/s each way while the swaps run: the transfer outlasts them
 UDP_PPS = 1000
-SWAP_API_TIMEOUT_S = 600.0  # a built-in back-end's Python start in the nested host
+SWAP_API_TIMEOUT_S = 900.0  # a built-in back-end's Python start in the nested host
 # Generous bounds for the emulated nested host (the measured values go to results/).
 MAX_GAP_S = 20.0
 RESULTS = Path(__file__).resolve().parents[2] / "results"
@@ -129,6 +129,43 @@ def UdpStream(host: str = HOST_IP, guest: str = GUEST_IP) -> _UdpStream:
     return _UdpStream(host, guest, pps=UDP_PPS)
 
 
+class VmmLog(threading.Thread):
+    """Reads the VMM's stderr as it comes (its JSON log, and its back-ends'): a pipe nobody
+    reads fills up and blocks whoever logs next."""
+
+    def __init__(self, guest: ApiGuest) -> None:
+        super().__init__(daemon=True)
+        self.guest = guest
+        self.data = bytearray()
+        self.start()
+
+    def run(self) -> None:
+        fd = self.guest.proc._stderr.fileno()
+        while chunk := os.read(fd, 65536):
+            self.data += chunk
+
+    def text(self) -> str:
+        return self.data.decode(errors="replace")
+
+    def finish(self, timeout: float):
+        """Wait for the VM to end (SIGKILL after ``timeout``); its VmRun."""
+        from .conftest import VmRun, parse_logs
+
+        deadline = time.monotonic() + timeout
+        while self.guest.proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.5)
+        if self.guest.proc.poll() is None:
+            self.guest.proc.kill()
+            self.guest.proc._reap(0)
+        self.join(30)
+        return VmRun(self.guest.proc.returncode, self.guest.console(), parse_logs(self.text()),
+                     self.text())
+
+    def tail(self, pattern: str = r"swap|builtin|vhost_user|error|Error") -> str:
+        lines = [x for x in self.text().splitlines() if re.search(pattern, x)]
+        return "\n".join(lines[-40:])
+
+
 def guest_command() -> str:
     return (
         f"{build_udp_echo()} {ECHO_PORT} & "
@@ -162,6 +199,7 @@ class SwapRecord:
     down_bytes: int
 
 
+@pytest.mark.timeout(3000)
 @pytest.mark.skipif(not _which("dpdk-testpmd"), reason="dpdk-testpmd is not installed: "
                     "apt-get install dpdk-dev")
 def test_swap_vhost_net_builtin_dpdk_builtin_vhost_net_keeps_tcp_and_udp_going(
@@ -181,6 +219,7 @@ def test_swap_vhost_net_builtin_dpdk_builtin_vhost_net_keeps_tcp_and_udp_going(
     net = (f'[[net]]\nid = "net0"\nbackend = "vhost-net"\ntap = "{tap}"\nbridge = "{bridge}"\n'
            f'host_ip = "{HOST_IP}/24"\nip = "{GUEST_IP}/24"\nswappable = true\n')
     guest = ApiGuest(tmp_path, swap_images, guest_command(), net)
+    vmm_log = VmmLog(guest)
     pmd = None
     stream = None
     records: list[SwapRecord] = []
@@ -239,7 +278,10 @@ def test_swap_vhost_net_builtin_dpdk_builtin_vhost_net_keeps_tcp_and_udp_going(
         throttle.release()
         down_throttle.release()
         guest.wait_console(r"SWAP-GUEST-DONE", timeout=900)
-        run = guest.finish(timeout=300)
+        run = vmm_log.finish(timeout=300)
+    except BaseException:
+        print("--- VMM log (swap lines) ---\n" + vmm_log.tail())
+        raise
     finally:
         throttle.release()
         down_throttle.release()
@@ -309,6 +351,7 @@ def _ovs_available() -> bool:
     return ovs.available()
 
 
+@pytest.mark.timeout(2400)
 @pytest.mark.skipif(not _ovs_available(), reason="OVS with DPDK is not installed: apt-get "
                     "install openvswitch-switch-dpdk")
 def test_swap_ovs_dpdk_two_vms_ping_and_move_tcp_data_and_one_moves_in_from_vhost_net_and_back(
@@ -356,6 +399,7 @@ def test_swap_ovs_dpdk_two_vms_ping_and_move_tcp_data_and_one_moves_in_from_vhos
                      "echo B-DONE",
                      f'[[net]]\nid = "net0"\nbackend = "vhost-net"\ntap = "{tap_b}"\n'
                      f'ip = "{OVS_B}/24"\nswappable = true\n')
+        logs = [VmmLog(a), VmmLog(b)]
         wait_for(lambda: link_exists(tap_b), 600, "B's TAP", b)
         ovs.add_system_port(bridge, tap_b)
         b.wait_console(r"UP=", timeout=900)
@@ -386,9 +430,14 @@ def test_swap_ovs_dpdk_two_vms_ping_and_move_tcp_data_and_one_moves_in_from_vhos
         swap("vhost-net")
         throttle.release()
         b.wait_console(r"B-DONE", timeout=900)
-        run_b = b.finish(timeout=300)
+        run_b = logs[1].finish(timeout=300)
         guest_api(a, "PUT", "/vm/actions", {"action": "stop"})
-        run_a = a.finish(timeout=300)
+        run_a = logs[0].finish(timeout=300)
+    except BaseException:
+        if "logs" in locals():
+            for name, vl in zip("AB", logs):
+                print(f"--- VMM {name} log (swap lines) ---\n" + vl.tail())
+        raise
     finally:
         throttle.release()
         if stream is not None:
