@@ -78,11 +78,15 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 128 + stop.signum
     from . import sandbox, state
 
+    saved = (sandbox.settings.backend_user, sandbox.settings.seccomp)
     sandbox.settings.backend_user = args.backend_user or None
     sandbox.settings.seccomp = not args.no_seccomp
-    # Host resources are recorded as they are made; a killed VMM's are undone by the next run.
-    with state.vm_state(config.id):
-        return run_vm(config)
+    try:
+        # Host resources are recorded as they are made; a killed VMM's are undone by the next run.
+        with state.vm_state(config.id):
+            return run_vm(config)
+    finally:  # main() may be called in-process (tests): leave the process as it was
+        sandbox.settings.backend_user, sandbox.settings.seccomp = saved
 
 
 def cmd_cleanup(args: argparse.Namespace) -> int:
