@@ -78,6 +78,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 128 + stop.signum
     from . import sandbox, state
 
+    if not args.no_seccomp:  # a missing binding is a one-line error before anything is built
+        from . import syscalls
+
+        syscalls.prepare()
     saved = (sandbox.settings.backend_user, sandbox.settings.seccomp)
     sandbox.settings.backend_user = args.backend_user or None
     sandbox.settings.seccomp = not args.no_seccomp

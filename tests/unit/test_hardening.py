@@ -455,3 +455,25 @@ def test_path_under_an_unknown_users_home_is_one_line_and_exit_2(tmp_path: Path,
     assert out.returncode == 2, out.stderr[-2000:]
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and "~nosuchuser-pymvm names no user" in lines[0]
+
+
+def test_run_without_the_seccomp_binding_is_one_line_exit_2_before_building(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    from pymvm import cli, syscalls
+    from tests.unit.test_boot import make_elf
+
+    def missing():
+        raise syscalls.SeccompError("libseccomp's Python binding is not installed: apt-get install "
+                                    "python3-seccomp (or turn the filters off: --no-seccomp)")
+
+    monkeypatch.setattr(syscalls, "_load_binding", missing)
+    monkeypatch.setenv("PYMVM_STATE_DIR", str(tmp_path / "state"))
+    kernel = tmp_path / "vmlinux"
+    kernel.write_bytes(make_elf([(0x1000000, b"\xf4", 0x1000)], 0x1000000))
+    cfg = tmp_path / "vm.toml"
+    cfg.write_text(f'id = "x"\n[boot]\nkernel = "{kernel}"\n[serial]\noutput = "none"\n')
+    assert cli.main(["run", str(cfg)]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if not line.startswith("{")]
+    assert err == ["pymvm: error: libseccomp's Python binding is not installed: apt-get install "
+                   "python3-seccomp (or turn the filters off: --no-seccomp)"]
+    assert not (tmp_path / "state").exists()  # nothing was built, nothing recorded
