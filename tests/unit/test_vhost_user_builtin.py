@@ -1,5 +1,5 @@
-"""The built-in vhost-user net back-end as a child process (root, /dev/net/tun): the host side
-the VMM makes for it, and what close() takes away again."""
+"""The built-in vhost-user net back-end as a child process (root, /dev/net/tun) on the TAP of
+the VMM's host network: what closing the back-end and then the host network takes away."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import subprocess
 import pytest
 from pyroute2 import IPRoute
 
-from pymvm.vhost.user.frontend import BuiltinNetBackendProcess
+from pymvm.net.host import HostNetwork
+from pymvm.vhost.backends.process import BuiltinNetBackendOnTap
 
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0 or not os.path.exists("/dev/net/tun"),
@@ -29,23 +30,31 @@ def tap_name():
     subprocess.run(["ip", "link", "del", name], capture_output=True)
 
 
-def test_close_stops_the_backend_and_deletes_the_tap_it_was_given(tap_name: str) -> None:
-    proc = BuiltinNetBackendProcess.start(tap_name, ready_timeout=60)
+def test_close_stops_the_backend_and_the_host_network_deletes_the_tap_it_made(tap_name) -> None:
+    hostnet = HostNetwork.create(tap_name)
     try:
-        assert link_exists(tap_name)
-        assert os.path.exists(proc.socket_path)
-        assert proc.process.poll() is None
+        proc = BuiltinNetBackendOnTap.start(hostnet.tap.fd, tap_name, ready_timeout=60)
+        try:
+            assert os.path.exists(proc.socket_path)
+            assert proc.process.poll() is None
+        finally:
+            proc.close()
+        assert proc.process.poll() is not None, "the back-end process must be reaped"
+        assert not os.path.exists(proc.socket_path)
+        assert link_exists(tap_name), "the TAP is the VMM's: it outlives the back-end"
     finally:
-        proc.close()
-    assert proc.process.poll() is not None, "the back-end process must be reaped"
-    assert not link_exists(tap_name), "the TAP made for the back-end must go with it"
-    assert not os.path.exists(proc.socket_path)
+        hostnet.close()
+    assert not link_exists(tap_name), "the TAP made for the VM must go with its host network"
 
 
-def test_close_leaves_a_tap_that_existed_before(tap_name: str) -> None:
+def test_close_leaves_a_tap_that_existed_before(tap_name) -> None:
     subprocess.run(["ip", "tuntap", "add", "name", tap_name, "mode", "tap", "vnet_hdr"],
                    check=True)
-    proc = BuiltinNetBackendProcess.start(tap_name, ready_timeout=60)
-    proc.close()
-    assert proc.process.poll() is not None
+    hostnet = HostNetwork.create(tap_name)
+    try:
+        proc = BuiltinNetBackendOnTap.start(hostnet.tap.fd, tap_name, ready_timeout=60)
+        proc.close()
+        assert proc.process.poll() is not None
+    finally:
+        hostnet.close()
     assert link_exists(tap_name), "a TAP the user made must survive"

@@ -1,4 +1,4 @@
-"""Built-in vhost-user back-ends as child processes of the VMM (here: blk).
+"""Built-in vhost-user back-ends as child processes of the VMM (blk, and net on the VMM's TAP).
 
 :class:`BuiltinBlkBackendProcess` runs ``pymvm vhost-user blk`` on an image the VMM opened and
 locked: the child inherits that file description (``--image-fd``), so the lock that keeps

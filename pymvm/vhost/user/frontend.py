@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import contextvars
 import ctypes
-import itertools
 import os
 import select
 import socket
@@ -82,9 +81,6 @@ DRIVER_OK_STATUS = (c.VIRTIO_CONFIG_S_ACKNOWLEDGE | c.VIRTIO_CONFIG_S_DRIVER
 
 DEFAULT_CONNECT_TIMEOUT = 10.0
 DEFAULT_REQUEST_TIMEOUT = 5.0
-#: How long the built-in back-end may take to listen: a Python start-up, tens of seconds on a
-#: slow or emulated host (10 s was too short in the nested e2e host).
-BUILTIN_READY_TIMEOUT = 120.0
 RECONNECT_MIN_DELAY = 0.05
 RECONNECT_MAX_DELAY = 1.0
 _CLOSE_JOIN_TIMEOUT = 5.0
@@ -777,141 +773,3 @@ class VhostUserBlkBackend(VhostUserFrontend):
                          protocol_features=WANTED_PROTOCOL_FEATURES | PF.INFLIGHT_SHMFD,
                          required_protocol_features=PF.CONFIG, inflight=True,
                          connect_timeout=connect_timeout, request_timeout=request_timeout)
-
-
-# ---- the built-in back-end as a child process ------------------------------------------------
-
-_tap_numbers = itertools.count()
-
-
-class BuiltinNetBackendProcess:
-    """``pymvm vhost-user net`` serving one VM's TAP, with the host side made by the VMM.
-
-    The VMM builds the TAP, bridge, namespace and addresses exactly as for vhost-net
-    (HostNetwork), then hands the TAP to the child by name. A non-persistent TAP accepts only
-    the fd that created it, so the TAP is made persistent first (as ``ip tuntap add`` does) and
-    the VMM lets go of its own fd; it is deleted again at close(). A TAP that existed before
-    is only attached to and left in place.
-    """
-
-    def __init__(self) -> None:
-        self.host_network: Any = None
-        self.socket_path = ""
-        self.process: Any = None
-        self._tmpdir: str | None = None
-        self._undo: list[tuple[str, Any]] = []
-        self._log = log.bind(device="vhost-user-net", backend="builtin")
-
-    @classmethod
-    def start(cls, tap: str | None, *, mtu: int | None = None, bridge: str | None = None,
-              netns: str | None = None, host_ip: str | None = None,
-              ready_timeout: float = BUILTIN_READY_TIMEOUT) -> BuiltinNetBackendProcess:
-        proc = cls()
-        try:
-            proc._start(tap, mtu, bridge, netns, host_ip, ready_timeout)
-        except BaseException:
-            proc.close()
-            raise
-        return proc
-
-    def _start(self, tap: str | None, mtu: int | None, bridge: str | None, netns: str | None,
-               host_ip: str | None, ready_timeout: float) -> None:
-        import shutil
-        import subprocess
-        import sys
-        import tempfile
-
-        from pyroute2 import IPRoute
-        from pyroute2 import netns as pyroute2_netns
-
-        from pymvm import state
-        from pymvm.net.host import HostNetwork
-        from pymvm.net.tap import run_in_netns
-
-        if netns is not None and netns not in pyroute2_netns.listnetns():
-            pyroute2_netns.create(netns)  # before the TAP, which is made inside it
-            self._undo.append((f"netns {netns}", lambda: pyroute2_netns.remove(netns)))
-            state.record("netns", name=netns)
-        name = tap or f"pymvm{os.getpid() % 100000}v{next(_tap_numbers)}"
-
-        def make_persistent_tap() -> bool:
-            with IPRoute() as ipr:
-                if ipr.link_lookup(ifname=name):
-                    return False
-                ipr.link("add", ifname=name, kind="tuntap", mode="tap",
-                         ifr={"no_pi": True, "vnet_hdr": True})
-                return True
-
-        def delete_tap() -> None:
-            with IPRoute() as ipr:
-                found = ipr.link_lookup(ifname=name)
-                if found:
-                    ipr.link("del", index=found[0])
-
-        if run_in_netns(netns, make_persistent_tap):
-            self._undo.append((f"tap {name}", lambda: run_in_netns(netns, delete_tap)))
-            state.record("tap", name=name, netns=netns)  # persistent: outlives our process
-        hostnet = HostNetwork.create(name, mtu=mtu, bridge=bridge, netns=netns,
-                                     host_address=host_ip)
-        self.host_network = hostnet
-        self._undo.append(("host network", hostnet.close))
-        hostnet.tap.close()  # let the back-end attach: the TAP persists without our fd
-
-        self._tmpdir = tempfile.mkdtemp(prefix="pymvm-vu-")
-        self._undo.append(("socket dir", lambda: shutil.rmtree(self._tmpdir or "", True)))
-        state.record("dir", path=self._tmpdir)
-        self.socket_path = os.path.join(self._tmpdir, "net.sock")
-        # --parent-pid: the back-end ends itself when we die, even by SIGKILL.
-        argv = [sys.executable, "-m", "pymvm.cli", "vhost-user", "net",
-                "--socket", self.socket_path, "--tap", name, "--parent-pid", str(os.getpid())]
-        from pymvm.sandbox import settings
-
-        if settings.backend_user and os.geteuid() == 0:  # no root, no capabilities once set up
-            argv += ["--user", settings.backend_user]
-        if not settings.seccomp:
-            argv.append("--no-seccomp")
-        if netns is not None:
-            argv = ["ip", "netns", "exec", netns, *argv]
-        self.process = subprocess.Popen(argv, stdin=subprocess.DEVNULL,
-                                        stdout=subprocess.DEVNULL, close_fds=True)
-        self._undo.append(("back-end process", self._stop_process))
-        state.record("process", pid=self.process.pid,
-                     start_time=state.process_start_time(self.process.pid))
-        self._log.info("builtin_backend_started", pid=self.process.pid, tap=name, netns=netns,
-                       socket=self.socket_path)
-        deadline = time.monotonic() + ready_timeout
-        while not os.path.exists(self.socket_path):
-            if self.process.poll() is not None:
-                raise VhostUserFrontendError(
-                    f"the built-in vhost-user net back-end exited with status "
-                    f"{self.process.returncode} before listening; see its log above"
-                )
-            if time.monotonic() > deadline:
-                raise VhostUserFrontendError(
-                    f"the built-in vhost-user net back-end did not create {self.socket_path} "
-                    f"within {ready_timeout:g} s"
-                )
-            time.sleep(0.02)
-
-    def _stop_process(self) -> None:
-        import subprocess
-
-        proc = self.process
-        if proc is None or proc.poll() is not None:
-            return
-        proc.terminate()
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
-        self._log.info("builtin_backend_stopped", pid=proc.pid, status=proc.returncode)
-
-    def close(self) -> None:
-        """Stop and reap the back-end, then undo the host network; idempotent."""
-        while self._undo:
-            what, undo = self._undo.pop()
-            try:
-                undo()
-            except Exception as e:  # keep undoing the rest
-                self._log.warning("builtin_backend_undo_failed", what=what, error=str(e))
