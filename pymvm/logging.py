@@ -10,7 +10,7 @@ import structlog
 
 
 def configure(level: str = "info", *, json: bool = True, stream=None) -> None:
-    stream = stream or sys.stderr
+    """JSON lines to ``stream``, or to whatever ``sys.stderr`` is when each line is written."""
     renderer = structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer(colors=False)
     structlog.configure(
         processors=[
@@ -29,26 +29,34 @@ def configure(level: str = "info", *, json: bool = True, stream=None) -> None:
 class LineLogger:
     """Writes each log line with one write(2), so that the JSON lines of the VMM and of its
     back-end processes, which share stderr, never interleave mid-line (PrintLogger's text
-    stream splits lines longer than its buffer into several writes)."""
+    stream splits lines longer than its buffer into several writes).
 
-    def __init__(self, stream) -> None:
+    ``stream=None`` follows ``sys.stderr`` as it is at each write (tests swap it). Logging
+    never raises: a line for a closed or vanished stream is dropped.
+    """
+
+    def __init__(self, stream=None) -> None:
         self._stream = stream
-        try:
-            self._fd: int | None = stream.fileno()
-        except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is an OSError
-            self._fd = None
 
     def msg(self, message: str) -> None:
+        stream = self._stream if self._stream is not None else sys.stderr
         data = (message + "\n").encode("utf-8", "backslashreplace")
-        if self._fd is None:
-            self._stream.write(data.decode("utf-8"))
-            self._stream.flush()
+        try:
+            fd = stream.fileno()
+        except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is an OSError
+            fd = None
+        try:
+            if fd is None:
+                stream.write(data.decode("utf-8"))
+                stream.flush()
+                return
+            stream.flush()  # whatever was printed before goes first
+        except (OSError, ValueError):  # closed, or its reader went away
             return
-        self._stream.flush()  # whatever was printed before goes first
         view = memoryview(data)
         while view:  # a pipe or terminal may take less than all of it
             try:
-                view = view[os.write(self._fd, view):]
+                view = view[os.write(fd, view):]
             except InterruptedError:
                 continue
             except OSError:
