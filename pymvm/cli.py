@@ -54,7 +54,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     import signal
 
-    from .nested import can_boot_linux_here
+    from .hostcheck import can_boot_linux_here
     from .vmm import StopSignal, _raise_stop_signal, run_vm
 
     # From here on SIGINT/SIGTERM unwind through the cleanup paths (status 128+N).
