@@ -218,6 +218,12 @@ def _undo_netns(rec: dict[str, Any]) -> None:
 
 def _undo_path(rec: dict[str, Any]) -> None:
     path = rec["path"]
+    if "ino" in rec:  # only the very file it made (another VMM may have bound the path since)
+        try:
+            if os.lstat(path).st_ino != rec["ino"]:
+                return
+        except FileNotFoundError:
+            return
     if os.path.isdir(path) and not os.path.islink(path):
         shutil.rmtree(path, ignore_errors=True)
     else:

@@ -193,6 +193,9 @@ class ApiServer:
         """Bind (mode 0600, a stale socket replaced) and serve on the running loop."""
         self._sock = bind_socket(self.path)
         self._ino = os.stat(self.path).st_ino
+        from pymvm import state  # removed by `pymvm cleanup` if this VMM is killed
+
+        state.record("socket", path=self.path, ino=self._ino)
         self._runner = web.AppRunner(self.app(), access_log=None, handle_signals=False,
                                      shutdown_timeout=1.0)
         await self._runner.setup()

@@ -477,3 +477,33 @@ def test_run_without_the_seccomp_binding_is_one_line_exit_2_before_building(
     assert err == ["pymvm: error: libseccomp's Python binding is not installed: apt-get install "
                    "python3-seccomp (or turn the filters off: --no-seccomp)"]
     assert not (tmp_path / "state").exists()  # nothing was built, nothing recorded
+
+
+def test_cleanup_removes_a_dead_vmms_api_socket_but_not_one_bound_there_since(tmp_path: Path) -> None:
+    import json
+
+    from pymvm import state
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    sockets = []
+    for name in ("mine.sock", "rebound.sock"):
+        s = socket.socket(socket.AF_UNIX)
+        s.bind(str(tmp_path / name))
+        sockets.append(s)
+    ino = os.stat(tmp_path / "mine.sock").st_ino
+    vm_dir = tmp_path / "state" / "old.1"
+    vm_dir.mkdir(parents=True)
+    (vm_dir / state.OWNER).write_text(json.dumps({"pid": dead.pid, "start_time": None, "vm_id": "old"}))
+    (vm_dir / state.RESOURCES).write_text("".join(
+        json.dumps({"kind": "socket", "path": str(tmp_path / n), "ino": i}) + "\n"
+        # the dead VMM's inode at both paths: rebound.sock is another file now
+        for n, i in (("mine.sock", ino), ("rebound.sock", ino))))
+    try:
+        state.cleanup_stale(tmp_path / "state")
+        assert not (tmp_path / "mine.sock").exists()
+        assert (tmp_path / "rebound.sock").exists()  # another VMM's now: left alone
+        assert not vm_dir.exists()
+    finally:
+        for s in sockets:
+            s.close()
