@@ -461,3 +461,27 @@ def test_addresses_put_on_existing_devices_are_recorded_for_cleanup(
     assert {"kind": "address", "dev": names.tap, "address": "10.221.1.1", "prefixlen": 24,
             "netns": None} in records
     assert not any(r["kind"] in ("bridge", "tap") for r in records)  # none of them are ours
+
+
+def test_address_on_a_users_tap_in_a_netns_is_recorded_with_the_netns(
+        names: Names, tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pymvm import state
+
+    monkeypatch.setenv(state.STATE_DIR_ENV, str(tmp_path))
+    pyroute2_netns.create(names.netns)
+    subprocess.run(["ip", "-n", names.netns, "tuntap", "add", "name", names.tap, "mode", "tap",
+                    "vnet_hdr"], check=True)
+    with state.vm_state("rec") as st:
+        with HostNetwork.create(names.tap, netns=names.netns, host_address="10.222.0.1/24"):
+            records = recorded(st)
+    assert {"kind": "address", "dev": names.tap, "address": "10.222.0.1", "prefixlen": 24,
+            "netns": names.netns} in records
+
+
+def test_a_one_byte_bridge_name_is_taken() -> None:
+    try:
+        with HostNetwork.create(bridge="~"):
+            assert link("~") is not None
+    finally:
+        subprocess.run(["ip", "link", "del", "~"], capture_output=True)
+    assert link("~") is None
