@@ -512,6 +512,8 @@ def build_initramfs(out: Path | None = None, extra_binaries: Sequence[str] = (),
         # `@test-initramfs` (initramfs_status) names the last archive built without modules.
         _write_atomically(directory / f"{key}.with", " ".join(extra_binaries))
         _write_atomically(directory / _LATEST, key)
+        if cache_dir is None:
+            _record(cached, inputs, extra_binaries)
     if out is None:
         return cached
     out = Path(out)
@@ -519,6 +521,22 @@ def build_initramfs(out: Path | None = None, extra_binaries: Sequence[str] = (),
     shutil.copyfile(cached, tmp_out)
     tmp_out.replace(out)
     return out
+
+
+def _record(archive: Path, inputs: _Inputs, extra_binaries: Sequence[str]) -> None:
+    """`@test-initramfs` for `pymvm run`, valid while every file it was made from is
+    unchanged (pymvm.images.artifacts): no hashing of busybox and the programs per run."""
+    from pymvm.images.agent import AGENT_SOURCE
+    from pymvm.images.artifacts import record_artifact
+
+    try:
+        files = [INIT_TEMPLATE, Path(layout.__file__), Path(__file__), inputs.busybox_path,
+                 AGENT_SOURCE]
+        for name in extra_binaries:
+            files.extend(host_program_files(name).values())
+    except (OSError, ImageError):
+        return
+    record_artifact("test-initramfs", archive, files)
 
 
 def _write_atomically(path: Path, text: str) -> None:

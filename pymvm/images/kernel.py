@@ -164,7 +164,23 @@ def kernel_status(cache_dir: Path | None = None,
     except KernelBuildError:
         return None
     images = _images_in(final_dir)
-    return images if _complete(images) else None
+    if not _complete(images):
+        return None
+    if not acpi and cache_dir is None:
+        _record(images, fragment_paths(fragment_path, acpi=acpi))
+    return images
+
+
+def _record(images: KernelImages, fragments: list[Path]) -> None:
+    """`@microvm-kernel` for `pymvm run`, valid while the fragments, the source and this
+    recipe are unchanged (pymvm.images.artifacts)."""
+    from .artifacts import record_artifact
+
+    try:
+        tarball = find_source_tarball()
+    except KernelBuildError:
+        return
+    record_artifact("microvm-kernel", images.vmlinux, [*fragments, tarball, Path(__file__)])
 
 
 # --- building ---------------------------------------------------------------------------
@@ -236,6 +252,8 @@ def build_kernel(cache_dir: Path | None = None, jobs: int | None = None,
     final_dir, tarball, fragment = _build_dir(cache_dir, paths)
     images = _images_in(final_dir)
     if _complete(images):
+        if not acpi and cache_dir is None:
+            _record(images, paths)
         return images
     _check_tools()
     jobs = jobs or os.cpu_count() or 1
@@ -280,6 +298,8 @@ def build_kernel(cache_dir: Path | None = None, jobs: int | None = None,
         shutil.rmtree(work, ignore_errors=True)
     log(f"[kernel] done in {_elapsed(start)}: {final_dir}")
     log_.info("kernel_build_done", key=final_dir.name, seconds=round(time.monotonic() - start))
+    if not acpi and cache_dir is None:
+        _record(images, paths)
     return images
 
 
