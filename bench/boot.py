@@ -7,6 +7,9 @@ Each VMM boots the microVM bzImage with the test initramfs N times. Measured per
   - memory overhead: the VMM's RSS minus the RSS of its guest-RAM mapping, sampled at the
     ready marker.
 Prints medians, then `boot_time_ratio=X` and `memory_overhead_ratio=Y` (pymvm / QEMU).
+Then the VMM's own start-up: from process start (its execve) to the first KVM_RUN ioctl,
+both read from an `strace -f -ttt` of each VMM alike (`--startup-runs`, 3 by default, in runs
+of their own since tracing slows the boot), printed as `startup_ratio=X`.
 
 The stock part (`--stock-runs`, 1 by default) boots the distribution kernel the host runs
 (Debian's /boot/vmlinuz-*) with the test initramfs plus its virtio modules, with ACPI on in
@@ -94,6 +97,59 @@ def interleaved(vmms: dict[str, list[str]], runs: int, label: str) -> dict[str, 
             for name, r in results.items()}
 
 
+def startup_once(argv: list[str], trace: Path, timeout: float = 300.0) -> float:
+    """Seconds from the VMM's execve to its first KVM_RUN ioctl, both read from one
+    `strace -f -ttt` of the process, the same way for every VMM; the VMM is killed then."""
+    strace = shutil.which("strace")
+    if strace is None:
+        raise RuntimeError("strace not found: apt-get install strace")
+    proc = subprocess.Popen([strace, "-f", "-ttt", "-qq", "-e", "trace=execve,ioctl",
+                             "-o", str(trace), *argv], stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + timeout
+    vmm_pid = None
+    try:
+        while True:
+            text = trace.read_text(errors="replace") if trace.exists() else ""
+            execs = [ln for ln in text.splitlines() if " execve(" in ln]
+            runs = [ln for ln in text.splitlines() if "KVM_RUN" in ln]
+            if execs and vmm_pid is None:
+                vmm_pid = int(execs[0].split()[0])  # with -f every line starts with the pid
+            if execs and runs:
+                return _trace_time(runs[0]) - _trace_time(execs[0])
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{argv[0]}: no KVM_RUN traced (rc={proc.poll()}): {text[-800:]}")
+            time.sleep(0.05)
+    finally:
+        if vmm_pid is not None:  # the traced VMM first: strace's death would leave it running
+            try:
+                os.kill(vmm_pid, 9)
+            except ProcessLookupError:
+                pass
+        proc.kill()
+        proc.wait()
+
+
+def _trace_time(line: str) -> float:
+    """The -ttt timestamp of a strace -f line ("PID SECONDS.USEC call(...)")."""
+    fields = line.split()
+    return float(fields[1] if fields[0].isdigit() else fields[0])
+
+
+def startup_part(vmms: dict[str, list[str]], runs: int, tmp: Path) -> float:
+    """Median process start to first KVM_RUN per VMM, interleaved; returns pymvm / QEMU."""
+    times: dict[str, list[float]] = {name: [] for name in vmms}
+    for i in range(runs):
+        for name, argv in vmms.items():
+            t = startup_once(argv, tmp / f"startup-{name}-{i}.trace")
+            times[name].append(t)
+            print(f"startup run {i + 1:2d} {name:5s} first KVM_RUN after {t * 1000:8.1f} ms", flush=True)
+    med = {name: statistics.median(ts) for name, ts in times.items()}
+    for name, t in med.items():
+        print(f"{name}: median start-up (process start to first KVM_RUN) {t * 1000:.1f} ms")
+    return med["pymvm"] / med["qemu"]
+
+
 def pymvm_argv(config: Path, kernel: Path, initrd: Path, cmdline: str) -> list[str]:
     config.write_text(
         f'id = "bench"\n[machine]\nvcpus = 1\nmemory_mib = {MEMORY_MIB}\n'
@@ -137,6 +193,9 @@ def main() -> int:
                         "VMM (bench/first_exec.py; 0: skip)")
     p.add_argument("--stock-runs", type=int, default=1,
                    help="boots per VMM of the stock distribution kernel (0: skip that part)")
+    p.add_argument("--startup-runs", type=int, default=3,
+                   help="runs per VMM of the start-up measurement: process start to the first "
+                        "KVM_RUN, both from strace -f -ttt (0: skip)")
     p.add_argument("--parts", default="microvm,stock,exec",
                    help="comma-separated: microvm (pymvm's kernel), stock (the distribution "
                         "kernel), exec (first command result over vsock)")
@@ -170,6 +229,9 @@ def main() -> int:
                 print(f"{name}: median boot {t * 1000:.1f} ms, median VMM memory overhead {o / 1024:.1f} MiB")
             print(f"boot_time_ratio={med['pymvm'][0] / med['qemu'][0]:.3f}")
             print(f"memory_overhead_ratio={med['pymvm'][1] / med['qemu'][1]:.3f}", flush=True)
+            if args.startup_runs > 0:
+                ratio = startup_part(vmms, args.startup_runs, tmp)
+                print(f"startup_ratio={ratio:.3f}", flush=True)
         if "stock" in parts and args.stock_runs > 0:
             ratio = stock_part(qemu, args.stock_runs, tmp, cmdline)
             print(f"stock_boot_time_ratio={ratio:.3f}")
