@@ -42,6 +42,10 @@ SWAP_CONNECT_TIMEOUT = 30.0
 #: How long a swap waits for a fresh built-in back-end to listen (a Python start under load
 #: in an emulated host took over 120 s).
 SWAP_READY_TIMEOUT = 600.0
+#: How long a swapped-in vhost-user back-end may take to answer a request: a fresh built-in
+#: one answers its first only once it has dropped privileges and installed its seccomp filter
+#: after listening, which took over 5 s (the boot-time default) in a loaded nested host.
+SWAP_REQUEST_TIMEOUT = 60.0
 #: How long closing the VM waits for a swap under way (its own waits are bounded).
 SWAP_CLOSE_WAIT = SWAP_READY_TIMEOUT + 60.0
 
@@ -344,17 +348,23 @@ class DeviceManager:
     @staticmethod
     def _builtin_backend(stack: contextlib.ExitStack, tap: Any,
                          connect_timeout: float | None = None,
-                         ready_timeout: float | None = None) -> tuple[Any, str]:
+                         ready_timeout: float | None = None,
+                         request_timeout: float | None = None) -> tuple[Any, str]:
         """pymvm's built-in back-end on ``tap`` (its fd inherited) and a front-end connected
         to it; both closed by ``stack`` (front-end first)."""
         from ..vhost.backends.process import READY_TIMEOUT, BuiltinNetBackendOnTap
-        from ..vhost.user.frontend import DEFAULT_CONNECT_TIMEOUT, VhostUserNetBackend
+        from ..vhost.user.frontend import (
+            DEFAULT_CONNECT_TIMEOUT,
+            DEFAULT_REQUEST_TIMEOUT,
+            VhostUserNetBackend,
+        )
 
         process = BuiltinNetBackendOnTap.start(tap.fd, tap.name,
                                                ready_timeout=ready_timeout or READY_TIMEOUT)
         stack.callback(process.close)
         backend = VhostUserNetBackend(process.socket_path, "client",
-                                      connect_timeout=connect_timeout or DEFAULT_CONNECT_TIMEOUT)
+                                      connect_timeout=connect_timeout or DEFAULT_CONNECT_TIMEOUT,
+                                      request_timeout=request_timeout or DEFAULT_REQUEST_TIMEOUT)
         stack.callback(backend.close)
         backend.process = process  # type: ignore[attr-defined]  # for the API and tests
         return backend, process.socket_path
@@ -414,7 +424,8 @@ class DeviceManager:
                     tap = self._host_tap(record, net)
                     # While the VM runs (and moves packets) a Python start takes longer.
                     new, socket_path = self._builtin_backend(new_part.stack, tap, connect_timeout,
-                                                             SWAP_READY_TIMEOUT)
+                                                             SWAP_READY_TIMEOUT,
+                                                             SWAP_REQUEST_TIMEOUT)
                 else:
                     from ..vhost.user.frontend import VhostUserNetBackend
 
@@ -426,7 +437,8 @@ class DeviceManager:
                         raise SwapFailed(f"{socket} is not a UNIX socket; give the vhost-user "
                                          "back-end's socket")
                     new = VhostUserNetBackend(socket, socket_mode,  # type: ignore[arg-type]
-                                              connect_timeout=connect_timeout)
+                                              connect_timeout=connect_timeout,
+                                              request_timeout=SWAP_REQUEST_TIMEOUT)
                     new_part.stack.callback(new.close)
                     socket_path = socket
             except (VhostError, VhostUserError, NetError, OSError) as e:
