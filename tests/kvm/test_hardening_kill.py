@@ -100,6 +100,17 @@ def test_hardening_kill_9_of_pymvm_run_leaves_no_backend_and_cleanup_removes_tap
         (sock_dir,) = [r["path"] for r in records if r["kind"] == "dir"]
         assert alive(backend) and link_exists(tap) and link_exists(bridge)
         assert os.path.exists(os.path.join(sock_dir, "net.sock"))
+        # Least privilege: the back-end the VMM started runs as nobody, without capabilities,
+        # holding its TAP, its sockets and its event loop's fds only (no guest memory before
+        # the driver starts the device, nothing of the VMM's such as /dev/kvm).
+        status = dict(line.split(":\t", 1) for line in
+                      Path(f"/proc/{backend}/status").read_text().splitlines() if ":\t" in line)
+        assert status["Uid"].split()[0] == str(__import__("pwd").getpwnam("nobody").pw_uid)
+        assert int(status["CapEff"], 16) == 0 and int(status["CapPrm"], 16) == 0
+        kinds = {os.readlink(f"/proc/{backend}/fd/{fd}").split(":")[0]
+                 for fd in os.listdir(f"/proc/{backend}/fd") if int(fd) > 2}
+        assert kinds <= {"/dev/net/tun", "socket", "anon_inode"}, kinds
+        assert "/dev/net/tun" in kinds
 
         vmm.send_signal(signal.SIGKILL)
         vmm.wait(10)
