@@ -60,3 +60,27 @@ def test_unknown_module_is_refused_with_status_2() -> None:
                          text=True)
     assert run.returncode == 2
     assert "pymvm/nope.py does not exist" in run.stderr
+
+
+def test_a_worker_death_counts_only_if_plain_pytest_fails_under_the_mutant(
+        monkeypatch, tmp_path: Path) -> None:
+    ran: list[str] = []
+
+    class Run:
+        def __init__(self, returncode: int) -> None:
+            self.returncode = returncode
+
+    def fake_run(argv, *, cwd, env, **kwargs):
+        ran.append(env["MUTANT_UNDER_TEST"])
+        assert cwd == tmp_path / "mutants" and argv[-1] == "tests/unit/test_x.py"
+        return Run(0 if env["MUTANT_UNDER_TEST"].endswith("_1") else 1)
+
+    monkeypatch.setattr(mutation.subprocess, "run", fake_run)
+    by_module = {"pymvm/a.py": {"pymvm.a.x_f__mutmut_1": "segfault",
+                                "pymvm.a.x_f__mutmut_2": "segfault",
+                                "pymvm.a.x_f__mutmut_3": "survived"}}
+    mutation.recheck_crashes(tmp_path, by_module, ["tests/unit/test_x.py"], 30, {})
+    assert by_module["pymvm/a.py"] == {"pymvm.a.x_f__mutmut_1": "survived",
+                                       "pymvm.a.x_f__mutmut_2": "killed",
+                                       "pymvm.a.x_f__mutmut_3": "survived"}
+    assert sorted(ran) == ["pymvm.a.x_f__mutmut_1", "pymvm.a.x_f__mutmut_2"]
