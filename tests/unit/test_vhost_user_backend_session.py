@@ -547,3 +547,23 @@ def test_inflight_request_outside_the_device_drops_the_connection(
         await assert_dropped(fe)
 
     run_server(tmp_path, InflightDevice(), body)
+
+
+def test_descriptor_table_starting_exactly_at_the_region_end_drops_the_connection(
+        tmp_path, ram: Ram) -> None:
+    async def body(server: VhostUserServer, connect) -> None:
+        fe = await connect()
+        await fe.negotiate()
+        dup = os.dup(ram.fd)
+        await fe.request(m.SetMemTable((ram.region(),), (dup,)))
+        os.close(dup)
+        await fe.request(m.SetVringNum(0, QSIZE))
+        end = ram.uva + ram.size  # the first address past the region
+        await fe.request(m.SetVringAddr(0, 0, end, ram.uva + USED, ram.uva + AVAIL, 0))
+        kick = os.eventfd(0, os.EFD_NONBLOCK)
+        await send(fe, m.SetVringKick(0, kick))
+        os.close(kick)
+        await send(fe, m.SetVringEnable(0, True, need_reply=True))
+        await assert_dropped(fe)
+
+    run_server(tmp_path, RecordingDevice(), body)
