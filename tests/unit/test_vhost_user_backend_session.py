@@ -13,6 +13,7 @@ import struct
 
 import pytest
 
+from pymvm.devices.virtio.queue import VRING_DESC_F_INDIRECT
 from pymvm.vhost.user import messages as m
 from pymvm.vhost.user.backend import MAX_MEM_SLOTS, VhostUserServer
 from pymvm.vhost.user.errors import VhostUserRequestFailed
@@ -567,3 +568,57 @@ def test_descriptor_table_starting_exactly_at_the_region_end_drops_the_connectio
         await assert_dropped(fe)
 
     run_server(tmp_path, RecordingDevice(), body)
+
+
+def test_buffers_published_before_the_ring_starts_are_processed_without_a_kick(
+        tmp_path, ram: Ram) -> None:
+    device = RecordingDevice()
+
+    async def body(server: VhostUserServer, connect) -> None:
+        fe = await connect()
+        await fe.negotiate()
+        ram.map[DATA:DATA + 5] = b"early"
+        ram.desc(0, ram.gpa + DATA, 5)
+        ram.publish(0)
+        kick, call = await start_ring(fe, ram, ram.uva)  # no eventfd_write(kick)
+        await until(lambda: device.payloads == [b"early"])
+        for fd in (kick, call):
+            os.close(fd)
+
+    run_server(tmp_path, device, body)
+
+
+@pytest.mark.parametrize("acked_indirect", [True, False])
+def test_indirect_descriptors_are_followed_only_when_indirect_was_acked(
+        tmp_path, ram: Ram, acked_indirect: bool) -> None:
+    from pymvm.devices.virtio.constants import VIRTIO_F_VERSION_1, VIRTIO_RING_F_INDIRECT_DESC
+
+    device = RecordingDevice()
+    table = DATA + 0x1000  # the indirect table: one descriptor pointing at the payload
+
+    async def body(server: VhostUserServer, connect) -> None:
+        fe = await connect()
+        await fe.request(m.GetFeatures())
+        features = 1 << VIRTIO_F_VERSION_1 | m.PROTOCOL_FEATURES_FLAG
+        if acked_indirect:
+            features |= 1 << VIRTIO_RING_F_INDIRECT_DESC
+        await fe.request(m.SetFeatures(features))
+        await fe.request(m.GetProtocolFeatures())
+        await fe.request(m.SetProtocolFeatures(int(fe.conn.negotiate_protocol_features(
+            PF.REPLY_ACK))))
+        await fe.request(m.SetOwner())
+        kick, call = await start_ring(fe, ram, ram.uva)
+        ram.map[DATA:DATA + 8] = b"indirect"
+        struct.pack_into("<QIHH", ram.map, table, ram.gpa + DATA, 8, 0, 0)
+        struct.pack_into("<QIHH", ram.map, DESC, ram.gpa + table, 16, VRING_DESC_F_INDIRECT, 0)
+        ram.publish(0)
+        os.eventfd_write(kick, 1)
+        if acked_indirect:
+            await until(lambda: device.payloads == [b"indirect"])
+        else:
+            await asyncio.sleep(0.3)
+            assert device.payloads == []  # the device never saw the buffer behind the table
+        for fd in (kick, call):
+            os.close(fd)
+
+    run_server(tmp_path, device, body)
