@@ -52,6 +52,7 @@ class UdpStream:
         self.pps = pps
         self.sent: dict[int, float] = {}
         self.received: dict[int, float] = {}
+        self._lock = threading.Lock()  # the two threads write, readers take snapshots
         self.stop = threading.Event()
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.sock.bind((host, 0))
@@ -73,7 +74,8 @@ class UdpStream:
                     self.sock.send(struct.pack("!Q", seq).ljust(64, b"\0"))
                 except OSError:
                     pass  # an ICMP error from an earlier datagram: keep going
-                self.sent[seq] = now
+                with self._lock:
+                    self.sent[seq] = now
                 seq += 1
             time.sleep(0.004)
 
@@ -84,7 +86,8 @@ class UdpStream:
             except OSError:  # the timeout included
                 continue
             if len(data) >= 8:
-                self.received.setdefault(struct.unpack_from("!Q", data)[0], time.monotonic())
+                with self._lock:
+                    self.received.setdefault(struct.unpack_from("!Q", data)[0], time.monotonic())
 
     def close(self) -> None:
         self.stop.set()
@@ -92,8 +95,13 @@ class UdpStream:
             t.join(5)
         self.sock.close()
 
+    def _snapshot(self) -> tuple[dict[int, float], dict[int, float]]:
+        with self._lock:
+            return dict(self.sent), dict(self.received)
+
     def echoes_since(self, t: float) -> int:
-        return sum(1 for r in list(self.received.values()) if r >= t)
+        _, received = self._snapshot()
+        return sum(1 for r in received.values() if r >= t)
 
     def wait_flowing(self, timeout: float, *, share: float = 0.5) -> bool:
         """Until at least ``share`` of the last second's datagrams came back."""
@@ -106,9 +114,10 @@ class UdpStream:
 
     def window(self, t0: float, t1: float) -> dict[str, float]:
         """Longest time without an echo in [t0, t1] and the datagrams sent then never echoed."""
-        arrivals = sorted(r for r in list(self.received.values()) if t0 <= r <= t1)
+        sent_at, received = self._snapshot()
+        arrivals = sorted(r for r in received.values() if t0 <= r <= t1)
         points = [t0, *arrivals, t1]
         gap = max(b - a for a, b in zip(points, points[1:]))
-        sent = [s for s, t in list(self.sent.items()) if t0 <= t <= t1]
-        lost = sum(1 for s in sent if s not in self.received)
+        sent = [s for s, t in sent_at.items() if t0 <= t <= t1]
+        lost = sum(1 for s in sent if s not in received)
         return {"gap_ms": round(gap * 1000, 1), "lost": lost, "sent": len(sent)}

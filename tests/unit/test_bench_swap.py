@@ -38,3 +38,42 @@ def test_summary_is_the_median_gap_and_loss_and_the_cycle_visits_every_kind() ->
     assert bench.summary(samples) == (7, 2)
     names = [bench.NAMES[t] for t in bench.CYCLE]
     assert names == ["builtin", "dpdk", "builtin", "vhost-net"]  # from vhost-net and back
+
+
+def test_the_udp_stream_measures_gaps_and_losses_while_its_threads_run() -> None:
+    # Against a Python echo on loopback that drops datagrams 500-999: one gap, 500 lost.
+    import socket
+    import threading
+    import time
+
+    from pymvm.testing.udp import UdpStream
+
+    echo = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    echo.bind(("127.0.0.1", 0))
+    echo.settimeout(0.2)
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                data, peer = echo.recvfrom(2048)
+            except OSError:
+                continue
+            if not 500 <= int.from_bytes(data[:8], "big") < 1000:
+                echo.sendto(data, peer)
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    stream = UdpStream("127.0.0.1", "127.0.0.1", pps=1000, port=echo.getsockname()[1])
+    try:
+        t0 = time.monotonic()
+        assert stream.wait_flowing(10)
+        time.sleep(2.5)
+        windows = [stream.window(t0, time.monotonic()) for _ in range(20)]  # while sending
+    finally:
+        stream.close()
+        stop.set()
+        t.join(5)
+        echo.close()
+    w = windows[-1]
+    assert w["lost"] >= 500 and w["gap_ms"] >= 400, w
