@@ -143,3 +143,17 @@ def test_api_link_down_drops_the_guest_carrier_and_ping_and_link_up_brings_both_
     assert run.returncode == 3, run.describe()
     assert not link_exists(tap)
 
+
+def test_api_shutdown_presses_ctrl_alt_del_and_the_vm_ends_with_status_0(tmp_path, guest_images):
+    guest = ApiGuest(tmp_path, guest_images, "echo WAITING; sleep 600")
+    try:
+        guest.wait_console(r"WAITING")
+        assert guest.api("PUT", "/vm/actions", {"action": "shutdown"}) == {
+            "action": "shutdown", "exit_status": 0}
+        run = guest.finish(timeout=240)
+    finally:
+        if guest.proc.poll() is None:
+            guest.proc.kill()
+    assert run.returncode == 0, run.describe()
+    assert run.events("vm_stopped")[-1]["reason"] == "guest-reset", run.describe()
+    assert "i8042_ctrl_alt_del" in run.stderr
