@@ -148,7 +148,8 @@ def test_region_larger_than_its_fd_is_refused_not_mapped(tmp_path: Path) -> None
 
     try:
         with structlog.testing.capture_logs() as logs:
-            with pytest.raises((m.VhostUserRemoteError, OSError, asyncio.TimeoutError)):
+            # Refused by the back-end (an error or a dropped connection), never a timeout.
+            with pytest.raises((m.VhostUserRemoteError, OSError)):
                 run_server(tmp_path, RecordingDevice(), body)
     finally:
         os.close(memfd)
@@ -208,7 +209,8 @@ def test_unpollable_kick_fd_is_a_protocol_error(tmp_path: Path, kind: str) -> No
         await fe.request(m.SetVringNum(0, QSIZE))
         await fe.request(m.SetVringAddr(0, 0, MEM_UVA + DESC, MEM_UVA + USED, MEM_UVA + AVAIL, 0))
         await fe.request(m.SetVringKick(0, kick))
-        with pytest.raises((m.VhostUserRemoteError, OSError, asyncio.TimeoutError)):
+        # Refused by the back-end (an error or a dropped connection), never a timeout.
+        with pytest.raises((m.VhostUserRemoteError, OSError)):
             await fe.request(m.SetVringEnable(0, True, need_reply=True))
         fe.sock.close()
         await asyncio.sleep(0.05)
