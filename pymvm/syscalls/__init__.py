@@ -118,6 +118,11 @@ BLK_BACKEND: dict[str, str] = {
 #: teardown, and what a live back-end swap needs (a spawned back-end inherits this filter).
 VMM: dict[str, str] = {
     **BACKEND,
+    # A built-in blk back-end the VMM restarts runs under this filter too (filters are
+    # inherited): everything it does must be here as well.
+    **{name: why for name, why in BLK_BACKEND.items() if name not in BACKEND},
+    "flock": "a restarted blk back-end takes the image lock on the fd it inherits (a no-op: "
+             "the VMM's file description holds it)",
     "ioctl": "KVM_RUN and the vCPU/VM ioctls; vhost-net's and vhost-vsock's VHOST_* (ring "
              "set-up, VHOST_VSOCK_SET_RUNNING) when the driver starts or resets a device; TAP "
              "offloads; FIONBIO",

@@ -106,3 +106,42 @@ def test_seccomp_doc_lists_every_blk_backend_syscall_with_its_reason() -> None:
     doc = (REPO / "docs" / "seccomp.md").read_text()
     for name, why in syscalls.BLK_BACKEND.items():
         assert f"| `{name}` | {why} |" in doc, f"docs/seccomp.md lacks {name}"
+
+
+RESTART_UNDER_VMM_FILTER = '''
+import os, signal, struct, sys, time
+from pathlib import Path
+from pymvm import sandbox, syscalls
+from pymvm.vhost.backends.process import BuiltinBlkBackendProcess
+from pymvm.vhost.user.frontend import VhostUserBlkBackend
+
+sandbox.settings.seccomp = True
+proc = BuiltinBlkBackendProcess.start(Path(sys.argv[1]), ready_timeout=60)
+fe = VhostUserBlkBackend(proc.socket_path, connect_timeout=30)
+syscalls.prepare()
+syscalls.install_vmm()  # as pymvm run does before the vCPUs start
+first = proc.process.pid
+os.kill(first, signal.SIGKILL)
+deadline = time.monotonic() + 90
+while not (proc.restarts >= 1 and fe.connections == 2 and fe.connected):
+    assert time.monotonic() < deadline, f"no reconnect: restarts={proc.restarts}"
+    time.sleep(0.05)
+time.sleep(1)
+assert proc.restarts == 1, proc.restarts  # the new one did not die (SIGSYS) in turn
+print("CAPACITY", struct.unpack("<Q", fe.get_config(0, 8))[0], flush=True)
+fe.close()
+proc.close()
+'''
+
+
+def test_blk_backend_restarted_by_a_filtered_vmm_survives_both_filters(tmp_path: Path) -> None:
+    """A back-end the VMM restarts inherits the VMM's filter (then adds its own): what it
+    does at start (the image lock) and while serving must be on the VMM's list too."""
+    image = tmp_path / "disk.img"
+    image.write_bytes(bytes(1 << 20))
+    done = subprocess.run([sys.executable, "-c", RESTART_UNDER_VMM_FILTER, str(image)],
+                          capture_output=True, timeout=240)
+    err = done.stderr.decode()
+    assert not [e for e in events(done.stderr) if e["event"] == "seccomp_violation"], err[-3000:]
+    assert done.returncode == 0, err[-3000:]
+    assert f"CAPACITY {(1 << 20) // 512}" in done.stdout.decode()
