@@ -61,9 +61,18 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .hostcheck import can_boot_linux_here
     from .vmm import StopSignal, _raise_stop_signal, run_vm
 
-    # From here on SIGINT/SIGTERM unwind through the cleanup paths (status 128+N).
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, _raise_stop_signal)
+    # From here on SIGINT/SIGTERM unwind through the cleanup paths (status 128+N). main() may
+    # run in-process (tests): the handlers before it come back however this returns, or every
+    # later SIGTERM to that process (a forked helper's included) would raise StopSignal.
+    previous = {s: signal.signal(s, _raise_stop_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return _run(args, StopSignal, run_vm, can_boot_linux_here)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _run(args: argparse.Namespace, StopSignal, run_vm, can_boot_linux_here) -> int:  # noqa: N803
     try:
         config = _load(args.config)
         if args.api_sock is not None:  # the command line wins over [api] socket

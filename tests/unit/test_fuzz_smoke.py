@@ -30,6 +30,11 @@ def test_every_fuzz_harness_runs_its_inputs_without_a_crash(tmp_path: Path) -> N
 
 
 def test_fuzz_counts_crashes_and_keeps_the_crashing_input(tmp_path: Path) -> None:
+    # A crashing input already in the harness's corpus: the run must count it and keep it,
+    # whether or not the fuzzer's own mutations reach one within the run.
+    corpus = tmp_path / "selftest" / "corpus"
+    corpus.mkdir(parents=True)
+    (corpus / "seed-crash").write_bytes(b"Crash")
     out = subprocess.run([sys.executable, str(FUZZ), "-n", "3000", "-k", "selftest",
                           "--corpus", str(tmp_path)], capture_output=True, text=True, timeout=300)
     got = results(out.stdout)
