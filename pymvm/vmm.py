@@ -254,6 +254,9 @@ class VirtualMachine:
 
     def fast_mmio_reads(self) -> int:
         """Guest MMIO reads the vCPUs answered in C (their counters outlive the machine)."""
+        closed = getattr(self, "_closed_fast_reads", None)
+        if closed is not None:  # the devices are gone, their counters are not
+            return sum(f.hits for f in closed)
         if self.devices is None:
             return 0
         return sum(d.fast_read.hits for d in self.devices.mmio_devices() if d.fast_read is not None)
@@ -266,6 +269,9 @@ class VirtualMachine:
             except Exception as e:  # the host resources below must be undone regardless
                 log.warning("teardown_step_failed", step="Machine.close", error=str(e))
         if self.devices is not None:
+            # The C loop's hit counts are logged after teardown (vm_stopped): keep their handles.
+            self._closed_fast_reads = [d.fast_read for d in self.devices.mmio_devices()
+                                       if d.fast_read is not None]
             self.devices.close()  # each device: back-end, host network, plumbing
         self.machine = None
         if getattr(self, "serial", None) is not None:
