@@ -18,8 +18,10 @@ from .cache import cache_root
 
 
 def _signature(path: Path) -> list[int]:
+    # Whole seconds: the nested test host sees this file system through 9p, whose times have
+    # no sub-second part, and a record written there must still match here (and back).
     st = os.stat(path)
-    return [st.st_size, st.st_mtime_ns]
+    return [st.st_size, st.st_mtime_ns // 1_000_000_000]
 
 
 def _record_path(name: str, cache_dir: Path | None) -> Path:

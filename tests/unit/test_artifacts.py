@@ -26,7 +26,7 @@ def test_recorded_artifact_resolves_while_its_inputs_are_unchanged(tmp_path: Pat
 
 def test_a_changed_input_makes_the_record_stale(tmp_path: Path) -> None:
     cache, _, source = _setup(tmp_path)
-    source.write_text("CONFIG_X=n\n")  # other size
+    source.write_text("CONFIG_X=no\n")  # another size
     assert fresh_artifact("microvm-kernel", cache_dir=cache) is None
 
 
@@ -54,3 +54,12 @@ def test_no_record_or_a_corrupt_one_resolves_to_nothing(tmp_path: Path) -> None:
     assert fresh_artifact("test-initramfs", cache_dir=cache) is None
     (cache / "artifacts" / "test-initramfs.json").write_text('{"path": 3}')
     assert fresh_artifact("test-initramfs", cache_dir=cache) is None
+
+
+def test_a_record_matches_across_file_systems_with_and_without_sub_second_times(
+        tmp_path: Path) -> None:
+    # Written where times have nanoseconds, read where they are whole seconds (9p), or back.
+    cache, artifact, source = _setup(tmp_path)
+    st = source.stat()
+    os.utime(source, ns=(st.st_atime_ns, (st.st_mtime_ns // 10**9) * 10**9))
+    assert fresh_artifact("microvm-kernel", cache_dir=cache) == artifact
