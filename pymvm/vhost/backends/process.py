@@ -107,19 +107,8 @@ class BuiltinBlkBackendProcess:
                        restarts=self.restarts)
 
     def _wait_listening(self, timeout: float) -> None:
-        proc = self.process
-        assert proc is not None
-        deadline = time.monotonic() + timeout
-        while not os.path.exists(self.socket_path):
-            if proc.poll() is not None:
-                raise BuiltinBackendError(
-                    f"the built-in vhost-user blk back-end exited with status {proc.returncode} "
-                    "before listening; see its log above")
-            if time.monotonic() > deadline:
-                raise BuiltinBackendError(
-                    f"the built-in vhost-user blk back-end did not create {self.socket_path} "
-                    f"within {timeout:g} s")
-            time.sleep(0.02)
+        assert self.process is not None
+        _wait_listening(self.process, self.socket_path, timeout, "blk")
 
     def _watch(self) -> None:
         """Restart the back-end whenever it dies, until close()."""
@@ -227,19 +216,8 @@ class BuiltinNetBackendOnTap:
         self._log.info("builtin_backend_started", pid=self.process.pid, socket=self.socket_path)
 
     def _wait_listening(self, timeout: float) -> None:
-        proc = self.process
-        assert proc is not None
-        deadline = time.monotonic() + timeout
-        while not os.path.exists(self.socket_path):
-            if proc.poll() is not None:
-                raise BuiltinBackendError(
-                    f"the built-in vhost-user net back-end exited with status {proc.returncode} "
-                    "before listening; see its log above")
-            if time.monotonic() > deadline:
-                raise BuiltinBackendError(
-                    f"the built-in vhost-user net back-end did not create {self.socket_path} "
-                    f"within {timeout:g} s")
-            time.sleep(0.02)
+        assert self.process is not None
+        _wait_listening(self.process, self.socket_path, timeout, "net")
 
     @property
     def alive(self) -> bool:
@@ -258,3 +236,19 @@ class BuiltinNetBackendOnTap:
                 proc.wait(5)
             self._log.info("builtin_backend_stopped", pid=proc.pid, status=proc.returncode)
         shutil.rmtree(self._dir, ignore_errors=True)
+
+
+def _wait_listening(proc: subprocess.Popen, socket_path: str, timeout: float, kind: str) -> None:
+    """Until the back-end ``proc`` has created its socket; one-line errors if it exits first
+    or takes longer than ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(socket_path):
+        if proc.poll() is not None:
+            raise BuiltinBackendError(
+                f"the built-in vhost-user {kind} back-end exited with status {proc.returncode} "
+                "before listening; see its log above")
+        if time.monotonic() > deadline:
+            raise BuiltinBackendError(
+                f"the built-in vhost-user {kind} back-end did not create {socket_path} "
+                f"within {timeout:g} s")
+        time.sleep(0.02)
