@@ -66,9 +66,19 @@ class FakeBackend:
         return self
 
     def dial(self) -> FakeBackend:
-        """Connect to a front-end listening at path (server-mode front-end)."""
-        self._conn_sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self._conn_sock.connect(self.path)
+        """Connect to a front-end listening at path (server-mode front-end). The socket file
+        appears at bind(), a moment before listen(): until then a connect is refused."""
+        deadline = time.monotonic() + 5
+        while True:
+            self._conn_sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                self._conn_sock.connect(self.path)
+                break
+            except ConnectionRefusedError:
+                self._conn_sock.close()
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.01)
         return self.start()
 
     def _run(self) -> None:
