@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import BASE_CMDLINE, finish_vm, link_exists, net_toml, start_vm, unique, write_vm_toml
+from .conftest import BASE_CMDLINE, link_exists, net_toml, start_vm, unique, write_vm_toml
 from .test_vhost_user import PROCESS_START_TIMEOUT_S, TcpPeer, backend_pids, wait_until
 
 from pymvm.images.initramfs import encode_cmd

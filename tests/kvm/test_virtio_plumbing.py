@@ -11,7 +11,7 @@ from pymvm.devices.virtio.device import QueueConfig
 from pymvm.devices.virtio.plumbing import KvmEventfdPlumbing
 from pymvm.machine import StopKind
 
-from .guests import Asm, Recorder, load, run_to_stop, setup_64bit
+from .guests import Asm, Recorder, load, setup_64bit
 
 pytestmark = pytest.mark.kvm
 

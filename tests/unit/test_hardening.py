@@ -21,7 +21,6 @@ from pymvm.memory import GuestMemory
 from pymvm.vhost.user import messages as m
 from tests.unit.test_vhost_user_backend import (
     AVAIL,
-    DATA,
     DESC,
     MEM_GPA,
     MEM_UVA,

@@ -1,6 +1,5 @@
 import io
 import threading
-import time
 
 import pytest
 from structlog.testing import capture_logs

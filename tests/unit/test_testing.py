@@ -4,7 +4,6 @@ messages, `pymvm exec`'s errors, and the pytest plugin's cheap import and skip r
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import textwrap
