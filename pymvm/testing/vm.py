@@ -342,45 +342,61 @@ class MicroVM:
         return self._call(f"get({path!r})", lambda: self._agent.get(path))  # type: ignore[union-attr]
 
 
+def fork_cli(argv: list[str], stdout_fd: int, stderr_fd: int, *, new_session: bool = False,
+             close_fds: Sequence[int] = ()) -> int:
+    """Run `pymvm ARGV` (`pymvm.cli.main`) in a forked child of this process; its pid.
+
+    The child gets ``stdout_fd`` and ``stderr_fd`` as its stdout and stderr, /dev/null as
+    stdin, default signal handlers, and (``new_session``) a session of its own; it closes
+    ``close_fds`` (e.g. the caller's ends of its pipes) and never returns into the caller.
+    Only the interpreter start-up is skipped, which costs tens of seconds per process in the
+    nested host (9p root under TCG); everything else is what the console script does.
+    """
+    import pymvm.cli  # noqa: F401  (imported before the fork: the child does not pay for it)
+    import pymvm.vmm  # noqa: F401
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid:
+        return pid
+    code = 1
+    try:
+        if new_session:
+            os.setsid()
+        os.dup2(stdout_fd, 1)
+        os.dup2(stderr_fd, 2)
+        null = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(null, 0)
+        for fd in {*close_fds, null} - {0, 1, 2}:
+            os.close(fd)
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGALRM, signal.SIGCHLD):
+            signal.signal(signum, signal.SIG_DFL)
+        sys.stdin = open(0, "r", closefd=False)
+        sys.stdout = open(1, "w", buffering=1, closefd=False)
+        sys.stderr = open(2, "w", buffering=1, closefd=False)
+        from pymvm.cli import main
+
+        code = main(argv)
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()
+    finally:
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        finally:
+            os._exit(code)
+
+
 class _ForkedRun:
     """`pymvm run ARGS` in a forked child (stdout/stderr to the given fds); Popen-like."""
 
     def __init__(self, argv: list[str], stdout_fd: int, stderr_fd: int) -> None:
-        import pymvm.cli  # noqa: F401  (imported before the fork: the child does not pay for it)
-        import pymvm.vmm  # noqa: F401
-
-        sys.stdout.flush()
-        sys.stderr.flush()
-        pid = os.fork()
-        if pid == 0:  # the child never returns into the caller
-            code = 1
-            try:
-                os.setsid()
-                os.dup2(stdout_fd, 1)
-                os.dup2(stderr_fd, 2)
-                null = os.open(os.devnull, os.O_RDONLY)
-                os.dup2(null, 0)
-                for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGALRM,
-                               signal.SIGCHLD):
-                    signal.signal(signum, signal.SIG_DFL)
-                sys.stdin = open(0, "r", closefd=False)
-                sys.stdout = open(1, "w", buffering=1, closefd=False)
-                sys.stderr = open(2, "w", buffering=1, closefd=False)
-                from pymvm.cli import main
-
-                code = main(argv)
-            except SystemExit as e:
-                code = e.code if isinstance(e.code, int) else 1
-            except BaseException:
-                import traceback
-
-                traceback.print_exc()
-            finally:
-                try:
-                    sys.stdout.flush()
-                    sys.stderr.flush()
-                finally:
-                    os._exit(code)
+        pid = fork_cli(argv, stdout_fd, stderr_fd, new_session=True)
         self.pid = pid
         self.returncode: int | None = None
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from pymvm.images.initramfs import EXIT_RE, READY_RE, encode_cmd
+from pymvm.testing.vm import fork_cli
 
 GUEST_TIMEOUT_S = float(os.environ.get("PYMVM_E2E_GUEST_TIMEOUT", "240"))
 # Every e2e guest gets this; `quiet` keeps the boot log off the (exit-per-byte) UART.
@@ -218,38 +219,7 @@ class ForkedVmm:
     def __init__(self, argv: list[str]) -> None:
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        pid = os.fork()
-        if pid == 0:  # child: never return into pytest
-            code = 1
-            try:
-                os.dup2(out_w, 1)
-                os.dup2(err_w, 2)
-                null = os.open(os.devnull, os.O_RDONLY)
-                os.dup2(null, 0)
-                for fd in (out_r, out_w, err_r, err_w, null):
-                    os.close(fd)
-                for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGALRM):
-                    signal.signal(signum, signal.SIG_DFL)
-                sys.stdin = open(0, "r", closefd=False)
-                sys.stdout = open(1, "w", buffering=1, closefd=False)
-                sys.stderr = open(2, "w", buffering=1, closefd=False)
-                from pymvm.cli import main
-
-                code = main(argv)
-            except SystemExit as e:
-                code = e.code if isinstance(e.code, int) else 1
-            except BaseException:
-                import traceback
-
-                traceback.print_exc()
-            finally:
-                try:
-                    sys.stdout.flush()
-                    sys.stderr.flush()
-                finally:
-                    os._exit(code)
+        pid = fork_cli(argv, out_w, err_w, close_fds=(out_r, out_w, err_r, err_w))
         os.close(out_w)
         os.close(err_w)
         self.pid = pid

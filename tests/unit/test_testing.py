@@ -4,6 +4,7 @@ messages, `pymvm exec`'s errors, and the pytest plugin's cheap import and skip r
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -244,3 +245,18 @@ def test_fixtures_skip_where_linux_cannot_boot_naming_the_nested_runner(pytester
 def test_plugin_options_are_offered(pytester) -> None:
     result = pytester.runpytest("--help")
     result.stdout.fnmatch_lines(["*--pymvm-kernel=PATH*", "*--pymvm-initrd=PATH*"])
+
+
+def test_fork_cli_runs_the_cli_in_a_child_with_its_own_stdio_and_exit_status(tmp_path) -> None:
+    from pymvm.testing.vm import fork_cli
+
+    out = (tmp_path / "out").open("w+b")
+    err_r, err_w = os.pipe()
+    pid = fork_cli(["run", str(tmp_path / "missing.toml")], out.fileno(), err_w,
+                   new_session=True, close_fds=(err_r, err_w))
+    os.close(err_w)
+    with os.fdopen(err_r, "rb") as err:
+        stderr = err.read().decode()  # EOF: the child closed its copies of the pipe
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 2
+    assert "missing.toml" in stderr and len(stderr.strip().splitlines()) == 1
