@@ -6,8 +6,6 @@ Every error is a ConfigError with one line naming the file, the dotted key and t
 
 from __future__ import annotations
 
-import difflib
-import hashlib
 import ipaddress
 import json
 import os
@@ -284,6 +282,8 @@ class _Parser:
             if key in allowed:
                 continue
             dotted = f"{prefix}{key}"
+            import difflib  # only for a bad key: not on every start (issue 15)
+
             close = difflib.get_close_matches(key, allowed, n=1)
             hint = f"did you mean {close[0]}?" if close else f"known keys: {', '.join(allowed)}"
             raise ConfigError(f"{self.source}: unknown key {dotted} ({hint})")
@@ -685,12 +685,16 @@ class _Parser:
 
 def default_vsock_cid(vm_id: str) -> int:
     """The guest CID of a VM whose [vsock] sets none: a hash of its id, never 0-2 (reserved)."""
+    import hashlib  # maps libcrypto: only for a VM that needs it (issue 15)
+
     digest = hashlib.sha256(b"pymvm-vsock-cid\0" + vm_id.encode()).digest()
     return VSOCK_CID_MIN + int.from_bytes(digest[:4], "little") % (VSOCK_CID_MAX - VSOCK_CID_MIN + 1)
 
 
 def _generated_mac(vm_id: str, index: int, taken: set[str]) -> str:
     """Stable per (vm id, index), locally administered unicast (first byte x2/x6/xA/xE)."""
+    import hashlib  # maps libcrypto: only for a VM that needs it (issue 15)
+
     for attempt in range(1000):
         digest = hashlib.sha256(f"{vm_id}/{index}/{attempt}".encode()).digest()
         octets = bytearray(digest[:6])

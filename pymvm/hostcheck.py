@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 OVERRIDE_ENV = "PYMVM_NESTED"
@@ -115,7 +115,15 @@ def can_boot_linux_here(facts: HostFacts | None = None) -> tuple[bool, str]:
     ``PYMVM_NESTED=always|never|auto`` (default auto) overrides the detection.
     """
     override = os.environ.get(OVERRIDE_ENV, "auto").strip().lower() or "auto"
-    return assess(facts or HostFacts.gather(), override, nested=in_nested_host())
+    nested = in_nested_host()
+    if facts is None:
+        # `modprobe vhost_net` is a child process on every `pymvm run`: ask for it only where
+        # its answer decides, i.e. where everything but /dev/vhost-net is there (issue 15).
+        facts = HostFacts.gather(try_modprobe=False)
+        if (not facts.has_vhost_net and not assess(facts, override, nested=nested)[0]
+                and assess(replace(facts, has_vhost_net=True), override, nested=nested)[0]):
+            facts = HostFacts.gather()
+    return assess(facts, override, nested=nested)
 
 
 def in_nested_host(*, cmdline: Path = Path("/proc/cmdline")) -> bool:

@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import ctypes
 import os
 import pwd
 import signal
@@ -32,7 +31,7 @@ PR_CAP_AMBIENT_CLEAR_ALL = 4
 #: Default user a built-in back-end runs as once it is set up.
 DEFAULT_BACKEND_USER = "nobody"
 
-_libc = ctypes.CDLL(None, use_errno=True)
+_libc = None  # ctypes.CDLL of libc, made on first use: `pymvm run` itself never needs it
 
 
 class Settings:
@@ -53,6 +52,11 @@ class SandboxError(Exception):
 
 
 def _prctl(option: int, arg2: int = 0) -> int:
+    global _libc
+    import ctypes  # only the back-ends confine themselves: not on the VMM's start-up (issue 15)
+
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
     ret = _libc.prctl(ctypes.c_int(option), ctypes.c_ulong(arg2), ctypes.c_ulong(0),
                       ctypes.c_ulong(0), ctypes.c_ulong(0))
     if ret < 0:

@@ -17,7 +17,6 @@ from typing import BinaryIO
 import structlog
 
 from . import layout
-from .api.controller import EXIT_API_STOP  # noqa: F401 (an exit status, listed below)
 from .boot import cpu as boot_cpu
 from .boot.loader import LoadedKernel, load_initrd, load_kernel
 from .boot.acpi import build_acpi_tables, resolve_acpi, write_acpi_tables
@@ -37,7 +36,8 @@ log = structlog.get_logger()
 EXIT_OK = 0  # the guest rebooted or powered off
 EXIT_VM_ERROR = 1  # the guest crashed the vCPU or KVM failed
 EXIT_USAGE = 2  # bad config or command line
-# EXIT_API_STOP = 3: ended by the control API's "stop" action
+# EXIT_API_STOP = 3: ended by the control API's "stop" action (pymvm.api.controller,
+# imported only with an API socket)
 EXIT_SIGINT = 128 + signal.SIGINT
 EXIT_SIGTERM = 128 + signal.SIGTERM
 

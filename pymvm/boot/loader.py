@@ -6,6 +6,7 @@ at boot_params (Documentation/arch/x86/boot.rst, "64-bit Boot Protocol").
 
 from __future__ import annotations
 
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -143,15 +144,23 @@ class LoadedInitrd:
 
 def load_initrd(mem: GuestMemory, path: Path, kernel: LoadedKernel, addr_max: int = 0x7FFFFFFF) -> LoadedInitrd:
     """Place the initrd page-aligned at the top of low RAM, above the kernel."""
+    # Read straight into guest RAM: no copy of the whole image on the VMM's heap (issue 15).
     try:
-        data = Path(path).read_bytes()
+        with open(path, "rb", buffering=0) as f:
+            size = os.fstat(f.fileno()).st_size
+            top = min(mem.low_ram_end, addr_max + 1)
+            addr = (top - size) & ~0xFFF
+            if addr < kernel.end:
+                raise BootError(
+                    f"{path}: initrd of {size >> 10} KiB does not fit between the kernel (ends "
+                    f"at {kernel.end:#x}) and {top:#x}: give the VM more memory")
+            view = mem.view(addr, size)
+            done = 0
+            while done < size:
+                n = f.readinto(view[done:])
+                if not n:
+                    raise BootError(f"{path}: initrd shrank while it was read: try again")
+                done += n
     except OSError as e:
         raise BootError(f"{path}: cannot read initrd: {e.strerror}") from None
-    top = min(mem.low_ram_end, addr_max + 1)
-    addr = (top - len(data)) & ~0xFFF
-    if addr < kernel.end:
-        raise BootError(
-            f"{path}: initrd of {len(data) >> 10} KiB does not fit between the kernel (ends at "
-            f"{kernel.end:#x}) and {top:#x}: give the VM more memory")
-    mem.write(addr, data)
-    return LoadedInitrd(addr, len(data))
+    return LoadedInitrd(addr, size)

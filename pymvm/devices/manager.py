@@ -210,11 +210,11 @@ class DeviceManager:
     def cmdline_fragments(self, *, discovery: bool = True) -> list[str]:
         """``virtio_mmio.device=`` for each device, then the device's own extras. Without
         ``discovery`` only the extras: the guest finds the devices in the ACPI tables."""
-        from .virtio.mmio import virtio_mmio_cmdline
-
         parts: list[str] = []
         for d in self.mmio_devices():
             if discovery:
+                from .virtio.mmio import virtio_mmio_cmdline  # not for a VM without devices
+
                 parts.append(virtio_mmio_cmdline(d.mmio_base, d.irq, d.mmio_size))
             parts.extend(d.cmdline_extra)
         return parts
