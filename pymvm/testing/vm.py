@@ -9,6 +9,7 @@ log lines.
 
 from __future__ import annotations
 
+import codecs
 import itertools
 import json
 import os
@@ -36,6 +37,9 @@ from .agent import (
 DEFAULT_CMDLINE = "console=ttyS0 reboot=k panic=-1 quiet"
 BOOT_TIMEOUT_S = float(os.environ.get("PYMVM_TESTING_BOOT_TIMEOUT", "240"))
 STOP_TIMEOUT_S = 30.0
+# How often start() looks at the console for the ready marker, then pings the agent: the
+# agent listens a few milliseconds after the marker; a console file has nothing to wait on.
+READY_POLL_S = 0.01
 TAIL_LINES = 40
 _ids = itertools.count()
 
@@ -215,24 +219,33 @@ class MicroVM:
             os.close(log)
 
     def _wait_ready(self) -> None:
+        """Until the agent answers: the console is read as it grows (only the new bytes) for
+        the ready marker, then the agent is pinged; both every READY_POLL_S."""
         from pymvm.images.initramfs import READY_RE
 
         deadline = time.monotonic() + self.boot_timeout
         last = ""
-        while time.monotonic() < deadline:
-            if self.poll() is not None:
-                raise self._error(VmmDied, f"{self.id}: pymvm run exited with status "
-                                           f"{self.returncode} before the guest was ready")
-            if READY_RE.search(self.console):
-                try:
-                    assert self._agent is not None
-                    self._agent.connect_timeout = 5
-                    self._agent.ping()
-                    self._agent.connect_timeout = 30  # a busy guest may accept slowly
-                    return
-                except AgentError as e:
-                    last = str(e)
-            time.sleep(0.05)
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        text, ready = "", False
+        with open(self.console_path, "rb") as console:
+            while time.monotonic() < deadline:
+                if self.poll() is not None:
+                    raise self._error(VmmDied, f"{self.id}: pymvm run exited with status "
+                                               f"{self.returncode} before the guest was ready")
+                if not ready:
+                    text += decoder.decode(console.read())
+                    ready = READY_RE.search(text) is not None
+                    text = text[text.rfind("\n") + 1:]  # keep only a line still incomplete
+                if ready:
+                    try:
+                        assert self._agent is not None
+                        self._agent.connect_timeout = 5
+                        self._agent.ping()
+                        self._agent.connect_timeout = 30  # a busy guest may accept slowly
+                        return
+                    except AgentError as e:
+                        last = str(e)
+                time.sleep(READY_POLL_S)
         self.kill()
         raise self._error(GuestNotReady, f"{self.id}: the guest agent did not answer within "
                                          f"{self.boot_timeout:g} s" + (f" ({last})" if last else ""))

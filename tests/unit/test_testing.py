@@ -32,6 +32,13 @@ FAKE_VMM = textwrap.dedent("""
         sys.exit(2)
     if mode == "hang":
         time.sleep(600)
+    if mode == "split":  # the marker line in pieces, after more console than one read
+        print("x" * 100000, flush=True)
+        for piece in ("{ready}"[:5], "{ready}"[5:] + " cp", "us=1\\n"):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+            time.sleep(0.05)
+        os.execv(agent, [agent, "--unix", sock])
     print("{ready} cpus=1", flush=True)
     os.execv(agent, [agent, "--unix", sock])
 """).replace("{ready}", READY_MARKER)
@@ -111,6 +118,12 @@ def test_run_put_get_through_the_agent_of_a_ready_guest(fake_vm) -> None:
         vm.put(b"\x00\xffdata", target)
         assert vm.get(target) == b"\x00\xffdata"
         assert "Linux version 6.12-fake" in vm.console
+
+
+def test_ready_marker_written_in_pieces_after_a_long_console_is_found(fake_vm) -> None:
+    with fake_vm("split") as vm:
+        assert vm.run("echo up").stdout == "up\n"
+        assert vm.console.endswith(f"{READY_MARKER} cpus=1\n")
 
 
 def test_vmm_that_exits_during_boot_raises_vmm_died_with_its_log(fake_vm) -> None:
