@@ -96,3 +96,19 @@ def test_requests_in_flight_when_the_backend_is_killed_complete_after_its_restar
     data = image.read_bytes()
     for i in range(count):
         assert data[i * size : (i + 1) * size] == bytes([65 + i]) * size, i
+
+
+def test_blk_backend_process_loads_neither_the_net_backend_nor_pyroute2() -> None:
+    """A restarted blk back-end is what the guest's disk waits for: its start-up must not pay
+    for the net back-end's TAP and netlink modules (pyroute2 was half of its imports)."""
+    import subprocess
+    import sys
+
+    # What `pymvm vhost-user blk` imports (cli.cmd_vhost_user_blk), in a fresh interpreter.
+    code = ("import sys, pymvm.cli, pymvm.sandbox, pymvm.syscalls, pymvm.images.disk, "
+            "pymvm.vhost.backends.blk, pymvm.vhost.user.backend, pymvm.vhost.user.errors; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'pyroute2' "
+            "or m.startswith(('pymvm.vhost.backends.net', 'pymvm.net'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, timeout=120)
+    assert out.stdout.strip() == "[]", out.stdout
