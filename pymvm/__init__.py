@@ -2,6 +2,13 @@
 
 import sys as _sys
 
+# asyncio (structlog.stdlib and pymvm's modules import it at their top) stays pending until
+# first used: `pymvm run` starts the vCPUs first and its event loop after (pymvm.lazy).
+if "asyncio" not in _sys.modules:
+    from .lazy import defer_import as _defer_import
+
+    _defer_import("asyncio")
+
 # structlog probes optional pretty-printers (rich, better_exceptions, colorama) and
 # integrations (twisted, greenlet) when it is imported. pymvm logs JSON lines and uses none
 # of them, and where they are installed (schemathesis brings rich) the probe alone costs

@@ -28,7 +28,8 @@ from .devices.boot_timer import BootTimer, process_start_monotonic_ns
 from .devices.i8042 import I8042
 from .devices.manager import DeviceManager
 from .devices.serial import OUTPUT_FLUSH_INTERVAL_S, Serial8250
-from .machine import Machine, StopKind, StopReason
+from .lazy import load_without
+from .machine import Machine, MachineState, StopKind, StopReason
 
 log = structlog.get_logger()
 
@@ -173,9 +174,19 @@ class VirtualMachine:
         return server
 
     # ---- run ---------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Start the vCPUs, under the seccomp filter. run() starts them itself unless this
+        was called before it (run_vm does, so that the guest runs before the event loop and
+        asyncio are even loaded: issue 15)."""
+        assert self.machine is not None
+        self._confine()  # set-up is done: the vCPU threads start under the filter
+        log.info("vm_starting")
+        self.machine.start()
+
     async def run(self, api_socket: Path | None = None) -> StopReason:
         """Run until the guest stops or a signal arrives; returns why it stopped. With
-        ``api_socket`` the control API is served there from this loop, before any vCPU runs."""
+        ``api_socket`` the control API is served there from this loop, before any vCPU runs
+        (so only with no API socket may start() have come first)."""
         m = self.machine
         assert m is not None
         loop = asyncio.get_running_loop()
@@ -186,14 +197,15 @@ class VirtualMachine:
             loop.call_soon_threadsafe(lambda: stopped.done() or stopped.set_result(reason))
 
         m.on_stop = on_stop
+        if m.stop_reason is not None:  # stopped before on_stop was set (vCPUs started early)
+            on_stop(m.stop_reason)
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, self._on_signal, signum)
         stdin_fd = self._watch_stdin(loop)
         flusher = loop.create_task(self._flush_serial_periodically())
         try:
-            self._confine()  # set-up is done: the vCPU threads start under the filter
-            log.info("vm_starting")
-            m.start()
+            if m.state is MachineState.CREATED:
+                self.start()
             reason = await stopped
         finally:
             for signum in (signal.SIGINT, signal.SIGTERM):
@@ -313,6 +325,12 @@ def run_vm(config: VmConfig, api_socket: Path | None = None) -> int:
                      exit_status=128 + stop.signum)
             return 128 + stop.signum
         try:
+            if api_socket is None:
+                # The guest runs first; asyncio loads after its first KVM_RUN, without ssl:
+                # with no control API this process never speaks TLS, and asyncio's optional
+                # ssl import alone maps libssl and libcrypto (4.5 MiB of RSS; issue 15).
+                vm.start()
+                load_without("asyncio", hidden=("ssl",))
             reason = asyncio.run(vm.run(api_socket))  # the loop's own handlers take over meanwhile
         except StopSignal as stop:  # between the build and the loop's handlers
             reason = StopReason(StopKind.SIGNAL, f"received {stop}", 128 + stop.signum)

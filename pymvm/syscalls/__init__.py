@@ -278,8 +278,10 @@ def backend_ioctls() -> tuple[int, ...]:
 def prepare() -> None:
     """Load everything :func:`install` needs now: a process that drops privileges first may
     no longer be able to read the interpreter's library directory afterwards."""
-    import ctypes  # noqa: F401  (the self-test's syscall)
     import termios  # noqa: F401
+
+    if os.environ.get("PYMVM_SECCOMP_SELF_TEST"):
+        import ctypes  # noqa: F401  (the self-test's syscall; not loaded otherwise: issue 15)
 
     from pymvm.vhost import _vhost_cffi  # noqa: F401
 

@@ -37,6 +37,20 @@ FORBIDDEN = (
     "prometheus_client",
 )
 
+# Not imported before the vCPUs start (the `vm_starting` line, logged right before them) by a
+# VM without NICs or an API socket: they load after the guest's first KVM_RUN, or never.
+FORBIDDEN_BEFORE_VCPUS = (
+    "asyncio",                  # the event loop comes after the vCPUs (pymvm.lazy)
+    "concurrent.futures",
+    "ssl", "_ssl",              # libssl + libcrypto: never, without the API (vmm.run_vm)
+    "hashlib", "_hashlib",      # libcrypto: only for generated MACs and vsock CIDs
+    "difflib",                  # only for an unknown config key
+    "ctypes",                   # only where a process drops privileges or self-tests seccomp
+)
+# Never loaded by that VM, from start to SIGTERM: the C modules that map libssl/libcrypto
+# (importtime also lists `ssl` for asyncio's attempt that pymvm makes fail on purpose).
+FORBIDDEN_WHILE_RUNNING = ("_ssl", "_hashlib")
+
 
 def imported_modules(stderr: str) -> set[str]:
     """Modules that `-X importtime` reports as imported (its last column)."""
@@ -44,9 +58,26 @@ def imported_modules(stderr: str) -> set[str]:
             if line.startswith("import time:") and line.count("|") == 2}
 
 
-def run_until_started(config: Path, timeout: float = 120.0) -> str:
+def before_vcpus_start(stderr: str) -> str:
+    """The part of the stderr written before the `vm_starting` log line."""
+    at = stderr.find('"vm_starting"')
+    assert at >= 0, stderr[-2000:]
+    return stderr[:at]
+
+
+def leaked(modules: set[str], forbidden: tuple[str, ...]) -> list[str]:
+    return sorted(m for m in modules if any(m == f or m.startswith(f + ".") for f in forbidden))
+
+
+# asyncio's package runs this submodule last: once it is reported, the loop is being made.
+LOOP_LOADED = b"| asyncio.unix_events"
+
+
+def run_until_started(config: Path, timeout: float = 120.0,
+                      markers: tuple[bytes, ...] = (b'"vm_starting"', LOOP_LOADED)) -> str:
     """`python -X importtime -m pymvm.cli run CONFIG`, SIGTERMed once ``vm_starting`` is
-    logged; returns its stderr (import times and the JSON log)."""
+    logged and then asyncio loaded (``markers``, in that order, on stderr) and its loop had
+    a moment to start; returns its stderr (import times and the JSON log)."""
     from pymvm.images.artifacts import fresh_artifact
 
     if fresh_artifact("microvm-kernel") is None or fresh_artifact("test-initramfs") is None:
@@ -59,15 +90,17 @@ def run_until_started(config: Path, timeout: float = 120.0) -> str:
     err = b""
     deadline = time.monotonic() + timeout
     try:
-        while b'"vm_starting"' not in err:
+        while (at := err.find(markers[0])) < 0 or any(
+                (at := err.find(m, at)) < 0 for m in markers[1:]):
             left = deadline - time.monotonic()
-            assert left > 0, f"pymvm run never logged vm_starting: {err[-2000:]!r}"
+            assert left > 0, f"pymvm run never printed {markers}: {err[-2000:]!r}"
             ready, _, _ = select.select([proc.stderr], [], [], min(left, 1.0))
             if ready:
                 chunk = os.read(proc.stderr.fileno(), 65536)
                 assert chunk or proc.poll() is None, \
-                    f"pymvm run exited {proc.poll()} before vm_starting: {err[-2000:]!r}"
+                    f"pymvm run exited {proc.poll()} before {markers}: {err[-2000:]!r}"
                 err += chunk
+        time.sleep(0.5)  # the loop's own set-up (its imports included) comes with the loop
         proc.send_signal(signal.SIGTERM)
         err += proc.communicate(timeout=60)[1]
     finally:
@@ -78,12 +111,29 @@ def run_until_started(config: Path, timeout: float = 120.0) -> str:
     return err.decode(errors="replace")
 
 
-def test_the_example_vm_imports_no_networking_vhost_api_or_image_builder_module() -> None:
-    modules = imported_modules(run_until_started(EXAMPLE))
+@pytest.fixture(scope="module")
+def example_run() -> str:
+    return run_until_started(EXAMPLE)
+
+
+def test_the_example_vm_imports_no_networking_vhost_api_or_image_builder_module(
+        example_run: str) -> None:
+    modules = imported_modules(example_run)
     assert "pymvm.vmm" in modules and "pymvm.machine" in modules  # the parse is right
-    leaked = sorted(m for m in modules
-                    if any(m == f or m.startswith(f + ".") for f in FORBIDDEN))
-    assert not leaked, f"imported by `pymvm run` on a VM without NICs: {leaked}"
+    found = leaked(modules, FORBIDDEN)
+    assert not found, f"imported by `pymvm run` on a VM without NICs: {found}"
+
+
+def test_the_example_vm_starts_its_vcpus_before_asyncio_tls_or_libcrypto_load(
+        example_run: str) -> None:
+    before = imported_modules(before_vcpus_start(example_run))
+    assert "pymvm.machine" in before and "structlog" in before  # the split is right
+    found = leaked(before, FORBIDDEN_BEFORE_VCPUS)
+    assert not found, f"imported by `pymvm run` before its vCPUs start: {found}"
+    after = imported_modules(example_run[len(before_vcpus_start(example_run)):])
+    assert "asyncio.base_events" in after  # the loop did come, after the vCPUs
+    found = leaked(imported_modules(example_run), FORBIDDEN_WHILE_RUNNING)
+    assert not found, f"imported by `pymvm run` of a VM without an API socket: {found}"
 
 
 def test_the_import_check_sees_a_forbidden_module_when_one_is_imported() -> None:
@@ -92,3 +142,7 @@ def test_the_import_check_sees_a_forbidden_module_when_one_is_imported() -> None
             "import time:       120 |        400 | pyroute2\n"
             "import time:        20 |         20 |   pymvm.net.tap\n")
     assert {"pyroute2", "pymvm.net.tap"} <= imported_modules(fake)
+    assert leaked(imported_modules(fake), FORBIDDEN) == ["pymvm.net.tap", "pyroute2"]
+    log = fake + '{"event": "vm_starting"}\nimport time:  5 |  5 | _ssl\n'
+    assert imported_modules(before_vcpus_start(log)) == imported_modules(fake)
+    assert leaked(imported_modules(log), FORBIDDEN_WHILE_RUNNING) == ["_ssl"]

@@ -1,0 +1,81 @@
+"""Standard-library modules pymvm loads on first use instead of at import (issue 15).
+
+`pymvm run` starts a VM's vCPUs before its asyncio event loop exists, so asyncio, which
+structlog and pymvm's own modules import at their top, is made *pending* when pymvm is
+imported: `import asyncio` then binds a module whose code has not run yet, and the first
+access to one of its names (``asyncio.run``, ``from asyncio import Future``) runs it, after
+the guest's first KVM_RUN. importlib.util.LazyLoader cannot do this: the interpreter reads
+``__spec__`` of a module on every `import` statement, and any attribute access loads a
+LazyLoader module. A pending module has its import metadata (``__spec__``, ``__path__``...)
+from the start and loads only for a name it does not have yet.
+
+A pending module must be loaded by one thread; pymvm's vCPU threads never use asyncio.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+import types
+from collections.abc import Iterable
+
+
+class PendingModule(types.ModuleType):
+    """A module whose code runs on the first access to a name it does not have yet."""
+
+    def __getattr__(self, attr: str):
+        _load(self)
+        return getattr(self, attr)
+
+
+def _load(module: types.ModuleType) -> None:
+    if type(module) is not PendingModule:
+        return
+    module.__class__ = types.ModuleType  # from now on an ordinary module
+    spec = module.__spec__
+    assert spec is not None and spec.loader is not None
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        # As a failed import does: the next `import` starts afresh.
+        if sys.modules.get(spec.name) is module:
+            del sys.modules[spec.name]
+        raise
+
+
+def defer_import(name: str) -> types.ModuleType:
+    """Put ``name`` into sys.modules as a pending module and return it; a module that is
+    already imported (or pending) is returned as it is."""
+    if (module := sys.modules.get(name)) is not None:
+        return module
+    spec = importlib.util.find_spec(name)
+    if spec is None or spec.loader is None:
+        raise ModuleNotFoundError(f"no module named {name!r}", name=name)
+    module = importlib.util.module_from_spec(spec)  # metadata only: its code has not run
+    module.__class__ = PendingModule
+    sys.modules[name] = module
+    return module
+
+
+def is_pending(name: str) -> bool:
+    """True while ``name`` is a pending module whose code has not run yet."""
+    return type(sys.modules.get(name)) is PendingModule
+
+
+def load_without(name: str, hidden: Iterable[str]) -> types.ModuleType:
+    """Run module ``name`` now (import it, or load it if pending) while the modules ``hidden``
+    cannot be imported; they can again afterwards. Modules that bind an optional import to
+    None when it fails (asyncio does for ``ssl``) keep that None for good; a module that had
+    already run is left as it is."""
+    hide = [h for h in hidden if h not in sys.modules]
+    for h in hide:
+        sys.modules[h] = None  # type: ignore[assignment]  # makes `import h` fail
+    try:
+        module = importlib.import_module(name)
+        _load(module)
+        return module
+    finally:
+        for h in hide:
+            if h in sys.modules and sys.modules[h] is None:
+                del sys.modules[h]

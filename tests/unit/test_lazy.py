@@ -1,0 +1,67 @@
+"""pymvm.lazy: a pending module runs on first use, not on `import` (issue 15)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from pymvm.lazy import defer_import, is_pending, load_without
+
+
+@pytest.fixture
+def package(tmp_path: Path, monkeypatch):
+    """A package `lazypkg` whose import is counted in `lazycount.runs`, and which imports
+    the optional `lazyopt` the way asyncio imports ssl."""
+    (tmp_path / "lazycount.py").write_text("runs = 0\n")
+    pkg = tmp_path / "lazypkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text(
+        "import lazycount\nlazycount.runs += 1\nVALUE = 42\n"
+        "try:\n    import lazyopt\nexcept ImportError:\n    lazyopt = None\n")
+    (tmp_path / "lazyopt.py").write_text("")
+    (tmp_path / "lazybroken.py").write_text("raise RuntimeError('broken on purpose')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield sys.modules
+    for name in ("lazycount", "lazypkg", "lazyopt", "lazybroken"):
+        sys.modules.pop(name, None)
+
+
+def test_an_import_statement_binds_a_pending_module_without_running_it(package) -> None:
+    defer_import("lazypkg")
+    import lazycount
+    import lazypkg
+
+    assert is_pending("lazypkg") and lazycount.runs == 0
+    assert lazypkg.VALUE == 42  # the first name it does not have yet runs it, once
+    assert lazycount.runs == 1 and not is_pending("lazypkg")
+    from lazypkg import VALUE  # noqa: F401
+    assert lazycount.runs == 1
+
+
+def test_defer_import_leaves_an_imported_module_as_it_is(package) -> None:
+    import lazypkg
+
+    assert defer_import("lazypkg") is lazypkg and not is_pending("lazypkg")
+
+
+def test_load_without_hides_a_module_only_while_it_loads(package) -> None:
+    defer_import("lazypkg")
+    module = load_without("lazypkg", hidden=("lazyopt",))
+    assert module.lazyopt is None  # its optional import failed while hidden
+    import lazyopt  # importable again afterwards
+
+    assert lazyopt is not None and sys.modules["lazyopt"] is lazyopt
+
+
+def test_a_pending_module_that_fails_to_load_is_removed_like_a_failed_import(package) -> None:
+    broken = defer_import("lazybroken")
+    with pytest.raises(RuntimeError, match="on purpose"):
+        broken.anything  # noqa: B018
+    assert "lazybroken" not in sys.modules
+
+
+def test_defer_import_of_a_missing_module_raises_module_not_found() -> None:
+    with pytest.raises(ModuleNotFoundError):
+        defer_import("pymvm_no_such_module")
