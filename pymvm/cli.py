@@ -260,9 +260,6 @@ def cmd_vhost_user_net(args: argparse.Namespace) -> int:
     import asyncio
     import signal
 
-    from pyroute2 import IPRoute
-    from pyroute2.netlink.exceptions import NetlinkError
-
     from .net.tap import Tap
     from .vhost.backends.net import NetBackend
     from .vhost.user.backend import VhostUserServer
@@ -291,13 +288,16 @@ def cmd_vhost_user_net(args: argparse.Namespace) -> int:
     else:
         tap_cm = Tap.open(args.tap)
     with tap_cm as tap:
-        try:
-            if args.tap_fd is None:
+        if args.tap_fd is None:  # pyroute2 only here: a VMM's back-end (--tap-fd) starts leaner
+            from pyroute2 import IPRoute
+            from pyroute2.netlink.exceptions import NetlinkError
+
+            try:
                 with IPRoute() as ipr:
                     ipr.link("set", index=ipr.link_lookup(ifname=tap.name)[0], state="up")
-        except (NetlinkError, IndexError) as e:
-            print(f"pymvm: error: cannot bring TAP {tap.name} up: {e}", file=sys.stderr)
-            return EXIT_USAGE
+            except (NetlinkError, IndexError) as e:
+                print(f"pymvm: error: cannot bring TAP {tap.name} up: {e}", file=sys.stderr)
+                return EXIT_USAGE
         backend = NetBackend(tap)
         server = VhostUserServer(args.socket, backend, client=args.client,
                                  allow_unsealed_memory=args.allow_unsealed_memory)

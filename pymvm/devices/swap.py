@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections.abc import Mapping
 from typing import Any, Protocol
 
@@ -138,8 +139,10 @@ def hand_over(device: SwappableDevice, new: SwappableBackend, *, acked: int = 0,
             log.info("net_backend_swapped", rings="not started")
             return {}
         regions = ctx.mem_regions
+        t_stop = time.monotonic()
         stopped = old.stop()
         positions = {q: RingPosition(p.resume_at(), p.used_idx) for q, p in stopped.items()}
+        t_start = time.monotonic()
         try:
             # strict: a back-end that hangs up during the set-up raises instead of waiting
             # for a reconnect, so that the old one comes back now.
@@ -164,5 +167,9 @@ def hand_over(device: SwappableDevice, new: SwappableBackend, *, acked: int = 0,
                              "device again") from None
         device.backend = new
         notify(ctx)
-        log.info("net_backend_swapped", positions={q: tuple(p) for q, p in positions.items()})
+        t_end = time.monotonic()
+        # The data plane's own gap: from the old back-end's stop to the new one's start.
+        log.info("net_backend_swapped", positions={q: tuple(p) for q, p in positions.items()},
+                 stop_ms=round((t_start - t_stop) * 1000, 1),
+                 start_ms=round((t_end - t_start) * 1000, 1))
         return positions

@@ -14,7 +14,6 @@ from collections.abc import Callable
 from typing import TypeVar
 
 import structlog
-from pyroute2 import netns as pyroute2_netns
 
 from pymvm.net.errors import TapError
 from pymvm.vhost._vhost_cffi import ffi, lib
@@ -64,6 +63,9 @@ def run_in_netns(netns: str | None, func: Callable[[], _T]) -> _T:
         return func()
     result: list[_T] = []
     error: list[BaseException] = []
+
+    # pyroute2 costs a built-in back-end's start-up a noticeable part: imported only here.
+    from pyroute2 import netns as pyroute2_netns
 
     def target() -> None:
         try:

@@ -58,6 +58,12 @@ class UdpStream:
         self.sock.bind((host, 0))
         self.sock.connect((guest, port))
         self.sock.settimeout(0.2)
+        # The sender never waits: while the data plane stalls, the datagrams queued towards
+        # the guest (qdisc, TAP ring) fill the socket's send buffer, and a blocking send would
+        # stop the clock of the stream (datagrams sent late, stamped early). One that cannot
+        # be sent counts as sent then and lost.
+        self._tx = self.sock.dup()
+        self._tx.setblocking(False)
         self.threads = [threading.Thread(target=self._send, daemon=True),
                         threading.Thread(target=self._receive, daemon=True)]
         for t in self.threads:
@@ -70,12 +76,13 @@ class UdpStream:
             now = time.monotonic()
             due = int((now - t0) * self.pps) + 1
             while seq < due:
+                sent_at = time.monotonic()
                 try:
-                    self.sock.send(struct.pack("!Q", seq).ljust(64, b"\0"))
+                    self._tx.send(struct.pack("!Q", seq).ljust(64, b"\0"))
                 except OSError:
-                    pass  # an ICMP error from an earlier datagram: keep going
+                    pass  # a full send buffer, or an ICMP error from an earlier datagram
                 with self._lock:
-                    self.sent[seq] = now
+                    self.sent[seq] = sent_at
                 seq += 1
             time.sleep(0.004)
 
@@ -93,6 +100,7 @@ class UdpStream:
         self.stop.set()
         for t in self.threads:
             t.join(5)
+        self._tx.close()
         self.sock.close()
 
     def _snapshot(self) -> tuple[dict[int, float], dict[int, float]]:

@@ -15,6 +15,7 @@ import os
 import re
 import socket
 import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -41,6 +42,34 @@ SWAP_API_TIMEOUT_S = 900.0  # a built-in back-end's Python start in the nested h
 # Generous bounds for the emulated nested host (the measured values go to results/).
 MAX_GAP_S = 20.0
 RESULTS = Path(__file__).resolve().parents[2] / "results"
+
+
+def progress(msg: str) -> None:
+    """A timestamped line on stderr (seen with -s): where a slow run is."""
+    print(f"[test_swap {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def handover_times(vmm_text: str) -> list[dict]:
+    """The VMM's own timing of each hand-over (net_backend_swapped: the old back-end's stop
+    and the new one's start, in ms)."""
+    out = []
+    for line in vmm_text.splitlines():
+        if '"net_backend_swapped"' in line:
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue
+            out.append({k: event.get(k) for k in ("stop_ms", "start_ms", "timestamp")})
+    return out
+
+
+def bad_kernel_lines(console: str) -> list[str]:
+    """Guest kernel lines that say the NIC stalled or was reset: a TX timeout (the netdev
+    watchdog) or a virtio reset. (The clocksource watchdog's complaints about a slow
+    emulated clock are no NIC trouble.)"""
+    klog = [line.lower() for line in console.splitlines() if line.startswith("KLOG ")]
+    return [line for line in klog if "timed out" in line or "tx timeout" in line
+            or "netdev watchdog" in line or ("virtio" in line and "reset" in line)]
 
 
 @pytest.fixture(scope="module")
@@ -233,14 +262,17 @@ def test_swap_vhost_net_builtin_dpdk_builtin_vhost_net_keeps_tcp_and_udp_going(
             assert guest.proc.poll() is None, guest.console()[-3000:]
             assert time.monotonic() < deadline, (up.moved, down.moved, len(stream.received))
             time.sleep(0.5)
+        progress("traffic flows on vhost-net")
         dev = guest.api("GET", "/vm/net/net0")
         assert dev["net"]["backend"] == "vhost-net" and dev["net"]["mac"] == mac0
 
         def swap(backend: str, **extra: str) -> None:
             before_up, before_down = up.moved, down.moved
+            progress(f"swap to {backend} (up {up.moved >> 20} MiB, down {down.moved >> 20} MiB)")
             t0 = time.monotonic()
             answer = guest_api(guest, "PUT", "/vm/net/net0/backend", {"backend": backend, **extra})
             t1 = time.monotonic()
+            progress(f"swapped to {backend} in {t1 - t0:.1f} s; {stream.window(t0, t1)}")
             assert answer["net"]["backend"] == backend and answer["net"]["mac"] == mac0
             assert answer["driver"]["driver_ok"] and not answer["driver"]["needs_reset"]
             # Data moves on the new back-end, both ways, and echoes come back.
@@ -277,6 +309,7 @@ def test_swap_vhost_net_builtin_dpdk_builtin_vhost_net_keeps_tcp_and_udp_going(
         swap("vhost-net")
         throttle.release()
         down_throttle.release()
+        progress("last swap done: the transfers run unthrottled to their end")
         guest.wait_console(r"SWAP-GUEST-DONE", timeout=900)
         run = vmm_log.finish(timeout=300)
     except BaseException:
@@ -288,11 +321,19 @@ def test_swap_vhost_net_builtin_dpdk_builtin_vhost_net_keeps_tcp_and_udp_going(
         if stream is not None:
             stream.close()
         if pmd is not None:
-            pmd.finish()
+            pmd_text = pmd.finish()
         if guest.proc.poll() is None:
             guest.proc.kill()
+        # The whole story of the run, kept for whoever reads a failure.
+        RESULTS.mkdir(exist_ok=True)
+        (RESULTS / "swap-e2e-vmm.log").write_text(vmm_log.text())
+        (RESULTS / "swap-e2e-console.log").write_text(guest.console())
+        if (tmp_path / "testpmd.log").exists():
+            (RESULTS / "swap-e2e-testpmd.log").write_text(
+                (tmp_path / "testpmd.log").read_text(errors="replace"))
     console = guest.console()
     results = {"swaps": [r.__dict__ for r in records], "refused_swap": refused_window,
+               "handovers": handover_times(vmm_log.text()),
                "udp_pps": UDP_PPS, "nested_cpus": len(os.sched_getaffinity(0))}
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "swap-e2e.json").write_text(json.dumps(results, indent=1) + "\n")
@@ -307,10 +348,8 @@ def test_swap_vhost_net_builtin_dpdk_builtin_vhost_net_keeps_tcp_and_udp_going(
     assert "UPNC=0" in console
     assert re.search(r"MAC1=(\S+)", console).group(1) == mac0
     assert "RXLEN=0 " in console, "the guest counted short (0-length) receive buffers"
-    klog = [line.lower() for line in console.splitlines() if line.startswith("KLOG ")]
-    bad = [line for line in klog if "timed out" in line or "watchdog" in line
-           or ("virtio" in line and "reset" in line)]
-    assert not bad, "\n".join(klog)  # no TX timeout, no virtio reset in the guest
+    bad = bad_kernel_lines(console)
+    assert not bad, "\n".join(bad)  # no TX timeout, no virtio reset in the guest
     assert [r.to for r in records] == ["builtin", "vhost-user", "builtin", "vhost-net"]
     # The switch was told the guest's MAC on its new port (SEND_RARP).
     assert run.events("vhost_user_rarp_sent"), pmd_text[-2000:]
@@ -460,9 +499,8 @@ def test_swap_ovs_dpdk_two_vms_ping_and_move_tcp_data_and_one_moves_in_from_vhos
     assert f"GOT={ab}" in console_a, console_a[-3000:]  # B -> A through OVS-DPDK, checked
     assert "ABNC=0" in console_b and "UPNC=0" in console_b
     assert re.search(r"MAC=(\S+)", console_b).group(1) == mac
-    klog = [line.lower() for line in console_b.splitlines() if line.startswith("KLOG ")]
-    assert not [line for line in klog if "timed out" in line or "watchdog" in line
-                or ("virtio" in line and "reset" in line)], "\n".join(klog)
+    bad = bad_kernel_lines(console_b)
+    assert not bad, "\n".join(bad)
     assert [r.to for r in records] == ["vhost-user", "vhost-net"]
     assert run_b.events("vhost_user_rarp_sent"), ovs_logs[-2000:]
     for r in records:
