@@ -20,6 +20,7 @@ from pymvm.vhost.user.errors import VhostUserRequestFailed
 from pymvm.vhost.user.messages import ProtocolFeature as PF
 from pymvm.vhost.user.protocol import NEED_DATA
 from tests.unit.test_vhost_user_backend import (
+    AVAIL,
     DATA,
     QSIZE,
     USED,
@@ -410,6 +411,69 @@ def test_get_config_answers_capacity_and_limits(tmp_path: Path, image: Path) -> 
             await fe.request(m.GetConfig(b.CONFIG_SIZE - 4, 8))
 
     serve_blk(tmp_path, image, body)
+
+
+def test_reads_that_republish_their_own_chain_get_one_ring_per_loop_turn(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A hostile driver lays an IN request's data over its own avail ring and header: each
+    read (done on the loop, from the page cache) publishes the chain again and points its
+    header at the next sector, so one kick feeds 4000 requests through an 8-entry ring.
+    The back-end takes at most one ring's worth per turn of its loop, serves the rest in
+    later turns without another kick, and answers the front-end in between."""
+    import asyncio
+
+    count = 4000
+    hdr_off, filler, status_off = DATA, DATA + 0x100, DATA + 0x1F00
+    sectors = []
+    for k in range(count):  # sector k: avail idx so one more chain is pending, next header
+        idx = k + 2 if k < count - 1 else count
+        sectors.append((struct.pack("<HH", 0, idx) + hdr(b.VIRTIO_BLK_T_IN, k + 1)).ljust(512, b"\0"))
+    path = tmp_path / "feed.img"
+    path.write_bytes(b"".join(sectors))
+    real_preadv = os.preadv
+    # Every read is served on the loop, as a file system with RWF_NOWAIT serves cached data.
+    monkeypatch.setattr(os, "preadv", lambda fd, views, offset, flags=0: real_preadv(fd, views, offset))
+    ram = GuestRam()
+    per_call: list[int] = []
+
+    async def body(server, connect) -> None:
+        device = server.device
+        real_kicked = device.queue_kicked
+
+        def counting(vring) -> None:
+            before = device.stats["requests"]
+            real_kicked(vring)
+            per_call.append(device.stats["requests"] - before)
+
+        device.queue_kicked = counting
+        fe = await connect()
+        await negotiate(fe)
+        kick, call = await start_queue0(fe, ram)
+        ram.map[hdr_off : hdr_off + 16] = hdr(b.VIRTIO_BLK_T_IN, 0)
+        ram.desc(0, hdr_off, 16, NEXT, 1)
+        ram.desc(1, AVAIL, 4, WRITE | NEXT, 2)  # avail flags and idx
+        ram.desc(2, hdr_off, 16, WRITE | NEXT, 3)  # its own header: the next sector
+        ram.desc(3, filler, 512 - 20, WRITE | NEXT, 4)
+        ram.desc(4, status_off, 1, WRITE)
+        ram.publish(0)  # every ring slot names head 0
+        os.eventfd_write(kick, 1)
+        while ram.used_idx() == 0:
+            await asyncio.sleep(0)
+        reply = await fe.request(m.GetConfig(0, 8))
+        answered_at = ram.used_idx()
+        assert isinstance(reply, m.ConfigReply) and not reply.failed
+        assert answered_at < count, "the front-end waited for the whole self-feeding run"
+        await until(lambda: ram.used_idx() == count, timeout=60)
+        assert ram.map[status_off] == b.VIRTIO_BLK_S_OK
+        for fd in (kick, call):
+            os.close(fd)
+
+    try:
+        device = serve_blk(tmp_path, path, body)
+    finally:
+        ram.close()
+    assert device.stats["requests"] == count and device.stats["inline"] == count
+    assert max(per_call) <= QSIZE, f"{max(per_call)} chains in one turn of the loop"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -229,6 +229,8 @@ class BlkBackend(VhostUserDevice):
         self._done: list[tuple[BlkRequest, int]] = []
         self._reap_scheduled = False
         self._pending: dict[int, set[concurrent.futures.Future]] = {}
+        #: Rings with the rest of a kick scheduled on the loop (queue_kicked's budget).
+        self._again: dict[int, VirtQueue] = {}
         #: Try reads and writes on the loop first with RWF_NOWAIT (served from the page
         #: cache without blocking, or refused with EAGAIN and handed to a worker).
         self._nowait = {b.VIRTIO_BLK_T_IN: inline_nowait, b.VIRTIO_BLK_T_OUT: inline_nowait}
@@ -288,14 +290,35 @@ class BlkBackend(VhostUserDevice):
         if queue is None:
             return
         batch: list[BlkRequest] = []
+        # At most one ring's worth of chains per turn of the loop (vhost's "weight"): a driver
+        # cannot have more outstanding, unless it publishes as fast as we complete, or a
+        # request's own data lands in its avail ring (an IN buffer laid over the ring, read
+        # on the loop, republishes chains: without a bound that loop never returned, and the
+        # back-end stopped serving its socket and signals). The rest waits one turn.
+        budget = queue.size
+        more = False
         while True:
             queue.disable_notification()
             while (chain := vring.pop()) is not None:
                 self._handle(vring, queue, chain, batch)
-            if not queue.enable_notification():
+                budget -= 1
+                if not budget:
+                    break
+            more = queue.enable_notification()
+            if not more or not budget:
                 break
         self._dispatch(vring, batch)
         vring.signal_used()
+        if more and self._again.get(vring.index) is not queue:
+            self._again[vring.index] = queue
+            asyncio.get_running_loop().call_soon(self._kicked_again, vring, queue)
+
+    def _kicked_again(self, vring: Vring, queue: VirtQueue) -> None:
+        """The rest of a kick whose chains exceeded one turn's budget."""
+        if self._again.get(vring.index) is queue:
+            del self._again[vring.index]
+        if vring.queue is queue:  # not stopped or restarted meanwhile
+            self.queue_kicked(vring)
 
     def reset(self) -> None:
         for pending in self._pending.values():
