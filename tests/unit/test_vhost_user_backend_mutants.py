@@ -1,0 +1,623 @@
+"""vhost-user back-end behaviour the mutation run of issue 16 found unchecked (docs/mutation.md):
+how a guest memory region's fd is vetted (sealing, size, --allow-unsealed-memory), what a
+protocol error tells the operator in the disconnect reason, when a ring (re)starts, EVENT_IDX,
+eventfds a front-end replaces, and the inflight record of chains a device holds."""
+
+from __future__ import annotations
+
+import asyncio
+import mmap
+import os
+import socket
+import struct
+from pathlib import Path
+
+import pytest
+import structlog
+
+from pymvm.devices.virtio.constants import VIRTIO_RING_F_EVENT_IDX
+from pymvm.vhost.user import messages as m
+from pymvm.vhost.user.backend import MAX_MEM_SLOTS, VhostUserServer, _map_region
+from pymvm.vhost.user.errors import VhostUserRemoteError
+from pymvm.vhost.user.inflight import InflightQueue, queue_region_size
+from pymvm.vhost.user.messages import ProtocolFeature as PF
+from tests.unit.test_vhost_user_backend import (
+    AVAIL,
+    DATA,
+    DESC,
+    DEVICE_FEATURES,
+    QSIZE,
+    USED,
+    Frontend,
+    RecordingDevice,
+    until,
+)
+from tests.unit.test_vhost_user_backend_session import (
+    PAGE,
+    InflightDevice,
+    Ram,
+    _readable,
+    assert_dropped,
+    eventfds_open,
+    inflight_session,
+    send,
+    start_ring,
+)
+from tests.unit.test_vhost_user_blk import request_with_fds
+
+GPA = 0x100000
+UVA = 0x7F0000000000
+UNSEALED_FIX = "start the back-end with --allow-unsealed-memory if the front-end is trusted"
+
+
+def region(size: int = 0x10000, offset: int = 0) -> m.MemoryRegion:
+    return m.MemoryRegion(GPA, size, UVA, offset)
+
+
+def memfd(size: int, *, sealable: bool = True) -> int:
+    fd = os.memfd_create("vu-mutants", os.MFD_CLOEXEC | (os.MFD_ALLOW_SEALING if sealable else 0))
+    os.ftruncate(fd, size)
+    return fd
+
+
+def serve(tmp_path: Path, device, body, **server_args) -> list[str]:
+    """Run ``body(server, connect)`` against a back-end server; returns the reasons of the
+    sessions it closed (what the operator reads in the log)."""
+    path = str(tmp_path / "vu.sock")
+
+    async def main() -> None:
+        server = VhostUserServer(path, device, **server_args)
+        server.listen()
+        task = asyncio.create_task(server.serve_forever())
+        socks: list[socket.socket] = []
+
+        async def connect() -> Frontend:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.setblocking(False)
+            await asyncio.get_running_loop().sock_connect(sock, path)
+            socks.append(sock)
+            return Frontend(sock)
+
+        try:
+            await body(server, connect)
+        finally:
+            for sock in socks:
+                sock.close()
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    with structlog.testing.capture_logs() as logs:
+        asyncio.run(main())
+    return [e["reason"] for e in logs if e["event"] == "vhost_user.disconnected"]
+
+
+# ---- a region's fd ---------------------------------------------------------------------------
+
+
+def test_sealable_memfd_is_sealed_against_shrinking_when_mapped() -> None:
+    fd = memfd(0x10000)
+    try:
+        mapped = _map_region(region(), fd)
+        try:
+            with pytest.raises(PermissionError):
+                os.ftruncate(fd, 0)  # the front-end can no longer take the pages away
+            mapped.view[:4] = b"ring"
+            assert os.pread(fd, 4, 0) == b"ring"  # shared with the front-end, not a copy
+        finally:
+            mapped.close()
+    finally:
+        os.close(fd)
+
+
+def test_memfd_that_cannot_be_sealed_is_refused_naming_the_region_and_the_fix() -> None:
+    fd = memfd(0x10000, sealable=False)
+    try:
+        with pytest.raises(VhostUserRemoteError) as refused:
+            _map_region(region(), fd)
+    finally:
+        os.close(fd)
+    text = str(refused.value)
+    assert text.startswith("memory region gpa=0x100000 size=0x10000: its fd is a memfd that "
+                           "cannot be sealed, so the front-end could shrink it")
+    assert "pass a memfd with F_SEAL_SHRINK (or MFD_ALLOW_SEALING)" in text
+    assert UNSEALED_FIX in text
+
+
+def test_file_that_is_no_memfd_is_refused_as_such(tmp_path: Path) -> None:
+    fd = os.open(tmp_path / "ram", os.O_RDWR | os.O_CREAT)
+    os.ftruncate(fd, 0x10000)
+    try:
+        with pytest.raises(VhostUserRemoteError) as refused:
+            _map_region(region(), fd)
+    finally:
+        os.close(fd)
+    text = str(refused.value)
+    assert text.startswith("memory region gpa=0x100000 size=0x10000: its fd is not a memfd")
+    assert UNSEALED_FIX in text
+
+
+def test_allow_unsealed_maps_a_plain_file_and_an_unsealable_memfd(tmp_path: Path) -> None:
+    plain = os.open(tmp_path / "ram", os.O_RDWR | os.O_CREAT)
+    os.ftruncate(plain, 0x10000)
+    for fd in (plain, memfd(0x10000, sealable=False)):
+        try:
+            mapped = _map_region(region(), fd, allow_unsealed=True)
+            mapped.view[:2] = b"ok"
+            assert os.pread(fd, 2, 0) == b"ok"
+            mapped.close()
+        finally:
+            os.close(fd)
+
+
+@pytest.mark.parametrize("allow_unsealed", [False, True])
+def test_region_past_the_end_of_its_fd_is_refused_with_both_sizes(allow_unsealed: bool) -> None:
+    fd = memfd(0x1000)
+    try:
+        with pytest.raises(VhostUserRemoteError) as refused:
+            _map_region(region(0x10000, offset=0x800), fd, allow_unsealed=allow_unsealed)
+    finally:
+        os.close(fd)
+    assert str(refused.value) == (
+        "memory region gpa=0x100000 size=0x10000: needs 0x10800 bytes of its fd "
+        "(mmap_offset + size), the file has 0x1000")
+
+
+def test_region_whose_fd_is_closed_is_refused_as_unstattable() -> None:
+    fd = os.open(os.devnull, os.O_RDONLY)
+    os.close(fd)  # a number that names no open file
+    with pytest.raises(VhostUserRemoteError) as refused:
+        _map_region(region(), fd, allow_unsealed=True)
+    assert str(refused.value) == ("memory region gpa=0x100000 size=0x10000: cannot stat its fd: "
+                                  "Bad file descriptor")
+
+
+def test_region_whose_fd_cannot_be_mapped_is_refused_naming_region_and_offset() -> None:
+    r, w = os.pipe()  # no memfd, no size to check, and mmap says ENODEV
+    try:
+        with pytest.raises(VhostUserRemoteError) as refused:
+            _map_region(region(0x1000, offset=0x10), r, allow_unsealed=True)
+    finally:
+        os.close(r)
+        os.close(w)
+    assert str(refused.value).startswith(
+        "cannot mmap memory region gpa=0x100000 size=0x1000 offset=0x10: ")
+
+
+def test_region_of_size_zero_is_refused_and_one_byte_is_mapped() -> None:
+    fd = memfd(0x1000)
+    try:
+        with pytest.raises(VhostUserRemoteError) as refused:
+            _map_region(region(0), fd)
+        assert "memory region of size 0" in str(refused.value)
+        mapped = _map_region(region(1), fd)
+        assert len(mapped.view) == 1
+        mapped.close()
+    finally:
+        os.close(fd)
+
+
+def test_server_with_allow_unsealed_memory_takes_unsealable_guest_memory_and_inflight_region(
+        tmp_path: Path) -> None:
+    ram, inflight = memfd(0x40000, sealable=False), memfd(queue_region_size(QSIZE), sealable=False)
+
+    async def body(server: VhostUserServer, connect) -> None:
+        fe = await connect()
+        await inflight_session(fe)
+        ack = await fe.request(m.SetMemTable((region(0x40000),), (ram,), need_reply=True))
+        assert isinstance(ack, m.Ack) and ack.ok
+        ack = await fe.request(m.SetInflightFd(queue_region_size(QSIZE), 0, 1, QSIZE,
+                                               inflight, need_reply=True))
+        assert isinstance(ack, m.Ack) and ack.ok
+
+    try:
+        serve(tmp_path, InflightDevice(), body, allow_unsealed_memory=True)
+    finally:
+        os.close(ram)
+        os.close(inflight)
+
+
+# ---- what a protocol error tells the operator -------------------------------------------------
+
+
+@pytest.mark.parametrize("which", ["descriptor table", "available ring", "used ring"])
+def test_ring_part_outside_guest_memory_is_named_in_the_disconnect_reason(
+        tmp_path: Path, ram: Ram, which: str) -> None:
+    outside = ram.uva + ram.size + 0x1000
+    addr = {"descriptor table": ram.uva + DESC, "available ring": ram.uva + AVAIL,
+            "used ring": ram.uva + USED} | {which: outside}
+
+    async def body(server: VhostUserServer, connect) -> None:
+        fe = await connect()
+        await fe.negotiate()
+        await fe.request(m.SetMemTable((ram.region(),), (ram.fd,)))
+        await fe.request(m.SetVringNum(0, QSIZE))
+        await fe.request(m.SetVringAddr(0, 0, addr["descriptor table"], addr["used ring"],
+                                        addr["available ring"], 0))
+        kick = os.eventfd(0, os.EFD_NONBLOCK)
+        await send(fe, m.SetVringKick(0, kick))
+        os.close(kick)
+        await send(fe, m.SetVringEnable(0, True, need_reply=True))
+        await assert_dropped(fe)
+
+    reasons = serve(tmp_path, RecordingDevice(), body)
+    assert reasons == [f"protocol error: {which} address {outside:#x} is in no memory region"]
+
+
+async def _vring_base_too_big(fe: Frontend, ram: Ram) -> None:
+    await send(fe, m.SetVringBase(0, 0x1_0000, need_reply=True))
+
+
+async def _rem_unknown_region(fe: Frontend, ram: Ram) -> None:
+    await send(fe, m.RemMemReg(m.MemoryRegion(0x800000, PAGE, UVA + 0x800000, 0), need_reply=True))
+
+
+async def _overlapping_regions(fe: Frontend, ram: Ram) -> None:
+    other = m.MemoryRegion(ram.gpa + PAGE, PAGE, ram.uva + ram.size, 0)
+    await send(fe, m.SetMemTable((ram.region(), other), (ram.fd, ram.fd), need_reply=True))
+
+
+async def _queue_size_not_a_power_of_two(fe: Frontend, ram: Ram) -> None:
+    await fe.request(m.SetMemTable((ram.region(),), (ram.fd,)))
+    await fe.request(m.SetVringNum(0, 3))
+    await fe.request(m.SetVringAddr(0, 0, ram.uva + DESC, ram.uva + USED, ram.uva + AVAIL, 0))
+    kick = os.eventfd(0, os.EFD_NONBLOCK)
+    await send(fe, m.SetVringKick(0, kick))
+    os.close(kick)
+    await send(fe, m.SetVringEnable(0, True, need_reply=True))
+
+
+async def _one_region_beyond_the_slots(fe: Frontend, ram: Ram) -> None:
+    regions = [m.MemoryRegion(GPA + i * PAGE, PAGE, UVA + i * PAGE, i * PAGE)
+               for i in range(MAX_MEM_SLOTS + 1)]
+    for r in regions[:-1]:
+        ack = await fe.request(m.AddMemReg(r, ram.fd, need_reply=True))
+        assert isinstance(ack, m.Ack) and ack.ok
+    await send(fe, m.AddMemReg(regions[-1], ram.fd, need_reply=True))
+
+
+@pytest.mark.parametrize("misbehave, reason", [
+    (_vring_base_too_big, "SET_VRING_BASE 0x10000 does not fit a split ring's u16"),
+    (_rem_unknown_region, "REM_MEM_REG of unknown region at 0x800000"),
+    (_overlapping_regions, "bad memory table: guest memory region at 0x101000 overlaps the "
+                           "region ending at 0x140000; regions must be disjoint"),
+    (_queue_size_not_a_power_of_two, "vring0: queue size 3 is not a power of two"),
+    (_one_region_beyond_the_slots, f"ADD_MEM_REG beyond the {MAX_MEM_SLOTS} slots we offered"),
+], ids=["vring-base", "rem-mem-reg", "overlap", "queue-size", "mem-slots"])
+def test_protocol_error_names_the_problem_in_the_disconnect_reason(
+        tmp_path: Path, ram: Ram, misbehave, reason: str) -> None:
+    async def body(server: VhostUserServer, connect) -> None:
+        fe = await connect()
+        await fe.negotiate()
+        await misbehave(fe, ram)
+        await assert_dropped(fe)
+
+    reasons = serve(tmp_path, RecordingDevice(), body)
+    assert len(reasons) == 1 and reasons[0].startswith(f"protocol error: {reason}"), reasons
+
+
+@pytest.mark.parametrize("queues, size, accepted", [
+    (1, 1, True), (2, 32768, True), (0, 8, False), (3, 8, False), (1, 0, False), (1, 32769, False),
+])
+def test_set_inflight_fd_takes_only_queues_the_device_has(
+        tmp_path: Path, queues: int, size: int, accepted: bool) -> None:
+    need = max(queues, 1) * queue_region_size(max(size, 1))
+    fd = memfd(need)
+
+    async def body(server: VhostUserServer, connect) -> None:
+        fe = await connect()
+        await inflight_session(fe)
+        msg = m.SetInflightFd(need, 0, queues, size, fd, need_reply=True)
+        if accepted:
+            ack = await fe.request(msg)
+            assert isinstance(ack, m.Ack) and ack.ok
+        else:
+            await send(fe, msg)
+            await assert_dropped(fe)
+
+    try:
+        reasons = serve(tmp_path, InflightDevice(), body)
+    finally:
+        os.close(fd)
+    if not accepted:
+        assert reasons == [f"protocol error: SET_INFLIGHT_FD for {queues} queues of {size}: this "
+                           f"device has 2 queues of at most 32768 entries"]
+
+
+def test_set_inflight_fd_smaller_than_its_queues_need_is_refused(tmp_path: Path) -> None:
+    need = 2 * queue_region_size(QSIZE)
+    fd = memfd(need)
+
+    async def body(server: VhostUserServer, connect) -> None:
+        fe = await connect()
+        await inflight_session(fe)
+        await send(fe, m.SetInflightFd(need - 1, 0, 2, QSIZE, fd, need_reply=True))
+        await assert_dropped(fe)
+
+    try:
+        reasons = serve(tmp_path, InflightDevice(), body)
+    finally:
+        os.close(fd)
+    assert reasons == [f"protocol error: SET_INFLIGHT_FD region of {need - 1} bytes; 2 queues "
+                       f"of {QSIZE} need {need}"]
+
+
+# ---- when a ring runs ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("missing", ["size", "memory"])
+def test_ring_enabled_before_its_size_or_memory_is_set_is_not_started(
+        tmp_path: Path, ram: Ram, missing: str) -> None:
+    device = RecordingDevice()
+
+    async def body(server: VhostUserServer, connect) -> None:
+        fe = await connect()
+        await fe.negotiate()
+        if missing != "memory":
+            await fe.request(m.SetMemTable((ram.region(),), (ram.fd,)))
+        if missing != "size":
+            await fe.request(m.SetVringNum(0, QSIZE))
+        await fe.request(m.SetVringAddr(0, 0, ram.uva + DESC, ram.uva + USED, ram.uva + AVAIL, 0))
+        kick = os.eventfd(0, os.EFD_NONBLOCK)
+        await fe.request(m.SetVringKick(0, kick))
+        ack = await fe.request(m.SetVringEnable(0, True, need_reply=True))
+        assert isinstance(ack, m.Ack) and ack.ok
+        assert isinstance(await fe.request(m.GetFeatures()), m.FeaturesReply)  # still served
+        os.close(kick)
+
+    serve(tmp_path, device, body)
+    assert ("started", 0) not in device.events
+
+
+def test_without_protocol_features_a_ring_runs_from_its_kick_without_set_vring_enable(
+        tmp_path: Path, ram: Ram) -> None:
+    device = RecordingDevice()
+
+    async def body(server: VhostUserServer, connect) -> None:
+        fe = await connect()
+        await fe.request(m.GetFeatures())
+        await fe.request(m.SetFeatures(fe.conn.negotiate_features(DEVICE_FEATURES)))
+        await fe.request(m.SetOwner())
+        await fe.request(m.SetMemTable((ram.region(),), (ram.fd,)))
+        await fe.request(m.SetVringNum(0, QSIZE))
+        await fe.request(m.SetVringAddr(0, 0, ram.uva + DESC, ram.uva + USED, ram.uva + AVAIL, 0))
+        kick = os.eventfd(0, os.EFD_NONBLOCK)
+        await fe.request(m.SetVringKick(0, kick))
+        ram.map[DATA:DATA + 5] = b"early"
+        ram.desc(0, ram.gpa + DATA, 5)
+        ram.publish(0)
+        os.eventfd_write(kick, 1)
+        await until(lambda: device.payloads == [b"early"])
+        os.close(kick)
+
+    serve(tmp_path, device, body)
+
+
+def _publish_at(ram: Ram, base: int, head: int, payload: bytes) -> None:
+    """A one-descriptor chain in rings at ``base`` (offset in ``ram``), its avail index 1."""
+    ram.map[DATA:DATA + len(payload)] = payload
+    struct.pack_into("<QIHH", ram.map, base + DESC + 16 * head, ram.gpa + DATA, len(payload), 0, 0)
+    struct.pack_into("<H", ram.map, base + AVAIL + 4, head)
+    struct.pack_into("<H", ram.map, base + AVAIL + 2, 1)
+
+
+def test_moving_a_running_ring_restarts_it_at_the_new_address(tmp_path: Path, ram: Ram) -> None:
+    device = RecordingDevice()
+    moved = 0x20000
+
+    async def body(server: VhostUserServer, connect) -> None:
+        fe = await connect()
+        await fe.negotiate()
+        kick, call = await start_ring(fe, ram, ram.uva)
+        uva = ram.uva + moved
+        await fe.request(m.SetVringAddr(0, 0, uva + DESC, uva + USED, uva + AVAIL, 0))
+        _publish_at(ram, moved, 0, b"moved")
+        os.eventfd_write(kick, 1)
+        await until(lambda: device.payloads == [b"moved"])
+        assert struct.unpack_from("<H", ram.map, moved + USED + 2)[0] == 1
+        for fd in (kick, call):
+            os.close(fd)
+
+    serve(tmp_path, device, body)
+    assert device.events[:3] == [("started", 0), ("stopped", 0), ("started", 0)]
+
+
+def test_resizing_a_running_ring_restarts_it_with_the_new_size(tmp_path: Path, ram: Ram) -> None:
+    device = RecordingDevice()
+
+    async def body(server: VhostUserServer, connect) -> None:
+        fe = await connect()
+        await fe.negotiate()
+        kick, call = await start_ring(fe, ram, ram.uva)
+        assert isinstance(await fe.request(m.SetVringNum(0, 4, need_reply=True)), m.Ack)
+        session = server.session
+        assert session is not None and session.vrings[0].queue is not None
+        assert session.vrings[0].queue.size == 4
+        for fd in (kick, call):
+            os.close(fd)
+
+    serve(tmp_path, device, body)
+    assert device.events[:3] == [("started", 0), ("stopped", 0), ("started", 0)]
+
+
+def test_ring_stopped_by_get_vring_base_runs_again_only_after_a_new_kick(
+        tmp_path: Path, ram: Ram) -> None:
+    device = RecordingDevice()
+
+    async def body(server: VhostUserServer, connect) -> None:
+        fe = await connect()
+        await fe.negotiate()
+        kick, call = await start_ring(fe, ram, ram.uva)
+        assert isinstance(await fe.request(m.GetVringBase(0)), m.VringBaseReply)
+        ack = await fe.request(m.SetVringEnable(0, True, need_reply=True))
+        assert isinstance(ack, m.Ack) and ack.ok
+        ram.map[DATA:DATA + 4] = b"late"
+        ram.desc(0, ram.gpa + DATA, 4)
+        ram.publish(0)
+        await asyncio.sleep(0.1)
+        assert device.payloads == [] and device.events.count(("started", 0)) == 1
+        new_kick = os.eventfd(0, os.EFD_NONBLOCK)
+        await fe.request(m.SetVringKick(0, new_kick))  # started again: takes what is waiting
+        await until(lambda: device.payloads == [b"late"])
+        for fd in (kick, call, new_kick):
+            os.close(fd)
+
+    serve(tmp_path, device, body)
+
+
+class EventIdxDevice(RecordingDevice):
+    def features(self) -> int:
+        return DEVICE_FEATURES | 1 << VIRTIO_RING_F_EVENT_IDX
+
+
+@pytest.mark.parametrize("acked", [True, False], ids=["event-idx", "no-event-idx"])
+def test_used_event_holds_back_the_call_only_when_event_idx_was_acked(
+        tmp_path: Path, ram: Ram, acked: bool) -> None:
+    device = EventIdxDevice()
+    wanted = device.features() & ~(0 if acked else 1 << VIRTIO_RING_F_EVENT_IDX)
+
+    async def body(server: VhostUserServer, connect) -> None:
+        fe = await connect()
+        await fe.request(m.GetFeatures())
+        await fe.request(m.SetFeatures(fe.conn.negotiate_features(wanted | m.PROTOCOL_FEATURES_FLAG)))
+        await fe.request(m.GetProtocolFeatures())
+        await fe.request(m.SetProtocolFeatures(int(fe.conn.negotiate_protocol_features(
+            PF.REPLY_ACK))))
+        await fe.request(m.SetOwner())
+        err = os.eventfd(0, os.EFD_NONBLOCK)
+        await fe.request(m.SetVringErr(0, err))
+        kick, call = await start_ring(fe, ram, ram.uva)
+        struct.pack_into("<H", ram.map, AVAIL + 4 + 2 * QSIZE, 5)  # used_event: call me at 6
+        for n, payload in enumerate((b"one", b"two"), 1):
+            ram.map[DATA:DATA + 3] = payload
+            ram.desc(n - 1, ram.gpa + DATA, 3)
+            ram.publish(n - 1)
+            os.eventfd_write(kick, 1)
+            await until(lambda: len(device.payloads) == n)
+            assert ram.used_idx() == n
+            if n == 1:  # the first batch is always signalled (nothing told yet)
+                assert _readable(call)
+                os.eventfd_read(call)
+        assert _readable(call) is not acked  # the second one only without EVENT_IDX
+        assert not _readable(err)  # a healthy ring reports no error
+        for fd in (kick, call, err):
+            os.close(fd)
+
+    serve(tmp_path, device, body)
+
+
+class FailingOnceDevice(RecordingDevice):
+    def __init__(self) -> None:
+        super().__init__()
+        self.failed = False
+
+    def queue_kicked(self, vring) -> None:
+        if not self.failed:
+            self.failed = True
+            raise RuntimeError("device bug")
+        super().queue_kicked(vring)
+
+
+def test_ring_whose_device_failed_on_a_kick_takes_no_more_buffers(tmp_path: Path, ram: Ram) -> None:
+    device = FailingOnceDevice()
+
+    async def body(server: VhostUserServer, connect) -> None:
+        fe = await connect()
+        await fe.negotiate()
+        err = os.eventfd(0, os.EFD_NONBLOCK)
+        await fe.request(m.SetVringErr(0, err))
+        kick, call = await start_ring(fe, ram, ram.uva)
+        os.eventfd_write(kick, 1)
+        await until(lambda: _readable(err))
+        ram.map[DATA:DATA + 5] = b"after"
+        ram.desc(0, ram.gpa + DATA, 5)
+        ram.publish(0)
+        os.eventfd_write(kick, 1)
+        await asyncio.sleep(0.2)
+        assert device.payloads == [] and ram.used_idx() == 0  # broken until the ring restarts
+        for fd in (kick, call, err):
+            os.close(fd)
+
+    serve(tmp_path, device, body)
+
+
+# ---- eventfds the front-end replaces -----------------------------------------------------------
+
+
+def test_replaced_kick_call_and_err_eventfds_are_closed_and_the_new_ones_used(
+        tmp_path: Path, ram: Ram) -> None:
+    device = RecordingDevice()
+
+    async def body(server: VhostUserServer, connect) -> None:
+        before = eventfds_open()
+        fe = await connect()
+        await fe.negotiate()
+        err = os.eventfd(0, os.EFD_NONBLOCK)
+        await fe.request(m.SetVringErr(0, err))
+        kick, call = await start_ring(fe, ram, ram.uva)
+        new = [os.eventfd(0, os.EFD_NONBLOCK) for _ in range(3)]
+        await fe.request(m.SetVringKick(0, new[0]))
+        await fe.request(m.SetVringCall(0, new[1]))
+        await fe.request(m.SetVringErr(0, new[2]))
+        await fe.request(m.GetFeatures())  # every fd above has arrived
+        assert eventfds_open() == before + 6 + 3  # ours, and the back-end's copies of the new
+        ram.map[DATA:DATA + 3] = b"new"
+        ram.desc(0, ram.gpa + DATA, 3)
+        ram.publish(0)
+        os.eventfd_write(new[0], 1)
+        await until(lambda: device.payloads == [b"new"])
+        await until(lambda: _readable(new[1]))
+        assert not _readable(call)
+        for fd in (kick, call, err, *new):
+            os.close(fd)
+
+    serve(tmp_path, device, body)
+
+
+# ---- inflight record -------------------------------------------------------------------------
+
+
+class HoldingDevice(InflightDevice):
+    """Takes chains off the ring and keeps them (a request still being served)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.held: list[int] = []
+
+    def queue_kicked(self, vring) -> None:
+        while (chain := vring.pop()) is not None:
+            self.held.append(chain.head)
+
+
+def test_chain_a_device_holds_is_recorded_in_flight_for_the_next_back_end(
+        tmp_path: Path, ram: Ram) -> None:
+    device = HoldingDevice()
+
+    async def body(server: VhostUserServer, connect) -> None:
+        fe = await connect()
+        await inflight_session(fe)
+        reply = await request_with_fds(fe, m.GetInflightFd(num_queues=1, queue_size=QSIZE))
+        assert isinstance(reply, m.InflightFdReply)
+        record = mmap.mmap(reply.fd, reply.mmap_size)
+        os.close(reply.fd)
+        kick, call = await start_ring(fe, ram, ram.uva)
+        ram.desc(3, ram.gpa + DATA, 16)
+        ram.publish(3)
+        os.eventfd_write(kick, 1)
+        await until(lambda: device.held == [3])
+        view = memoryview(record)
+        # What a restarted back-end would read: head 3 is to be run again.
+        assert InflightQueue(view, QSIZE).recover(ram.used_idx()).heads == (3,)
+        view.release()
+        record.close()
+        for fd in (kick, call):
+            os.close(fd)
+
+    serve(tmp_path, device, body)
+
+
+@pytest.fixture
+def ram():
+    r = Ram(0x40000, gpa=GPA, uva=UVA)
+    yield r
+    r.close()
+

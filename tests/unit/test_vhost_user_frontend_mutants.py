@@ -1,0 +1,384 @@
+"""vhost-user front-end behaviour the mutation run of issue 16 found unchecked (docs/mutation.md):
+the config space (GET/SET_CONFIG) and SEND_RARP, replies asked for every request once
+REPLY_ACK is on (so a refusal is seen), memory tables at the back-end's slot limits, the used
+index read from guest memory when the back-end cannot say, and the error texts that tell the
+operator what to do."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import socket
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+
+from pymvm.memory import GuestMemory, MemoryRegion
+from pymvm.vhost.user import messages as m
+from pymvm.vhost.user.frontend import (
+    DRIVER_OK_STATUS,
+    VhostUserFrontendError,
+    VhostUserNetBackend,
+    _read_u16,
+)
+from pymvm.vhost.user.messages import FrontendRequest as FR
+from pymvm.vhost.user.messages import ProtocolFeature as PF
+from pymvm.vhost.user.protocol import BackendConnection
+from pymvm.vhost.user.socket_io import send_with_fds
+from tests.unit.test_vhost_user_frontend import (
+    BACKEND_FEATURES,
+    BACKEND_PROTOCOL,
+    FakeBackend,
+    Received,
+    connect,
+    context,
+    eventfds,  # noqa: F401 (fixture)
+    frontends,  # noqa: F401 (fixture)
+    memory,  # noqa: F401 (fixture)
+    sock_dir,  # noqa: F401 (fixture)
+    write_used_idx,
+)
+
+CONFIG = bytes(range(64))
+
+
+class ConfigBackend(FakeBackend):
+    """The fake back-end with a config space, a SEND_RARP handler and a slot count to offer."""
+
+    def __init__(self, path: str, *, slots: int = 32, **kwargs) -> None:
+        super().__init__(path, **kwargs)
+        self.slots = slots
+        self.config = bytearray(CONFIG)
+        self.hang_up_on: set[FR] = set()
+
+    def _handle(self, conn: BackendConnection, sock, msg: m.Request) -> None:
+        request = FR(msg.REQUEST)
+        if request in self.hang_up_on:  # die with the request unanswered
+            sock.shutdown(socket.SHUT_RDWR)
+            return
+        if request is FR.GET_MAX_MEM_SLOTS:
+            reply: m.Reply = m.MaxMemSlotsReply(self.slots)
+        elif request is FR.GET_CONFIG:
+            assert isinstance(msg, m.GetConfig)
+            data = (b"" if request in self.refuse
+                    else bytes(self.config[msg.offset:msg.offset + msg.size]))
+            reply = m.ConfigReply(msg.offset, data, msg.flags)
+        else:
+            super()._handle(conn, sock, msg)
+            return
+        with self.changed:
+            self.received.append(Received(msg, ()))
+            self.changed.notify_all()
+        send_with_fds(sock, *conn.send(reply))
+
+
+@pytest.fixture
+def make(sock_dir: str) -> Iterator:
+    made: list[FakeBackend] = []
+
+    def build(**kwargs) -> ConfigBackend:
+        fake = ConfigBackend(os.path.join(sock_dir, "vu.sock"), **kwargs).start()
+        made.append(fake)
+        return fake
+
+    yield build
+    for fake in made:
+        fake.kill()
+
+
+def sent(fake: FakeBackend, request: FR) -> list[m.Request]:
+    return [r.message for r in fake.messages(request)]
+
+
+# ---- config space ----------------------------------------------------------------------------
+
+
+def test_config_space_is_read_and_written_through_get_and_set_config(make, frontends) -> None:
+    fake = make(protocol=BACKEND_PROTOCOL | PF.CONFIG)
+    fe = connect(fake, frontends)
+    assert fe.get_config(8, 4) == CONFIG[8:12]
+    fe.set_config(2, b"\xaa\xbb")
+    fake.wait_for(lambda: FR.SET_CONFIG in fake.requests())
+    (msg,) = sent(fake, FR.SET_CONFIG)
+    assert isinstance(msg, m.SetConfig)
+    assert (msg.offset, msg.data, msg.need_reply) == (2, b"\xaa\xbb", True)
+
+
+def test_config_write_refused_by_the_back_end_does_not_raise(make, frontends) -> None:
+    fake = make(protocol=BACKEND_PROTOCOL | PF.CONFIG)
+    fake.refuse.add(FR.SET_CONFIG)
+    fe = connect(fake, frontends)
+    fe.set_config(0, b"\x01")  # the guest's config write must not fail the vCPU
+    assert fe.get_config(0, 2) == CONFIG[:2]  # and the connection is still usable
+
+
+def test_config_of_a_back_end_without_a_config_space_is_neither_read_nor_written(
+        make, frontends) -> None:
+    fake = make()
+    fe = connect(fake, frontends)
+    with pytest.raises(VhostUserFrontendError) as refused:
+        fe.get_config(0, 4)
+    assert str(refused.value) == (
+        f"the vhost-user back-end at {fake.path} does not offer VHOST_USER_PROTOCOL_F_CONFIG: it "
+        "has no config space to read")
+    fe.set_config(0, b"\x01")
+    assert FR.GET_CONFIG not in fake.requests() and FR.SET_CONFIG not in fake.requests()
+
+
+def test_config_read_refused_by_the_back_end_names_size_and_offset(make, frontends) -> None:
+    fake = make(protocol=BACKEND_PROTOCOL | PF.CONFIG)
+    fake.refuse.add(FR.GET_CONFIG)
+    fe = connect(fake, frontends)
+    with pytest.raises(VhostUserFrontendError) as refused:
+        fe.get_config(16, 4)
+    assert str(refused.value) == "the vhost-user back-end refused GET_CONFIG of 4 bytes at 16"
+
+
+def wait_disconnected(fe: VhostUserNetBackend) -> None:
+    deadline = time.monotonic() + 5
+    while fe.connected and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not fe.connected
+
+
+def test_config_read_from_a_back_end_that_hangs_up_is_an_error_and_drops_the_link(
+        make, frontends) -> None:
+    fake = make(protocol=BACKEND_PROTOCOL | PF.CONFIG)
+    fake.hang_up_on.add(FR.GET_CONFIG)
+    fe = connect(fake, frontends)
+    with pytest.raises(VhostUserFrontendError) as lost:
+        fe.get_config(0, 4)
+    assert str(lost.value).endswith("; check the back-end's log")
+    wait_disconnected(fe)
+    with pytest.raises(VhostUserFrontendError) as refused:
+        fe.get_config(0, 4)
+    assert str(refused.value) == (
+        f"vhost-user back-end {fake.path} is not connected: no config space")
+    fe.set_config(0, b"\x01")  # dropped, not raised
+
+
+def test_config_write_to_a_back_end_that_hangs_up_drops_the_link(make, frontends) -> None:
+    fake = make(protocol=BACKEND_PROTOCOL | PF.CONFIG)
+    fake.hang_up_on.add(FR.SET_CONFIG)
+    fe = connect(fake, frontends)
+    fe.set_config(0, b"\x01")
+    wait_disconnected(fe)
+
+
+# ---- SEND_RARP -------------------------------------------------------------------------------
+
+
+MAC = bytes.fromhex("52540012ab01")
+
+
+def test_announce_sends_the_mac_when_the_back_end_offers_rarp(make, frontends) -> None:
+    fake = make(protocol=BACKEND_PROTOCOL | PF.RARP)
+    fe = connect(fake, frontends)
+    assert fe.announce(MAC) is True
+    fake.wait_for(lambda: FR.SEND_RARP in fake.requests())
+    (msg,) = sent(fake, FR.SEND_RARP)
+    assert isinstance(msg, m.SendRarp) and bytes(msg.mac) == MAC
+
+
+def test_announce_is_skipped_without_rarp(make, frontends) -> None:
+    fake = make()
+    fe = connect(fake, frontends)
+    assert fe.announce(MAC) is False
+    assert FR.SEND_RARP not in fake.requests()
+
+
+def test_announce_without_a_connected_back_end_is_skipped(make, frontends) -> None:
+    fake = make(protocol=BACKEND_PROTOCOL | PF.RARP)
+    fe = connect(fake, frontends)
+    fake.kill()
+    wait_disconnected(fe)
+    assert fe.announce(MAC) is False
+
+
+# ---- replies asked for, and what a back-end without protocol features gets --------------------
+
+
+def test_with_reply_ack_every_request_without_a_reply_of_its_own_asks_for_one(
+        make, frontends, memory, eventfds) -> None:
+    fake = make(protocol=BACKEND_PROTOCOL | PF.CONFIGURE_MEM_SLOTS)
+    fe = connect(fake, frontends)
+    fe.activate(context(eventfds, memory), memory.regions)
+    fe.stop()
+    replied = {FR.GET_FEATURES, FR.GET_PROTOCOL_FEATURES, FR.GET_QUEUE_NUM,
+               FR.GET_MAX_MEM_SLOTS, FR.GET_VRING_BASE}
+    unasked = [FR(r.message.REQUEST).name for r in fake.received
+               if FR(r.message.REQUEST) not in replied | {FR.SET_PROTOCOL_FEATURES}
+               and not r.message.need_reply]
+    assert unasked == []
+    assert [msg.enable for msg in sent(fake, FR.SET_VRING_ENABLE)] == [True, True, False, False]
+    assert [msg.status for msg in sent(fake, FR.SET_STATUS)] == [DRIVER_OK_STATUS, 0]
+    assert len(sent(fake, FR.ADD_MEM_REG)) == len(memory.regions)
+
+
+def test_rings_are_handed_over_without_dirty_logging(make, frontends, memory, eventfds) -> None:
+    fake = make()
+    fe = connect(fake, frontends)
+    fe.activate(context(eventfds, memory), memory.regions)
+    for msg in sent(fake, FR.SET_VRING_ADDR):
+        assert (msg.flags, msg.log_guest_addr) == (0, 0)
+
+
+def test_back_end_without_protocol_features_is_stopped_without_set_vring_enable(
+        make, frontends, memory, eventfds) -> None:
+    fake = make(features=BACKEND_FEATURES & ~m.PROTOCOL_FEATURES_FLAG)
+    fe = connect(fake, frontends)
+    fe.activate(context(eventfds, memory), memory.regions)
+    fe.stop()
+    assert FR.SET_VRING_ENABLE not in fake.requests()
+    assert len(sent(fake, FR.GET_VRING_BASE)) == 2
+
+
+# ---- memory tables at the limits -------------------------------------------------------------
+
+
+def split(memory: GuestMemory, count: int, size: int = 0x40000) -> list[MemoryRegion]:
+    """``count`` regions of ``size`` bytes carved from the guest's first region."""
+    (first, *_) = memory.regions
+    return [MemoryRegion(first.gpa + i * size, size, first.fd, first.fd_offset + i * size,
+                         first.host_addr + i * size, first._map,
+                         first.view[i * size:(i + 1) * size]) for i in range(count)]
+
+
+def test_as_many_regions_as_the_back_end_has_slots_are_added_and_one_more_is_refused(
+        make, frontends, memory, eventfds) -> None:
+    fake = make(protocol=BACKEND_PROTOCOL | PF.CONFIGURE_MEM_SLOTS, slots=3)
+    fe = connect(fake, frontends)
+    fe.activate(context(eventfds, memory), split(memory, 3))
+    assert len(sent(fake, FR.ADD_MEM_REG)) == 3
+    fe.stop()
+    with pytest.raises(VhostUserFrontendError) as refused:
+        fe.activate(context(eventfds, memory), split(memory, 4))
+    assert str(refused.value) == ("guest memory has 4 regions, the back-end takes at most 3 "
+                                  "(GET_MAX_MEM_SLOTS)")
+
+
+def test_set_mem_table_carries_eight_regions_and_a_ninth_is_refused(
+        make, frontends, memory, eventfds) -> None:
+    fake = make()
+    fe = connect(fake, frontends)
+    fe.activate(context(eventfds, memory), split(memory, m.MAX_MEM_REGIONS, 0x20000))
+    (table,) = sent(fake, FR.SET_MEM_TABLE)
+    assert len(table.regions) == m.MAX_MEM_REGIONS
+    fe.stop()
+    with pytest.raises(VhostUserFrontendError) as refused:
+        fe.activate(context(eventfds, memory), split(memory, m.MAX_MEM_REGIONS + 1, 0x20000))
+    assert str(refused.value) == (
+        f"guest memory has {m.MAX_MEM_REGIONS + 1} regions, SET_MEM_TABLE carries at most "
+        f"{m.MAX_MEM_REGIONS}; the back-end lacks CONFIGURE_MEM_SLOTS")
+
+
+@dataclass
+class Anonymous:
+    gpa: int = 0
+    size: int = 0x400000
+    host_addr: int = 0x7F0000000000
+    fd_offset: int = 0
+
+
+def test_guest_memory_without_an_fd_is_refused_before_the_back_end_hears_of_it(
+        make, frontends, eventfds, memory) -> None:
+    fake = make()
+    fe = connect(fake, frontends)
+    with pytest.raises(VhostUserFrontendError) as refused:
+        fe.activate(context(eventfds, memory), [Anonymous()])
+    assert str(refused.value) == (
+        "guest memory at GPA 0x0 has no file descriptor: a vhost-user back-end maps guest RAM "
+        "through a shared memfd/hugetlbfs fd; anonymous or private memory cannot be shared "
+        "(use pymvm.memory.GuestMemory)")
+    assert FR.SET_MEM_TABLE not in fake.requests()
+
+
+# ---- the used index, read from guest memory ----------------------------------------------------
+
+
+@dataclass
+class Raw:
+    """Guest memory known only by its host address (no memoryview)."""
+
+    host_addr: int
+    size: int
+
+
+def test_u16_is_read_at_both_ends_of_a_region_and_nowhere_outside(memory: GuestMemory) -> None:
+    (region, *_) = memory.regions
+    memory.write(0, b"\x34\x12\xff")
+    memory.write(region.size - 2, b"\x78\x56")
+    base = region.host_addr
+    assert _read_u16([region], base) == 0x1234  # a u16, not three bytes
+    assert _read_u16([region], base + region.size - 2) == 0x5678
+    buf = (ctypes.c_uint8 * 4)(0xCD, 0xAB, 0x00, 0x00)
+    raw = Raw(ctypes.addressof(buf), 4)
+    assert _read_u16([raw], raw.host_addr) == 0xABCD
+    for outside in (base - 1, base + region.size - 1):
+        with pytest.raises(VhostUserFrontendError) as refused:
+            _read_u16([region], outside)
+        assert str(refused.value) == f"host address {outside:#x} is not inside guest memory"
+
+
+def test_stop_without_a_back_end_resumes_at_the_used_index_in_guest_memory(
+        make, frontends, memory, eventfds) -> None:
+    fake = make()
+    fe = connect(fake, frontends)
+    fe.activate(context(eventfds, memory), memory.regions)
+    write_used_idx(memory, 0, 7)
+    write_used_idx(memory, 1, 9)
+    fake.kill()
+    deadline = time.monotonic() + 5
+    while fe.connected and time.monotonic() < deadline:
+        time.sleep(0.01)
+    positions = fe.stop()
+    assert {q: (p.next_avail, p.used_idx) for q, p in positions.items()} == {0: (7, 7), 1: (9, 9)}
+
+
+# ---- connection set-up -----------------------------------------------------------------------
+
+
+def test_wait_connected_gives_up_after_its_timeout(make, frontends) -> None:
+    fake = make()
+    fe = connect(fake, frontends)
+    fake.kill()
+    deadline = time.monotonic() + 5
+    while fe.connected and time.monotonic() < deadline:
+        time.sleep(0.01)
+    started = time.monotonic()
+    assert fe.wait_connected(0.2) is False
+    assert time.monotonic() - started < 2
+
+
+def test_server_mode_replaces_a_stale_socket_file(sock_dir: str, frontends) -> None:
+    import socket
+    import threading
+
+    path = os.path.join(sock_dir, "vu.sock")
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(path)
+    stale.close()  # the file stays: a socket nobody listens on
+    made: list[VhostUserNetBackend] = []
+    builder = threading.Thread(
+        target=lambda: made.append(VhostUserNetBackend(path, "server", connect_timeout=5)))
+    builder.start()
+    fake = ConfigBackend(path, listen=False)
+    try:
+        fake.dial()  # retried while the stale file still answers "refused"
+        builder.join(5)
+        (fe,) = made
+        frontends.append(fe)
+        assert fe.connected
+    finally:
+        fake.kill()
+
+
+def test_server_mode_in_a_missing_directory_says_what_to_check(sock_dir: str) -> None:
+    path = os.path.join(sock_dir, "missing", "vu.sock")
+    with pytest.raises(VhostUserFrontendError) as refused:
+        VhostUserNetBackend(path, "server", connect_timeout=1)
+    assert str(refused.value) == (
+        f"cannot listen on vhost-user socket {path}: No such file or directory; check the "
+        "directory exists and the path is not another file")
