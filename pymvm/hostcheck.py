@@ -7,7 +7,6 @@ Kept apart from pymvm.nested, the nested-host runner (test infrastructure), so t
 from __future__ import annotations
 
 import os
-import subprocess
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -71,6 +70,8 @@ def cpu_flags_from_cpuinfo(text: str) -> frozenset[str]:
 
 
 def _modprobe(module: str) -> None:
+    import subprocess  # rarely needed: not on every `pymvm run` (issue 15)
+
     try:
         subprocess.run(
             ["modprobe", "-q", module],
