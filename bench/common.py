@@ -13,9 +13,14 @@ import subprocess
 CMDLINE = "console=ttyS0 reboot=t panic=-1 quiet"
 
 
-def guest_script(host_ip: str, seconds: int, *, pings: int = 20) -> str:
-    """The guest's command: iperf3 both ways, then ping (its summary line)."""
-    return (f"iperf3 -c {host_ip} -t {seconds} -f m | grep -E 'sender|receiver'; "
+def guest_script(host_ip: str, seconds: int, *, pings: int = 20, wait_for_host: bool = False) -> str:
+    """The guest's command: iperf3 both ways, then ping (its summary line).
+
+    ``wait_for_host``: first ping the host until it answers (up to 30 s), for a data plane
+    that may still be starting its forwarding when the guest is up (DPDK testpmd)."""
+    wait = (f"for i in $(seq 30); do ping -c 1 -W 1 {host_ip} >/dev/null && break; done; "
+            if wait_for_host else "")
+    return (f"{wait}iperf3 -c {host_ip} -t {seconds} -f m | grep -E 'sender|receiver'; "
             f"iperf3 -c {host_ip} -t {seconds} -f m -R | grep -E 'sender|receiver'; "
             f"ping -c {pings} -i 0.2 {host_ip} | tail -1")
 

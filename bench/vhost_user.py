@@ -101,7 +101,7 @@ def tcp(args: argparse.Namespace) -> int:
         return 2
     initramfs = build_initramfs(extra_binaries=["iperf3"], log=lambda *_: None)
     cmdline = (f"{CMDLINE} {encode_net('eth0', f'{GUEST_IP}/24')} "
-               f"{encode_cmd(guest_script(HOST_IP, args.seconds, pings=10))}")
+               f"{encode_cmd(guest_script(HOST_IP, args.seconds, pings=10, wait_for_host=True))}")
     results: dict[str, list[dict[str, float]]] = {b: [] for b in BACKENDS}
     with tempfile.TemporaryDirectory(prefix="pymvm-bench-") as tmp:
         for i in range(args.runs):
@@ -138,7 +138,10 @@ def pps(args: argparse.Namespace) -> int:
         sock = Path(tmp) / "vu.sock"
         log = (Path(tmp) / "backend.log").open("wb")
         backend = subprocess.Popen([sys.executable, "-m", "pymvm.cli", "--log-level", "warning",
-                                    "vhost-user", "net", "--socket", str(sock), "--tap", tap],
+                                    "vhost-user", "net", "--socket", str(sock), "--tap", tap,
+                                    # DPDK's virtio_user shares hugepage/anonymous memory, which
+                                    # is not sealed: the back-end refuses it unless told to trust it.
+                                    "--allow-unsealed-memory"],
                                    stdout=log, stderr=subprocess.STDOUT)
         pmd = None
         try:
