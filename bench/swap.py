@@ -24,6 +24,7 @@ median restart gap).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import signal
@@ -70,6 +71,20 @@ def has_address(ip: str) -> bool:
 
 def guest_command() -> str:
     return f"{build_udp_echo()} {ECHO_PORT} & sleep 100000"
+
+
+def handover_times(vmm_log: Path) -> list[float]:
+    """The VMM's own time of each hand-over so far, old back-end's stop to the new one's
+    start (its net_backend_swapped lines), in ms."""
+    times = []
+    for line in vmm_log.read_text(errors="replace").splitlines():
+        if '"net_backend_swapped"' in line:
+            try:
+                event = json.loads(line[line.index("{"):])
+                times.append(float(event["stop_ms"]) + float(event["start_ms"]))
+            except (ValueError, KeyError, TypeError):
+                continue
+    return times
 
 
 def summary(samples: list[dict[str, float]]) -> tuple[float, float]:
@@ -213,20 +228,29 @@ def pymvm_swaps(kernel: Path, initramfs: Path, tmp: Path, rounds: int,
     net = (f'[[net]]\nid = "net0"\nbackend = "vhost-net"\ntap = "{tap}"\nbridge = "{bridge}"\n'
            f'host_ip = "{HOST_IP}/24"\nip = "{GUEST_IP}/24"\nswappable = true\n')
     config = pymvm_config(tmp, kernel, initramfs, net, api=api, name="swap")
+    # testpmd starts first and is stopped (SIGSTOP) while the guest is on another back-end:
+    # its start (DPDK touches all its memory without hugepages) and its busy-polling core
+    # would take the nested host's one CPU from whatever back-end is being measured.
+    pmd = Testpmd([f"net_vhost0,iface={sock},queues=1", f"net_tap0,iface={dtap}"], "io",
+                  tmp / "testpmd.log", "pymvm-bench-swap", memory_mb=256)
+    try:
+        pmd.wait_started(lambda: sock.exists() and os.path.exists(f"/sys/class/net/{dtap}"))
+        pmd.pause()
+    except BaseException:
+        pmd.finish()
+        raise
     console = open(tmp / "swap-console.log", "wb")
-    vmm = subprocess.Popen([sys.executable, "-m", "pymvm.cli", "--log-level", "warning", "run",
+    # info: the VMM's own timing of each hand-over (net_backend_swapped) goes to the log.
+    vmm = subprocess.Popen([sys.executable, "-m", "pymvm.cli", "--log-level", "info", "run",
                             str(config)], stdin=subprocess.DEVNULL, stdout=console,
                            stderr=subprocess.STDOUT)
-    pmd = stream = None
+    stream = None
     pairs: dict[str, list[dict[str, float]]] = {}
     try:
         wait(lambda: has_address(HOST_IP), START_TIMEOUT_S, "the VM's bridge", vmm)
         stream = UdpStream(HOST_IP, GUEST_IP, pps=pps)
         if not stream.wait_flowing(START_TIMEOUT_S):
             raise RuntimeError(f"no echoes:\n{(tmp / 'swap-console.log').read_text()[-2000:]}")
-        pmd = Testpmd([f"net_vhost0,iface={sock},queues=1", f"net_tap0,iface={dtap}"], "io",
-                      tmp / "testpmd.log", "pymvm-bench-swap")
-        pmd.wait_started(lambda: sock.exists() and os.path.exists(f"/sys/class/net/{dtap}"))
         subprocess.run(["ip", "link", "set", dtap, "master", bridge, "up"], check=True)
         current = "vhost-net"
         for n in range(rounds):
@@ -234,17 +258,22 @@ def pymvm_swaps(kernel: Path, initramfs: Path, tmp: Path, rounds: int,
                 body = {"backend": target}
                 if target == "vhost-user":
                     body.update(socket=str(sock), socket_mode="client")
+                    pmd.resume()
                 t0 = time.monotonic()
                 request(str(api), "PUT", "/vm/net/net0/backend", body, timeout=START_TIMEOUT_S)
                 t1 = time.monotonic()
+                if current == "vhost-user":
+                    pmd.pause()  # swapped away: idle until the next round's swap to it
                 if not stream.wait_flowing(120):
                     raise RuntimeError(f"no echoes after the swap to {target}")
                 time.sleep(WINDOW_TAIL_S)
                 w = stream.window(t0, t1 + WINDOW_TAIL_S)
+                handovers = handover_times(tmp / "swap-console.log")
+                w["handover_ms"] = handovers[-1] if handovers else float("nan")
                 pair = f"{NAMES[current]}->{NAMES[target]}"
                 pairs.setdefault(pair, []).append(w)
                 log(f"round {n} {pair}: gap {w['gap_ms']:.0f} ms, lost {w['lost']} "
-                    f"(call {t1 - t0:.1f} s)")
+                    f"(call {t1 - t0:.1f} s, hand-over {w['handover_ms']:.0f} ms)")
                 current = target
                 time.sleep(1.0)
     finally:
@@ -259,8 +288,7 @@ def pymvm_swaps(kernel: Path, initramfs: Path, tmp: Path, rounds: int,
         except subprocess.TimeoutExpired:
             vmm.kill()
             vmm.wait()
-        if pmd is not None:
-            pmd.finish()
+        pmd.finish()
     return pairs
 
 
@@ -289,8 +317,9 @@ def main() -> int:
     print(f"nested_cpus={len(os.sched_getaffinity(0))} pps={args.pps} rounds={args.rounds}")
     for pair, samples in pairs.items():
         gap, lost = summary(samples)
-        print(f"swap {pair}: median gap {gap:.1f} ms, median lost {lost:.0f} "
-              f"(gaps {[round(s['gap_ms']) for s in samples]})")
+        handover = statistics.median(s["handover_ms"] for s in samples)
+        print(f"swap {pair}: median gap {gap:.1f} ms, median lost {lost:.0f}, median "
+              f"hand-over {handover:.1f} ms (gaps {[round(s['gap_ms']) for s in samples]})")
     q_gap, q_lost = summary(qemu_samples)
     r_gap, r_lost = summary(reconnect_samples)
     print(f"qemu back-end restart: median gap {q_gap:.1f} ms, median lost {q_lost:.0f}")

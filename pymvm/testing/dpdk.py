@@ -39,11 +39,15 @@ def lcores() -> list[str]:
 class Testpmd:
     """dpdk-testpmd with ``vdevs``, forwarding in ``forward_mode``, its output in ``log``."""
 
-    def __init__(self, vdevs: list[str], forward_mode: str, log: Path, prefix: str) -> None:
+    def __init__(self, vdevs: list[str], forward_mode: str, log: Path, prefix: str, *,
+                 memory_mb: int = 1024) -> None:
+        """``memory_mb``: DPDK's memory (``-m``). Without hugepages DPDK touches all of it at
+        start: 1 GiB is seconds of page faults in the emulated nested host, so a peer that
+        only forwards a few thousand mbufs (8192 of about 2 KiB) can ask for less."""
         self.log, self.prefix = log, prefix
         self._out = log.open("wb")
-        argv = ["stdbuf", "-oL", TESTPMD, *lcores(), "--no-pci", "--no-huge", "-m", "1024",
-                "--single-file-segments", f"--file-prefix={prefix}"]
+        argv = ["stdbuf", "-oL", TESTPMD, *lcores(), "--no-pci", "--no-huge", "-m",
+                str(memory_mb), "--single-file-segments", f"--file-prefix={prefix}"]
         for vdev in vdevs:
             argv += ["--vdev", vdev]
         argv += ["--", f"--forward-mode={forward_mode}", "--auto-start", "--total-num-mbufs=8192"]
@@ -62,9 +66,21 @@ class Testpmd:
         except RuntimeError as e:
             raise RuntimeError(f"{e}\n{self.text()[-3000:]}") from None
 
+    def pause(self) -> None:
+        """Stop the process (SIGSTOP) while no VM uses it: its forwarding core busy-polls,
+        which on a host with one CPU takes a share from everything else."""
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """Let a paused testpmd run again (SIGCONT) before a VM connects to it."""
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGCONT)
+
     def finish(self) -> str:
         """Stop forwarding and exit; testpmd's whole output."""
         if self.proc.poll() is None:
+            self.resume()  # a paused testpmd reads no stdin
             try:
                 assert self.proc.stdin is not None
                 self.proc.stdin.write(b"\n")

@@ -247,9 +247,21 @@ def test_swap_vhost_net_builtin_dpdk_builtin_vhost_net_keeps_tcp_and_udp_going(
     down.start()
     net = (f'[[net]]\nid = "net0"\nbackend = "vhost-net"\ntap = "{tap}"\nbridge = "{bridge}"\n'
            f'host_ip = "{HOST_IP}/24"\nip = "{GUEST_IP}/24"\nswappable = true\n')
+    # testpmd starts before the VM and waits stopped (SIGSTOP) until its swap: without
+    # hugepages DPDK touches all its memory at start, and its forwarding core busy-polls;
+    # on the nested host's one CPU either takes a share from the back-end serving the
+    # guest during the transfer (with 1 GiB, started mid-transfer, a run saw a 5 s TX
+    # timeout in the guest).
+    pmd = Testpmd([f"net_vhost0,iface={sock},queues=1", f"net_tap0,iface={dtap}"], "io",
+                  tmp_path / "testpmd.log", prefix, memory_mb=256)
+    try:
+        pmd.wait_started(lambda: sock.exists() and link_exists(dtap))
+        pmd.pause()
+    except BaseException:
+        pmd.finish()
+        raise
     guest = ApiGuest(tmp_path, swap_images, guest_command(), net)
     vmm_log = VmmLog(guest)
-    pmd = None
     stream = None
     records: list[SwapRecord] = []
     try:
@@ -298,10 +310,8 @@ def test_swap_vhost_net_builtin_dpdk_builtin_vhost_net_keeps_tcp_and_udp_going(
                  "echoes after the refused swap", guest)
         refused_window = stream.window(t_refused, time.monotonic())
 
-        pmd = Testpmd([f"net_vhost0,iface={sock},queues=1", f"net_tap0,iface={dtap}"], "io",
-                      tmp_path / "testpmd.log", prefix)
-        pmd.wait_started(lambda: sock.exists() and link_exists(dtap))
         subprocess.run(["ip", "link", "set", dtap, "master", bridge, "up"], check=True)
+        pmd.resume()
         swap("vhost-user", socket=str(sock), socket_mode="client")
         swap("builtin")  # a fresh process: a live upgrade
         pmd_text = pmd.finish()

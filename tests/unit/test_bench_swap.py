@@ -77,3 +77,15 @@ def test_the_udp_stream_measures_gaps_and_losses_while_its_threads_run() -> None
         echo.close()
     w = windows[-1]
     assert w["lost"] >= 500 and w["gap_ms"] >= 400, w
+
+
+def test_handover_times_are_read_from_the_vmms_json_lines_among_console_output(tmp_path) -> None:
+    bench = _load()
+    log = tmp_path / "vm.log"
+    log.write_text(
+        "[    1.0] guest console line\n"
+        '{"event": "net_backend_swapped", "stop_ms": 12.5, "start_ms": 30.0, "level": "info"}\n'
+        '{"event": "vhost_user_activated", "level": "info"}\n'
+        "garbage {not json\n"
+        '{"event": "net_backend_swapped", "stop_ms": 1.0, "start_ms": 2.0}\n')
+    assert bench.handover_times(log) == [42.5, 3.0]
