@@ -188,7 +188,7 @@ def test_region_of_size_zero_is_refused_and_one_byte_is_mapped() -> None:
     try:
         with pytest.raises(VhostUserRemoteError) as refused:
             _map_region(region(0), fd)
-        assert "memory region of size 0" in str(refused.value)
+        assert str(refused.value) == "memory region of size 0"
         mapped = _map_region(region(1), fd)
         assert len(mapped.view) == 1
         mapped.close()
@@ -607,6 +607,72 @@ def test_chain_a_device_holds_is_recorded_in_flight_for_the_next_back_end(
         view = memoryview(record)
         # What a restarted back-end would read: head 3 is to be run again.
         assert InflightQueue(view, QSIZE).recover(ram.used_idx()).heads == (3,)
+        view.release()
+        record.close()
+        for fd in (kick, call):
+            os.close(fd)
+
+    serve(tmp_path, device, body)
+
+
+def test_malformed_chain_handed_back_moves_the_inflight_used_index_and_the_ring_goes_on(
+        tmp_path: Path, ram: Ram) -> None:
+    device = HoldingDevice()
+
+    async def body(server: VhostUserServer, connect) -> None:
+        fe = await connect()
+        await inflight_session(fe)
+        reply = await request_with_fds(fe, m.GetInflightFd(num_queues=1, queue_size=QSIZE))
+        assert isinstance(reply, m.InflightFdReply)
+        record = mmap.mmap(reply.fd, reply.mmap_size)
+        os.close(reply.fd)
+        kick, call = await start_ring(fe, ram, ram.uva)
+        ram.desc(1, ram.gpa + ram.size + PAGE, 16)  # outside guest memory: dropped as used
+        ram.publish(1)
+        ram.desc(2, ram.gpa + DATA, 16)
+        ram.publish(2)
+        os.eventfd_write(kick, 1)
+        await until(lambda: device.held == [2])
+        assert ram.used_idx() == 1
+        view = memoryview(record)
+        assert InflightQueue(view, QSIZE).used_idx == 1
+        view.release()
+        record.close()
+        for fd in (kick, call):
+            os.close(fd)
+
+    serve(tmp_path, device, body)
+
+
+@pytest.mark.parametrize("ring, region_queues, region_size", [(1, 1, QSIZE), (0, 1, 2 * QSIZE)],
+                         ids=["ring-past-the-region's-queues", "ring-of-another-size"])
+def test_ring_the_inflight_region_does_not_fit_runs_untracked(
+        tmp_path: Path, ram: Ram, ring: int, region_queues: int, region_size: int) -> None:
+    device = HoldingDevice()
+
+    async def body(server: VhostUserServer, connect) -> None:
+        fe = await connect()
+        await inflight_session(fe)
+        reply = await request_with_fds(fe, m.GetInflightFd(num_queues=region_queues,
+                                                           queue_size=region_size))
+        assert isinstance(reply, m.InflightFdReply)
+        record = mmap.mmap(reply.fd, reply.mmap_size)
+        os.close(reply.fd)
+        await fe.request(m.SetMemTable((ram.region(),), (ram.fd,)))
+        await fe.request(m.SetVringNum(ring, QSIZE))
+        await fe.request(m.SetVringAddr(ring, 0, ram.uva + DESC, ram.uva + USED,
+                                        ram.uva + AVAIL, 0))
+        kick, call = os.eventfd(0, os.EFD_NONBLOCK), os.eventfd(0, os.EFD_NONBLOCK)
+        await fe.request(m.SetVringCall(ring, call))
+        await fe.request(m.SetVringKick(ring, kick))
+        ack = await fe.request(m.SetVringEnable(ring, True, need_reply=True))
+        assert isinstance(ack, m.Ack) and ack.ok
+        ram.desc(3, ram.gpa + DATA, 16)
+        ram.publish(3)
+        os.eventfd_write(kick, 1)
+        await until(lambda: device.held == [3])
+        view = memoryview(record)
+        assert InflightQueue(view, region_size).pending() == []  # not recorded anywhere
         view.release()
         record.close()
         for fd in (kick, call):

@@ -382,3 +382,28 @@ def test_server_mode_in_a_missing_directory_says_what_to_check(sock_dir: str) ->
     assert str(refused.value) == (
         f"cannot listen on vhost-user socket {path}: No such file or directory; check the "
         "directory exists and the path is not another file")
+
+
+def test_stop_after_guest_memory_is_gone_reports_the_rings_at_zero(make, frontends, eventfds) -> None:
+    fake = make()
+    fe = connect(fake, frontends)
+    mem = GuestMemory(4 << 20)
+    fe.activate(context(eventfds, mem), mem.regions)
+    write_used_idx(mem, 0, 5)
+    fake.kill()
+    wait_disconnected(fe)
+    mem.close()  # VM teardown: nothing will run the rings again
+    positions = fe.stop()
+    assert {q: (p.next_avail, p.used_idx) for q, p in positions.items()} == {0: (0, 0), 1: (0, 0)}
+
+
+def test_blk_front_end_in_server_mode_waits_connect_timeout_for_a_back_end(sock_dir: str) -> None:
+    from pymvm.vhost.user.frontend import VhostUserBlkBackend
+
+    path = os.path.join(sock_dir, "blk.sock")
+    started = time.monotonic()
+    with pytest.raises(VhostUserFrontendError) as refused:
+        VhostUserBlkBackend(path, "server", connect_timeout=0.3)
+    assert time.monotonic() - started < 3
+    assert str(refused.value).startswith(
+        f"no vhost-user back-end connected to {path} within 0.3 s")
