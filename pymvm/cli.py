@@ -224,7 +224,8 @@ def cmd_build_initramfs(args: argparse.Namespace) -> int:
 
 async def _serve_until_signal(server, confine=None) -> None:
     """Serve a vhost-user back-end until SIGINT/SIGTERM (or until serving fails).
-    ``confine`` (a seccomp installer) runs once the loop and the socket are set up."""
+    ``confine`` (a seccomp installer) runs once the loop and the socket are set up; a server
+    only bound so far listens after it, when it can answer at once."""
     import asyncio
     import signal
 
@@ -232,9 +233,9 @@ async def _serve_until_signal(server, confine=None) -> None:
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    server.listen()
     if confine is not None:
         confine()
+    server.listen()
     serving = asyncio.create_task(server.serve_forever())
     stopping = asyncio.create_task(stop.wait())
     await asyncio.wait({serving, stopping}, return_when=asyncio.FIRST_COMPLETED)
@@ -361,7 +362,10 @@ def cmd_vhost_user_blk(args: argparse.Namespace) -> int:
     server = VhostUserServer(args.socket, backend, client=args.client,
                              allow_unsealed_memory=args.allow_unsealed_memory)
     try:
-        server.listen()  # bound while we may still write where the socket goes
+        # Bound while we may still write where the socket goes; listening only once set up
+        # (threads, privileges, seccomp: seconds in an emulated host), so that a front-end
+        # is refused and retries until then rather than time out on its first request.
+        server.bind()
         confine = None
         if not args.no_seccomp:
             from . import syscalls

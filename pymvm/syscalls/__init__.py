@@ -109,6 +109,7 @@ BLK_BACKEND: dict[str, str] = {
     "pwritev2": "writes tried on the event loop with RWF_NOWAIT",
     "pwrite64": "WRITE_ZEROES on a file system without FALLOC_FL_ZERO_RANGE",
     "fdatasync": "VIRTIO_BLK_T_FLUSH",
+    "listen": "its socket, bound before the filter, is listened on once the back-end serves",
     "fallocate": "DISCARD (punch a hole) and WRITE_ZEROES (zero a range)",
     "memfd_create": "the inflight region a front-end asks for (GET_INFLIGHT_FD)",
     "ftruncate": "sizing the inflight region",

@@ -284,6 +284,28 @@ def test_stale_socket_file_is_replaced_but_a_live_one_is_refused(tmp_path: Path)
     assert not os.path.exists(path)
 
 
+def test_a_bound_server_refuses_front_ends_until_it_listens(tmp_path: Path) -> None:
+    """bind() makes the socket file while the back-end may still write there; front-ends
+    that come before listen() (a back-end still starting threads and its seccomp filter)
+    are refused, so they retry, instead of waiting on a request nobody reads."""
+    path = str(tmp_path / "vu.sock")
+    server = VhostUserServer(path, RecordingDevice())
+    server.bind()
+    try:
+        assert os.path.exists(path)
+        early = socket.socket(socket.AF_UNIX)
+        with pytest.raises(ConnectionRefusedError):
+            early.connect(path)
+        early.close()
+        server.listen()
+        on_time = socket.socket(socket.AF_UNIX)
+        on_time.connect(path)
+        on_time.close()
+    finally:
+        server.close()
+    assert not os.path.exists(path)
+
+
 # ---------------------------------------------------------------------------------------------
 # The net back-end against a real TAP
 

@@ -799,25 +799,41 @@ class VhostUserServer:
         self.reconnect_delay = reconnect_delay
         #: A listening socket made (and bound) by whoever started us, or None to bind ``path``.
         self._listener: socket.socket | None = listener
+        self._listening = listener is not None  # a listener we are given already listens
         if listener is not None:
             listener.setblocking(False)
         self.session: _Session | None = None
         self.sessions_served = 0
 
-    def listen(self) -> None:
-        """Bind the listening socket now (so callers can connect as soon as this returns)."""
+    def bind(self) -> None:
+        """Create the socket file now (while this process may still write where it goes),
+        without accepting yet: a front-end that connects before :meth:`listen` is refused
+        (and retries) instead of waiting on a request nobody reads."""
         if self.client or self._listener is not None:
             return
         _prepare_socket_path(self.path)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
             sock.bind(self.path)
-            sock.listen(4)
         except OSError as e:
             sock.close()
             raise VhostUserBackendError(f"cannot listen on {self.path}: {e.strerror}") from None
         sock.setblocking(False)
         self._listener = sock
+        self._listening = False
+
+    def listen(self) -> None:
+        """Accept connections from now on (binding first if :meth:`bind` was not called), so
+        callers can connect as soon as this returns."""
+        self.bind()
+        if self.client or self._listening:
+            return
+        assert self._listener is not None
+        try:
+            self._listener.listen(4)
+        except OSError as e:
+            raise VhostUserBackendError(f"cannot listen on {self.path}: {e.strerror}") from None
+        self._listening = True
         log.info("vhost_user.listening", socket=self.path)
 
     async def _accept(self) -> socket.socket:
