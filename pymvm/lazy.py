@@ -63,6 +63,13 @@ def is_pending(name: str) -> bool:
     return type(sys.modules.get(name)) is PendingModule
 
 
+def load_pending() -> None:
+    """Load every pending module now: for a process about to lose the right to read the
+    interpreter's files (privileges dropped) or to open files at all (a seccomp filter)."""
+    for module in list(sys.modules.values()):
+        _load(module)
+
+
 def load_without(name: str, hidden: Iterable[str]) -> types.ModuleType:
     """Run module ``name`` now (import it, or load it if pending) while the modules ``hidden``
     cannot be imported; they can again afterwards. Modules that bind an optional import to

@@ -18,6 +18,8 @@ import sys
 
 import structlog
 
+from .lazy import load_pending
+
 log = structlog.get_logger()
 
 # <linux/prctl.h>
@@ -90,6 +92,7 @@ def drop_privileges(user: str, *, parent_pid: int | None = None) -> None:
     emptied first (so not even a file capability can bring one back), and no_new_privs
     forbids gaining privileges through execve.
     """
+    load_pending()  # asyncio, if still pending: the user may not read the interpreter's files
     try:
         entry = pwd.getpwuid(int(user)) if user.isdigit() else pwd.getpwnam(user)
         uid, gid = entry.pw_uid, entry.pw_gid

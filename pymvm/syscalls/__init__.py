@@ -299,6 +299,10 @@ def install(process: str, allow: dict[str, str], *, socket_families: tuple[int, 
     sc = _load_binding()
     from ._sigsys_cffi import lib
 
+    if "openat" not in allow:  # no module can be read once the filter is on
+        from ..lazy import load_pending
+
+        load_pending()
     _name_syscalls(sc, lib)
     if lib.pymvm_install_sigsys_reporter(log_fd, process.encode()) != 0:
         raise SeccompError("cannot install the SIGSYS handler")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -65,3 +67,29 @@ def test_a_pending_module_that_fails_to_load_is_removed_like_a_failed_import(pac
 def test_defer_import_of_a_missing_module_raises_module_not_found() -> None:
     with pytest.raises(ModuleNotFoundError):
         defer_import("pymvm_no_such_module")
+
+
+def test_load_pending_runs_every_pending_module(package) -> None:
+    import lazycount
+
+    defer_import("lazypkg")
+    from pymvm.lazy import load_pending
+
+    load_pending()
+    assert not is_pending("lazypkg") and lazycount.runs == 1
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="dropping privileges needs root")
+def test_a_process_that_drops_privileges_can_still_use_asyncio_afterwards() -> None:
+    # The back-ends drop to `nobody`, who may not read the interpreter's files: a module
+    # still pending then could never load (the built-in back-end died so, before the fix).
+    code = ("import sys, pymvm, pymvm.lazy\n"
+            "assert pymvm.lazy.is_pending('asyncio'), 'asyncio should be pending here'\n"
+            "from pymvm import sandbox\n"
+            "sandbox.drop_privileges('nobody')\n"
+            "import asyncio\n"
+            "print(asyncio.run(asyncio.sleep(0, 'served')))\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=60,
+                          cwd=Path(__file__).resolve().parents[2])
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    assert done.stdout.splitlines()[-1] == b"served"
