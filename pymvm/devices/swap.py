@@ -139,6 +139,16 @@ def hand_over(device: SwappableDevice, new: SwappableBackend, *, acked: int = 0,
             log.info("net_backend_swapped", rings="not started")
             return {}
         regions = ctx.mem_regions
+        prepare = getattr(new, "prepare", None)
+        if prepare is not None:
+            # What needs no stopped ring (features, memory table) goes to the new back-end
+            # while the old one still serves: the gap below is only the rings' hand-over.
+            try:
+                prepare(ctx, regions)
+            except BaseException as e:
+                log.warning("swap_new_backend_failed", error=str(e), stage="prepare")
+                raise SwapFailed(f"the new back-end failed: {e}; the old back-end keeps "
+                                 "serving the device") from None
         t_stop = time.monotonic()
         stopped = old.stop()
         positions = {q: RingPosition(p.resume_at(), p.used_idx) for q, p in stopped.items()}

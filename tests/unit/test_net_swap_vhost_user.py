@@ -101,3 +101,52 @@ def test_a_new_backend_hanging_up_during_the_set_up_puts_the_old_one_back(
     finally:
         old_be.kill()
         new_be.kill()
+
+
+def test_features_and_memory_table_reach_the_new_backend_before_the_old_one_stops(
+        sock_dir, frontends, memory, eventfds):
+    """The data plane's gap is only the rings' hand-over: SET_FEATURES and the memory table
+    go to the new back-end while the old one still serves, once, and not again at start."""
+    old_be = FakeBackend(os.path.join(sock_dir, "old.sock")).start()
+    new_be = FakeBackend(os.path.join(sock_dir, "new.sock")).start()
+    try:
+        old = connect(old_be, frontends)
+        ctx = context(eventfds, memory)
+        device = live_device(old, ctx)
+        new = connect(new_be, frontends)
+        seen_at_stop: list[list[FR]] = []
+        stop = old.stop
+
+        def stop_and_look():
+            seen_at_stop.append(new_be.requests())
+            return stop()
+
+        old.stop = stop_and_look
+        hand_over(device, new, acked=ctx.acked_features)
+        assert FR.SET_FEATURES in seen_at_stop[0] and FR.SET_MEM_TABLE in seen_at_stop[0]
+        assert FR.SET_VRING_BASE not in seen_at_stop[0] and FR.SET_VRING_KICK not in seen_at_stop[0]
+        new_be.wait_for(lambda: FR.SET_STATUS in new_be.requests())
+        assert new_be.requests().count(FR.SET_FEATURES) == 1
+        assert new_be.requests().count(FR.SET_MEM_TABLE) == 1
+        assert device.backend is new and new.active
+    finally:
+        old_be.kill()
+        new_be.kill()
+
+
+def test_a_new_backend_that_refuses_its_memory_table_is_refused_before_the_old_one_stops(
+        sock_dir, frontends, memory, eventfds):
+    old_be = FakeBackend(os.path.join(sock_dir, "old.sock")).start()
+    new_be = HangsUpAt(os.path.join(sock_dir, "new.sock"), FR.SET_MEM_TABLE).start()
+    try:
+        old = connect(old_be, frontends)
+        ctx = context(eventfds, memory)
+        device = live_device(old, ctx)
+        new = connect(new_be, frontends)
+        with pytest.raises(SwapFailed, match="keeps serving"):
+            hand_over(device, new, acked=ctx.acked_features)
+        assert FR.GET_VRING_BASE not in old_be.requests()  # never stopped
+        assert device.backend is old and old.active
+    finally:
+        old_be.kill()
+        new_be.kill()

@@ -191,6 +191,8 @@ class VhostUserFrontend:
         self._max_mem_slots = m.MAX_MEM_REGIONS
         self._added_regions: set[m.MemoryRegion] = set()  # ADD_MEM_REG done on this connection
         self._activation: _Activation | None = None
+        #: (channel, features, regions) that prepare() sent ahead of start()
+        self._prepared: tuple[FrontendChannel, int, tuple[Any, ...]] | None = None
         self._bases: dict[int, int] = {}
         #: How many connections were established (1 after the constructor).
         self.connections = 0
@@ -330,6 +332,34 @@ class VhostUserFrontend:
             self._log.info("vhost_user_activated", features=hex(ctx.acked_features),
                            queues=[q.index for q in ctx.queues])
 
+    def prepare(self, ctx: ActivationContext, mem_regions: Sequence[Any]) -> None:
+        """Before a swap stops the old back-end: send what does not touch the rings yet (the
+        features and the memory table), so that start() after the stop only sets the rings
+        up and the data plane's gap is shorter. Raises like start(); nothing runs yet."""
+        with self._lock:
+            if self._closed or self._activation is not None:
+                raise VhostUserFrontendError(
+                    f"vhost-user back-end {self.socket_path} is closed or already active")
+            channel = self._channel
+            if channel is None:
+                raise VhostUserFrontendError(
+                    f"vhost-user back-end {self.socket_path} is not connected")
+            if self._use_inflight:  # the inflight region comes first: start() does it all
+                return
+            activation = self._prepare(ctx, mem_regions)
+            try:
+                features = self._set_features(channel, ctx)
+                self._send_mem_table(channel, activation.regions)
+            except VhostUserDisconnected as e:
+                self._lost(channel, str(e))
+                raise VhostUserFrontendError(
+                    f"the vhost-user back-end at {self.socket_path} hung up: {e}") from None
+            except VhostUserRequestFailed as e:
+                raise VhostUserFrontendError(
+                    f"vhost-user back-end refused {e.request.name} (status {e.status:#x}); "
+                    "check the back-end's log") from None
+            self._prepared = (channel, features, activation.regions)
+
     def stop(self) -> dict[int, RingPosition]:
         """Stop the rings; returns each queue's position: the next available entry from
         GET_VRING_BASE (the used idx when the back-end cannot answer) and the used idx."""
@@ -432,9 +462,8 @@ class VhostUserFrontend:
     def _ack(self) -> bool:
         return bool(self._protocol_features & PF.REPLY_ACK)
 
-    def _start(self, channel: FrontendChannel, activation: _Activation,
-               bases: dict[int, int]) -> None:
-        ctx, ack = activation.ctx, self._ack()
+    def _set_features(self, channel: FrontendChannel, ctx: ActivationContext) -> int:
+        """SET_FEATURES with what the guest acked (and the protocol features flag)."""
         acked = ctx.acked_features & self._features_mask
         missing = acked & ~self._backend_features
         if missing:
@@ -443,9 +472,22 @@ class VhostUserFrontend:
                 "restart it with the same options"
             )
         features = acked | (self._backend_features & PROTOCOL_FEATURES_FLAG)
-        channel.request(m.SetFeatures(features, need_reply=ack))
-        self._set_inflight(channel, ctx)
-        self._send_mem_table(channel, activation.regions)
+        channel.request(m.SetFeatures(features, need_reply=self._ack()))
+        return features
+
+    def _start(self, channel: FrontendChannel, activation: _Activation,
+               bases: dict[int, int]) -> None:
+        ctx, ack = activation.ctx, self._ack()
+        prepared, self._prepared = self._prepared, None
+        wanted = ((ctx.acked_features & self._features_mask)
+                  | (self._backend_features & PROTOCOL_FEATURES_FLAG))
+        if prepared is not None and prepared[0] is channel and prepared[1:] == (
+                wanted, activation.regions):
+            features = wanted  # prepare() sent them on this connection
+        else:
+            features = self._set_features(channel, ctx)
+            self._set_inflight(channel, ctx)
+            self._send_mem_table(channel, activation.regions)
         for q, addrs, kick, call in zip(ctx.queues, activation.ring_addrs, ctx.kick_fds,
                                         ctx.call_fds, strict=True):
             channel.request(m.SetVringNum(q.index, q.size, need_reply=ack))
