@@ -571,3 +571,96 @@ def test_restarted_backend_resubmits_requests_left_in_the_inflight_region(
     finally:
         ram.close()
     assert device.stats["resubmitted"] == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# Requests read in bulk from an indirect table (BulkChain): preadv2/pwritev2 on an iovec array
+
+
+def bulk_request(memory, rtype: int, sector: int, segments: list[tuple[int, int]]):
+    """A Linux-shaped request (header, data segments, status) in an indirect table; the
+    chain the queue pops (with bulk reading on) and the status byte's view."""
+    from pymvm.devices.virtio.queue import VRING_DESC_F_INDIRECT, BulkChain, VirtQueue
+
+    mem, memory_map = memory
+    header, status, table = 0x4000, 0x4100, 0x3000
+    mem[header : header + 16] = hdr(rtype, sector)
+    mem[status] = 0xFF
+    data_flags = WRITE if rtype == b.VIRTIO_BLK_T_IN else 0
+    entries = [(header, 16, NEXT)] + [(a, n, data_flags | NEXT) for a, n in segments]
+    entries.append((status, 1, WRITE))
+    for i, (addr, length, flags) in enumerate(entries):
+        struct.pack_into("<QIHH", mem, table + 16 * i, addr, length, flags,
+                         i + 1 if flags & NEXT else 0)
+    struct.pack_into("<QIHH", mem, 0, table, 16 * len(entries), VRING_DESC_F_INDIRECT, 0)
+    struct.pack_into("<HHH", mem, 0x1000, 0, 1, 0)  # avail: idx 1, ring[0] = head 0
+    queue = VirtQueue(memory_map, 8, 0, 0x1000, 0x2000, indirect=True)
+    queue.bulk_indirect = True
+    chain = queue.pop_avail()
+    assert isinstance(chain, BulkChain)
+    return chain
+
+
+@pytest.fixture
+def guest_memory():
+    import mmap
+
+    from pymvm.devices.virtio.queue import GuestMemoryMap
+
+    mem = mmap.mmap(-1, 1 << 20)
+    memory_map = GuestMemoryMap([(0, memoryview(mem))])
+    yield mem, memory_map
+    memory_map.release()
+
+
+def test_bulk_read_and_write_move_data_between_the_image_and_scattered_guest_buffers(
+        tmp_path: Path, image: Path, guest_memory) -> None:
+    mem, _ = guest_memory
+    fd = os.open(image, os.O_RDWR)
+    device = BlkBackend(fd, image.stat().st_size, workers=1, inline_nowait=False)
+    try:
+        segments = [(0x8000, 512), (0x5000, 1024), (0x9000, 512)]
+        req = parse_request(bulk_request(guest_memory, b.VIRTIO_BLK_T_IN, 2, segments),
+                            device.capacity, False)
+        assert isinstance(req, BlkRequest) and req.iov is not None and req.length == 2048
+        assert device._execute(req) == 2049 and mem[0x4100] == b.VIRTIO_BLK_S_OK
+        expected = (bytes(range(256)) * 16)[:2048]  # sectors 2.. of the image
+        got = mem[0x8000:0x8200] + mem[0x5000:0x5400] + mem[0x9000:0x9200]
+        assert got == expected
+        mem[0x8000:0x8200] = b"A" * 512
+        mem[0x5000:0x5400] = b"B" * 1024
+        req = parse_request(bulk_request(guest_memory, b.VIRTIO_BLK_T_OUT, 10, segments[:2]),
+                            device.capacity, False)
+        assert isinstance(req, BlkRequest) and req.iov is not None and req.length == 1536
+        assert device._execute(req) == 1 and mem[0x4100] == b.VIRTIO_BLK_S_OK
+    finally:
+        device.close()
+        os.close(fd)
+    assert image.read_bytes()[10 * 512 : 13 * 512] == b"A" * 512 + b"B" * 1024
+
+
+@pytest.mark.parametrize("rtype, sector, read_only, status", [
+    (b.VIRTIO_BLK_T_IN, CAPACITY - 2, False, b.VIRTIO_BLK_S_IOERR),  # 4 sectors from 62
+    (b.VIRTIO_BLK_T_OUT, 0, True, b.VIRTIO_BLK_S_IOERR),  # a write to a read-only disk
+])
+def test_bulk_requests_get_the_same_checks_as_any_other(
+        guest_memory, rtype: int, sector: int, read_only: bool, status: int) -> None:
+    chain = bulk_request(guest_memory, rtype, sector, [(0x8000, 1024), (0x5000, 1024)])
+    rejected = parse_request(chain, CAPACITY, read_only)
+    assert isinstance(rejected, Rejected) and rejected.status == status
+
+
+def test_bulk_read_of_an_image_that_shrank_is_an_io_error(tmp_path: Path, guest_memory) -> None:
+    path = tmp_path / "shrinks.img"
+    path.write_bytes(bytes(64 * 512))
+    fd = os.open(path, os.O_RDWR)
+    device = BlkBackend(fd, 64 * 512, workers=1, inline_nowait=False)
+    try:
+        req = parse_request(bulk_request(guest_memory, b.VIRTIO_BLK_T_IN, 60, [(0x8000, 2048)]),
+                            device.capacity, False)
+        os.truncate(path, 61 * 512)  # one sector of the four is left
+        assert device._execute(req) == 1
+        assert guest_memory[0][0x4100] == b.VIRTIO_BLK_S_IOERR
+    finally:
+        device.close()
+        os.close(fd)

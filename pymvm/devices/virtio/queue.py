@@ -16,11 +16,13 @@ for speed, which is correct on the little-endian hosts KVM runs on here.
 from __future__ import annotations
 
 import bisect
+import operator
 import struct
 import sys
 import threading
 from array import array
 from collections.abc import Iterable
+from itertools import repeat
 from typing import Final
 
 import structlog
@@ -177,6 +179,45 @@ class DescriptorChain:
                 f"{len(self.readable)}, writable={self.writable_len}B/{len(self.writable)})")
 
 
+class BulkChain(DescriptorChain):
+    """A chain read in bulk from an indirect table (:func:`_straight_table`): its buffers,
+    all inside the memory region ``region`` (guest-physical ``region_gpa`` onwards), as
+    ``addrs``/``lens`` lists, the first ``split`` device-readable and the rest
+    device-writable. ``readable``/``writable`` views are made only when asked for: a
+    device that hands the addresses to the kernel (preadv/pwritev) skips one Python
+    object per descriptor, which was most of a 1 MiB disk request's cost."""
+
+    __slots__ = ("_views", "addrs", "lens", "region", "region_gpa", "split")
+
+    def __init__(self, head: int, region: memoryview, region_gpa: int, addrs: list[int],
+                 lens: list[int], split: int) -> None:
+        self.head = head
+        self.region, self.region_gpa = region, region_gpa
+        self.addrs, self.lens, self.split = addrs, lens, split
+        self.readable_len = sum(lens[:split])
+        self.writable_len = sum(lens[split:])
+        self._views: list[memoryview] | None = None
+
+    def views(self, first: int = 0, stop: int | None = None) -> list[memoryview]:
+        """Views of buffers ``first`` to ``stop`` (all by default)."""
+        addrs, lens = self.addrs[first:stop], self.lens[first:stop]
+        starts = list(map(operator.sub, addrs, repeat(self.region_gpa, len(addrs))))
+        return list(map(self.region.__getitem__,
+                        map(slice, starts, map(operator.add, starts, lens))))
+
+    @property
+    def readable(self) -> list[memoryview]:  # type: ignore[override]
+        if self._views is None:
+            self._views = self.views()
+        return self._views[: self.split]
+
+    @property
+    def writable(self) -> list[memoryview]:  # type: ignore[override]
+        if self._views is None:
+            self._views = self.views()
+        return self._views[self.split :]
+
+
 class _InvalidChain(Exception):
     """Internal: the chain being walked is malformed (never leaves this module)."""
 
@@ -251,6 +292,9 @@ class VirtQueue:
         self._signalled_valid = False
         self.broken: str | None = None
         self.dropped_chains = 0
+        #: Read indirect tables of the usual shape in bulk (:class:`BulkChain`); a device
+        #: that passes guest addresses straight to the kernel (blk) turns this on.
+        self.bulk_indirect = False
 
     # -- state ----------------------------------------------------------------------------
 
@@ -435,6 +479,10 @@ class VirtQueue:
                 view = memory.contiguous(addr, length)
                 if view is None:
                     raise _InvalidChain(f"indirect table at {addr:#x}+{length:#x} is outside guest memory")
+                if self.bulk_indirect and not readable and not writable and region is not None:
+                    chain = _straight_table(head, view, count, lo, hi, region)
+                    if chain is not None:
+                        return chain
                 table, table_size, index, budget, in_indirect = view, count, 0, count, True
                 continue
             if length:
@@ -539,3 +587,48 @@ class VirtQueue:
             self._used16[0] = 0
         full_barrier()  # publish "kick me" before re-reading avail idx, or a kick is lost
         return self.has_avail()
+
+
+_NEXT_ONLY: Final = frozenset((VRING_DESC_F_NEXT,))
+_NEXT_WRITE: Final = frozenset((VRING_DESC_F_NEXT | VRING_DESC_F_WRITE,))
+_NEXT_ANY: Final = _NEXT_ONLY | _NEXT_WRITE
+
+
+def _straight_table(head: int, table: memoryview, count: int, lo: int, hi: int,
+                    region: memoryview) -> BulkChain | None:
+    """The chain an indirect table describes, read in bulk, when it has the shape drivers
+    build (Linux's virtio_ring for a disk request of up to seg_max segments): entry i names
+    i + 1 as next and the last none, device-readable buffers then device-writable ones, no
+    empty buffer, every buffer inside the memory region ``[lo, hi)`` (``region``). None for
+    anything else, which the descriptor-by-descriptor walk then checks (rejecting or
+    accepting it) as before; this accepts nothing that walk would not, with C loops
+    (memoryview casts, map) instead of Python ones."""
+    flags = table.cast("H")[6::8].tolist()
+    last = flags.pop()
+    if last & ~VRING_DESC_F_WRITE:  # NEXT, INDIRECT or unknown flags on the last entry
+        return None
+    nexts = table.cast("H")[7::8].tolist()
+    del nexts[-1]
+    if nexts != list(range(1, count)):
+        return None
+    kinds = set(flags)
+    if last:  # readable buffers (maybe none), then writable ones
+        if kinds <= _NEXT_ONLY:
+            split = count - 1
+        elif kinds <= _NEXT_ANY:
+            split = flags.index(VRING_DESC_F_NEXT | VRING_DESC_F_WRITE)
+            if not set(flags[split:]) <= _NEXT_WRITE:
+                return None
+        else:
+            return None
+    elif kinds <= _NEXT_ONLY:
+        split = count
+    else:
+        return None
+    lens = table.cast("I")[2::4].tolist()
+    if 0 in lens:
+        return None
+    addrs = table.cast("Q")[0::2].tolist()
+    if min(addrs) < lo or max(map(operator.add, addrs, lens)) > hi:
+        return None
+    return BulkChain(head, region, lo, addrs, lens, split)
