@@ -208,6 +208,8 @@ class VhostDevice:
         self._owned = False
         self._features: int | None = None
         self._active: list[int] = []
+        #: (features, memory regions) that prepare() set ahead of activate(), on this fd
+        self._prepared: tuple[int, tuple[Any, ...]] | None = None
         self._log = log.bind(device=self.name)
 
     def __enter__(self) -> Self:
@@ -353,6 +355,20 @@ class VhostDevice:
         # Translate first so a bad guest address fails before the kernel is touched.
         return features, [vring_host_addrs(mem_regions, q, event_idx) for q in queues]
 
+    def prepare(self, acked_features: int, mem_regions: Sequence[MemoryRegionLike]) -> None:
+        """Ahead of activate(), while another back-end still runs the rings (a back-end swap):
+        open the device, take ownership (the kernel starts its worker thread), set the
+        features and the memory table. activate() then only sets the rings up."""
+        if self._active:
+            raise VhostError(f"{self.name} is already active: nothing to prepare")
+        features = acked_features & self.features()
+        self._open()
+        if not self._owned:
+            self.set_owner()
+        self.set_features(features)
+        self.set_mem_table(mem_regions)
+        self._prepared = (features, tuple(mem_regions))
+
     def _setup_rings(
         self,
         features: int,
@@ -365,11 +381,13 @@ class VhostDevice:
     ) -> None:
         """Owner, features, mem table, then each ring: size, base, addresses, kick, call."""
         bases = vring_bases or {}
-        self._open()
-        if not self._owned:
-            self.set_owner()
-        self.set_features(features)
-        self.set_mem_table(mem_regions)
+        prepared, self._prepared = self._prepared, None
+        if self._fd is None or prepared != (features, tuple(mem_regions)):
+            self._open()
+            if not self._owned:
+                self.set_owner()
+            self.set_features(features)
+            self.set_mem_table(mem_regions)
         for q, addrs, kick, call in zip(queues, host_addrs, kick_fds, call_fds, strict=True):
             self.set_vring_num(q.index, q.size)
             self.set_vring_base(q.index, bases.get(q.index, 0))
@@ -381,6 +399,7 @@ class VhostDevice:
         return {index: self.get_vring_base(index) for index in indexes}
 
     def _close_fd(self) -> None:
+        self._prepared = None
         if self._fd is not None:
             fd, self._fd = self._fd, None
             self._owned = False
@@ -450,10 +469,13 @@ class VhostNet(VhostDevice):
             tap_fd=tap_fd,
         )
 
-    def deactivate(self) -> dict[int, int]:
+    def deactivate(self, *, close: bool = True) -> dict[int, int]:
         """Detach every queue from the TAP and return {queue index: last avail index}.
 
-        The fd is closed so the next activate() starts from a fresh vhost device."""
+        The fd is closed so the next activate() starts from a fresh vhost device; with
+        ``close=False`` (a back-end swap) it stays open until close(): releasing it waits for
+        the kernel (its worker thread stops, an RCU grace period), which need not happen
+        while the guest's rings wait for their next back-end. activate() works on it again."""
         bases: dict[int, int] = {}
         if self._fd is None:
             return bases
@@ -463,7 +485,8 @@ class VhostNet(VhostDevice):
             bases = self._vring_bases(self._active)
         finally:
             self._active.clear()
-            self._close_fd()
+            if close:
+                self._close_fd()
         self._log.info("vhost_net_deactivated", vring_bases=bases)
         return bases
 
@@ -636,10 +659,17 @@ class VhostNetBackend:
                             for q in ctx.queues}
         self._regions = tuple(mem_regions)
 
+    def prepare(self, ctx: ActivationContext, mem_regions: Sequence[Any]) -> None:
+        """Before a swap stops the old back-end: the vhost device's owner, features and
+        memory table (VhostNet.prepare), so that start() only sets the rings up."""
+        self._vhost.prepare(ctx.acked_features, mem_regions)
+
     def stop(self) -> dict[int, RingPosition]:
         """Detach the rings; returns each queue's position: the next available entry
-        (VHOST_GET_VRING_BASE) and the used ring's idx read from guest memory."""
-        bases = self._vhost.deactivate()
+        (VHOST_GET_VRING_BASE) and the used ring's idx read from guest memory. The vhost
+        fd is released by close() (after a swap's new back-end started), or by a start()
+        that follows (rollback), which reuses it."""
+        bases = self._vhost.deactivate(close=False)
         positions = {q: RingPosition(base, used_idx_at(self._regions, self._used_rings[q]))
                      for q, base in bases.items() if q in self._used_rings}
         self._used_rings = {}

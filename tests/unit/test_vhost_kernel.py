@@ -466,3 +466,48 @@ def test_ioctl_structs_carry_each_value_at_the_kernel_layout_offset(monkeypatch)
     assert vhost.deactivate() == {0: 1234, 1: 1234}
     assert [vfile(a) for a in recorder.args(lib.VHOST_NET_SET_BACKEND)] == [(0, -1), (1, -1)]
     assert [state(a)[0] for a in recorder.args(lib.VHOST_GET_VRING_BASE)] == [0, 1]
+
+
+# ---- a back-end swap: prepared ahead, released after -------------------------------------------
+
+
+def test_prepare_sets_owner_features_and_memory_ahead_and_activate_then_only_sets_up_rings() -> None:
+    vhost = RecordingVhost()
+    acked = VIRTIO_F_VERSION_1 | bit(lib.VIRTIO_NET_F_MRG_RXBUF)
+    vhost.prepare(acked, REGIONS)
+    assert vhost.calls == [("owner",), ("features", acked),
+                           ("mem", [(r.gpa, r.size, r.host_addr) for r in REGIONS])]
+    assert not vhost.active
+    vhost.calls.clear()
+    vhost.activate(acked, REGIONS, QUEUES, [10, 11], [20, 21], tap_fd=99)
+    assert [c[0] for c in vhost.calls] == ["num", "base", "addr", "kick", "call"] * 2 + [
+        "backend", "backend"]
+    assert vhost.opens == 1
+    vhost.close()
+
+
+def test_activate_after_a_prepare_with_other_features_sets_them_again() -> None:
+    vhost = RecordingVhost()
+    vhost.prepare(VIRTIO_F_VERSION_1, REGIONS)
+    vhost.calls.clear()
+    acked = VIRTIO_F_VERSION_1 | bit(lib.VIRTIO_NET_F_MRG_RXBUF)
+    vhost.activate(acked, REGIONS, QUEUES, [10, 11], [20, 21], tap_fd=99)
+    assert vhost.calls[:2] == [("features", acked),
+                               ("mem", [(r.gpa, r.size, r.host_addr) for r in REGIONS])]
+    vhost.close()
+
+
+def test_deactivate_without_close_keeps_the_owned_fd_and_activate_reuses_it() -> None:
+    vhost = RecordingVhost()
+    vhost.activate(VIRTIO_F_VERSION_1, REGIONS, QUEUES, [1, 2], [3, 4], 5)
+    fd = vhost.fd
+    vhost.calls.clear()
+    assert vhost.deactivate(close=False) == {0: 40, 1: 41}
+    assert vhost.fd == fd and not vhost.active  # released later, by close()
+    vhost.calls.clear()
+    vhost.activate(VIRTIO_F_VERSION_1, REGIONS, QUEUES, [1, 2], [3, 4], 5, vring_bases={0: 40})
+    assert vhost.opens == 1 and ("owner",) not in vhost.calls
+    assert vhost.calls[0][0] == "features" and ("base", 0, 40) in vhost.calls
+    vhost.close()
+    with pytest.raises(VhostError, match="not open"):
+        _ = vhost.fd
