@@ -407,3 +407,103 @@ def test_blk_front_end_in_server_mode_waits_connect_timeout_for_a_back_end(sock_
     assert time.monotonic() - started < 3
     assert str(refused.value).startswith(
         f"no vhost-user back-end connected to {path} within 0.3 s")
+
+
+# ---- what start() checks before the back-end hears of it --------------------------------------
+
+
+def test_start_with_a_kick_or_call_eventfd_missing_is_refused(make, frontends, memory,
+                                                              eventfds) -> None:
+    from pymvm.devices.virtio.device import ActivationContext
+
+    fake = make()
+    fe = connect(fake, frontends)
+    kicks, calls = eventfds
+    good = context(eventfds, memory)
+    for k, c in ((kicks[:1], calls), (kicks, calls[:1])):
+        ctx = ActivationContext(acked_features=good.acked_features, queues=good.queues,
+                                kick_fds=k, call_fds=c, mem_regions=memory.regions)
+        with pytest.raises(VhostUserFrontendError) as refused:
+            fe.activate(ctx, memory.regions)
+        assert str(refused.value) == (
+            f"2 queues but {len(k)} kick and {len(c)} call eventfds: the transport must "
+            "register one ioeventfd and one irqfd per queue")
+    with pytest.raises(VhostUserFrontendError) as refused:
+        fe.activate(good, [])
+    assert str(refused.value) == "no guest memory regions: the back-end needs a mem table"
+    assert FR.SET_FEATURES not in fake.requests()
+
+
+@pytest.mark.parametrize("event_idx", [False, True])
+def test_used_ring_ending_at_the_end_of_memory_fits_only_without_event_idx(
+        make, frontends, memory, event_idx: bool) -> None:
+    from pymvm.devices.virtio.constants import VIRTIO_RING_F_EVENT_IDX
+    from pymvm.devices.virtio.device import ActivationContext, QueueConfig
+
+    fake = make(features=BACKEND_FEATURES | 1 << VIRTIO_RING_F_EVENT_IDX)
+    fe = connect(fake, frontends)
+    size = 256
+    q = QueueConfig(index=0, size=size, ready=True, desc_addr=0x10000,
+                    driver_addr=0x10000 + 16 * size, device_addr=(4 << 20) - (4 + 8 * size))
+    kick, call = os.eventfd(0, os.EFD_CLOEXEC), os.eventfd(0, os.EFD_CLOEXEC)
+    acked = context(([kick], [call]), memory).acked_features
+    if event_idx:
+        acked |= 1 << VIRTIO_RING_F_EVENT_IDX
+    ctx = ActivationContext(acked_features=acked, queues=[q], kick_fds=[kick], call_fds=[call],
+                            mem_regions=memory.regions)
+    try:
+        if event_idx:  # avail_event, 2 bytes past the used ring, is outside guest memory
+            with pytest.raises(VhostUserFrontendError, match="used ring at GPA"):
+                fe.activate(ctx, memory.regions)
+        else:
+            fe.activate(ctx, memory.regions)
+            assert fe.active
+    finally:
+        fe.close()
+        os.close(kick)
+        os.close(call)
+
+
+def test_start_resumes_each_ring_at_its_given_position(make, frontends, memory, eventfds) -> None:
+    from pymvm.vhost.queue_state import RingPosition
+
+    fake = make()
+    fe = connect(fake, frontends)
+    fe.start(context(eventfds, memory), memory.regions, {1: RingPosition(9, 9)})
+    assert [msg.num for msg in sent(fake, FR.SET_VRING_BASE)] == [0, 9]
+    fe.stop()
+    fe.start(context(eventfds, memory), memory.regions,
+             {0: RingPosition(5, 4), 1: RingPosition(7, 7)})
+    assert [msg.num for msg in sent(fake, FR.SET_VRING_BASE)][2:] == [5, 7]
+
+
+def test_start_refusals_name_the_problem(make, frontends, memory, eventfds) -> None:
+    fake = make()
+    fake.refuse.add(FR.SET_VRING_NUM)
+    fe = connect(fake, frontends)
+    with pytest.raises(VhostUserFrontendError) as refused:
+        fe.start(context(eventfds, memory), memory.regions)
+    assert str(refused.value) == ("vhost-user back-end refused SET_VRING_NUM (status 0x1); "
+                                  "check the back-end's log")
+    fake.refuse.clear()
+    fe.start(context(eventfds, memory), memory.regions)
+    with pytest.raises(VhostUserFrontendError) as refused:
+        fe.start(context(eventfds, memory), memory.regions)
+    assert str(refused.value) == "vhost-user-net is already active: stop() first"
+    fe.stop()
+    fake.kill()
+    wait_disconnected(fe)
+    with pytest.raises(VhostUserFrontendError) as refused:
+        fe.start(context(eventfds, memory), memory.regions, strict=True)
+    assert str(refused.value) == f"vhost-user back-end {fake.path} is not connected"
+    fe.close()
+    with pytest.raises(VhostUserFrontendError) as refused:
+        fe.start(context(eventfds, memory), memory.regions)
+    assert str(refused.value) == f"vhost-user back-end {fake.path} is closed"
+
+
+def test_unknown_socket_mode_is_refused_naming_the_modes(sock_dir: str) -> None:
+    with pytest.raises(VhostUserFrontendError) as refused:
+        VhostUserNetBackend(os.path.join(sock_dir, "vu.sock"), "listen")  # type: ignore[arg-type]
+    assert str(refused.value) == ("vhost-user socket mode 'listen' is unknown; use 'client' or "
+                                  "'server'")
