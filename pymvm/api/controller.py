@@ -170,6 +170,10 @@ class Controller:
             "boot_time_us": boot_us,
         }
 
+    def vm_info_if_idle(self) -> dict[str, Any] | None:
+        """``vm_info()`` now, or None while an action runs (GET /vm then waits its turn)."""
+        return None if self._lock.locked() else self.vm_info()
+
     async def _get_vm(self, request: ApiRequest) -> dict[str, Any]:
         return self.vm_info()
 

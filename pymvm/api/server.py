@@ -1,4 +1,5 @@
-"""The control API's HTTP layer: aiohttp on a UNIX socket, served from the VMM's asyncio loop.
+"""The control API's HTTP layer: aiohttp on a UNIX socket, served from the VMM's asyncio loop
+(plain `GET /vm` requests are answered by the fast path in fastpath.py).
 
 Handlers only parse: each request becomes an ApiRequest for the Controller. Every answer is
 JSON (``/metrics`` is Prometheus text); every error is ``{"error": "..."}`` with 400, 404, 405
@@ -7,6 +8,7 @@ or 409, and anything unexpected is logged and answered 500 without a traceback o
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import json
 import os
@@ -21,6 +23,7 @@ from aiohttp import web
 from . import OPENAPI_PATH
 from .controller import ApiRequest, Controller, VmmAction
 from .errors import ApiError, ApiSocketError, BadRequest, MethodNotAllowed, NotFound
+from .fastpath import protocol_factory
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 
 log = structlog.get_logger()
@@ -28,10 +31,11 @@ log = structlog.get_logger()
 SOCKET_MODE = 0o600
 # Bodies are a few bytes of JSON; anything much larger is a client bug.
 MAX_BODY = 64 * 1024
-# Bytes asked of the kernel per read on a client connection. asyncio's default (256 KiB) is
-# above malloc's mmap threshold: every request then maps, shrinks and unmaps a fresh buffer
-# (three system calls and a page fault; measured: a third of the server's CPU time per
-# `GET /vm`). A request is a few hundred bytes; a larger one just takes several reads.
+# Bytes asked of the kernel per read on a client connection (set by FastPathProtocol).
+# asyncio's default (256 KiB) is above malloc's mmap threshold: every request then maps,
+# shrinks and unmaps a fresh buffer (three system calls and a page fault; measured: a third
+# of the server's CPU time per `GET /vm`). A request is a few hundred bytes; a larger one
+# just takes several reads.
 READ_SIZE = 16 * 1024
 
 
@@ -101,10 +105,6 @@ def _error(status: int, message: str, headers: dict[str, str] | None = None) -> 
 
 @web.middleware
 async def _errors_as_json(request: web.Request, handler: Any) -> web.StreamResponse:
-    transport = request.transport
-    # asyncio's selector transports read max_size bytes at a time; set once per connection.
-    if transport is not None and getattr(transport, "max_size", READ_SIZE) != READ_SIZE:
-        transport.max_size = READ_SIZE  # type: ignore[attr-defined]
     try:
         return await handler(request)
     except ApiError as e:
@@ -143,6 +143,8 @@ class ApiServer:
         self.controller = controller
         self.path = str(path)
         self._runner: web.AppRunner | None = None
+        self._server: asyncio.AbstractServer | None = None
+        self._fast_connections: set[asyncio.Transport] = set()  # not handed to aiohttp (yet)
         self._sock: socket.socket | None = None
         self._ino: int | None = None
         self._openapi = OPENAPI_PATH.read_bytes()
@@ -208,12 +210,27 @@ class ApiServer:
         self._runner = web.AppRunner(self.app(), access_log=None, handle_signals=False,
                                      shutdown_timeout=1.0)
         await self._runner.setup()
-        site = web.SockSite(self._runner, self._sock)
-        await site.start()
+        # Each connection starts on the fast path for GET /vm and is handed to aiohttp's
+        # handler (the app above) as soon as anything else comes (fastpath.py).
+        self._server = await asyncio.get_running_loop().create_unix_server(
+            self.protocol_factory(), sock=self._sock)
         log.info("api_listening", socket=self.path)
+
+    def protocol_factory(self):
+        """Connections served as on the API socket (the tests serve TCP with it too);
+        only after ``start()``."""
+        assert self._runner is not None and self._runner.server is not None
+        return protocol_factory(self.controller, self._runner.server, READ_SIZE,
+                                self._fast_connections)
 
     async def close(self) -> None:
         """Stop serving and remove the socket (only if it is still ours)."""
+        if self._server is not None:
+            self._server.close()  # stops listening; open connections are closed below
+            self._server = None
+        for transport in list(self._fast_connections):
+            transport.close()
+        self._fast_connections.clear()
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None

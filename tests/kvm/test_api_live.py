@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import pytest
 import schemathesis
-from aiohttp import ClientSession, UnixConnector, web
+from aiohttp import ClientSession, UnixConnector
 from hypothesis import HealthCheck, settings
 
 from pymvm import layout
@@ -103,17 +103,15 @@ def serve_live(make_machine, tmp_path) -> Iterator[LiveVm]:
 
         async def start() -> None:
             await server.start()
-            runner = web.AppRunner(server.app(), access_log=None)
-            await runner.setup()
-            site = web.TCPSite(runner, "127.0.0.1", 0)
-            await site.start()
-            tcp["runner"] = runner
-            tcp["port"] = runner.addresses[0][1]
+            # The same connections as on the socket (GET /vm fast path, then aiohttp).
+            tcp_server = await loop.create_server(server.protocol_factory(), "127.0.0.1", 0)
+            tcp["server"] = tcp_server
+            tcp["port"] = tcp_server.sockets[0].getsockname()[1]
 
         loop.run_until_complete(start())
         ready.set()
         loop.run_forever()
-        loop.run_until_complete(tcp["runner"].cleanup())  # type: ignore[union-attr]
+        tcp["server"].close()  # type: ignore[union-attr]
         loop.run_until_complete(server.close())
 
     thread = threading.Thread(target=serve, daemon=True)
