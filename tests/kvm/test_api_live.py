@@ -240,3 +240,63 @@ def test_live_api_conforms_to_its_openapi_document(case, live_for_schema):
     # Every operation, generated valid and invalid inputs: no 5xx, documented statuses,
     # content types and bodies. "stop" ends the guest early; later answers are 409s.
     case.call_and_validate(base_url=live_for_schema.tcp_url)
+
+
+# ---- the real `pymvm run` under its seccomp filter ------------------------------------------
+
+HLT_FOREVER = bytes([0xF4, 0xEB, 0xFD])  # 1: hlt; jmp 1b
+
+
+def test_real_vmm_under_seccomp_answers_fast_path_and_aiohttp_requests_then_stops_with_3(tmp_path):
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from pymvm import syscalls
+    from tests.unit.test_api_fastpath import GET_VM, read_answer
+    from tests.unit.test_boot import make_elf
+
+    if not syscalls.available():
+        pytest.skip("libseccomp's Python binding is missing: apt-get install python3-seccomp")
+    entry = 0x1000000
+    kernel = tmp_path / "vmlinux"
+    kernel.write_bytes(make_elf([(entry, HLT_FOREVER, 0x1000)], entry))
+    cfg = tmp_path / "vm.toml"
+    cfg.write_text(f'id = "fast"\n[machine]\nvcpus = 1\nmemory_mib = 64\n'
+                   f'[boot]\nkernel = "{kernel}"\ncmdline = "console=ttyS0"\n')
+    sock_path = tmp_path / "api.sock"
+    repo = Path(__file__).resolve().parents[2]
+    proc = subprocess.Popen([sys.executable, "-m", "pymvm.cli", "run", str(cfg), "--api-sock",
+                             str(sock_path)], cwd=repo, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE,
+                            env={**os.environ, "PYMVM_STATE_DIR": str(tmp_path / "state")})
+    try:
+        assert wait_for(sock_path.exists, 30), "the API socket never appeared"
+        answers = []
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(10)
+            sock.connect(str(sock_path))
+            buf = bytearray()
+            for _ in range(3):  # the fast path
+                sock.sendall(GET_VM)
+                answers.append(read_answer(sock, buf))
+            sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")  # aiohttp from here on
+            answers.append(read_answer(sock, buf))
+            sock.sendall(GET_VM)
+            answers.append(read_answer(sock, buf))
+            body = b'{"action": "stop"}'
+            sock.sendall(b"PUT /vm/actions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+                         b"\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+            answers.append(read_answer(sock, buf))
+        assert proc.wait(30) == 3
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    stderr = proc.stderr.read().decode(errors="replace")
+    assert "seccomp_installed" in stderr and "seccomp_violation" not in stderr, stderr[-2000:]
+    assert [a[0] for a in answers] == [b"HTTP/1.1 200 OK"] * 5 + [b"HTTP/1.1 202 Accepted"]
+    assert [json.loads(a[2])["state"] for a in answers[:3] + answers[4:5]] == ["running"] * 4
+    assert b"pymvm_uptime_seconds" in answers[3][2]
