@@ -595,7 +595,7 @@ def bulk_request(memory, rtype: int, sector: int, segments: list[tuple[int, int]
     struct.pack_into("<QIHH", mem, 0, table, 16 * len(entries), VRING_DESC_F_INDIRECT, 0)
     struct.pack_into("<HHH", mem, 0x1000, 0, 1, 0)  # avail: idx 1, ring[0] = head 0
     queue = VirtQueue(memory_map, 8, 0, 0x1000, 0x2000, indirect=True)
-    queue.bulk_indirect = True
+    queue.bulk_indirect = 1
     chain = queue.pop_avail()
     assert isinstance(chain, BulkChain)
     return chain

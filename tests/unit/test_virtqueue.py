@@ -538,7 +538,7 @@ def test_memory_segments_match_a_byte_by_byte_model(
 def walk_outcome(d: Driver, bulk: bool) -> tuple:
     from pymvm.devices.virtio.queue import _InvalidChain
 
-    d.queue.bulk_indirect = bulk
+    d.queue.bulk_indirect = 1 if bulk else 0
     try:
         chain = d.queue._walk(0)
     except _InvalidChain as e:
@@ -580,7 +580,7 @@ def test_well_formed_indirect_table_is_read_in_bulk_and_views_come_on_demand() -
     d.desc(2, DATA + 0x800, 512, NEXT | WRITE, 3, table=table)
     d.desc(3, DATA + 0x100, 1, WRITE, 0, table=table)
     d.desc(0, table, 64, INDIRECT)
-    d.queue.bulk_indirect = True
+    d.queue.bulk_indirect = 1
     d.publish(0)
     chain = d.queue.pop_avail()
     assert isinstance(chain, BulkChain)
@@ -590,6 +590,9 @@ def test_well_formed_indirect_table_is_read_in_bulk_and_views_come_on_demand() -
     assert [v.nbytes for v in chain.writable] == [512, 512, 1]
     chain.writable[0][:3] = b"abc"
     assert d.ram[d.off(DATA + 0x200) : d.off(DATA + 0x203)] == b"abc"
-    d.queue.bulk_indirect = False  # devices that did not ask keep plain chains
+    d.queue.bulk_indirect = 5  # tables shorter than the device's threshold are walked
+    d.publish(0)
+    assert type(d.queue.pop_avail()).__name__ == "DescriptorChain"
+    d.queue.bulk_indirect = 0  # devices that did not ask keep plain chains
     d.publish(0)
     assert type(d.queue.pop_avail()).__name__ == "DescriptorChain"

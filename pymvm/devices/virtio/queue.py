@@ -292,9 +292,10 @@ class VirtQueue:
         self._signalled_valid = False
         self.broken: str | None = None
         self.dropped_chains = 0
-        #: Read indirect tables of the usual shape in bulk (:class:`BulkChain`); a device
-        #: that passes guest addresses straight to the kernel (blk) turns this on.
-        self.bulk_indirect = False
+        #: Read indirect tables of the usual shape and at least this many entries in bulk
+        #: (:class:`BulkChain`); 0: never. A device that passes guest addresses straight to
+        #: the kernel (blk) sets it: below some 20 entries the plain walk costs less.
+        self.bulk_indirect = 0
 
     # -- state ----------------------------------------------------------------------------
 
@@ -479,7 +480,8 @@ class VirtQueue:
                 view = memory.contiguous(addr, length)
                 if view is None:
                     raise _InvalidChain(f"indirect table at {addr:#x}+{length:#x} is outside guest memory")
-                if self.bulk_indirect and not readable and not writable and region is not None:
+                if (self.bulk_indirect and count >= self.bulk_indirect and not readable
+                        and not writable and region is not None):
                     chain = _straight_table(head, view, count, lo, hi, region)
                     if chain is not None:
                         return chain

@@ -61,6 +61,10 @@ log = structlog.get_logger()
 SECTOR = b.SECTOR_SIZE
 #: Segments per request the guest may use (virtio-blk seg_max); Linux adds header + status.
 SEG_MAX = 254
+#: Indirect tables of at least this many entries (large requests) are read in bulk: measured,
+#: a 3-entry 4 KiB request costs 3.7 us walked and 6.5 us in bulk, 254 segments 99 and 60 us
+#: (the preadv of an iovec array then saves more: no buffer object per segment).
+BULK_MIN_DESCS = 16
 #: Most sectors one DISCARD / WRITE_ZEROES segment may cover (4 GiB - 512).
 MAX_DISCARD_SECTORS = 0x7FFFFF
 DISCARD_ALIGNMENT_SECTORS = 8  # 4 KiB: what a host file system can punch
@@ -334,7 +338,7 @@ class BlkBackend(VhostUserDevice):
         self._pending.setdefault(vring.index, set())
         queue = vring.queue
         assert queue is not None
-        queue.bulk_indirect = True  # parse_request takes BulkChains
+        queue.bulk_indirect = BULK_MIN_DESCS  # parse_request takes BulkChains
         batch: list[BlkRequest] = []
         for head in vring.resubmit:
             chain = queue.chain_at(head)
