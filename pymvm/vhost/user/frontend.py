@@ -488,19 +488,24 @@ class VhostUserFrontend:
             features = self._set_features(channel, ctx)
             self._set_inflight(channel, ctx)
             self._send_mem_table(channel, activation.regions)
+        # Sent back to back and acked at the end (FrontendChannel.requests): one round trip
+        # for the whole ring set-up, which is the data plane's gap in a swap.
+        rings: list[m.Request] = []
         for q, addrs, kick, call in zip(ctx.queues, activation.ring_addrs, ctx.kick_fds,
                                         ctx.call_fds, strict=True):
-            channel.request(m.SetVringNum(q.index, q.size, need_reply=ack))
-            channel.request(m.SetVringBase(q.index, bases.get(q.index, 0), need_reply=ack))
-            channel.request(m.SetVringAddr(q.index, 0, addrs.desc, addrs.used, addrs.avail, 0,
-                                           need_reply=ack))
-            channel.request(m.SetVringKick(q.index, kick, need_reply=ack))
-            channel.request(m.SetVringCall(q.index, call, need_reply=ack))
+            rings += [
+                m.SetVringNum(q.index, q.size, need_reply=ack),
+                m.SetVringBase(q.index, bases.get(q.index, 0), need_reply=ack),
+                m.SetVringAddr(q.index, 0, addrs.desc, addrs.used, addrs.avail, 0,
+                               need_reply=ack),
+                m.SetVringKick(q.index, kick, need_reply=ack),
+                m.SetVringCall(q.index, call, need_reply=ack),
+            ]
         if features & PROTOCOL_FEATURES_FLAG:  # rings start disabled (spec: SET_VRING_ENABLE)
-            for q in ctx.queues:
-                channel.request(m.SetVringEnable(q.index, True, need_reply=ack))
+            rings += [m.SetVringEnable(q.index, True, need_reply=ack) for q in ctx.queues]
         if self._protocol_features & PF.STATUS:  # DPDK waits for DRIVER_OK when STATUS is on
-            channel.request(m.SetStatus(DRIVER_OK_STATUS, need_reply=ack))
+            rings.append(m.SetStatus(DRIVER_OK_STATUS, need_reply=ack))
+        channel.requests(rings)
 
     def _set_inflight(self, channel: FrontendChannel, ctx: ActivationContext) -> None:
         """With INFLIGHT_SHMFD: the region from the first back-end (GET_INFLIGHT_FD), handed to
@@ -546,18 +551,24 @@ class VhostUserFrontend:
                                       need_reply=ack))
 
     def _stop(self, channel: FrontendChannel, activation: _Activation) -> dict[int, int]:
+        """Disable and stop every ring (one round trip: the requests go back to back); a
+        refusal is logged, and the bases the back-end did report are kept."""
         ack = self._ack()
         queues = activation.ctx.queues
+        requests: list[m.Request] = []
         if self._backend_features & PROTOCOL_FEATURES_FLAG:
-            for q in queues:
-                channel.request(m.SetVringEnable(q.index, False, need_reply=ack))
-        bases: dict[int, int] = {}
-        for q in queues:
-            reply = channel.request(m.GetVringBase(q.index))
-            assert isinstance(reply, m.VringBaseReply)
-            bases[q.index] = reply.num
+            requests += [m.SetVringEnable(q.index, False, need_reply=ack) for q in queues]
+        requests += [m.GetVringBase(q.index) for q in queues]
         if self._protocol_features & PF.STATUS:
-            channel.request(m.SetStatus(0, need_reply=ack))
+            requests.append(m.SetStatus(0, need_reply=ack))
+        replies, refused = channel.pipeline(requests)
+        if refused is not None:
+            self._log.warning("vhost_user_stop_refused", request=refused.request.name,
+                              status=refused.status)
+        bases: dict[int, int] = {}
+        for reply in replies:
+            if isinstance(reply, m.VringBaseReply):
+                bases[reply.index] = reply.num
         return bases
 
     def _used_idx(self, activation: _Activation, addrs: VringHostAddrs) -> int:

@@ -299,6 +299,11 @@ class _Requester(_Connection):
         """The request whose reply comes next, if any."""
         return self._pending[0].request if self._pending else None
 
+    @property
+    def replies_owed(self) -> int:
+        """How many requests sent so far still await their reply."""
+        return len(self._pending)
+
     def send(self, message: m.Request) -> tuple[bytes, list[int]]:
         """Encode ``message`` and record what reply it expects."""
         self._check_can_send()

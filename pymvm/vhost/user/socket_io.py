@@ -12,7 +12,12 @@ import time
 from collections.abc import Sequence
 
 from pymvm.vhost.user import messages as m
-from pymvm.vhost.user.errors import VhostUserError, VhostUserRemoteError, VhostUserRequestFailed
+from pymvm.vhost.user.errors import (
+    VhostUserError,
+    VhostUserLocalError,
+    VhostUserRemoteError,
+    VhostUserRequestFailed,
+)
 from pymvm.vhost.user.protocol import NEED_DATA, PEER_CLOSED, FrontendConnection
 
 #: Most fds one vhost-user message carries (SET_MEM_TABLE: one per region).
@@ -80,6 +85,59 @@ class FrontendChannel:
         except OSError as e:
             self._break(f"{name}: {e.strerror or e}")
         except (VhostUserDisconnected, VhostUserRequestFailed):
+            raise
+        except VhostUserRemoteError as e:
+            self._break(f"{name}: {e}")
+        raise AssertionError("unreachable")
+
+    def requests(self, messages: Sequence[m.Request]) -> list[m.Reply | None]:
+        """Send ``messages`` back to back, then read their replies in order: one round trip
+        for all instead of one each (the back-end handles them in order, exactly as if each
+        had waited for the previous one's reply). Every reply is read before a refusal
+        raises (the first ``VhostUserRequestFailed``); the channel stays in step."""
+        replies, failure = self.pipeline(messages)
+        if failure is not None:
+            raise failure
+        return replies
+
+    def pipeline(self, messages: Sequence[m.Request]
+                 ) -> tuple[list[m.Reply | None], VhostUserRequestFailed | None]:
+        """Like :meth:`requests`, but a refusal is returned (the first one) with the replies
+        (None in a refused request's place) instead of raised."""
+        if self.broken is not None:
+            raise VhostUserDisconnected(f"vhost-user socket already failed ({self.broken})")
+        expects: list[tuple[str, bool]] = []
+        name = "?"
+        try:
+            self.sock.settimeout(self.timeout)
+            for message in messages:
+                owed = self.conn.replies_owed
+                try:
+                    data, fds = self.conn.send(message)  # a local protocol error raises here
+                except VhostUserLocalError as e:
+                    if not expects:
+                        raise
+                    self._break(f"{e} (after {len(expects)} requests sent unanswered)")
+                name = m.FrontendRequest(message.REQUEST).name
+                send_with_fds(self.sock, data, fds)
+                expects.append((name, self.conn.replies_owed > owed))
+            replies: list[m.Reply | None] = []
+            failure: VhostUserRequestFailed | None = None
+            for name, has_reply in expects:
+                if not has_reply:
+                    replies.append(None)
+                    continue
+                try:
+                    replies.append(self._read_reply(name))
+                except VhostUserRequestFailed as e:
+                    failure = failure or e
+                    replies.append(None)
+            return replies, failure
+        except TimeoutError:
+            self._break(f"no reply to {name} within {self.timeout:g} s")
+        except OSError as e:
+            self._break(f"{name}: {e.strerror or e}")
+        except VhostUserDisconnected:
             raise
         except VhostUserRemoteError as e:
             self._break(f"{name}: {e}")
