@@ -55,6 +55,14 @@ class UdpStream:
         self._lock = threading.Lock()  # the two threads write, readers take snapshots
         self.stop = threading.Event()
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        # Room for a few seconds of echoes: a receiving thread that waits for the GIL (the
+        # test's other threads) must not lose datagrams the data plane delivered. Root may
+        # go past the sysctl limits (the ...FORCE options).
+        for force, plain in ((33, socket.SO_RCVBUF), (32, socket.SO_SNDBUF)):  # SO_*BUFFORCE
+            try:
+                self.sock.setsockopt(socket.SOL_SOCKET, force, 4 << 20)
+            except OSError:
+                self.sock.setsockopt(socket.SOL_SOCKET, plain, 4 << 20)
         self.sock.bind((host, 0))
         self.sock.connect((guest, port))
         self.sock.settimeout(0.2)

@@ -39,8 +39,12 @@ SIZE = 64 << 20  # each way
 SLOW_RATE = 160 << 10  # bytes/s each way while the swaps run: the transfer outlasts them
 UDP_PPS = 1000
 SWAP_API_TIMEOUT_S = 900.0  # a built-in back-end's Python start in the nested host
-# Generous bounds for the emulated nested host (the measured values go to results/).
-MAX_GAP_S = 20.0
+# Generous bounds for the emulated nested host (the measured values go to results/): the
+# longest time without an echo around a hand-over, and the hand-over itself (the old
+# back-end's stop to the new one's start; about 1 s was seen there with 18 round trips to a
+# Python back-end before they were sent back to back).
+MAX_GAP_S = 5.0
+MAX_HANDOVER_S = 5.0
 RESULTS = Path(__file__).resolve().parents[2] / "results"
 
 
@@ -61,6 +65,32 @@ def handover_times(vmm_text: str) -> list[dict]:
                 continue
             out.append({k: event.get(k) for k in ("stop_ms", "start_ms", "timestamp")})
     return out
+
+
+# The VMM logs wall-clock (UTC) times; the stream keeps time.monotonic(): one machine, so
+# they differ by a constant.
+WALL_MINUS_MONOTONIC = time.time() - time.monotonic()
+SETTLE_S = 3.0  # echoes still on their way when a window is measured would count as lost
+
+
+def handover_window(vmm: VmmLog, n: int, guest: ApiGuest) -> tuple[float, float, float]:
+    """The n-th hand-over (0-based) as (monotonic start of the old back-end's stop, monotonic
+    end of the new one's start, ms), from the VMM's net_backend_swapped line."""
+    from datetime import datetime
+
+    wait_for(lambda: len(handover_times(vmm.text())) > n, 60, "the hand-over's log line", guest)
+    h = handover_times(vmm.text())[n]
+    wall_end = datetime.fromisoformat(h["timestamp"].replace("Z", "+00:00")).timestamp()
+    end = wall_end - WALL_MINUS_MONOTONIC
+    ms = float(h["stop_ms"]) + float(h["start_ms"])
+    return end - ms / 1000, end, ms
+
+
+def settled_window(stream: _UdpStream, t0: float, t1: float) -> dict:
+    """The stream's window [t0, t1], measured once its last echoes had time to come back."""
+    while time.monotonic() < t1 + SETTLE_S:
+        time.sleep(0.1)
+    return stream.window(t0, t1)
 
 
 def bad_kernel_lines(console: str) -> list[str]:
@@ -219,13 +249,27 @@ def _which(name: str) -> bool:
 
 @dataclass
 class SwapRecord:
+    """One swap. ``gap_ms``/``lost``/``sent``: the stream over the hand-over (from 0.5 s
+    before the old back-end's stop to 1 s after the new one started, the VMM's own times);
+    ``call_*``: over the whole API call plus 1 s, which includes starting a fresh back-end
+    process (the old one serves meanwhile, on a host with one CPU)."""
+
     to: str
     seconds: float
+    handover_ms: float
     gap_ms: float
     lost: int
     sent: int
+    call_gap_ms: float
+    call_lost: int
+    call_sent: int
     up_bytes: int
     down_bytes: int
+
+    def allowed_loss(self) -> int:
+        """Generous: every datagram of the hand-over itself (plus 0.5 s), and half the rest."""
+        during = int(UDP_PPS * (self.handover_ms / 1000 + 0.5))
+        return max(200, min(self.sent, during) + max(0, self.sent - during) // 2)
 
 
 @pytest.mark.timeout(3000)
@@ -275,6 +319,10 @@ def test_swap_vhost_net_builtin_dpdk_builtin_vhost_net_keeps_tcp_and_udp_going(
             assert time.monotonic() < deadline, (up.moved, down.moved, len(stream.received))
             time.sleep(0.5)
         progress("traffic flows on vhost-net")
+        t_base = time.monotonic()
+        time.sleep(5)
+        baseline = settled_window(stream, t_base, t_base + 5)  # no swap: the stream's own loss
+        progress(f"baseline on vhost-net: {baseline}")
         dev = guest.api("GET", "/vm/net/net0")
         assert dev["net"]["backend"] == "vhost-net" and dev["net"]["mac"] == mac0
 
@@ -292,9 +340,13 @@ def test_swap_vhost_net_builtin_dpdk_builtin_vhost_net_keeps_tcp_and_udp_going(
                      and down.moved > before_down + (256 << 10)
                      and stream.echoes_since(t1) > UDP_PPS, 600, f"traffic on {backend}", guest)
             assert up.moved < SIZE and down.moved < SIZE, "the transfer ended before the swap"
-            w = stream.window(t0, t1 + 1.0)
-            records.append(SwapRecord(backend, round(t1 - t0, 2), w["gap_ms"], w["lost"],
-                                      w["sent"], up.moved, down.moved))
+            h0, h1, ms = handover_window(vmm_log, len(records), guest)
+            hw = settled_window(stream, h0 - 0.5, h1 + 1.0)
+            cw = settled_window(stream, t0, t1 + 1.0)
+            records.append(SwapRecord(backend, round(t1 - t0, 2), ms, hw["gap_ms"], hw["lost"],
+                                      hw["sent"], cw["gap_ms"], cw["lost"], cw["sent"],
+                                      up.moved, down.moved))
+            progress(f"  {records[-1]}")
 
         swap("builtin")
 
@@ -308,7 +360,7 @@ def test_swap_vhost_net_builtin_dpdk_builtin_vhost_net_keeps_tcp_and_udp_going(
         assert guest.api("GET", "/vm/net/net0")["net"]["backend"] == "builtin"
         wait_for(lambda: stream.echoes_since(time.monotonic() - 1) > UDP_PPS // 2, 120,
                  "echoes after the refused swap", guest)
-        refused_window = stream.window(t_refused, time.monotonic())
+        refused_window = settled_window(stream, t_refused, time.monotonic())
 
         subprocess.run(["ip", "link", "set", dtap, "master", bridge, "up"], check=True)
         pmd.resume()
@@ -343,7 +395,7 @@ def test_swap_vhost_net_builtin_dpdk_builtin_vhost_net_keeps_tcp_and_udp_going(
                 (tmp_path / "testpmd.log").read_text(errors="replace"))
     console = guest.console()
     results = {"swaps": [r.__dict__ for r in records], "refused_swap": refused_window,
-               "handovers": handover_times(vmm_log.text()),
+               "baseline": baseline, "handovers": handover_times(vmm_log.text()),
                "udp_pps": UDP_PPS, "nested_cpus": len(os.sched_getaffinity(0))}
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "swap-e2e.json").write_text(json.dumps(results, indent=1) + "\n")
@@ -364,8 +416,9 @@ def test_swap_vhost_net_builtin_dpdk_builtin_vhost_net_keeps_tcp_and_udp_going(
     # The switch was told the guest's MAC on its new port (SEND_RARP).
     assert run.events("vhost_user_rarp_sent"), pmd_text[-2000:]
     for r in records:
+        assert r.handover_ms <= MAX_HANDOVER_S * 1000, results
         assert r.gap_ms <= MAX_GAP_S * 1000, results
-        assert r.lost <= max(200, r.sent // 2), results
+        assert r.lost <= r.allowed_loss(), results
     assert run.returncode == 0, run.describe()
     assert not link_exists(tap) and not link_exists(bridge)
 
@@ -467,9 +520,12 @@ def test_swap_ovs_dpdk_two_vms_ping_and_move_tcp_data_and_one_moves_in_from_vhos
             wait_for(lambda: up.moved > before + (256 << 10)
                      and stream.echoes_since(t1) > UDP_PPS, 600, f"traffic on {backend}", b)
             assert up.moved < B_SIZE
-            w = stream.window(t0, t1 + 1.0)
-            records.append(SwapRecord(backend, round(t1 - t0, 2), w["gap_ms"], w["lost"],
-                                      w["sent"], up.moved, 0))
+            h0, h1, ms = handover_window(logs[1], len(records), b)
+            hw = settled_window(stream, h0 - 0.5, h1 + 1.0)
+            cw = settled_window(stream, t0, t1 + 1.0)
+            records.append(SwapRecord(backend, round(t1 - t0, 2), ms, hw["gap_ms"], hw["lost"],
+                                      hw["sent"], cw["gap_ms"], cw["lost"], cw["sent"],
+                                      up.moved, 0))
 
         swap("vhost-user", socket=str(sock_b), socket_mode="server")
         subprocess.run(["ip", "addr", "add", f"{OVS_SIGNAL}/24", "dev", bridge], check=True)
@@ -514,7 +570,8 @@ def test_swap_ovs_dpdk_two_vms_ping_and_move_tcp_data_and_one_moves_in_from_vhos
     assert [r.to for r in records] == ["vhost-user", "vhost-net"]
     assert run_b.events("vhost_user_rarp_sent"), ovs_logs[-2000:]
     for r in records:
+        assert r.handover_ms <= MAX_HANDOVER_S * 1000, results
         assert r.gap_ms <= MAX_GAP_S * 1000, results
-        assert r.lost <= max(200, r.sent // 2), results
+        assert r.lost <= r.allowed_loss(), results
     assert run_b.returncode == 0, run_b.describe()
     assert run_a.returncode == 3, run_a.describe()

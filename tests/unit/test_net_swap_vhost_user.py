@@ -150,3 +150,25 @@ def test_a_new_backend_that_refuses_its_memory_table_is_refused_before_the_old_o
     finally:
         old_be.kill()
         new_be.kill()
+
+
+def test_a_refusal_in_the_pipelined_ring_setup_raises_after_every_reply_and_the_channel_stays_in_step(
+        sock_dir, frontends, memory, eventfds):
+    """The ring set-up goes back to back: a refused SET_VRING_ADDR in the middle raises once
+    all replies were read, and the next request on the same connection gets its own reply."""
+    be = FakeBackend(os.path.join(sock_dir, "be.sock")).start()
+    try:
+        fe = connect(be, frontends)
+        be.refuse = {FR.SET_VRING_ADDR}
+        with pytest.raises(Exception, match="SET_VRING_ADDR"):
+            fe.start(context(eventfds, memory), memory.regions, strict=True)
+        # Every request of the set-up reached the back-end (none waited for the refusal).
+        assert be.requests().count(FR.SET_VRING_ADDR) == 2
+        assert FR.SET_STATUS in be.requests()
+        be.refuse = set()
+        fe.start(context(eventfds, memory), memory.regions, strict=True)
+        assert fe.active and fe.connected
+        positions = fe.stop()
+        assert set(positions) == {0, 1}
+    finally:
+        be.kill()
