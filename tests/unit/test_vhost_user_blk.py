@@ -664,3 +664,22 @@ def test_bulk_read_of_an_image_that_shrank_is_an_io_error(tmp_path: Path, guest_
     finally:
         device.close()
         os.close(fd)
+
+
+@pytest.mark.parametrize("lengths, parts", [
+    ([1016 << 10, 8 << 10], [2]),  # a 1 MiB write split 254 + 2 pages: one hand-off
+    ([1016 << 10, 8 << 10, 0], [3]),  # ... and the flush after it
+    ([4096] * 32, [8, 8, 8, 8]),  # 32 random 4 KiB requests: four workers at once
+    ([512 << 10] * 2, [1, 1]),
+    ([512] * 4, [1, 1, 1, 1]),
+    ([0], [1]),
+])
+def test_a_kick_goes_to_the_workers_in_parts_of_about_equal_bytes(
+        lengths: list[int], parts: list[int]) -> None:
+    from pymvm.vhost.backends.blk import PARALLEL_BATCHES, split_by_bytes
+
+    batch = [BlkRequest(i, b.VIRTIO_BLK_T_IN, 0, [], n, memoryview(bytearray(1)))
+             for i, n in enumerate(lengths)]
+    runs = split_by_bytes(batch, PARALLEL_BATCHES)
+    assert [len(run) for run in runs] == parts
+    assert [req for run in runs for req in run] == batch  # every request once, in order
