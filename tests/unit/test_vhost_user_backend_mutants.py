@@ -681,6 +681,78 @@ def test_ring_the_inflight_region_does_not_fit_runs_untracked(
     serve(tmp_path, device, body)
 
 
+class FourQueueDevice(RecordingDevice):
+    num_queues = 4
+
+
+@pytest.mark.parametrize("device, mq", [(RecordingDevice(), False), (FourQueueDevice(), True)],
+                         ids=["two-queues", "four-queues"])
+def test_multiqueue_is_offered_above_two_queues_and_get_queue_num_counts_them(
+        tmp_path: Path, device, mq: bool) -> None:
+    async def body(server: VhostUserServer, connect) -> None:
+        fe = await connect()
+        await fe.request(m.GetFeatures())
+        reply = await fe.request(m.GetProtocolFeatures())
+        assert isinstance(reply, m.ProtocolFeaturesReply)
+        assert bool(reply.features & PF.MQ) is mq
+        if mq:
+            await fe.request(m.SetProtocolFeatures(int(PF.MQ | PF.REPLY_ACK)))
+            count = await fe.request(m.GetQueueNum())
+            assert isinstance(count, m.QueueNumReply) and count.num_queues == 4
+
+    serve(tmp_path, device, body)
+
+
+def test_set_config_hands_offset_and_bytes_to_the_device(tmp_path: Path) -> None:
+    class ConfigDevice(RecordingDevice):
+        protocol_features = PF.CONFIG
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.writes: list[tuple[int, bytes]] = []
+
+        def set_config(self, offset: int, data: bytes) -> int:
+            self.writes.append((offset, bytes(data)))
+            return 0
+
+    device = ConfigDevice()
+
+    async def body(server: VhostUserServer, connect) -> None:
+        fe = await connect()
+        await fe.request(m.GetFeatures())
+        await fe.request(m.SetFeatures(fe.conn.negotiate_features(-1)))
+        await fe.request(m.GetProtocolFeatures())
+        await fe.request(m.SetProtocolFeatures(int(fe.conn.negotiate_protocol_features(
+            PF.REPLY_ACK | PF.CONFIG))))
+        ack = await fe.request(m.SetConfig(6, b"\x01\x02", need_reply=True))
+        assert isinstance(ack, m.Ack) and ack.ok
+
+    serve(tmp_path, device, body)
+    assert device.writes == [(6, b"\x01\x02")]
+
+
+def test_ring_of_a_front_end_that_never_sets_features_runs_from_its_kick(
+        tmp_path: Path, ram: Ram) -> None:
+    device = RecordingDevice()
+
+    async def body(server: VhostUserServer, connect) -> None:
+        fe = await connect()
+        await fe.request(m.SetOwner())
+        await fe.request(m.SetMemTable((ram.region(),), (ram.fd,)))
+        await fe.request(m.SetVringNum(0, QSIZE))
+        await fe.request(m.SetVringAddr(0, 0, ram.uva + DESC, ram.uva + USED, ram.uva + AVAIL, 0))
+        kick = os.eventfd(0, os.EFD_NONBLOCK)
+        await fe.request(m.SetVringKick(0, kick))
+        ram.map[DATA:DATA + 6] = b"legacy"
+        ram.desc(0, ram.gpa + DATA, 6)
+        ram.publish(0)
+        os.eventfd_write(kick, 1)
+        await until(lambda: device.payloads == [b"legacy"])
+        os.close(kick)
+
+    serve(tmp_path, device, body)
+
+
 @pytest.fixture
 def ram():
     r = Ram(0x40000, gpa=GPA, uva=UVA)
