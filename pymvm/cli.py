@@ -392,10 +392,54 @@ def cmd_vhost_user_blk(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+class _SkippedParser:
+    """Stands in for the parser of a subcommand this run does not use: takes every call."""
+
+    def __getattr__(self, name: str):
+        return lambda *args, **kwargs: self
+
+
+class _OnlySubparsers:
+    """``add_parser`` builds the one subcommand ``only`` and skips the others (issue 15:
+    argparse and its gettext look-ups cost `pymvm run` about 6 ms of CPU for all 18)."""
+
+    def __init__(self, action, only: str) -> None:
+        self._action, self._only, self.built = action, only, False
+
+    def add_parser(self, name: str, **kwargs):
+        if name != self._only:
+            return _SkippedParser()
+        self.built = True
+        return self._action.add_parser(name, **kwargs)
+
+
+def command_named(argv: list[str]) -> str | None:
+    """The subcommand ``argv`` names when the options before it are all plain --log-level
+    ones (then its parser alone is built); None when the whole parser is needed."""
+    i = 0
+    while i < len(argv) and argv[i].startswith("-"):
+        if argv[i] == "--log-level" and i + 1 < len(argv) and argv[i + 1] in LOG_LEVELS:
+            i += 2
+        elif argv[i].partition("=")[::2] in (("--log-level", lv) for lv in LOG_LEVELS):
+            i += 1
+        else:
+            return None
+    return argv[i] if i < len(argv) else None
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The command line; with ``only``, that subcommand's parser alone (the others, and the
+    help that lists them, are not built: see :func:`command_named`)."""
     p = argparse.ArgumentParser(prog="pymvm", description="A KVM microVM monitor with vhost data planes.")
-    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--log-level", default="info", choices=list(LOG_LEVELS))
     sub = p.add_subparsers(dest="command", required=True)
+    if only is not None:
+        sub = p.only = _OnlySubparsers(sub, only)  # type: ignore[attr-defined]
+        # Its own errors (unrecognized arguments) show the usage listing every subcommand.
+        p.error = lambda message: build_parser().error(message)  # type: ignore[method-assign]
 
     run = sub.add_parser("run", help="boot a VM from a TOML file, in the foreground")
     run.add_argument("config")
@@ -550,7 +594,10 @@ def user_errors() -> tuple[type[BaseException], ...]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(only=command_named(argv))
+    if getattr(parser, "only", None) is not None and not parser.only.built:
+        parser = build_parser()  # not a subcommand: the whole parser says so, as always
     args = parser.parse_args(argv)
     pymvm_logging.configure(args.log_level)
     try:
