@@ -69,3 +69,104 @@ def test_rings_at_their_minimum_alignment_are_activated(driver, device) -> None:
     driver.add_status(DRIVER_OK)
     assert len(device.activations) == 1
 
+
+
+# ---- feature pages ---------------------------------------------------------------------------
+
+
+def _features_ok_with(driver, pages: list[tuple[int, int]]) -> bool:
+    """Reset, ACK, DRIVER, then the (page, value) writes, then FEATURES_OK; kept?"""
+    driver.w32(c.VIRTIO_MMIO_STATUS, 0)
+    driver.add_status(c.VIRTIO_CONFIG_S_ACKNOWLEDGE)
+    driver.add_status(c.VIRTIO_CONFIG_S_DRIVER)
+    for page, value in pages:
+        driver.w32(c.VIRTIO_MMIO_DRIVER_FEATURES_SEL, page)
+        driver.w32(c.VIRTIO_MMIO_DRIVER_FEATURES, value)
+    driver.add_status(c.VIRTIO_CONFIG_S_FEATURES_OK)
+    return bool(driver.r32(c.VIRTIO_MMIO_STATUS) & c.VIRTIO_CONFIG_S_FEATURES_OK)
+
+
+def test_a_feature_page_written_twice_keeps_only_the_last_value(driver, device) -> None:
+    version_1_high = (1 << c.VIRTIO_F_VERSION_1) >> 32
+    # Bit 33 is not offered: written first, then taken back by rewriting the page.
+    assert _features_ok_with(driver, [(1, version_1_high | 2), (1, version_1_high)])
+    assert not _features_ok_with(driver, [(1, version_1_high), (1, version_1_high | 2)])
+
+
+def test_a_nonzero_ack_above_64_bits_is_not_forgotten_by_a_later_zero_page(driver) -> None:
+    version_1_high = (1 << c.VIRTIO_F_VERSION_1) >> 32
+    assert not _features_ok_with(driver, [(1, version_1_high), (2, 1), (3, 0)])
+    assert _features_ok_with(driver, [(1, version_1_high), (2, 0), (3, 0)])
+
+
+# ---- queue size and readiness ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sizes, expected", [((1,), 1), ((128, 256), 256), ((2,), 2)])
+def test_queue_size_takes_any_power_of_two_up_to_the_maximum(driver, device, sizes, expected):
+    assert driver.negotiate()
+    base = queue_base(0)
+    driver.w32(c.VIRTIO_MMIO_QUEUE_SEL, 0)
+    for size in sizes:
+        driver.w32(c.VIRTIO_MMIO_QUEUE_NUM, size)
+    _setup_addresses_and_ready(driver, base)
+    driver.add_status(DRIVER_OK)
+    (ctx,) = device.activations
+    assert [q.size for q in ctx.queues] == [expected]
+
+
+def _setup_addresses_and_ready(driver, base: int) -> None:
+    for low, addr in ((c.VIRTIO_MMIO_QUEUE_DESC_LOW, base),
+                      (c.VIRTIO_MMIO_QUEUE_AVAIL_LOW, base + 0x1000),
+                      (c.VIRTIO_MMIO_QUEUE_USED_LOW, base + 0x2000)):
+        driver.w32(low, addr & 0xFFFF_FFFF)
+        driver.w32(low + 4, addr >> 32)
+    driver.w32(c.VIRTIO_MMIO_QUEUE_READY, 1)
+
+
+def test_queue_made_ready_then_unready_before_driver_ok_is_not_handed_over(driver, device):
+    assert driver.negotiate()
+    driver.setup_queue(0, 256, queue_base(0))
+    driver.setup_queue(1, 128, queue_base(1))
+    driver.w32(c.VIRTIO_MMIO_QUEUE_SEL, 1)
+    driver.w32(c.VIRTIO_MMIO_QUEUE_READY, 0)
+    assert driver.r32(c.VIRTIO_MMIO_QUEUE_READY) == 0
+    driver.add_status(DRIVER_OK)
+    (ctx,) = device.activations
+    assert [q.index for q in ctx.queues] == [0]
+
+
+# ---- activation failures -----------------------------------------------------------------------
+
+
+def test_driver_ok_while_the_device_needs_reset_is_refused(driver, device) -> None:
+    assert driver.negotiate()
+    driver.setup_queue(0, 256, queue_base(0))
+    device.signal_needs_reset()
+    driver.add_status(DRIVER_OK)
+    assert device.activations == []
+    assert not driver.r32(c.VIRTIO_MMIO_STATUS) & DRIVER_OK
+
+
+@pytest.mark.parametrize("short", ["kick", "call"])
+def test_plumbing_that_returns_too_few_eventfds_fails_activation_with_needs_reset(
+        driver, device, eventfds, short: str) -> None:
+    real = eventfds.activate
+
+    def activate(transport, queues):
+        kicks, calls = real(transport, queues)
+        return (kicks[:1], calls) if short == "kick" else (kicks, calls[:1])
+
+    eventfds.activate = activate
+    driver.probe()
+    assert device.activations == []
+    assert driver.r32(c.VIRTIO_MMIO_STATUS) & NEEDS_RESET
+    assert eventfds.deactivations == 1  # the eventfds it did make are given back
+
+
+def test_eventfds_of_a_failed_activation_are_given_back_once(driver, device, eventfds) -> None:
+    device.fail_activate = True
+    driver.probe()
+    assert eventfds.deactivations == 1
+    driver.w32(c.VIRTIO_MMIO_STATUS, 0)  # the driver resets the device that needs it
+    assert eventfds.deactivations == 1
