@@ -753,6 +753,96 @@ def test_ring_of_a_front_end_that_never_sets_features_runs_from_its_kick(
     serve(tmp_path, device, body)
 
 
+# ---- how a session ends ------------------------------------------------------------------------
+
+
+def test_front_end_hanging_up_is_the_reason_given(tmp_path: Path) -> None:
+    async def body(server: VhostUserServer, connect) -> None:
+        fe = await connect()
+        await fe.negotiate()
+        session = server.session
+        fe.sock.close()
+        await until(lambda: session is not None and session.closed.done())
+
+    assert serve(tmp_path, RecordingDevice(), body) == ["front-end closed the connection"]
+
+
+def test_front_end_resetting_the_connection_is_a_hang_up_too(tmp_path: Path) -> None:
+    async def body(server: VhostUserServer, connect) -> None:
+        fe = await connect()
+        await fe.negotiate()
+        session = server.session
+        await send(fe, m.GetFeatures())  # its reply stays unread: the close is a reset
+        await asyncio.sleep(0.1)
+        fe.sock.close()
+        await until(lambda: session is not None and session.closed.done())
+
+    assert serve(tmp_path, RecordingDevice(), body) == ["front-end closed the connection"]
+
+
+def test_vring_index_out_of_range_drops_the_connection_and_its_fd(tmp_path: Path) -> None:
+    async def body(server: VhostUserServer, connect) -> None:
+        before = eventfds_open()
+        fe = await connect()
+        await fe.negotiate()
+        call = os.eventfd(0, os.EFD_NONBLOCK)
+        await send(fe, m.SetVringCall(5, call))
+        await assert_dropped(fe)
+        assert eventfds_open() == before + 1  # ours only: the back-end closed its copy
+        os.close(call)
+
+    assert serve(tmp_path, RecordingDevice(), body) == [
+        "protocol error: vring index 5 out of range: this device has 2 queues"]
+
+
+def test_message_with_too_many_fds_drops_the_connection_and_closes_them(tmp_path: Path) -> None:
+    from pymvm.vhost.user.backend import MAX_FDS
+
+    async def body(server: VhostUserServer, connect) -> None:
+        before = eventfds_open()
+        fe = await connect()
+        await fe.negotiate()
+        fds = [os.eventfd(0) for _ in range(MAX_FDS + 4)]
+        data, _ = fe.conn.send(m.GetFeatures())
+        fe.sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                  struct.pack(f"{len(fds)}i", *fds))])
+        await assert_dropped(fe)
+        await asyncio.sleep(0.05)
+        assert eventfds_open() == before + len(fds)  # ours only
+        for fd in fds:
+            os.close(fd)
+
+    assert serve(tmp_path, RecordingDevice(), body) == [
+        f"protocol error: message carried more than {MAX_FDS} fds (ancillary data truncated)"]
+
+
+class BrokenDevice(RecordingDevice):
+    def set_features(self, acked: int) -> None:
+        raise RuntimeError("device bug")
+
+    def reset(self) -> None:
+        raise RuntimeError("reset bug")
+
+
+def test_device_failing_in_a_handler_costs_one_connection_not_the_server(
+        tmp_path: Path, ram: Ram) -> None:
+    async def body(server: VhostUserServer, connect) -> None:
+        fe = await connect()
+        await fe.request(m.GetFeatures())
+        await fe.request(m.SetOwner())
+        await fe.request(m.SetMemTable((ram.region(),), (ram.fd,)))
+        await fe.request(m.GetFeatures())  # the table has been taken
+        assert ram.mappings() == 2
+        await send(fe, m.SetFeatures(0))
+        await assert_dropped(fe)
+        assert ram.mappings() == 1  # closed in full although the device's reset failed too
+        again = await connect()
+        assert isinstance(await again.request(m.GetFeatures()), m.FeaturesReply)
+
+    reasons = serve(tmp_path, BrokenDevice(), body)
+    assert reasons[0] == "internal error: RuntimeError('device bug')"
+
+
 @pytest.fixture
 def ram():
     r = Ram(0x40000, gpa=GPA, uva=UVA)
