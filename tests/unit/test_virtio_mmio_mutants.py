@@ -218,3 +218,29 @@ def test_queue_ready_reads_back_what_the_driver_wrote(driver) -> None:
     assert driver.r32(c.VIRTIO_MMIO_QUEUE_READY) == 1
     driver.w32(c.VIRTIO_MMIO_QUEUE_READY, 0)
     assert driver.r32(c.VIRTIO_MMIO_QUEUE_READY) == 0
+
+
+def test_reset_puts_the_queue_and_feature_page_selectors_back_to_zero(driver, device) -> None:
+    assert driver.negotiate()
+    driver.w32(c.VIRTIO_MMIO_QUEUE_SEL, 1)
+    driver.w32(c.VIRTIO_MMIO_DEVICE_FEATURES_SEL, 1)
+    driver.w32(c.VIRTIO_MMIO_DRIVER_FEATURES_SEL, 1)
+    driver.w32(c.VIRTIO_MMIO_STATUS, 0)
+    assert driver.r32(c.VIRTIO_MMIO_QUEUE_NUM_MAX) == 256  # queue 0's, not queue 1's 128
+    assert driver.r32(c.VIRTIO_MMIO_DEVICE_FEATURES) == device.features & 0xFFFF_FFFF
+    driver.add_status(c.VIRTIO_CONFIG_S_ACKNOWLEDGE)
+    driver.add_status(c.VIRTIO_CONFIG_S_DRIVER)
+    driver.w32(c.VIRTIO_MMIO_DRIVER_FEATURES, 1)  # lands in page 0: bit 0 is not offered
+    driver.w32(c.VIRTIO_MMIO_DRIVER_FEATURES_SEL, 1)
+    driver.w32(c.VIRTIO_MMIO_DRIVER_FEATURES, (1 << c.VIRTIO_F_VERSION_1) >> 32)
+    driver.add_status(c.VIRTIO_CONFIG_S_FEATURES_OK)
+    assert not driver.r32(c.VIRTIO_MMIO_STATUS) & c.VIRTIO_CONFIG_S_FEATURES_OK
+
+
+@pytest.mark.parametrize("when", ["before-driver-ok", "after-reset"])
+def test_queue_notify_without_live_rings_is_ignored(driver, device, when: str) -> None:
+    if when == "after-reset":
+        driver.probe()
+        driver.w32(c.VIRTIO_MMIO_STATUS, 0)
+    driver.w32(c.VIRTIO_MMIO_QUEUE_NOTIFY, 0)
+    assert driver.r32(c.VIRTIO_MMIO_MAGIC_VALUE) == 0x74726976  # still answering
