@@ -244,3 +244,27 @@ def test_queue_notify_without_live_rings_is_ignored(driver, device, when: str) -
         driver.w32(c.VIRTIO_MMIO_STATUS, 0)
     driver.w32(c.VIRTIO_MMIO_QUEUE_NOTIFY, 0)
     assert driver.r32(c.VIRTIO_MMIO_MAGIC_VALUE) == 0x74726976  # still answering
+
+
+def test_ring_address_halves_may_be_written_high_first(driver, device) -> None:
+    assert driver.negotiate()
+    base = queue_base(0)  # above 4 GiB: both halves matter
+    driver.w32(c.VIRTIO_MMIO_QUEUE_SEL, 0)
+    for low, addr in ((c.VIRTIO_MMIO_QUEUE_DESC_LOW, base), (c.VIRTIO_MMIO_QUEUE_AVAIL_LOW,
+                      base + 0x1000), (c.VIRTIO_MMIO_QUEUE_USED_LOW, base + 0x2000)):
+        driver.w32(low + 4, addr >> 32)
+        driver.w32(low, addr & 0xFFFF_FFFF)
+    driver.w32(c.VIRTIO_MMIO_QUEUE_READY, 1)
+    driver.add_status(DRIVER_OK)
+    (ctx,) = device.activations
+    (q,) = ctx.queues
+    assert (q.desc_addr, q.driver_addr, q.device_addr) == (base, base + 0x1000, base + 0x2000)
+
+
+def test_status_skipping_features_ok_is_ignored(driver, device) -> None:
+    driver.w32(c.VIRTIO_MMIO_STATUS, 0)
+    driver.add_status(c.VIRTIO_CONFIG_S_ACKNOWLEDGE)
+    driver.w32(c.VIRTIO_MMIO_STATUS, c.VIRTIO_CONFIG_S_ACKNOWLEDGE | c.VIRTIO_CONFIG_S_DRIVER
+               | DRIVER_OK)
+    assert driver.r32(c.VIRTIO_MMIO_STATUS) == c.VIRTIO_CONFIG_S_ACKNOWLEDGE
+    assert device.activations == []
