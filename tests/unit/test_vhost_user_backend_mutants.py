@@ -278,8 +278,8 @@ async def _one_region_beyond_the_slots(fe: Frontend, ram: Ram) -> None:
 @pytest.mark.parametrize("misbehave, reason", [
     (_vring_base_too_big, "SET_VRING_BASE 0x10000 does not fit a split ring's u16"),
     (_rem_unknown_region, "REM_MEM_REG of unknown region at 0x800000"),
-    (_overlapping_regions, "bad memory table: guest memory region at 0x101000 overlaps the "
-                           "region ending at 0x140000; regions must be disjoint"),
+    (_overlapping_regions, ("bad memory table: guest memory region at 0x101000 overlaps the "
+                            "region ending at 0x140000; regions must be disjoint")),
     (_queue_size_not_a_power_of_two, "vring0: queue size 3 is not a power of two"),
     (_one_region_beyond_the_slots, f"ADD_MEM_REG beyond the {MAX_MEM_SLOTS} slots we offered"),
 ], ids=["vring-base", "rem-mem-reg", "overlap", "queue-size", "mem-slots"])
@@ -319,8 +319,8 @@ def test_set_inflight_fd_takes_only_queues_the_device_has(
     finally:
         os.close(fd)
     if not accepted:
-        assert reasons == [f"protocol error: SET_INFLIGHT_FD for {queues} queues of {size}: this "
-                           f"device has 2 queues of at most 32768 entries"]
+        assert reasons == [(f"protocol error: SET_INFLIGHT_FD for {queues} queues of {size}: "
+                            f"this device has 2 queues of at most 32768 entries")]
 
 
 def test_set_inflight_fd_smaller_than_its_queues_need_is_refused(tmp_path: Path) -> None:
@@ -337,8 +337,8 @@ def test_set_inflight_fd_smaller_than_its_queues_need_is_refused(tmp_path: Path)
         reasons = serve(tmp_path, InflightDevice(), body)
     finally:
         os.close(fd)
-    assert reasons == [f"protocol error: SET_INFLIGHT_FD region of {need - 1} bytes; 2 queues "
-                       f"of {QSIZE} need {need}"]
+    assert reasons == [(f"protocol error: SET_INFLIGHT_FD region of {need - 1} bytes; 2 queues "
+                        f"of {QSIZE} need {need}")]
 
 
 # ---- when a ring runs ------------------------------------------------------------------------
@@ -492,7 +492,7 @@ def test_used_event_holds_back_the_call_only_when_event_idx_was_acked(
             ram.desc(n - 1, ram.gpa + DATA, 3)
             ram.publish(n - 1)
             os.eventfd_write(kick, 1)
-            await until(lambda: len(device.payloads) == n)
+            await until(lambda n=n: len(device.payloads) == n)
             assert ram.used_idx() == n
             if n == 1:  # the first batch is always signalled (nothing told yet)
                 assert _readable(call)

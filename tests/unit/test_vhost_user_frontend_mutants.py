@@ -27,6 +27,7 @@ from pymvm.vhost.user.messages import FrontendRequest as FR
 from pymvm.vhost.user.messages import ProtocolFeature as PF
 from pymvm.vhost.user.protocol import BackendConnection
 from pymvm.vhost.user.socket_io import send_with_fds
+from tests.unit import test_vhost_user_frontend as base
 from tests.unit.test_vhost_user_frontend import (
     BACKEND_FEATURES,
     BACKEND_PROTOCOL,
@@ -34,12 +35,11 @@ from tests.unit.test_vhost_user_frontend import (
     Received,
     connect,
     context,
-    eventfds,  # noqa: F401 (fixture)
-    frontends,  # noqa: F401 (fixture)
-    memory,  # noqa: F401 (fixture)
-    sock_dir,  # noqa: F401 (fixture)
     write_used_idx,
 )
+
+# The fixtures of test_vhost_user_frontend.py, shared.
+eventfds, frontends, memory, sock_dir = base.eventfds, base.frontends, base.memory, base.sock_dir
 
 CONFIG = bytes(range(64))
 

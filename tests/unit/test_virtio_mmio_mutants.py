@@ -9,17 +9,12 @@ import pytest
 from pymvm.devices.virtio import constants as c
 from pymvm.devices.virtio.device import VirtioError
 from pymvm.devices.virtio.mmio import VirtioMmioTransport, virtio_mmio_cmdline
-from tests.unit.test_virtio_mmio import (  # noqa: F401 (fixtures)
-    DRIVER_OK,
-    FakeDevice,
-    NEEDS_RESET,
-    device,
-    driver,
-    eventfds,
-    interrupt,
-    queue_base,
-    transport,
-)
+from tests.unit import test_virtio_mmio as base
+from tests.unit.test_virtio_mmio import DRIVER_OK, NEEDS_RESET, FakeDevice, queue_base
+
+# The transport fixtures of test_virtio_mmio.py, shared.
+device, driver, eventfds, interrupt, transport = (
+    base.device, base.driver, base.eventfds, base.interrupt, base.transport)
 
 
 @pytest.mark.parametrize("size, text", [
@@ -179,8 +174,8 @@ def test_eventfds_of_a_failed_activation_are_given_back_once(driver, device, eve
     ((), "virtio device type 42 declares no queues"),
     ((0,), "virtio device type 42: queue max size 0 is not a power of 2 in 1..32768 (spec 2.7)"),
     ((3,), "virtio device type 42: queue max size 3 is not a power of 2 in 1..32768 (spec 2.7)"),
-    ((256, 0x10000), "virtio device type 42: queue max size 65536 is not a power of 2 in "
-                     "1..32768 (spec 2.7)"),
+    ((256, 0x10000), ("virtio device type 42: queue max size 65536 is not a power of 2 in "
+                      "1..32768 (spec 2.7)")),
 ])
 def test_device_with_bad_queue_sizes_is_refused_by_the_transport(interrupt, sizes, problem):
     with pytest.raises(VirtioError) as refused:
