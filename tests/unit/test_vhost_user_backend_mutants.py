@@ -505,6 +505,99 @@ def test_used_event_holds_back_the_call_only_when_event_idx_was_acked(
     serve(tmp_path, device, body)
 
 
+class FeatureRecordingDevice(EventIdxDevice):
+    def __init__(self) -> None:
+        super().__init__()
+        self.acked: list[int] = []
+
+    def set_features(self, acked: int) -> None:
+        self.acked.append(acked)
+
+
+def test_features_set_while_a_ring_runs_reach_the_device_and_the_running_ring(
+        tmp_path: Path, ram: Ram) -> None:
+    from pymvm.devices.virtio.constants import VIRTIO_F_VERSION_1, VIRTIO_RING_F_INDIRECT_DESC
+    from pymvm.devices.virtio.queue import VRING_DESC_F_INDIRECT
+
+    device = FeatureRecordingDevice()
+    plain = 1 << VIRTIO_F_VERSION_1 | m.PROTOCOL_FEATURES_FLAG
+    more = plain | 1 << VIRTIO_RING_F_EVENT_IDX | 1 << VIRTIO_RING_F_INDIRECT_DESC
+    table = DATA + 0x1000  # an indirect table: one descriptor pointing at the payload
+
+    async def body(server: VhostUserServer, connect) -> None:
+        fe = await connect()
+        await fe.request(m.GetFeatures())
+        await fe.request(m.SetFeatures(plain))
+        await fe.request(m.GetProtocolFeatures())
+        await fe.request(m.SetProtocolFeatures(int(fe.conn.negotiate_protocol_features(
+            PF.REPLY_ACK))))
+        await fe.request(m.SetOwner())
+        kick, call = await start_ring(fe, ram, ram.uva)
+        ack = await fe.request(m.SetFeatures(more, need_reply=True))  # the ring keeps running
+        assert isinstance(ack, m.Ack) and ack.ok
+        struct.pack_into("<H", ram.map, AVAIL + 4 + 2 * QSIZE, 5)  # used_event: call me at 6
+        for n, head in enumerate((0, 1), 1):
+            ram.map[DATA:DATA + 8] = b"indirect"
+            struct.pack_into("<QIHH", ram.map, table, ram.gpa + DATA, 8, 0, 0)
+            struct.pack_into("<QIHH", ram.map, DESC + 16 * head, ram.gpa + table, 16,
+                             VRING_DESC_F_INDIRECT, 0)
+            ram.publish(head)
+            os.eventfd_write(kick, 1)
+            await until(lambda n=n: len(device.payloads) == n)  # INDIRECT_DESC is followed
+            if n == 1:
+                assert _readable(call)  # the first batch is always signalled
+                os.eventfd_read(call)
+        assert not _readable(call)  # EVENT_IDX: used_event holds the second call back
+        for fd in (kick, call):
+            os.close(fd)
+
+    serve(tmp_path, device, body)
+    assert device.acked == [plain, more]
+    assert device.payloads == [b"indirect", b"indirect"]
+
+
+def test_features_withdrawn_while_a_ring_runs_stop_applying_to_it(tmp_path: Path, ram: Ram) -> None:
+    from pymvm.devices.virtio.constants import VIRTIO_F_VERSION_1, VIRTIO_RING_F_INDIRECT_DESC
+    from pymvm.devices.virtio.queue import VRING_DESC_F_INDIRECT
+
+    device = FeatureRecordingDevice()
+    plain = 1 << VIRTIO_F_VERSION_1 | m.PROTOCOL_FEATURES_FLAG
+    more = plain | 1 << VIRTIO_RING_F_EVENT_IDX | 1 << VIRTIO_RING_F_INDIRECT_DESC
+
+    async def body(server: VhostUserServer, connect) -> None:
+        fe = await connect()
+        await fe.request(m.GetFeatures())
+        await fe.request(m.SetFeatures(more))
+        await fe.request(m.GetProtocolFeatures())
+        await fe.request(m.SetProtocolFeatures(int(fe.conn.negotiate_protocol_features(
+            PF.REPLY_ACK))))
+        await fe.request(m.SetOwner())
+        kick, call = await start_ring(fe, ram, ram.uva)
+        ack = await fe.request(m.SetFeatures(plain, need_reply=True))
+        assert isinstance(ack, m.Ack) and ack.ok
+        struct.pack_into("<H", ram.map, AVAIL + 4 + 2 * QSIZE, 5)  # ignored without EVENT_IDX
+        for n in (1, 2):
+            ram.map[DATA:DATA + 5] = b"plain"
+            ram.desc(n - 1, ram.gpa + DATA, 5)
+            ram.publish(n - 1)
+            os.eventfd_write(kick, 1)
+            await until(lambda n=n: len(device.payloads) == n)
+            assert _readable(call)  # every batch is signalled
+            os.eventfd_read(call)
+        table = DATA + 0x1000
+        struct.pack_into("<QIHH", ram.map, table, ram.gpa + DATA, 5, 0, 0)
+        struct.pack_into("<QIHH", ram.map, DESC + 16 * 2, ram.gpa + table, 16,
+                         VRING_DESC_F_INDIRECT, 0)
+        ram.publish(2)
+        os.eventfd_write(kick, 1)
+        await asyncio.sleep(0.2)
+        assert len(device.payloads) == 2  # an indirect table is no longer followed
+        for fd in (kick, call):
+            os.close(fd)
+
+    serve(tmp_path, device, body)
+
+
 class FailingOnceDevice(RecordingDevice):
     def __init__(self) -> None:
         super().__init__()
