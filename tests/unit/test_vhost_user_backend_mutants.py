@@ -516,7 +516,10 @@ class FeatureRecordingDevice(EventIdxDevice):
 
 def test_features_set_while_a_ring_runs_reach_the_device_and_the_running_ring(
         tmp_path: Path, ram: Ram) -> None:
-    from pymvm.devices.virtio.constants import VIRTIO_F_VERSION_1, VIRTIO_RING_F_INDIRECT_DESC
+    from pymvm.devices.virtio.constants import (
+        VIRTIO_F_VERSION_1,
+        VIRTIO_RING_F_INDIRECT_DESC,
+    )
     from pymvm.devices.virtio.queue import VRING_DESC_F_INDIRECT
 
     device = FeatureRecordingDevice()
@@ -557,7 +560,10 @@ def test_features_set_while_a_ring_runs_reach_the_device_and_the_running_ring(
 
 
 def test_features_withdrawn_while_a_ring_runs_stop_applying_to_it(tmp_path: Path, ram: Ram) -> None:
-    from pymvm.devices.virtio.constants import VIRTIO_F_VERSION_1, VIRTIO_RING_F_INDIRECT_DESC
+    from pymvm.devices.virtio.constants import (
+        VIRTIO_F_VERSION_1,
+        VIRTIO_RING_F_INDIRECT_DESC,
+    )
     from pymvm.devices.virtio.queue import VRING_DESC_F_INDIRECT
 
     device = FeatureRecordingDevice()
