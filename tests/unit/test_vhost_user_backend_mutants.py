@@ -17,7 +17,12 @@ import structlog
 
 from pymvm.devices.virtio.constants import VIRTIO_RING_F_EVENT_IDX
 from pymvm.vhost.user import messages as m
-from pymvm.vhost.user.backend import MAX_MEM_SLOTS, VhostUserServer, _map_region
+from pymvm.vhost.user.backend import (
+    MAX_MEM_SLOTS,
+    VhostUserBackendError,
+    VhostUserServer,
+    _map_region,
+)
 from pymvm.vhost.user.errors import VhostUserRemoteError
 from pymvm.vhost.user.inflight import InflightQueue, queue_region_size
 from pymvm.vhost.user.messages import ProtocolFeature as PF
@@ -940,6 +945,17 @@ def test_device_failing_in_a_handler_costs_one_connection_not_the_server(
 
     reasons = serve(tmp_path, BrokenDevice(), body)
     assert reasons[0] == "internal error: RuntimeError('device bug')"
+
+
+def test_socket_path_taken_by_a_file_is_refused_and_the_file_kept(tmp_path: Path) -> None:
+    path = tmp_path / "vu.sock"
+    path.write_text("not a socket")
+    server = VhostUserServer(str(path), RecordingDevice())
+    with pytest.raises(VhostUserBackendError) as refused:
+        server.listen()
+    assert str(refused.value) == (f"{path} exists and is not a socket: choose another --socket "
+                                  "path")
+    assert path.read_text() == "not a socket"
 
 
 @pytest.fixture
