@@ -31,6 +31,8 @@ from tests.unit import test_vhost_user_frontend as base
 from tests.unit.test_vhost_user_frontend import (
     BACKEND_FEATURES,
     BACKEND_PROTOCOL,
+    QUEUE_SIZE,
+    VIRTIO_NET_F_MRG_RXBUF,
     FakeBackend,
     Received,
     connect,
@@ -60,6 +62,20 @@ class ConfigBackend(FakeBackend):
             return
         if request is FR.GET_MAX_MEM_SLOTS:
             reply: m.Reply = m.MaxMemSlotsReply(self.slots)
+        elif request is FR.GET_INFLIGHT_FD:
+            assert isinstance(msg, m.GetInflightFd)
+            from pymvm.vhost.user.inflight import region_size
+
+            size = region_size(msg.num_queues, msg.queue_size)
+            fd = os.memfd_create("inflight", os.MFD_CLOEXEC)
+            os.ftruncate(fd, size)
+            reply = m.InflightFdReply(size, 0, msg.num_queues, msg.queue_size, fd)
+            with self.changed:
+                self.received.append(Received(msg, ()))
+                self.changed.notify_all()
+            send_with_fds(sock, *conn.send(reply))
+            os.close(fd)
+            return
         elif request is FR.GET_CONFIG:
             assert isinstance(msg, m.GetConfig)
             data = (b"" if request in self.refuse
@@ -507,3 +523,55 @@ def test_unknown_socket_mode_is_refused_naming_the_modes(sock_dir: str) -> None:
         VhostUserNetBackend(os.path.join(sock_dir, "vu.sock"), "listen")  # type: ignore[arg-type]
     assert str(refused.value) == ("vhost-user socket mode 'listen' is unknown; use 'client' or "
                                   "'server'")
+
+
+# ---- the blk front-end's inflight region, unoffered features, connect errors --------------------
+
+
+def blk(fake: FakeBackend, frontends):
+    from pymvm.vhost.user.frontend import VhostUserBlkBackend
+
+    fe = VhostUserBlkBackend(fake.path, "client", connect_timeout=2, request_timeout=2)
+    frontends.append(fe)
+    return fe
+
+
+def test_blk_inflight_region_is_asked_for_and_handed_over_with_a_reply_asked(
+        make, frontends, memory, eventfds) -> None:
+    fake = make(protocol=BACKEND_PROTOCOL | PF.CONFIG | PF.INFLIGHT_SHMFD)
+    fe = blk(fake, frontends)
+    fe.activate(context(eventfds, memory, acked=fe.features()), memory.regions)
+    (get,) = sent(fake, FR.GET_INFLIGHT_FD)
+    assert (get.num_queues, get.queue_size) == (2, QUEUE_SIZE)
+    (handed,) = sent(fake, FR.SET_INFLIGHT_FD)
+    assert handed.need_reply is True  # a back-end refusing it is noticed
+
+
+def test_blk_front_end_asks_no_inflight_region_of_a_back_end_without_one(
+        make, frontends, memory, eventfds) -> None:
+    fake = make(protocol=BACKEND_PROTOCOL | PF.CONFIG)
+    fe = blk(fake, frontends)
+    fe.activate(context(eventfds, memory, acked=fe.features()), memory.regions)
+    assert FR.GET_INFLIGHT_FD not in fake.requests()
+    assert FR.SET_INFLIGHT_FD not in fake.requests()
+    assert fe.active
+
+
+def test_start_with_features_the_back_end_does_not_offer_is_refused_naming_them(
+        make, frontends, memory, eventfds) -> None:
+    fake = make(features=BACKEND_FEATURES & ~VIRTIO_NET_F_MRG_RXBUF)
+    fe = connect(fake, frontends)
+    with pytest.raises(VhostUserFrontendError) as refused:
+        fe.activate(context(eventfds, memory), memory.regions)  # the guest acked MRG_RXBUF
+    assert str(refused.value) == (
+        f"the back-end no longer offers features {VIRTIO_NET_F_MRG_RXBUF:#x} the guest "
+        "negotiated; restart it with the same options")
+
+
+def test_client_mode_socket_path_under_a_file_names_the_error(tmp_path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    path = str(blocker / "vu.sock")
+    with pytest.raises(VhostUserFrontendError) as refused:
+        VhostUserNetBackend(path, "client", connect_timeout=1)
+    assert str(refused.value) == f"cannot connect to vhost-user socket {path}: Not a directory"
