@@ -33,9 +33,9 @@ CALLS = {
 
 @pytest.mark.parametrize("ioctl", sorted(CALLS))
 def test_refused_ioctl_is_named_with_its_errno(ioctl: str) -> None:
-    with GuestMemory(1 << 20) as mem, VhostNet.open(os.devnull) as vhost:
-        with pytest.raises(VhostIoctlError) as refused:
-            CALLS[ioctl](vhost, mem)
+    with (GuestMemory(1 << 20) as mem, VhostNet.open(os.devnull) as vhost,
+          pytest.raises(VhostIoctlError) as refused):
+        CALLS[ioctl](vhost, mem)
     assert (refused.value.ioctl, refused.value.errno) == (ioctl, errno.ENOTTY)
     assert str(refused.value) == f"{ioctl} failed: {os.strerror(errno.ENOTTY)}"
 
@@ -45,8 +45,7 @@ def test_refused_ioctl_is_named_with_its_errno(ioctl: str) -> None:
     ("VHOST_VSOCK_SET_RUNNING", lambda v: v.set_running(True)),
 ])
 def test_refused_vsock_ioctl_is_named_with_its_errno(ioctl: str, call) -> None:
-    with VhostVsock.open(os.devnull) as vhost:
-        with pytest.raises(VhostIoctlError) as refused:
-            call(vhost)
+    with VhostVsock.open(os.devnull) as vhost, pytest.raises(VhostIoctlError) as refused:
+        call(vhost)
     assert (refused.value.ioctl, refused.value.errno) == (ioctl, errno.ENOTTY)
     assert str(refused.value) == f"{ioctl} failed: {os.strerror(errno.ENOTTY)}"
