@@ -199,6 +199,7 @@ def test_frames_injected_into_the_tap_are_received_by_testpmd(backend: Backend, 
     testpmd.wait_for(r"packets/burst", start=testpmd.command("start"))
     rx_before, _ = testpmd.port_stats()
     count = 2000
+    taken_before = tap_counter(backend.tap, "tx_packets")
     inject = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
     try:
         inject.bind((backend.tap, 0))
@@ -206,7 +207,12 @@ def test_frames_injected_into_the_tap_are_received_by_testpmd(backend: Backend, 
             frame = (b"\xff" * 6 + b"\x02\x00\x00\x00\x00\x01" + struct.pack("!HI", ETHERTYPE, i)).ljust(64, b"\0")
             inject.send(frame)
             if i % 100 == 99:
-                time.sleep(0.01)  # stay under the TAP's 1000-packet queue if the back-end lags
+                # Stay well under the TAP's 1000-packet queue however slowly the back-end
+                # reads it (a loaded machine): at most 500 frames not yet taken by it.
+                paced = time.monotonic() + 10
+                while (i + 1 - (tap_counter(backend.tap, "tx_packets") - taken_before) > 500
+                       and time.monotonic() < paced):
+                    time.sleep(0.005)
     finally:
         inject.close()
     deadline = time.monotonic() + 10
