@@ -4,15 +4,12 @@ region a restarted back-end resubmits from."""
 
 from __future__ import annotations
 
-import ctypes
 import os
 import struct
 import threading
 from pathlib import Path
 
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from pymvm.devices.virtio import blk as b
 from pymvm.devices.virtio.queue import VRING_DESC_F_NEXT, VRING_DESC_F_WRITE, DescriptorChain
@@ -686,32 +683,3 @@ def test_a_kick_goes_to_the_workers_in_parts_of_about_equal_bytes(
     runs = split_by_bytes(batch, PARALLEL_BATCHES)
     assert [len(run) for run in runs] == parts
     assert [req for run in runs for req in run] == batch  # every request once, in order
-
-
-@settings(max_examples=100, deadline=None)
-@given(entries=st.lists(st.tuples(st.integers(0, (1 << 40) - 1), st.integers(1, (1 << 32) - 1),
-                                  st.integers(0, 0xFFFF), st.integers(0, 0xFFFF)),
-                        min_size=3, max_size=300),
-       to_host=st.integers(0, (1 << 63) - (1 << 40)))
-def test_iovec_lanes_equal_one_struct_iovec_per_data_segment(
-        entries: list[tuple[int, int, int, int]], to_host: int) -> None:
-    from pymvm.vhost.backends.blk import _iovecs
-
-    table = b"".join(struct.pack("<QIHH", *e) for e in entries)
-    n = len(entries) - 2
-    expected = b"".join(struct.pack("<QQ", addr + to_host, length)
-                        for addr, length, _, _ in entries[1:-1])
-    assert _iovecs(table, n, to_host) == expected
-
-
-def test_a_table_changed_after_it_was_checked_changes_nothing(tmp_path: Path, image: Path,
-                                                               guest_memory) -> None:
-    """The iovecs come from the copy of the table that was checked: a guest rewriting its
-    table (to point a segment outside its memory) after the pop cannot redirect the I/O."""
-    mem, _ = guest_memory
-    chain = bulk_request(guest_memory, b.VIRTIO_BLK_T_IN, 0, [(0x8000, 512)] * 16)
-    struct.pack_into("<Q", mem, 0x3000 + 16, 1 << 40)  # segment 1 now outside guest memory
-    req = parse_request(chain, CAPACITY, False)
-    assert isinstance(req, BlkRequest) and req.iov is not None
-    base = ctypes.addressof(ctypes.c_char.from_buffer(memoryview(mem)[:1]))
-    assert struct.unpack_from("<QQ", req.iov, 0) == (base + 0x8000, 512)

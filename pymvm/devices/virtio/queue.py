@@ -187,16 +187,13 @@ class BulkChain(DescriptorChain):
     device that hands the addresses to the kernel (preadv/pwritev) skips one Python
     object per descriptor, which was most of a 1 MiB disk request's cost."""
 
-    __slots__ = ("_views", "addrs", "lens", "region", "region_gpa", "split", "table")
+    __slots__ = ("_views", "addrs", "lens", "region", "region_gpa", "split")
 
     def __init__(self, head: int, region: memoryview, region_gpa: int, addrs: list[int],
-                 lens: list[int], split: int, table: bytes = b"") -> None:
+                 lens: list[int], split: int) -> None:
         self.head = head
         self.region, self.region_gpa = region, region_gpa
         self.addrs, self.lens, self.split = addrs, lens, split
-        #: The indirect table as it was read and checked (a copy: the guest may change its
-        #: own at any time), for devices that pass its entries to the kernel as they are.
-        self.table = table
         self.readable_len = sum(lens[:split])
         self.writable_len = sum(lens[split:])
         self._views: list[memoryview] | None = None
@@ -608,8 +605,6 @@ def _straight_table(head: int, table: memoryview, count: int, lo: int, hi: int,
     anything else, which the descriptor-by-descriptor walk then checks (rejecting or
     accepting it) as before; this accepts nothing that walk would not, with C loops
     (memoryview casts, map) instead of Python ones."""
-    snapshot = bytes(table)  # read once: what is checked is what is used
-    table = memoryview(snapshot)
     flags = table.cast("H")[6::8].tolist()
     last = flags.pop()
     if last & ~VRING_DESC_F_WRITE:  # NEXT, INDIRECT or unknown flags on the last entry
@@ -638,4 +633,4 @@ def _straight_table(head: int, table: memoryview, count: int, lo: int, hi: int,
     addrs = table.cast("Q")[0::2].tolist()
     if min(addrs) < lo or max(map(operator.add, addrs, lens)) > hi:
         return None
-    return BulkChain(head, region, lo, addrs, lens, split, snapshot)
+    return BulkChain(head, region, lo, addrs, lens, split)

@@ -36,7 +36,6 @@ import asyncio
 import concurrent.futures
 import ctypes
 import errno
-import functools
 import operator
 import os
 import threading
@@ -102,9 +101,9 @@ for _call in (_preadv2, _pwritev2):
     _call.restype = ctypes.c_ssize_t
 
 
-def _iov_transfer(call, fd: int, iov: bytes, offset: int, flags: int = 0) -> int:
-    """One preadv2/pwritev2 of the struct iovec array ``iov``; bytes moved."""
-    n = call(fd, iov, len(iov) // 16, offset, flags)
+def _iov_transfer(call, fd: int, iov: array, offset: int, flags: int = 0) -> int:
+    """One preadv2/pwritev2 of the iovecs in ``iov`` (address, length pairs); bytes moved."""
+    n = call(fd, iov.buffer_info()[0], len(iov) // 2, offset, flags)
     if n < 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
@@ -129,7 +128,7 @@ class BlkRequest:
     #: IN/OUT from a BulkChain: the data buffers as a struct iovec array (``data`` stays
     #: empty), the chain (for views, should a transfer come up short) and what keeps its
     #: memory region mapped while the kernel uses the addresses.
-    iov: bytes | None = None
+    iov: array | None = None
     chain: BulkChain | None = None
     pin: object = None
 
@@ -167,25 +166,6 @@ def _drop_last_byte(views: list[memoryview]) -> tuple[list[memoryview], memoryvi
     return data, last[-1:]
 
 
-@functools.lru_cache(maxsize=8)
-def _iov_lanes(n: int) -> tuple[int, int]:
-    """For ``n`` descriptors seen as one little-endian integer of 128-bit lanes (u64 addr,
-    u32 len, u16 flags, u16 next): the mask that keeps addr and len (struct iovec's layout
-    then), and a 1 at the bottom of each lane (times an offset: that offset added to every
-    addr)."""
-    return (int.from_bytes((b"\xff" * 12 + bytes(4)) * n, "little"),
-            int.from_bytes((b"\x01" + bytes(15)) * n, "little"))
-
-
-def _iovecs(table: bytes, n: int, to_host: int) -> bytes:
-    """struct iovec[n] for descriptors 1..n of ``table`` (checked: every buffer inside the
-    region at host address ``to_host`` + guest address): one big-integer AND and ADD do
-    all n conversions, the lanes being 64 bits wide and no host address reaching 2**64."""
-    mask, ones = _iov_lanes(n)
-    lanes = int.from_bytes(table[16 : 16 * (n + 1)], "little") & mask
-    return (lanes + to_host * ones).to_bytes(16 * n, "little")
-
-
 def _parse_bulk(chain: BulkChain, capacity: int, read_only: bool) -> BlkRequest | None:
     """The usual read or write as Linux lays it out (a 16-byte header, data buffers, a
     1-byte status), checked as parse_request would and passed on as an iovec array; None
@@ -215,13 +195,9 @@ def _parse_bulk(chain: BulkChain, capacity: int, read_only: bool) -> BlkRequest 
     # the kernel gets addresses inside it only: every buffer was checked against it.
     pin = ctypes.c_char.from_buffer(region[:1])
     to_host = ctypes.addressof(pin) - lo
-    if to_host < 0 or len(chain.table) != 16 * count:  # a region mapped below its GPA
-        iov = array("Q", bytes(16 * n))
-        iov[0::2] = array("Q", map(operator.add, chain.addrs[1:-1], repeat(to_host, n)))
-        iov[1::2] = array("Q", lens[1:-1])
-        iov = iov.tobytes()
-    else:
-        iov = _iovecs(chain.table, n, to_host)
+    iov = array("Q", bytes(16 * n))
+    iov[0::2] = array("Q", map(operator.add, chain.addrs[1:-1], repeat(to_host, n)))
+    iov[1::2] = array("Q", lens[1:-1])
     return BlkRequest(chain.head, rtype, sector, [], length,
                       region[status_at : status_at + 1], iov=iov, chain=chain, pin=pin)
 
