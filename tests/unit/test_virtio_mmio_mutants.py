@@ -263,3 +263,10 @@ def test_status_skipping_features_ok_is_ignored(driver, device) -> None:
                | DRIVER_OK)
     assert driver.r32(c.VIRTIO_MMIO_STATUS) == c.VIRTIO_CONFIG_S_ACKNOWLEDGE
     assert device.activations == []
+
+
+def test_feature_bits_a_device_declares_above_64_are_never_offered(interrupt) -> None:
+    declared = (1 << c.VIRTIO_F_VERSION_1) | 1 << 64 | 1 << 65
+    t = VirtioMmioTransport(FakeDevice(features=declared), irq=5, interrupt=interrupt,
+                            eventfds=None)
+    assert t.offered_features() == 1 << c.VIRTIO_F_VERSION_1
