@@ -54,6 +54,8 @@ class UdpStream:
         self.received: dict[int, float] = {}
         self._lock = threading.Lock()  # the two threads write, readers take snapshots
         self.stop = threading.Event()
+        self.sending = threading.Event()  # cleared by stop_sending(): echoes are still taken
+        self.sending.set()
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         # Room for a few seconds of echoes: a receiving thread that waits for the GIL (the
         # test's other threads) must not lose datagrams the data plane delivered. Root may
@@ -80,7 +82,7 @@ class UdpStream:
     def _send(self) -> None:
         t0 = time.monotonic()
         seq = 0
-        while not self.stop.is_set():
+        while not self.stop.is_set() and self.sending.is_set():
             now = time.monotonic()
             due = int((now - t0) * self.pps) + 1
             while seq < due:
@@ -103,6 +105,11 @@ class UdpStream:
             if len(data) >= 8:
                 with self._lock:
                     self.received.setdefault(struct.unpack_from("!Q", data)[0], time.monotonic())
+
+    def stop_sending(self) -> None:
+        """No more datagrams; the echoes of those already sent are still recorded."""
+        self.sending.clear()
+        self.threads[0].join(5)
 
     def close(self) -> None:
         self.stop.set()

@@ -89,3 +89,45 @@ def test_handover_times_are_read_from_the_vmms_json_lines_among_console_output(t
         "garbage {not json\n"
         '{"event": "net_backend_swapped", "stop_ms": 1.0, "start_ms": 2.0}\n')
     assert bench.handover_times(log) == [42.5, 3.0]
+
+
+def test_the_udp_stream_stops_sending_but_still_takes_the_echoes() -> None:
+    import socket
+    import threading
+    import time
+
+    from pymvm.testing.udp import UdpStream
+
+    echo = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    echo.bind(("127.0.0.1", 0))
+    echo.settimeout(0.2)
+    held: list[tuple[bytes, tuple]] = []
+    done = threading.Event()
+
+    def hold_then_echo() -> None:  # echoes come back late, after the sender stopped
+        while not done.is_set():
+            try:
+                held.append(echo.recvfrom(2048))
+            except OSError:
+                continue
+
+    t = threading.Thread(target=hold_then_echo, daemon=True)
+    t.start()
+    stream = UdpStream("127.0.0.1", "127.0.0.1", pps=500, port=echo.getsockname()[1])
+    try:
+        time.sleep(0.5)
+        stream.stop_sending()
+        sent = len(stream.sent)
+        time.sleep(0.3)
+        assert len(stream.sent) == sent > 0  # nothing more goes out
+        done.set()
+        t.join(2)
+        for data, addr in held:
+            echo.sendto(data, addr)
+        deadline = time.monotonic() + 5
+        while len(stream.received) < len(held) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(stream.received) == len(held) == sent
+    finally:
+        stream.close()
+        echo.close()
