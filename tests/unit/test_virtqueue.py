@@ -106,6 +106,19 @@ def test_add_used_publishes_the_element_and_the_used_index() -> None:
     assert d.used(0) == (3, 12)
 
 
+def test_a_length_over_32_bits_is_reported_as_the_most_a_used_element_holds() -> None:
+    # Found by bench/fuzz: writable descriptors that overlap can add up to more than 4 GiB,
+    # and storing that length raised ValueError out of the back-end's request path.
+    d = Driver()
+    d.desc(3, DATA, 16, WRITE)
+    d.publish(3)
+    chain = d.queue.pop_avail()
+    assert chain is not None
+    d.queue.add_used(chain.head, (1 << 32) + 5)
+    assert d.used_idx() == 1
+    assert d.used(0) == (3, 0xFFFFFFFF)
+
+
 def test_next_avail_resumes_popping_where_the_front_end_said() -> None:
     d = Driver()
     d.desc(0, DATA, 4)

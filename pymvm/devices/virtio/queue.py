@@ -532,7 +532,9 @@ class VirtQueue:
             return
         slot = self._next_used & (self.size - 1)
         self._used32[2 * slot] = head
-        self._used32[2 * slot + 1] = length
+        # The used length is 32 bits: a chain whose writable descriptors overlap can add up
+        # to more (a hostile guest's), and the most a device reports then is 2^32 - 1.
+        self._used32[2 * slot + 1] = length if length <= 0xFFFFFFFF else 0xFFFFFFFF
         self._next_used = (self._next_used + 1) & 0xFFFF
         # x86 keeps stores in order: the element is visible before the idx that publishes it.
         self._used16[1] = self._next_used
