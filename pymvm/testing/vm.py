@@ -375,6 +375,11 @@ def fork_cli(argv: list[str], stdout_fd: int, stderr_fd: int, *, new_session: bo
         return pid
     code = 1
     try:
+        # Import as the console script does. Under pytest, pymvm (a pytest11 plugin) is on the
+        # assertion-rewriting list, so a module the child imports lazily would be parsed into
+        # Python AST objects; a SIGTERM landing in that conversion surfaces on CPython 3.11.7
+        # as "SystemError: AST constructor recursion depth mismatch" instead of StopSignal.
+        sys.meta_path[:] = [f for f in sys.meta_path if type(f).__name__ != "AssertionRewritingHook"]
         if new_session:
             os.setsid()
         os.dup2(stdout_fd, 1)

@@ -273,3 +273,26 @@ def test_fork_cli_runs_the_cli_in_a_child_with_its_own_stdio_and_exit_status(tmp
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 2
     assert "missing.toml" in stderr and len(stderr.strip().splitlines()) == 1
+
+
+def test_fork_cli_child_imports_without_pytest_assertion_rewriting(tmp_path, monkeypatch) -> None:
+    # The CI failure this guards against: a SIGTERM during a lazy import in the child that
+    # pytest was rewriting became a SystemError (exit 1) instead of a clean stop (143).
+    import pymvm.cli
+    from pymvm.testing.vm import fork_cli
+
+    assert any(type(f).__name__ == "AssertionRewritingHook" for f in sys.meta_path), \
+        "precondition: pytest rewrites pymvm's modules in this process"
+
+    def report_finders(argv):
+        print(" ".join(getattr(f, "__name__", type(f).__name__) for f in sys.meta_path))
+        return 7
+
+    monkeypatch.setattr(pymvm.cli, "main", report_finders)
+    out = (tmp_path / "out").open("w+b")
+    pid = fork_cli(["run", "x.toml"], out.fileno(), out.fileno())
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 7
+    out.seek(0)
+    finders = out.read().decode().split()
+    assert "PathFinder" in finders and "AssertionRewritingHook" not in finders
