@@ -131,3 +131,31 @@ def test_the_udp_stream_stops_sending_but_still_takes_the_echoes() -> None:
     finally:
         stream.close()
         echo.close()
+
+
+def test_a_held_up_udp_sender_skips_the_missed_datagrams_instead_of_bursting() -> None:
+    # The sender is held for 0.5 s (its lock taken, as a starved thread would be): afterwards
+    # it must not send the ~500 datagrams it missed at once; at most max_burst go out together.
+    import socket
+    import time
+
+    from pymvm.testing.udp import UdpStream
+
+    sink = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sink.bind(("127.0.0.1", 0))
+    stream = UdpStream("127.0.0.1", "127.0.0.1", pps=1000, port=sink.getsockname()[1])
+    try:
+        time.sleep(0.3)
+        with stream._lock:
+            held_at = time.monotonic()
+            time.sleep(0.5)
+        time.sleep(0.3)
+    finally:
+        stream.close()
+        sink.close()
+    after = sorted(t for t in stream.sent.values() if t > held_at + 0.5)
+    first_10ms = [t for t in after if t < after[0] + 0.010]
+    assert after and len(first_10ms) <= stream.max_burst + 10, len(first_10ms)
+    numbers = sorted(stream.sent)
+    skipped = sum(b - a - 1 for a, b in zip(numbers, numbers[1:]))
+    assert skipped >= 300, skipped  # the missed slots were skipped, not sent late
