@@ -166,8 +166,9 @@ class VhostUserFrontend:
         self._required_protocol = required_protocol_features
         self._use_inflight = inflight
         self._inflight: _InflightRegion | None = None
-        #: GET_QUEUE_NUM of the current connection (None: the back-end has no MQ).
-        self.backend_queues: int | None = None
+        #: GET_QUEUE_NUM of the current connection (None: the back-end has no MQ). It and the
+        #: connection's features below are set by _handshake, before the constructor returns.
+        self.backend_queues: int | None
         if mode not in ("client", "server"):
             raise VhostUserFrontendError(
                 f"vhost-user socket mode {mode!r} is unknown; use 'client' or 'server'"
@@ -180,20 +181,19 @@ class VhostUserFrontend:
         self._wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)  # readable once closed
         self._closed = False
         self._listener: socket.socket | None = None
-        self._listener_ino: int | None = None
+        self._listener_ino: int  # set with _listener
         self._channel: FrontendChannel | None = None
         self._connecting: FrontendChannel | None = None
         self._connected = threading.Event()
         self._supervisor: threading.Thread | None = None
-        self._device_features = 0  # what the guest is offered; fixed for the VM's life
-        self._backend_features = 0  # this connection's GET_FEATURES
-        self._protocol_features = PF(0)
-        self._max_mem_slots = m.MAX_MEM_REGIONS
-        self._added_regions: set[m.MemoryRegion] = set()  # ADD_MEM_REG done on this connection
+        self._device_features: int  # what the guest is offered; fixed for the VM's life
+        self._backend_features: int  # this connection's GET_FEATURES
+        self._protocol_features: PF
+        self._max_mem_slots: int
+        self._added_regions: set[m.MemoryRegion]  # ADD_MEM_REG done on this connection
         self._activation: _Activation | None = None
         #: (channel, features, regions) that prepare() sent ahead of start()
         self._prepared: tuple[FrontendChannel, int, tuple[Any, ...]] | None = None
-        self._bases: dict[int, int] = {}
         #: How many connections were established (1 after the constructor).
         self.connections = 0
         try:
@@ -303,7 +303,6 @@ class VhostUserFrontend:
             activation = self._prepare(ctx, mem_regions)
             bases = {q.index: (positions[q.index].next_avail if positions and q.index in positions
                                else 0) for q in ctx.queues}
-            self._bases = {}
             channel = self._channel
             if channel is None and strict:
                 raise VhostUserFrontendError(
@@ -378,12 +377,11 @@ class VhostUserFrontend:
                     self._log.warning("vhost_user_stop_refused", request=e.request.name,
                                       status=e.status)
             positions: dict[int, RingPosition] = {}
-            for q, addrs in zip(activation.ctx.queues, activation.ring_addrs, strict=True):
+            for q, addrs in zip(activation.ctx.queues, activation.ring_addrs):
                 used = self._used_idx(activation, addrs)
                 if q.index not in bases:  # the back-end could not tell: trust the used ring
                     bases[q.index] = used
                 positions[q.index] = RingPosition(bases[q.index], used)
-            self._bases = bases
             if self._inflight is not None:  # the rings were stopped cleanly: nothing to redo
                 self._inflight.close()
                 self._inflight = None
@@ -491,11 +489,12 @@ class VhostUserFrontend:
         # Sent back to back and acked at the end (FrontendChannel.requests): one round trip
         # for the whole ring set-up, which is the data plane's gap in a swap.
         rings: list[m.Request] = []
+        # _prepare made one ring address and checked one kick and call fd per queue
         for q, addrs, kick, call in zip(ctx.queues, activation.ring_addrs, ctx.kick_fds,
-                                        ctx.call_fds, strict=True):
+                                        ctx.call_fds):
             rings += [
                 m.SetVringNum(q.index, q.size, need_reply=ack),
-                m.SetVringBase(q.index, bases.get(q.index, 0), need_reply=ack),
+                m.SetVringBase(q.index, bases[q.index], need_reply=ack),
                 m.SetVringAddr(q.index, 0, addrs.desc, addrs.used, addrs.avail, 0,
                                need_reply=ack),
                 m.SetVringKick(q.index, kick, need_reply=ack),
@@ -590,6 +589,7 @@ class VhostUserFrontend:
         try:
             listener.bind(path)
             listener.listen(1)
+            ino = os.stat(path).st_ino
         except OSError as e:
             listener.close()
             raise VhostUserFrontendError(
@@ -597,7 +597,7 @@ class VhostUserFrontend:
                 "check the directory exists and the path is not another file"
             ) from None
         self._listener = listener
-        self._listener_ino = os.stat(path).st_ino
+        self._listener_ino = ino
 
     def _unlink_own_socket(self) -> None:
         try:
@@ -624,8 +624,7 @@ class VhostUserFrontend:
         ready = dict(poller.poll(None if timeout is None else max(0, int(timeout * 1000))))
         if self._closed or self._listener.fileno() not in ready:
             return None
-        sock, _ = self._listener.accept()
-        sock.setblocking(True)
+        sock, _ = self._listener.accept()  # FrontendChannel sets its timeout before each use
         return sock
 
     def _connect_initial(self, timeout: float) -> socket.socket:
@@ -784,7 +783,7 @@ class VhostUserFrontend:
         if activation is None:
             return
         bases = {q.index: self._used_idx(activation, addrs)
-                 for q, addrs in zip(activation.ctx.queues, activation.ring_addrs, strict=True)}
+                 for q, addrs in zip(activation.ctx.queues, activation.ring_addrs)}
         try:
             self._start(channel, activation, bases)
         except (VhostUserFrontendError, VhostUserRequestFailed) as e:
