@@ -32,13 +32,6 @@ def bench_api():
         sys.path.remove(str(ROOT / "bench"))
 
 
-def test_the_wrapper_runs_api_py_in_the_nested_host_with_the_shared_knobs() -> None:
-    line = next(x for x in (ROOT / "bench" / "api").read_text().splitlines()
-                if x.startswith("exec "))
-    assert line == ('exec "$python" -m pymvm.nested --cpus "${PYMVM_NESTED_CPUS:-1}" '
-                    '--attempts "${PYMVM_BENCH_ATTEMPTS:-3}" -- "$python" bench/api.py "$@"')
-
-
 def test_http_client_reads_answers_split_across_reads_and_keeps_what_follows(bench_api) -> None:
     ours, theirs = socket.socketpair()
     with ours, theirs:
