@@ -246,7 +246,6 @@ class VhostDevice:
             ) from None
         except OSError as exc:
             raise VhostError(f"cannot open {self._path}: {exc.strerror}") from None
-        self._owned = False
         self._log.debug("vhost_opened", fd=self._fd)
 
     # ---- one-to-one ioctl wrappers ----
@@ -388,7 +387,8 @@ class VhostDevice:
                 self.set_owner()
             self.set_features(features)
             self.set_mem_table(mem_regions)
-        for q, addrs, kick, call in zip(queues, host_addrs, kick_fds, call_fds, strict=True):
+        # _prepare() checked that there is one kick and one call eventfd per queue.
+        for q, addrs, kick, call in zip(queues, host_addrs, kick_fds, call_fds):
             self.set_vring_num(q.index, q.size)
             self.set_vring_base(q.index, bases.get(q.index, 0))
             self.set_vring_addr(q.index, addrs)
@@ -615,7 +615,6 @@ class VhostNetBackend:
     def __init__(self, tap: Tap, vhost: VhostNet | None = None) -> None:
         self._tap = tap
         self._vhost = vhost or VhostNet()
-        self._log = log.bind(device="vhost-net", tap=tap.name)
         self._used_rings: dict[int, int] = {}  # queue index -> host address of its used ring
         self._regions: tuple[Any, ...] = ()
 
@@ -654,8 +653,8 @@ class VhostNetBackend:
             acked, mem_regions, ctx.queues, ctx.kick_fds, ctx.call_fds, self._tap.fd,
             vring_bases=bases,
         )
-        event_idx = bool(acked & VIRTIO_RING_F_EVENT_IDX)
-        self._used_rings = {q.index: vring_host_addrs(mem_regions, q, event_idx).used
+        # Only the used ring's address is kept: activate() checked every ring, trailers included.
+        self._used_rings = {q.index: vring_host_addrs(mem_regions, q, False).used
                             for q in ctx.queues}
         self._regions = tuple(mem_regions)
 
@@ -672,13 +671,11 @@ class VhostNetBackend:
         bases = self._vhost.deactivate(close=False)
         positions = {q: RingPosition(base, used_idx_at(self._regions, self._used_rings[q]))
                      for q, base in bases.items() if q in self._used_rings}
-        self._used_rings = {}
         return positions
 
     def reset(self) -> None:
         """Device reset: detach the rings; a reset device restarts them at index 0."""
         self._vhost.deactivate()
-        self._used_rings = {}
 
     def close(self) -> None:
         self._vhost.close()
@@ -721,13 +718,13 @@ class VhostVsockBackend:
         return vhost_features & VSOCK_RING_FEATURES
 
     def activate(self, ctx: ActivationContext, mem_regions: Sequence[Any]) -> None:
-        if not ctx.kick_fds or not ctx.call_fds:
+        if not ctx.kick_fds or not len(ctx.queues) == len(ctx.kick_fds) == len(ctx.call_fds):
             raise VhostError(
                 "vhost-vsock needs a kick and a call eventfd per queue: the transport must "
                 "register KVM ioeventfds and irqfds before activating"
             )
-        picked = [(q, k, c) for q, k, c in zip(ctx.queues, ctx.kick_fds, ctx.call_fds,
-                                                strict=True) if q.index in (0, 1)]
+        picked = [(q, k, c) for q, k, c in zip(ctx.queues, ctx.kick_fds, ctx.call_fds)
+                  if q.index in (0, 1)]
         self._vhost.activate(ctx.acked_features, mem_regions, [p[0] for p in picked],
                              [p[1] for p in picked], [p[2] for p in picked])
 
