@@ -9,6 +9,7 @@ from __future__ import annotations
 import ctypes
 import os
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ from tests.unit.test_vhost_user_frontend import (
     BACKEND_FEATURES,
     BACKEND_PROTOCOL,
     QUEUE_SIZE,
+    VIRTIO_F_VERSION_1,
     VIRTIO_NET_F_MRG_RXBUF,
     FakeBackend,
     Received,
@@ -575,3 +577,218 @@ def test_client_mode_socket_path_under_a_file_names_the_error(tmp_path) -> None:
     with pytest.raises(VhostUserFrontendError) as refused:
         VhostUserNetBackend(path, "client", connect_timeout=1)
     assert str(refused.value) == f"cannot connect to vhost-user socket {path}: Not a directory"
+
+
+# ---- what the handshake records, the front-end's own resources, reconnecting ------------------
+
+
+def test_back_end_without_the_protocol_features_bit_gets_no_protocol_features_or_queue_count(
+        make, frontends) -> None:
+    fe = connect(make(features=VIRTIO_F_VERSION_1), frontends)
+    assert fe.protocol_features == PF(0)
+    assert fe.backend_queues is None
+
+
+def test_queue_count_is_recorded_only_from_a_back_end_with_mq(make, frontends) -> None:
+    fake = make()
+    with_mq = connect(fake, frontends)  # the fake answers GET_QUEUE_NUM with 1
+    assert with_mq.backend_queues == 1
+    with_mq.close()
+    fake.kill()
+    without = connect(make(protocol=PF.REPLY_ACK), frontends)
+    assert without.backend_queues is None
+
+
+def test_back_end_without_version_1_is_refused_saying_pymvm_offers_only_modern_devices(
+        make, frontends) -> None:
+    fake = make(features=VIRTIO_NET_F_MRG_RXBUF)
+    with pytest.raises(VhostUserFrontendError) as refused:
+        connect(fake, frontends)
+    assert str(refused.value) == (
+        f"the vhost-user back-end at {fake.path} lacks VIRTIO_F_VERSION_1 (modern virtio); "
+        "pymvm offers only modern devices")
+
+
+def test_log_lines_name_the_device_socket_and_mode(make, frontends) -> None:
+    import structlog
+
+    fake = make()
+    with structlog.testing.capture_logs() as logs:
+        fe = connect(fake, frontends)
+        fe.close()
+    (closed,) = [e for e in logs if e["event"] == "vhost_user_closed"]
+    assert (closed["device"], closed["socket"], closed["mode"]) == (
+        "vhost-user-net", fake.path, "client")
+
+
+def test_supervisor_thread_is_named_after_the_socket_and_does_not_keep_the_process_alive(
+        make, frontends) -> None:
+    import threading
+
+    fake = make()
+    before = set(threading.enumerate())
+    connect(fake, frontends)
+    (supervisor,) = [t for t in threading.enumerate() if t not in before
+                     and t.name.startswith("vhost-user-")]
+    assert supervisor.name == "vhost-user-vu.sock"
+    assert supervisor.daemon
+
+
+def test_wake_eventfd_is_close_on_exec_and_never_blocks(make, frontends) -> None:
+    fe = connect(make(), frontends)
+    assert not os.get_inheritable(fe._wake)  # a back-end the VMM starts does not inherit it
+    assert not os.get_blocking(fe._wake)
+
+
+def test_reconnect_pause_lasts_its_time_and_close_cuts_it_short(make, frontends) -> None:
+    import threading
+
+    fe = connect(make(), frontends)
+    started = time.monotonic()
+    fe._sleep(0.2)
+    assert 0.18 <= time.monotonic() - started < 2
+    sleeper = threading.Thread(target=fe._sleep, args=(30,))
+    sleeper.start()
+    time.sleep(0.05)
+    fe.close()
+    sleeper.join(2)
+    assert not sleeper.is_alive()
+
+
+def test_back_end_hanging_up_in_the_first_handshake_is_refused_pointing_at_its_log(
+        make, frontends) -> None:
+    fake = make()
+    fake.hang_up_on.add(FR.GET_FEATURES)
+    with pytest.raises(VhostUserFrontendError) as refused:
+        connect(fake, frontends)
+    assert str(refused.value).startswith("vhost-user back-end lost: GET_FEATURES")
+    assert str(refused.value).endswith("; check the back-end's log")
+
+
+def test_generic_front_end_tracks_no_inflight_requests_unless_asked(
+        make, frontends, memory, eventfds) -> None:
+    from pymvm.vhost.user.frontend import WANTED_PROTOCOL_FEATURES, VhostUserFrontend
+
+    fake = make(protocol=BACKEND_PROTOCOL | PF.INFLIGHT_SHMFD)
+    fe = VhostUserFrontend(fake.path, protocol_features=WANTED_PROTOCOL_FEATURES
+                           | PF.INFLIGHT_SHMFD, connect_timeout=2, request_timeout=2)
+    frontends.append(fe)
+    assert fe.protocol_features & PF.INFLIGHT_SHMFD  # offered and taken, but not asked to use
+    fe.activate(context(eventfds, memory), memory.regions)
+    assert FR.GET_INFLIGHT_FD not in fake.requests()
+    assert FR.SET_INFLIGHT_FD not in fake.requests()
+
+
+def record_pauses(fe: VhostUserNetBackend, count: int) -> tuple[list[float], threading.Event]:
+    """The pauses of the front-end's reconnect loop, until ``count`` were taken (each cut
+    to a millisecond so the test does not wait for them)."""
+    pauses: list[float] = []
+    done = threading.Event()
+
+    def pause(seconds: float) -> None:
+        pauses.append(seconds)
+        if len(pauses) >= count:
+            done.set()
+        time.sleep(0.001)
+
+    fe._sleep = pause  # type: ignore[method-assign]
+    return pauses, done
+
+
+BACK_OFF = [0.05, 0.1, 0.2, 0.4, 0.8, 1.0, 1.0, 1.0]
+
+
+def test_redialling_a_vanished_back_end_backs_off_doubling_from_50_ms_to_1_s(
+        make, frontends) -> None:
+    fake = make()
+    fe = connect(fake, frontends)
+    pauses, done = record_pauses(fe, len(BACK_OFF))
+    fake.kill()  # the socket file goes too: every dial fails
+    assert done.wait(10), pauses
+    fe.close()
+    assert pauses[:len(BACK_OFF)] == pytest.approx(BACK_OFF)
+
+
+class HangUpAtOnce:
+    """A listener that takes each connection and closes it unanswered."""
+
+    def __init__(self, path: str) -> None:
+        self.accepted = 0
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(path)
+        self.listener.listen(8)
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            self.accepted += 1
+            conn.close()
+
+    def close(self) -> None:
+        self.listener.shutdown(socket.SHUT_RDWR)
+        self.listener.close()
+        self.thread.join(5)
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_back_end_that_hangs_up_in_every_handshake_is_retried_with_back_off_leaking_nothing(
+        make, frontends) -> None:
+    fake = make()
+    fe = connect(fake, frontends)
+    pauses, done = record_pauses(fe, len(BACK_OFF))
+    fake.kill()
+    wait_disconnected(fe)
+    fds = open_fds()
+    hang_up = HangUpAtOnce(fake.path)
+    try:
+        assert done.wait(10), pauses
+        assert hang_up.accepted >= len(BACK_OFF) - 1  # each failed try was a handshake
+        assert open_fds() <= fds + 3  # not one socket per try (the listener, one in flight)
+    finally:
+        fe.close()
+        hang_up.close()
+    assert pauses[:len(BACK_OFF)] == pytest.approx(BACK_OFF)
+
+
+def test_close_during_a_handshake_the_back_end_never_answers_returns_at_once(
+        make, frontends, sock_dir: str) -> None:
+    fake = make()
+    fe = VhostUserNetBackend(fake.path, "client", connect_timeout=2, request_timeout=30)
+    frontends.append(fe)
+    fake.kill()
+    wait_disconnected(fe)
+    silent = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    silent.bind(fake.path)
+    silent.listen(1)
+    try:
+        conn, _ = silent.accept()  # the front-end redials and sends GET_FEATURES
+        conn.settimeout(5)
+        assert conn.recv(12)  # the request's header: the handshake is waiting for a reply
+        started = time.monotonic()
+        fe.close()
+        assert time.monotonic() - started < 2  # not the request's 30 s, nor close's 5 s join
+        conn.close()
+    finally:
+        silent.close()
+
+
+def test_inflight_region_closed_twice_closes_its_fd_once() -> None:
+    from pymvm.vhost.user.frontend import _InflightRegion
+
+    fd = os.memfd_create("inflight", os.MFD_CLOEXEC)
+    region = _InflightRegion(fd, 4096, 0, 1, 256)
+    region.close()
+    other = os.memfd_create("reuses-the-number", os.MFD_CLOEXEC)  # the kernel hands out fd again
+    try:
+        region.close()
+        os.fstat(other)  # still open
+    finally:
+        os.close(other)

@@ -585,7 +585,7 @@ class VhostUserFrontend:
                 os.unlink(path)  # a stale socket from an earlier run
         except FileNotFoundError:
             pass
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)  # close-on-exec: Python's default
         try:
             listener.bind(path)
             listener.listen(1)
@@ -607,7 +607,7 @@ class VhostUserFrontend:
             pass  # already gone, or replaced by someone else's socket: leave it
 
     def _dial(self) -> socket.socket:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)  # close-on-exec: Python's default
         try:
             sock.connect(self.socket_path)
         except BaseException:
@@ -682,14 +682,12 @@ class VhostUserFrontend:
         self.backend_queues = backend_queues
         # Acked when REPLY_ACK is on: the handshake ends once the back-end took ownership.
         channel.request(m.SetOwner(need_reply=bool(protocol & PF.REPLY_ACK)))
-        max_slots = m.MAX_MEM_REGIONS
-        if protocol & PF.CONFIGURE_MEM_SLOTS:
+        if protocol & PF.CONFIGURE_MEM_SLOTS:  # only then is _max_mem_slots read
             slots = channel.request(m.GetMaxMemSlots())
             assert isinstance(slots, m.MaxMemSlotsReply)
-            max_slots = slots.slots
+            self._max_mem_slots = slots.slots
         self._backend_features = features
         self._protocol_features = protocol
-        self._max_mem_slots = max_slots
         self._added_regions = set()
         self._log.info("vhost_user_connected", features=hex(features),
                        protocol_features=hex(protocol))
