@@ -27,8 +27,6 @@ import argparse
 import json
 import os
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -38,8 +36,14 @@ from pathlib import Path
 
 from pymvm.api.client import request
 from pymvm.images.initramfs import encode_cmd, encode_net
+from pymvm.testing.backends import BuiltinNetProcess
 from pymvm.testing.dpdk import TESTPMD, Testpmd
-from pymvm.testing.udp import ECHO_PORT, UdpStream, build_udp_echo, initramfs_with_udp_echo
+from pymvm.testing.udp import (
+    ECHO_PORT,
+    UdpStream,
+    build_udp_echo,
+    initramfs_with_udp_echo,
+)
 
 CMDLINE = "console=ttyS0 reboot=t panic=-1 quiet"
 HOST_IP, GUEST_IP = "10.91.0.1", "10.91.0.2"
@@ -92,39 +96,6 @@ def summary(samples: list[dict[str, float]]) -> tuple[float, float]:
             statistics.median(s["lost"] for s in samples))
 
 
-# ---- the back-end a restart kills -------------------------------------------------------------
-
-class Backend:
-    """`pymvm vhost-user net` on persistent TAP ``tap`` listening at ``sock``."""
-
-    def __init__(self, sock: Path, tap: str, log_path: Path) -> None:
-        self.sock, self.tap, self.log_path = sock, tap, log_path
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        with open(self.log_path, "ab") as out:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "pymvm.cli", "--log-level", "warning", "vhost-user", "net",
-                 "--socket", str(self.sock), "--tap", self.tap],
-                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
-        wait(self.listening, START_TIMEOUT_S, "the back-end listening", self.proc)
-
-    def listening(self) -> bool:
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            probe.connect(str(self.sock))
-            return True
-        except OSError:
-            return False
-        finally:
-            probe.close()
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait()
-
-
 def restarts(vmm_argv: list[str], vmm_name: str, tmp: Path, rounds: int, pps: int,
              make_config) -> list[dict[str, float]]:
     """Boot the guest on a vhost-user NIC, then kill and restart its back-end ``rounds``
@@ -132,7 +103,8 @@ def restarts(vmm_argv: list[str], vmm_name: str, tmp: Path, rounds: int, pps: in
     tap = f"pmbsw{vmm_name[:1]}0"
     sock = tmp / f"{vmm_name}.sock"
     subprocess.run(["ip", "tuntap", "add", "dev", tap, "mode", "tap", "vnet_hdr"], check=True)
-    backend = Backend(sock, tap, tmp / f"{vmm_name}-backend.log")
+    backend = BuiltinNetProcess(sock, tap, tmp / f"{vmm_name}-backend.log",
+                                start_timeout=START_TIMEOUT_S, log_level="warning")
     vmm = stream = None
     samples = []
     try:

@@ -13,14 +13,15 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from .conftest import link_exists, unique, finish_vm, net_toml
+from pymvm.testing.backends import BuiltinNetProcess
+
+from .conftest import finish_vm, link_exists, net_toml, unique
 
 pytestmark = pytest.mark.e2e
 
@@ -238,46 +239,6 @@ def test_vhost_user_dpdk_testpmd_backend_pings_and_moves_checked_tcp_data(boot_v
     assert run.returncode == 0, run.describe()
 
 
-class BuiltinBackend:
-    """`python -m pymvm.cli vhost-user net` run by the test, so that it can be killed."""
-
-    def __init__(self, socket_path: Path, tap: str, log_path: Path) -> None:
-        self.socket_path, self.tap, self.log_path = socket_path, tap, log_path
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        with open(self.log_path, "ab") as out:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "pymvm.cli", "vhost-user", "net",
-                 "--socket", str(self.socket_path), "--tap", self.tap],
-                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
-        wait_until(lambda: self.listening(), PROCESS_START_TIMEOUT_S,
-                   f"the back-end listening on {self.socket_path}", self.proc)
-
-    def listening(self) -> bool:
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            probe.connect(str(self.socket_path))
-            return True
-        except OSError:
-            return False
-        finally:
-            probe.close()
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.kill()
-
-
 def test_vhost_user_backend_killed_mid_transfer_and_restarted_completes_the_same_tcp_connection(
         boot_vm, tmp_path):
     # The back-end attaches to a persistent TAP by name, so a restarted one finds the same TAP
@@ -286,7 +247,8 @@ def test_vhost_user_backend_killed_mid_transfer_and_restarted_completes_the_same
     sock = tmp_path / "net.sock"
     size, pause_at = 16 << 20, 2 << 20
     subprocess.run(["ip", "tuntap", "add", "dev", tap, "mode", "tap", "vnet_hdr"], check=True)
-    backend = BuiltinBackend(sock, tap, tmp_path / "backend.log")
+    backend = BuiltinNetProcess(sock, tap, tmp_path / "backend.log",
+                                start_timeout=PROCESS_START_TIMEOUT_S)
     try:
         subprocess.run(["ip", "addr", "add", f"{HOST_IP}/24", "dev", tap], check=True)
         subprocess.run(["ip", "link", "set", tap, "up"], check=True)

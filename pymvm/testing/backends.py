@@ -1,0 +1,67 @@
+"""pymvm's built-in vhost-user net back-end run as a process of its own, for the tests and
+benchmarks that kill and restart it (a reconnect, or a back-end restart, is what they check).
+It attaches to a persistent TAP by name, so a restarted one serves the same TAP."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+class BuiltinNetProcess:
+    """`pymvm vhost-user net --socket SOCKET --tap TAP`, its output appended to ``log_path``."""
+
+    def __init__(self, socket_path: Path, tap: str, log_path: Path, *,
+                 start_timeout: float = 600.0, log_level: str | None = None) -> None:
+        self.socket_path, self.tap, self.log_path = Path(socket_path), tap, Path(log_path)
+        self.start_timeout = start_timeout
+        self.log_level = log_level
+        self.proc: subprocess.Popen | None = None
+
+    def argv(self) -> list[str]:
+        level = ["--log-level", self.log_level] if self.log_level else []
+        return [sys.executable, "-m", "pymvm.cli", *level, "vhost-user", "net",
+                "--socket", str(self.socket_path), "--tap", self.tap]
+
+    def start(self) -> None:
+        """Start it and wait until it listens; RuntimeError (naming why) if it does not."""
+        with open(self.log_path, "ab") as out:
+            self.proc = subprocess.Popen(self.argv(), stdin=subprocess.DEVNULL, stdout=out,
+                                         stderr=subprocess.STDOUT)
+        what = f"the built-in back-end listening on {self.socket_path}"
+        deadline = time.monotonic() + self.start_timeout
+        while not self.listening():
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{what}: the process exited with status "
+                                   f"{self.proc.returncode} (log: {self.log_path})")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{what}: not within {self.start_timeout:.0f} s")
+            time.sleep(0.1)
+
+    def listening(self) -> bool:
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(str(self.socket_path))
+            return True
+        except OSError:
+            return False
+        finally:
+            probe.close()
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash would end it; waits for it."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def stop(self) -> None:
+        """SIGTERM, then SIGKILL if it has not ended within 30 s."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.kill()
