@@ -11,6 +11,7 @@ import socket
 import struct
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pyroute2 import IPRoute
@@ -127,11 +128,14 @@ class GuestRam:
 
 
 def run_server(tmp_path: Path, device: VhostUserDevice,
-               body: Callable[[VhostUserServer, Callable[[], Awaitable[Frontend]]], Awaitable[None]]) -> None:
+               body: Callable[[VhostUserServer, Callable[[], Awaitable[Frontend]]], Awaitable[None]],
+               **server_args: Any) -> None:
+    """Run ``body(server, connect)`` against a back-end server (``server_args``: more
+    arguments of VhostUserServer) on a socket in ``tmp_path``."""
     path = str(tmp_path / "vu.sock")
 
     async def main() -> None:
-        server = VhostUserServer(path, device)
+        server = VhostUserServer(path, device, **server_args)
         server.listen()
         task = asyncio.create_task(server.serve_forever())
         frontends: list[Frontend] = []

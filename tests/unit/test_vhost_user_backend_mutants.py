@@ -35,6 +35,7 @@ from tests.unit.test_vhost_user_backend import (
     USED,
     Frontend,
     RecordingDevice,
+    run_server,
     until,
 )
 from tests.unit.test_vhost_user_backend_session import (
@@ -43,9 +44,11 @@ from tests.unit.test_vhost_user_backend_session import (
     Ram,
     _readable,
     assert_dropped,
+    enable,
     eventfds_open,
     inflight_session,
     send,
+    set_up_ring,
     start_ring,
 )
 from tests.unit.test_vhost_user_blk import request_with_fds
@@ -68,31 +71,8 @@ def memfd(size: int, *, sealable: bool = True) -> int:
 def serve(tmp_path: Path, device, body, **server_args) -> list[str]:
     """Run ``body(server, connect)`` against a back-end server; returns the reasons of the
     sessions it closed (what the operator reads in the log)."""
-    path = str(tmp_path / "vu.sock")
-
-    async def main() -> None:
-        server = VhostUserServer(path, device, **server_args)
-        server.listen()
-        task = asyncio.create_task(server.serve_forever())
-        socks: list[socket.socket] = []
-
-        async def connect() -> Frontend:
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            sock.setblocking(False)
-            await asyncio.get_running_loop().sock_connect(sock, path)
-            socks.append(sock)
-            return Frontend(sock)
-
-        try:
-            await body(server, connect)
-        finally:
-            for sock in socks:
-                sock.close()
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-
     with structlog.testing.capture_logs() as logs:
-        asyncio.run(main())
+        run_server(tmp_path, device, body, **server_args)
     return [e["reason"] for e in logs if e["event"] == "vhost_user.disconnected"]
 
 
@@ -234,12 +214,8 @@ def test_ring_part_outside_guest_memory_is_named_in_the_disconnect_reason(
     async def body(server: VhostUserServer, connect) -> None:
         fe = await connect()
         await fe.negotiate()
-        await fe.request(m.SetMemTable((ram.region(),), (ram.fd,)))
-        await fe.request(m.SetVringNum(0, QSIZE))
-        await fe.request(m.SetVringAddr(0, 0, addr["descriptor table"], addr["used ring"],
-                                        addr["available ring"], 0))
-        kick = os.eventfd(0, os.EFD_NONBLOCK)
-        await send(fe, m.SetVringKick(0, kick))
+        kick, _ = await set_up_ring(fe, ram, rings=(
+            addr["descriptor table"], addr["available ring"], addr["used ring"]))
         os.close(kick)
         await send(fe, m.SetVringEnable(0, True, need_reply=True))
         await assert_dropped(fe)
@@ -262,11 +238,7 @@ async def _overlapping_regions(fe: Frontend, ram: Ram) -> None:
 
 
 async def _queue_size_not_a_power_of_two(fe: Frontend, ram: Ram) -> None:
-    await fe.request(m.SetMemTable((ram.region(),), (ram.fd,)))
-    await fe.request(m.SetVringNum(0, 3))
-    await fe.request(m.SetVringAddr(0, 0, ram.uva + DESC, ram.uva + USED, ram.uva + AVAIL, 0))
-    kick = os.eventfd(0, os.EFD_NONBLOCK)
-    await send(fe, m.SetVringKick(0, kick))
+    kick, _ = await set_up_ring(fe, ram, size=3)
     os.close(kick)
     await send(fe, m.SetVringEnable(0, True, need_reply=True))
 
@@ -357,13 +329,8 @@ def test_ring_enabled_before_its_size_or_memory_is_set_is_not_started(
     async def body(server: VhostUserServer, connect) -> None:
         fe = await connect()
         await fe.negotiate()
-        if missing != "memory":
-            await fe.request(m.SetMemTable((ram.region(),), (ram.fd,)))
-        if missing != "size":
-            await fe.request(m.SetVringNum(0, QSIZE))
-        await fe.request(m.SetVringAddr(0, 0, ram.uva + DESC, ram.uva + USED, ram.uva + AVAIL, 0))
-        kick = os.eventfd(0, os.EFD_NONBLOCK)
-        await fe.request(m.SetVringKick(0, kick))
+        kick, _ = await set_up_ring(fe, ram, mem=() if missing == "memory" else None,
+                                    size=None if missing == "size" else QSIZE)
         ack = await fe.request(m.SetVringEnable(0, True, need_reply=True))
         assert isinstance(ack, m.Ack) and ack.ok
         assert isinstance(await fe.request(m.GetFeatures()), m.FeaturesReply)  # still served
@@ -382,11 +349,7 @@ def test_without_protocol_features_a_ring_runs_from_its_kick_without_set_vring_e
         await fe.request(m.GetFeatures())
         await fe.request(m.SetFeatures(fe.conn.negotiate_features(DEVICE_FEATURES)))
         await fe.request(m.SetOwner())
-        await fe.request(m.SetMemTable((ram.region(),), (ram.fd,)))
-        await fe.request(m.SetVringNum(0, QSIZE))
-        await fe.request(m.SetVringAddr(0, 0, ram.uva + DESC, ram.uva + USED, ram.uva + AVAIL, 0))
-        kick = os.eventfd(0, os.EFD_NONBLOCK)
-        await fe.request(m.SetVringKick(0, kick))
+        kick, _ = await set_up_ring(fe, ram)
         ram.map[DATA:DATA + 5] = b"early"
         ram.desc(0, ram.gpa + DATA, 5)
         ram.publish(0)
@@ -762,15 +725,8 @@ def test_ring_the_inflight_region_does_not_fit_runs_untracked(
         assert isinstance(reply, m.InflightFdReply)
         record = mmap.mmap(reply.fd, reply.mmap_size)
         os.close(reply.fd)
-        await fe.request(m.SetMemTable((ram.region(),), (ram.fd,)))
-        await fe.request(m.SetVringNum(ring, QSIZE))
-        await fe.request(m.SetVringAddr(ring, 0, ram.uva + DESC, ram.uva + USED,
-                                        ram.uva + AVAIL, 0))
-        kick, call = os.eventfd(0, os.EFD_NONBLOCK), os.eventfd(0, os.EFD_NONBLOCK)
-        await fe.request(m.SetVringCall(ring, call))
-        await fe.request(m.SetVringKick(ring, kick))
-        ack = await fe.request(m.SetVringEnable(ring, True, need_reply=True))
-        assert isinstance(ack, m.Ack) and ack.ok
+        kick, call = await set_up_ring(fe, ram, index=ring, call=True)
+        await enable(fe, ring)
         ram.desc(3, ram.gpa + DATA, 16)
         ram.publish(3)
         os.eventfd_write(kick, 1)
@@ -842,11 +798,7 @@ def test_ring_of_a_front_end_that_never_sets_features_runs_from_its_kick(
     async def body(server: VhostUserServer, connect) -> None:
         fe = await connect()
         await fe.request(m.SetOwner())
-        await fe.request(m.SetMemTable((ram.region(),), (ram.fd,)))
-        await fe.request(m.SetVringNum(0, QSIZE))
-        await fe.request(m.SetVringAddr(0, 0, ram.uva + DESC, ram.uva + USED, ram.uva + AVAIL, 0))
-        kick = os.eventfd(0, os.EFD_NONBLOCK)
-        await fe.request(m.SetVringKick(0, kick))
+        kick, _ = await set_up_ring(fe, ram)
         ram.map[DATA:DATA + 6] = b"legacy"
         ram.desc(0, ram.gpa + DATA, 6)
         ram.publish(0)

@@ -92,22 +92,45 @@ async def assert_dropped(fe: Frontend) -> None:
     assert await asyncio.wait_for(loop.sock_recv(fe.sock, 64), 5) == b""
 
 
+async def set_up_ring(fe: Frontend, ram: Ram, *, index: int = 0, size: int | None = QSIZE,
+                      rings: tuple[int, int, int] | None = None,
+                      mem: tuple[Ram, ...] | None = None, call: bool = False
+                      ) -> tuple[int, int | None]:
+    """What a front-end sends before it enables vring ``index``: the memory table (``mem``,
+    by default ``ram`` alone; ``()`` sends none), the ring's size (``None`` sends none), the
+    addresses of its descriptor table, available and used rings (``rings``, by default at the
+    start of ``ram``), a call eventfd when ``call``, and a kick eventfd. Returns (kick, call)
+    for the test to use and close."""
+    table = (ram,) if mem is None else mem
+    if table:
+        await fe.request(m.SetMemTable(tuple(r.region() for r in table),
+                                       tuple(r.fd for r in table)))
+    if size is not None:
+        await fe.request(m.SetVringNum(index, size))
+    desc, avail, used = rings or (ram.uva + DESC, ram.uva + AVAIL, ram.uva + USED)
+    await fe.request(m.SetVringAddr(index, 0, desc, used, avail, 0))
+    call_fd = None
+    if call:
+        call_fd = os.eventfd(0, os.EFD_NONBLOCK)
+        await fe.request(m.SetVringCall(index, call_fd))
+    kick = os.eventfd(0, os.EFD_NONBLOCK)
+    await fe.request(m.SetVringKick(index, kick))
+    return kick, call_fd
+
+
+async def enable(fe: Frontend, index: int = 0) -> None:
+    ack = await fe.request(m.SetVringEnable(index, True, need_reply=True))
+    assert isinstance(ack, m.Ack) and ack.ok
+
+
 async def start_ring(fe: Frontend, ram: Ram, ring_uva: int, *, mem: tuple[Ram, ...] = ()
                      ) -> tuple[int, int]:
     """Set the memory table (``mem`` or ``ram``) and start vring 0 with its rings at
     ``ring_uva``; returns the (kick, call) eventfds the test keeps."""
-    rams = mem or (ram,)
-    dups = tuple(os.dup(r.fd) for r in rams)
-    await fe.request(m.SetMemTable(tuple(r.region() for r in rams), dups))
-    for fd in dups:
-        os.close(fd)
-    await fe.request(m.SetVringNum(0, QSIZE))
-    await fe.request(m.SetVringAddr(0, 0, ring_uva + DESC, ring_uva + USED, ring_uva + AVAIL, 0))
-    kick, call = os.eventfd(0, os.EFD_NONBLOCK), os.eventfd(0, os.EFD_NONBLOCK)
-    await fe.request(m.SetVringCall(0, call))
-    await fe.request(m.SetVringKick(0, kick))
-    ack = await fe.request(m.SetVringEnable(0, True, need_reply=True))
-    assert isinstance(ack, m.Ack) and ack.ok
+    kick, call = await set_up_ring(fe, ram, mem=mem or (ram,), call=True, rings=(
+        ring_uva + DESC, ring_uva + AVAIL, ring_uva + USED))
+    assert call is not None
+    await enable(fe)
     return kick, call
 
 
@@ -182,14 +205,8 @@ def test_ring_address_at_or_past_the_end_of_the_only_region_drops_the_connection
     async def body(server: VhostUserServer, connect) -> None:
         fe = await connect()
         await fe.negotiate()
-        dup = os.dup(ram.fd)
-        await fe.request(m.SetMemTable((ram.region(),), (dup,)))
-        os.close(dup)
-        await fe.request(m.SetVringNum(0, QSIZE))
         beyond = ram.uva + ram.size + past_end
-        await fe.request(m.SetVringAddr(0, 0, beyond, beyond + 0x1000, beyond + 0x800, 0))
-        kick = os.eventfd(0, os.EFD_NONBLOCK)
-        await send(fe, m.SetVringKick(0, kick))
+        kick, _ = await set_up_ring(fe, ram, rings=(beyond, beyond + 0x800, beyond + 0x1000))
         os.close(kick)
         await send(fe, m.SetVringEnable(0, True, need_reply=True))
         await assert_dropped(fe)
@@ -317,14 +334,9 @@ def test_rem_mem_reg_unmaps_that_region_and_rings_in_the_others_keep_working(
 
 async def start_ring_in_mapped_memory(fe: Frontend, ram: Ram) -> tuple[int, int]:
     """Start vring 0 with its rings at the start of ``ram`` (already in the table)."""
-    await fe.request(m.SetVringNum(0, QSIZE))
-    uva = ram.uva
-    await fe.request(m.SetVringAddr(0, 0, uva + DESC, uva + USED, uva + AVAIL, 0))
-    kick, call = os.eventfd(0, os.EFD_NONBLOCK), os.eventfd(0, os.EFD_NONBLOCK)
-    await fe.request(m.SetVringCall(0, call))
-    await fe.request(m.SetVringKick(0, kick))
-    ack = await fe.request(m.SetVringEnable(0, True, need_reply=True))
-    assert isinstance(ack, m.Ack) and ack.ok
+    kick, call = await set_up_ring(fe, ram, mem=(), call=True)
+    assert call is not None
+    await enable(fe)
     return kick, call
 
 
@@ -555,14 +567,8 @@ def test_descriptor_table_starting_exactly_at_the_region_end_drops_the_connectio
     async def body(server: VhostUserServer, connect) -> None:
         fe = await connect()
         await fe.negotiate()
-        dup = os.dup(ram.fd)
-        await fe.request(m.SetMemTable((ram.region(),), (dup,)))
-        os.close(dup)
-        await fe.request(m.SetVringNum(0, QSIZE))
         end = ram.uva + ram.size  # the first address past the region
-        await fe.request(m.SetVringAddr(0, 0, end, ram.uva + USED, ram.uva + AVAIL, 0))
-        kick = os.eventfd(0, os.EFD_NONBLOCK)
-        await send(fe, m.SetVringKick(0, kick))
+        kick, _ = await set_up_ring(fe, ram, rings=(end, ram.uva + AVAIL, ram.uva + USED))
         os.close(kick)
         await send(fe, m.SetVringEnable(0, True, need_reply=True))
         await assert_dropped(fe)
