@@ -57,6 +57,7 @@ def pytest_runtest_logreport(report):
     # A test's outcome is known at its first failure or skip, else once its teardown passed.
     if report.failed:
         _record(path, "failed", report.nodeid)
+        _record_failure_text(path, report)
     elif report.skipped and report.when != "teardown":
         _record(path, "skipped", report.nodeid)
     elif report.when == "teardown":
@@ -77,10 +78,31 @@ def _record(path: Path, outcome: str, nodeid: str, *, only_if_absent: bool = Fal
         os.fsync(f.fileno())
 
 
+def _failures_path(path: Path) -> Path:
+    return path.with_name(path.stem + "-failures.txt")
+
+
+FAILURE_TAIL = 6000  # characters of each failure's report kept across attempts
+
+
+def _record_failure_text(path: Path, report) -> None:
+    """Keep the failure's report now: pytest prints it only at the session's end, which a
+    nested host that freezes or times out later in the attempt never reaches."""
+    text = report.longreprtext[-FAILURE_TAIL:]
+    with open(_failures_path(path), "a") as f:
+        f.write(f"===== FAILED {report.nodeid} ({report.when})\n{text}\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def pytest_sessionfinish(session, exitstatus):
     earlier = getattr(session.config, "_pymvm_earlier_failures", [])
     if earlier:
         print(f"\ne2e: {len(earlier)} test(s) failed in an earlier attempt of this run:")
+        path = _progress_path()
+        failures = _failures_path(path) if path is not None else None
+        if failures is not None and failures.exists():
+            print(failures.read_text(errors="replace"))
         for nodeid in earlier:
             print(f"  FAILED {nodeid}")
         if session.exitstatus == 0 or session.exitstatus == 5:
@@ -91,6 +113,9 @@ def pytest_collection_modifyitems(config, items):
     from pymvm.nested import can_boot_linux_here, in_nested_host
 
     recorded = _recorded_outcomes()
+    path = _progress_path()
+    if path is not None and not path.exists():  # a first attempt: no failure texts yet
+        _failures_path(path).unlink(missing_ok=True)
     if recorded:
         done = [item for item in items if item.nodeid in recorded]
         config._pymvm_earlier_failures = [

@@ -48,6 +48,8 @@ def test_second_attempt_runs_only_what_did_not_end_and_keeps_earlier_failures(
     monkeypatch.setenv("PYMVM_E2E_PROGRESS", str(progress))
     monkeypatch.setenv("PYMVM_NESTED", "never")  # collect normally: nothing boots here
 
+    stale = e2e_dir.path / "progress-failures.txt"
+    stale.write_text("===== FAILED tests/e2e/test_sample.py::test_old (call)\nfrom another run\n")
     monkeypatch.setenv("FREEZE", "1")
     first = e2e_dir.runpytest_subprocess("tests/e2e", "-p", "no:cacheprovider")
     assert first.ret == 1  # the "frozen" process died
@@ -62,6 +64,9 @@ def test_second_attempt_runs_only_what_did_not_end_and_keeps_earlier_failures(
         "*2 test(s) already ended in an earlier attempt of this run (1 passed)*",
         "*FAILED tests/e2e/test_sample.py::test_b_fails*",
     ])
+    second.stdout.fnmatch_lines(["*===== FAILED tests/e2e/test_sample.py::test_b_fails (call)*",
+                                 "*a real failure*"])  # its report, kept from attempt 1
+    assert "from another run" not in second.stdout.str()  # an earlier run's texts are gone
     second.assert_outcomes(passed=1, deselected=2)
     assert second.ret == 1  # test_b's earlier failure still fails the run
     assert progress.read_text().splitlines()[-1] == (
