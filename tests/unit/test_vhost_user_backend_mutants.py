@@ -640,6 +640,47 @@ def test_replaced_kick_call_and_err_eventfds_are_closed_and_the_new_ones_used(
     serve(tmp_path, device, body)
 
 
+def test_kick_fd_that_cannot_be_read_is_dropped_once_and_the_session_goes_on(
+        tmp_path: Path, ram: Ram) -> None:
+    device = RecordingDevice()
+
+    async def body(server: VhostUserServer, connect) -> None:
+        fe = await connect()
+        await fe.negotiate()
+        kick, _ = await set_up_ring(fe, ram)
+        os.close(kick)
+        read_end, write_end = os.pipe()
+        os.close(read_end)  # the write end now polls as an error and cannot be read
+        await fe.request(m.SetVringKick(0, write_end))
+        os.close(write_end)
+        await enable(fe)
+        await asyncio.sleep(0.3)  # a reader left behind would be called again and again
+        assert isinstance(await fe.request(m.GetFeatures()), m.FeaturesReply)
+
+    with structlog.testing.capture_logs() as logs:
+        run_server(tmp_path, device, body)
+    failed = [e for e in logs if e["event"] == "vhost_user.kick_read_failed"]
+    assert len(failed) == 1 and failed[0]["vring"] == 0
+
+
+@pytest.mark.parametrize("with_fd", [True, False])
+def test_kick_without_an_fd_is_logged_as_polling_the_back_end_does_not_do(
+        tmp_path: Path, ram: Ram, with_fd: bool) -> None:
+    async def body(server: VhostUserServer, connect) -> None:
+        fe = await connect()
+        await fe.negotiate()
+        kick = os.eventfd(0, os.EFD_NONBLOCK) if with_fd else None
+        await fe.request(m.SetVringKick(0, kick))
+        if kick is not None:
+            os.close(kick)
+        assert isinstance(await fe.request(m.GetFeatures()), m.FeaturesReply)
+
+    with structlog.testing.capture_logs() as logs:
+        run_server(tmp_path, RecordingDevice(), body)
+    warned = [e for e in logs if e["event"] == "vhost_user.kick_polling_unsupported"]
+    assert len(warned) == (0 if with_fd else 1)
+
+
 # ---- inflight record -------------------------------------------------------------------------
 
 

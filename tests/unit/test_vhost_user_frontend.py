@@ -67,14 +67,15 @@ class FakeBackend:
 
     def dial(self) -> FakeBackend:
         """Connect to a front-end listening at path (server-mode front-end). The socket file
-        appears at bind(), a moment before listen(): until then a connect is refused."""
+        appears at bind(), a moment before listen(): until then a connect is refused (and
+        a stale file the front-end replaces is missing for a moment)."""
         deadline = time.monotonic() + 5
         while True:
             self._conn_sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
                 self._conn_sock.connect(self.path)
                 break
-            except ConnectionRefusedError:
+            except (ConnectionRefusedError, FileNotFoundError):
                 self._conn_sock.close()
                 if time.monotonic() > deadline:
                     raise

@@ -743,15 +743,16 @@ def test_back_end_that_hangs_up_in_every_handshake_is_retried_with_back_off_leak
         make, frontends) -> None:
     fake = make()
     fe = connect(fake, frontends)
-    pauses, done = record_pauses(fe, len(BACK_OFF))
-    fake.kill()
-    wait_disconnected(fe)
+    hang_up = HangUpAtOnce(fake.path + ".next")
+    os.rename(fake.path + ".next", fake.path)  # every dial from now on reaches hang_up
     fds = open_fds()
-    hang_up = HangUpAtOnce(fake.path)
+    pauses, done = record_pauses(fe, len(BACK_OFF))
+    assert fake._conn_sock is not None
+    fake._conn_sock.shutdown(socket.SHUT_RDWR)  # the back-end's first life ends
     try:
         assert done.wait(10), pauses
-        assert hang_up.accepted >= len(BACK_OFF) - 1  # each failed try was a handshake
-        assert open_fds() <= fds + 3  # not one socket per try (the listener, one in flight)
+        assert hang_up.accepted >= len(BACK_OFF)  # each pause followed a failed handshake
+        assert open_fds() <= fds + 2  # not one socket per try (at most one in flight)
     finally:
         fe.close()
         hang_up.close()
@@ -780,15 +781,42 @@ def test_close_during_a_handshake_the_back_end_never_answers_returns_at_once(
         silent.close()
 
 
-def test_inflight_region_closed_twice_closes_its_fd_once() -> None:
-    from pymvm.vhost.user.frontend import _InflightRegion
+def test_announce_to_a_back_end_gone_unnoticed_returns_false_and_drops_the_link(
+        make, frontends) -> None:
+    fake = make(protocol=BACKEND_PROTOCOL | PF.RARP)
+    fe = connect(fake, frontends)
+    channel = fe._channel
+    assert channel is not None
+    with fe._lock:  # the supervisor cannot drop the connection before announce() uses it
+        fake.kill()
+        assert fe.announce(MAC) is False
+        assert channel.broken is not None  # shut down: the supervisor reconnects
+    wait_disconnected(fe)
 
-    fd = os.memfd_create("inflight", os.MFD_CLOEXEC)
-    region = _InflightRegion(fd, 4096, 0, 1, 256)
-    region.close()
-    other = os.memfd_create("reuses-the-number", os.MFD_CLOEXEC)  # the kernel hands out fd again
+
+def test_blk_front_end_offers_only_the_blk_features_it_passes_through(make, frontends) -> None:
+    from pymvm.devices.virtio.blk import PASSTHROUGH_FEATURES
+
+    outside = 1 << 7  # VIRTIO_BLK_F_SCSI: legacy, not passed through
+    assert not outside & PASSTHROUGH_FEATURES
+    fake = make(features=BACKEND_FEATURES | outside, protocol=BACKEND_PROTOCOL | PF.CONFIG)
+    fe = blk(fake, frontends)
+    assert fe.features() & VIRTIO_F_VERSION_1
+    assert not fe.features() & outside
+    assert fe.features() & ~(PASSTHROUGH_FEATURES | VIRTIO_F_VERSION_1) == 0
+
+
+def test_blk_front_end_request_timeout_bounds_a_handshake_nobody_answers(sock_dir: str) -> None:
+    from pymvm.vhost.user.frontend import VhostUserBlkBackend
+
+    path = os.path.join(sock_dir, "blk.sock")
+    silent = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    silent.bind(path)
+    silent.listen(1)
     try:
-        region.close()
-        os.fstat(other)  # still open
+        started = time.monotonic()
+        with pytest.raises(VhostUserFrontendError, match="GET_FEATURES"):
+            VhostUserBlkBackend(path, "client", connect_timeout=2, request_timeout=0.3)
+        assert time.monotonic() - started < 3  # not the default 5 s
     finally:
-        os.close(other)
+        silent.close()

@@ -100,10 +100,8 @@ class _InflightRegion:
     num_queues: int
     queue_size: int
 
-    def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+    def close(self) -> None:  # once: the front-end drops the region under its lock with it
+        os.close(self.fd)
 
 
 @dataclass(frozen=True)
@@ -424,13 +422,13 @@ class VhostUserFrontend:
                 self._channel = None
             self._connected.clear()
             self._activation = None
+            if self._inflight is not None:
+                self._inflight.close()
+                self._inflight = None
         if self._listener is not None:
             self._listener.close()
             self._listener = None
             self._unlink_own_socket()
-        if self._inflight is not None:
-            self._inflight.close()
-            self._inflight = None
         if supervisor is None or not supervisor.is_alive():
             os.close(self._wake)
         self._log.info("vhost_user_closed")
@@ -585,7 +583,7 @@ class VhostUserFrontend:
                 os.unlink(path)  # a stale socket from an earlier run
         except FileNotFoundError:
             pass
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)  # close-on-exec: Python's default
+        listener = socket.socket(socket.AF_UNIX)  # a stream socket, close-on-exec (the defaults)
         try:
             listener.bind(path)
             listener.listen(1)
@@ -607,7 +605,7 @@ class VhostUserFrontend:
             pass  # already gone, or replaced by someone else's socket: leave it
 
     def _dial(self) -> socket.socket:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)  # close-on-exec: Python's default
+        sock = socket.socket(socket.AF_UNIX)  # a stream socket, close-on-exec (the defaults)
         try:
             sock.connect(self.socket_path)
         except BaseException:
