@@ -56,10 +56,12 @@ class ConfigBackend(FakeBackend):
         self.slots = slots
         self.config = bytearray(CONFIG)
         self.hang_up_on: set[FR] = set()
+        self.hung_up = False
 
     def _handle(self, conn: BackendConnection, sock, msg: m.Request) -> None:
         request = FR(msg.REQUEST)
-        if request in self.hang_up_on:  # die with the request unanswered
+        if request in self.hang_up_on or self.hung_up:  # die with the request unanswered
+            self.hung_up = True  # and ignore what was sent after it
             sock.shutdown(socket.SHUT_RDWR)
             return
         if request is FR.GET_MAX_MEM_SLOTS:
@@ -820,3 +822,86 @@ def test_blk_front_end_request_timeout_bounds_a_handshake_nobody_answers(sock_di
         assert time.monotonic() - started < 3  # not the default 5 s
     finally:
         silent.close()
+
+
+# ---- prepare() (a swap's first step) and the reason a lost back-end is logged with -------------
+
+
+def test_prepare_is_refused_while_active_after_close_and_without_a_back_end(
+        make, frontends, memory, eventfds) -> None:
+    fake = make()
+    fe = connect(fake, frontends)
+    fe.activate(context(eventfds, memory), memory.regions)
+    closed_or_active = f"vhost-user back-end {fake.path} is closed or already active"
+    with pytest.raises(VhostUserFrontendError) as refused:
+        fe.prepare(context(eventfds, memory), memory.regions)
+    assert str(refused.value) == closed_or_active
+    fe.stop()
+    fake.kill()
+    wait_disconnected(fe)
+    with pytest.raises(VhostUserFrontendError) as refused:
+        fe.prepare(context(eventfds, memory), memory.regions)
+    assert str(refused.value) == f"vhost-user back-end {fake.path} is not connected"
+    fe.close()
+    with pytest.raises(VhostUserFrontendError) as refused:
+        fe.prepare(context(eventfds, memory), memory.regions)
+    assert str(refused.value) == closed_or_active
+
+
+def test_prepare_to_a_back_end_that_hangs_up_or_refuses_says_which(
+        make, frontends, memory, eventfds) -> None:
+    fake = make()
+    fake.refuse.add(FR.SET_MEM_TABLE)
+    fe = connect(fake, frontends)
+    with pytest.raises(VhostUserFrontendError) as refused:
+        fe.prepare(context(eventfds, memory), memory.regions)
+    assert str(refused.value) == ("vhost-user back-end refused SET_MEM_TABLE (status 0x1); "
+                                  "check the back-end's log")
+    assert fe.connected  # a refusal leaves the connection as it was
+    fake.hang_up_on.add(FR.SET_MEM_TABLE)
+    with pytest.raises(VhostUserFrontendError) as lost:
+        fe.prepare(context(eventfds, memory), memory.regions)
+    assert str(lost.value).startswith(f"the vhost-user back-end at {fake.path} hung up: "
+                                      "vhost-user back-end lost: ")
+    wait_disconnected(fe)
+
+
+@pytest.mark.parametrize("request_name", ["GET_CONFIG", "SET_CONFIG", "SET_MEM_TABLE",
+                                          "GET_VRING_BASE"])
+def test_back_end_lost_during_a_request_is_logged_naming_the_request_and_dropped(
+        make, frontends, memory, eventfds, request_name: str) -> None:
+    import contextlib
+
+    import structlog
+
+    request = FR[request_name]
+    fake = make(protocol=BACKEND_PROTOCOL | PF.CONFIG)
+    fe = connect(fake, frontends)
+    if request is FR.GET_VRING_BASE:
+        fe.activate(context(eventfds, memory), memory.regions)
+    fake.hang_up_on.add(request)
+    calls = {FR.GET_CONFIG: lambda: fe.get_config(0, 4),
+             FR.SET_CONFIG: lambda: fe.set_config(0, b"\x01"),
+             FR.SET_MEM_TABLE: lambda: fe.prepare(context(eventfds, memory), memory.regions),
+             FR.GET_VRING_BASE: fe.stop}
+    with structlog.testing.capture_logs() as logs:
+        with contextlib.suppress(VhostUserFrontendError):
+            calls[request]()
+    (reason,) = [e["reason"] for e in logs if e["event"] == "vhost_user_backend_lost"]
+    assert reason.startswith("vhost-user back-end lost: ") and request_name in reason
+    wait_disconnected(fe)
+
+
+def test_stop_when_the_back_end_hangs_up_resumes_at_the_used_index(
+        make, frontends, memory, eventfds) -> None:
+    fake = make()
+    fe = connect(fake, frontends)
+    fe.activate(context(eventfds, memory), memory.regions)
+    write_used_idx(memory, 0, 7)
+    write_used_idx(memory, 1, 9)
+    fake.hang_up_on.add(FR.GET_VRING_BASE)
+    positions = fe.stop()  # no raise: the VM goes on
+    assert {q: (p.next_avail, p.used_idx) for q, p in positions.items()} == {0: (7, 7),
+                                                                             1: (9, 9)}
+    assert not fe.active
+    wait_disconnected(fe)

@@ -552,9 +552,9 @@ class VhostUserFrontend:
         refusal is logged, and the bases the back-end did report are kept."""
         ack = self._ack()
         queues = activation.ctx.queues
-        requests: list[m.Request] = []
-        if self._backend_features & PROTOCOL_FEATURES_FLAG:
-            requests += [m.SetVringEnable(q.index, False, need_reply=ack) for q in queues]
+        requests: list[m.Request] = (
+            [m.SetVringEnable(q.index, False, need_reply=ack) for q in queues]
+            if self._backend_features & PROTOCOL_FEATURES_FLAG else [])
         requests += [m.GetVringBase(q.index) for q in queues]
         if self._protocol_features & PF.STATUS:
             requests.append(m.SetStatus(0, need_reply=ack))
