@@ -206,7 +206,7 @@ def rx_one(buf_size: int, packets: int) -> tuple[float, int, int]:
         struct.pack_into("<H", ram, avail + 4 + 2 * i, i)
     posted = RX_QSIZE
     struct.pack_into("<H", ram, avail + 2, posted)
-    vring = Vring(0, session=None)  # type: ignore[arg-type]
+    vring = Vring(0)
     vring.queue = ring
     frame = b"\xff" * 6 + b"\x02\x00\x00\x00\x00\x01" + b"\x88\xb5" + os.urandom(RX_FRAME - 14)
     with Tap.open("pmvbrx%d") as tap:

@@ -334,7 +334,7 @@ class Rings:
         self.avail = [0, 0]
         self.vrings = []
         for i in range(2):
-            vring = Vring(i, session=None)  # type: ignore[arg-type]
+            vring = Vring(i)
             vring.queue = VirtQueue(self.memory, qsize, *(MEM_GPA + self.base(i) + o for o in (DESC, AVAIL, USED)))
             self.vrings.append(vring)
 

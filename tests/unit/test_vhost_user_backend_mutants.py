@@ -957,3 +957,96 @@ def ram():
     yield r
     r.close()
 
+
+
+# ---- client mode and a listener handed over ----------------------------------------------------
+
+
+async def _front_end_answered(listener: socket.socket) -> socket.socket:
+    """Accept the back-end's connection on ``listener`` and check it serves a request."""
+    loop = asyncio.get_running_loop()
+    conn, _ = await asyncio.wait_for(loop.sock_accept(listener), 5)
+    conn.setblocking(False)
+    assert isinstance(await Frontend(conn).request(m.GetFeatures()), m.FeaturesReply)
+    return conn
+
+
+def test_client_mode_dials_a_front_end_that_listens_late_and_redials_after_it_hangs_up(
+        tmp_path: Path) -> None:
+    path = str(tmp_path / "fe.sock")
+
+    async def main() -> None:
+        server = VhostUserServer(path, RecordingDevice(), client=True, reconnect_delay=0.05)
+        task = asyncio.create_task(server.serve_forever())
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            await asyncio.sleep(0.2)  # no socket file yet: the back-end keeps trying
+            listener.bind(path)
+            await asyncio.sleep(0.2)  # bound, not listening: refused, and tried again
+            listener.listen(1)
+            listener.setblocking(False)
+            for served in (1, 2):
+                conn = await _front_end_answered(listener)
+                assert server.sessions_served == served
+                conn.close()  # the front-end goes away: the back-end dials again
+            assert not task.done()
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            listener.close()
+
+    asyncio.run(main())
+    assert os.path.exists(path)  # the front-end's socket file: not the back-end's to remove
+
+
+def test_client_mode_gives_up_on_a_path_it_can_never_reach_naming_it(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    path = str(blocker / "fe.sock")
+    server = VhostUserServer(path, RecordingDevice(), client=True, reconnect_delay=0.05)
+    with pytest.raises(VhostUserBackendError) as refused:
+        asyncio.run(asyncio.wait_for(server.serve_forever(), 5))
+    assert str(refused.value) == f"cannot connect to {path}: Not a directory"
+
+
+def test_server_serves_on_a_listening_socket_it_is_handed_without_binding_its_own(
+        tmp_path: Path) -> None:
+    path = str(tmp_path / "vu.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)  # blocking, as handed over
+    listener.bind(path)
+    listener.listen(1)
+
+    async def main() -> None:
+        server = VhostUserServer(path, RecordingDevice(), listener=listener)
+        server.listen()  # listens already: nothing to bind
+        task = asyncio.create_task(server.serve_forever())
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        try:
+            await asyncio.wait_for(asyncio.get_running_loop().sock_connect(sock, path), 5)
+            reply = await Frontend(sock).request(m.GetFeatures())
+            assert isinstance(reply, m.FeaturesReply)
+            assert server.sessions_served == 1
+        finally:
+            sock.close()
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    asyncio.run(main())
+    assert listener.fileno() == -1  # closed with the server
+
+
+def test_disabled_ring_leaves_its_kicks_to_the_eventfd(tmp_path: Path, ram: Ram) -> None:
+    async def body(server: VhostUserServer, connect) -> None:
+        fe = await connect()
+        await fe.negotiate()
+        kick, call = await start_ring(fe, ram, ram.uva)
+        ack = await fe.request(m.SetVringEnable(0, False, need_reply=True))
+        assert isinstance(ack, m.Ack) and ack.ok
+        os.eventfd_write(kick, 1)
+        await asyncio.sleep(0.2)
+        assert os.eventfd_read(kick) == 1  # nobody watches a stopped ring's kick
+        os.close(kick)
+        os.close(call)
+
+    serve(tmp_path, RecordingDevice(), body)

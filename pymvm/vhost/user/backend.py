@@ -24,7 +24,7 @@ import socket
 import stat
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import structlog
 
@@ -189,7 +189,6 @@ class Vring:
     """One vring's state as the front-end configured it, and its live queue when running."""
 
     index: int
-    session: _Session = field(repr=False)
     num: int = 0
     addr: m.SetVringAddr | None = None
     base: int = 0
@@ -291,7 +290,7 @@ class _Session:
     """One front-end connection: protocol state, mapped memory, vrings."""
 
     def __init__(self, sock: socket.socket, device: VhostUserDevice,
-                 loop: asyncio.AbstractEventLoop, *, allow_unsealed_memory: bool = False) -> None:
+                 loop: asyncio.AbstractEventLoop, *, allow_unsealed_memory: bool) -> None:
         self.sock = sock
         self.device = device
         self.loop = loop
@@ -299,12 +298,12 @@ class _Session:
         self.conn = BackendConnection()
         self.regions: list[_Region] = []
         self.memory: GuestMemoryMap | None = None
-        self.vrings = [Vring(i, self) for i in range(device.num_queues)]
+        self.vrings = [Vring(i) for i in range(device.num_queues)]
         self.acked_features = 0
         #: The inflight region (GET/SET_INFLIGHT_FD): mapping, its view from mmap_offset,
         #: queue count and queue size.
         self.inflight: tuple[mmap.mmap, memoryview, int, int] | None = None
-        self.closed = loop.create_future()
+        self.closed: asyncio.Future[None] = loop.create_future()
         self.log = log.bind(peer=sock.fileno())
         self._handlers: dict[type[m.Message], Callable[[m.Request], m.Reply | int | None]] = {
             m.GetFeatures: self._get_features,
@@ -415,7 +414,7 @@ class _Session:
         self._unmap_inflight()
         self.conn.close()
         self.sock.close()
-        self.closed.set_result(reason)
+        self.closed.set_result(None)  # the reason is logged above
 
     # -- rings ----------------------------------------------------------------------------
 
@@ -555,7 +554,7 @@ class _Session:
     def _map_all(self, regions: tuple[m.MemoryRegion, ...], fds: tuple[int, ...]) -> list[_Region]:
         mapped: list[_Region] = []
         try:
-            for region, fd in zip(regions, fds, strict=True):
+            for region, fd in zip(regions, fds):  # as many: the messages' parsing checks
                 mapped.append(_map_region(region, fd, self.allow_unsealed_memory))
         except BaseException:
             for r in mapped:
@@ -690,7 +689,7 @@ class _Session:
         for vring in self.vrings:
             self._stop(vring)
             vring._close_fds()
-        self.vrings = [Vring(i, self) for i in range(self.device.num_queues)]
+        self.vrings = [Vring(i) for i in range(self.device.num_queues)]
         self.acked_features = 0
         self.device.reset()
 
