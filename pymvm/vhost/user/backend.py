@@ -290,7 +290,7 @@ class _Session:
     """One front-end connection: protocol state, mapped memory, vrings."""
 
     def __init__(self, sock: socket.socket, device: VhostUserDevice,
-                 loop: asyncio.AbstractEventLoop, *, allow_unsealed_memory: bool) -> None:
+                 loop: asyncio.AbstractEventLoop, *, allow_unsealed_memory: bool = False) -> None:
         self.sock = sock
         self.device = device
         self.loop = loop
