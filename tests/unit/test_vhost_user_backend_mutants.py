@@ -1050,3 +1050,54 @@ def test_disabled_ring_leaves_its_kicks_to_the_eventfd(tmp_path: Path, ram: Ram)
         os.close(call)
 
     serve(tmp_path, RecordingDevice(), body)
+
+
+def test_sessions_open_when_the_server_stops_are_closed_as_back_end_shutting_down(
+        tmp_path: Path) -> None:
+    async def cancelled(server: VhostUserServer, connect) -> None:
+        await (await connect()).negotiate()  # the session is still open when the task is cancelled
+
+    async def closed(server: VhostUserServer, connect) -> None:
+        await (await connect()).negotiate()
+        server.close()
+        server.close()  # idempotent
+
+    assert serve(tmp_path, RecordingDevice(), cancelled) == ["back-end shutting down"]
+    assert serve(tmp_path, RecordingDevice(), closed) == ["back-end shutting down"]
+
+
+def test_server_close_after_its_socket_file_was_removed_does_not_fail(tmp_path: Path) -> None:
+    path = tmp_path / "vu.sock"
+    server = VhostUserServer(str(path), RecordingDevice())
+    server.listen()
+    path.unlink()
+    server.close()
+    server.close()
+
+
+def test_listen_in_client_mode_makes_no_socket_file(tmp_path: Path) -> None:
+    path = tmp_path / "fe.sock"
+    server = VhostUserServer(str(path), RecordingDevice(), client=True)
+    server.listen()
+    assert not path.exists()
+    server.close()
+
+
+def test_socket_in_a_missing_directory_is_refused_naming_the_path(tmp_path: Path) -> None:
+    path = tmp_path / "missing" / "vu.sock"
+    with pytest.raises(VhostUserBackendError) as refused:
+        VhostUserServer(str(path), RecordingDevice()).listen()
+    assert str(refused.value) == f"cannot listen on {path}: No such file or directory"
+
+
+def test_server_refuses_unsealable_guest_memory_unless_told_otherwise(tmp_path: Path) -> None:
+    async def body(server: VhostUserServer, connect) -> None:
+        fe = await connect()
+        await fe.negotiate()
+        fd = memfd(0x10000, sealable=False)
+        await send(fe, m.SetMemTable((region(),), (fd,), need_reply=True))
+        os.close(fd)
+        await assert_dropped(fe)
+
+    (reason,) = serve(tmp_path, RecordingDevice(), body)  # allow_unsealed_memory by default: no
+    assert "a memfd that cannot be sealed" in reason

@@ -770,7 +770,7 @@ def _prepare_socket_path(path: str) -> None:
         return
     if not stat.S_ISSOCK(st.st_mode):
         raise VhostUserBackendError(f"{path} exists and is not a socket: choose another --socket path")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe = socket.socket(socket.AF_UNIX)  # a stream socket (the default)
     try:
         probe.connect(path)
     except OSError:
@@ -811,7 +811,7 @@ class VhostUserServer:
         if self.client or self._listener is not None:
             return
         _prepare_socket_path(self.path)
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        sock = socket.socket(socket.AF_UNIX)  # a stream socket, close-on-exec (the defaults)
         try:
             sock.bind(self.path)
         except OSError as e:
@@ -839,7 +839,7 @@ class VhostUserServer:
         loop = asyncio.get_running_loop()
         if self.client:
             while True:
-                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+                sock = socket.socket(socket.AF_UNIX)  # stream, close-on-exec: the defaults
                 sock.setblocking(False)
                 try:
                     await loop.sock_connect(sock, self.path)
