@@ -782,12 +782,17 @@ def test_ring_the_inflight_region_does_not_fit_runs_untracked(
     serve(tmp_path, device, body)
 
 
+class ThreeQueueDevice(RecordingDevice):
+    num_queues = 3
+
+
 class FourQueueDevice(RecordingDevice):
     num_queues = 4
 
 
-@pytest.mark.parametrize("device, mq", [(RecordingDevice(), False), (FourQueueDevice(), True)],
-                         ids=["two-queues", "four-queues"])
+@pytest.mark.parametrize("device, mq", [(RecordingDevice(), False), (ThreeQueueDevice(), True),
+                                        (FourQueueDevice(), True)],
+                         ids=["two-queues", "three-queues", "four-queues"])
 def test_multiqueue_is_offered_above_two_queues_and_get_queue_num_counts_them(
         tmp_path: Path, device, mq: bool) -> None:
     async def body(server: VhostUserServer, connect) -> None:
@@ -799,7 +804,8 @@ def test_multiqueue_is_offered_above_two_queues_and_get_queue_num_counts_them(
         if mq:
             await fe.request(m.SetProtocolFeatures(int(PF.MQ | PF.REPLY_ACK)))
             count = await fe.request(m.GetQueueNum())
-            assert isinstance(count, m.QueueNumReply) and count.num_queues == 4
+            assert isinstance(count, m.QueueNumReply)
+            assert count.num_queues == device.num_queues
 
     serve(tmp_path, device, body)
 
