@@ -867,7 +867,7 @@ def test_prepare_to_a_back_end_that_hangs_up_or_refuses_says_which(
 
 
 @pytest.mark.parametrize("request_name", ["GET_CONFIG", "SET_CONFIG", "SET_MEM_TABLE",
-                                          "GET_VRING_BASE"])
+                                          "SET_FEATURES", "GET_VRING_BASE"])
 def test_back_end_lost_during_a_request_is_logged_naming_the_request_and_dropped(
         make, frontends, memory, eventfds, request_name: str) -> None:
     import contextlib
@@ -883,6 +883,7 @@ def test_back_end_lost_during_a_request_is_logged_naming_the_request_and_dropped
     calls = {FR.GET_CONFIG: lambda: fe.get_config(0, 4),
              FR.SET_CONFIG: lambda: fe.set_config(0, b"\x01"),
              FR.SET_MEM_TABLE: lambda: fe.prepare(context(eventfds, memory), memory.regions),
+             FR.SET_FEATURES: lambda: fe.activate(context(eventfds, memory), memory.regions),
              FR.GET_VRING_BASE: fe.stop}
     with structlog.testing.capture_logs() as logs:
         with contextlib.suppress(VhostUserFrontendError):
@@ -905,3 +906,14 @@ def test_stop_when_the_back_end_hangs_up_resumes_at_the_used_index(
                                                                              1: (9, 9)}
     assert not fe.active
     wait_disconnected(fe)
+
+
+def test_closed_front_end_is_inactive_and_has_given_back_its_wake_eventfd(
+        make, frontends, memory, eventfds) -> None:
+    fe = connect(make(), frontends)
+    fe.activate(context(eventfds, memory), memory.regions)
+    wake = fe._wake
+    fe.close()
+    assert not fe.active
+    with pytest.raises(OSError):
+        os.fstat(wake)
