@@ -41,6 +41,7 @@ from pathlib import Path
 
 from common import CMDLINE, guest_script, parse, run_guest, start_server_when_up, stop
 
+from pymvm.testing.backends import unix_socket_listening
 from pymvm.testing.dpdk import TESTPMD, Testpmd, wait_until
 
 HOST_IP, GUEST_IP = "10.89.0.1", "10.89.0.2"
@@ -145,7 +146,9 @@ def pps(args: argparse.Namespace) -> int:
                                    stdout=log, stderr=subprocess.STDOUT)
         pmd = None
         try:
-            wait_until(lambda: sock.exists() and link_up(tap), START_TIMEOUT_S, "back-end start", backend)
+            # Listening, not only bound: DPDK's virtio_user connects once.
+            wait_until(lambda: unix_socket_listening(sock) and link_up(tap), START_TIMEOUT_S,
+                       "back-end start", backend)
             Path(f"/proc/sys/net/ipv6/conf/{tap}/disable_ipv6").write_text("1")
             before = int(Path(f"/sys/class/net/{tap}/statistics/rx_packets").read_text())
             pmd = Testpmd([f"net_virtio_user0,path={sock},queues=1"], "txonly",

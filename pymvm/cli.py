@@ -302,7 +302,11 @@ def cmd_vhost_user_net(args: argparse.Namespace) -> int:
         backend = NetBackend(tap)
         server = VhostUserServer(args.socket, backend, client=args.client,
                                  allow_unsealed_memory=args.allow_unsealed_memory)
-        server.listen()  # bound while we may still write where the socket goes
+        # Bound while we may still write where the socket goes; listening only once set up
+        # (privileges, the event loop, seccomp: seconds in a loaded emulated host), so that a
+        # front-end is refused and retries until then rather than time out on its first
+        # request (the VMM's GET_FEATURES did, after 5 s, in a nested e2e run).
+        server.bind()
         if not args.no_seccomp:
             from . import syscalls
 

@@ -353,17 +353,16 @@ class DeviceManager:
         """pymvm's built-in back-end on ``tap`` (its fd inherited) and a front-end connected
         to it; both closed by ``stack`` (front-end first)."""
         from ..vhost.backends.process import READY_TIMEOUT, BuiltinNetBackendOnTap
-        from ..vhost.user.frontend import (
-            DEFAULT_CONNECT_TIMEOUT,
-            DEFAULT_REQUEST_TIMEOUT,
-            VhostUserNetBackend,
-        )
+        from ..vhost.user.frontend import DEFAULT_REQUEST_TIMEOUT, VhostUserNetBackend
 
         process = BuiltinNetBackendOnTap.start(tap.fd, tap.name,
                                                ready_timeout=ready_timeout or READY_TIMEOUT)
         stack.callback(process.close)
+        # Its socket exists once bound; it listens only when it can answer (after its seccomp
+        # filter), and refused connects are retried: the connect waits as long as its start.
         backend = VhostUserNetBackend(process.socket_path, "client",
-                                      connect_timeout=connect_timeout or DEFAULT_CONNECT_TIMEOUT,
+                                      connect_timeout=max(connect_timeout or 0,
+                                                          ready_timeout or READY_TIMEOUT),
                                       request_timeout=request_timeout or DEFAULT_REQUEST_TIMEOUT)
         stack.callback(backend.close)
         backend.process = process  # type: ignore[attr-defined]  # for the API and tests

@@ -87,6 +87,7 @@ BACKEND: dict[str, str] = {
     "recvfrom": "asyncio's wake-up socketpair",
     "sendto": "asyncio's wake-up socketpair",
     "accept4": "the next front-end connects",
+    "listen": "its socket, bound before the filter, is listened on once the back-end serves",
     "getsockname": "asyncio inspecting accepted sockets",
     "getpeername": "asyncio inspecting accepted sockets",
     "getsockopt": "asyncio's connect completion (--client mode)",

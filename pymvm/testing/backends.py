@@ -11,6 +11,20 @@ import time
 from pathlib import Path
 
 
+def unix_socket_listening(path: str | Path) -> bool:
+    """Whether something accepts connections at ``path``. The built-in back-ends create their
+    socket file (bind) before they listen, which they do once they can answer at once; a peer
+    that connects only once (DPDK's virtio_user) must wait for this, not for the file."""
+    probe = socket.socket(socket.AF_UNIX)
+    try:
+        probe.connect(str(path))
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.close()
+
+
 class BuiltinNetProcess:
     """`pymvm vhost-user net --socket SOCKET --tap TAP`, its output appended to ``log_path``."""
 
@@ -42,14 +56,7 @@ class BuiltinNetProcess:
             time.sleep(0.1)
 
     def listening(self) -> bool:
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            probe.connect(str(self.socket_path))
-            return True
-        except OSError:
-            return False
-        finally:
-            probe.close()
+        return unix_socket_listening(self.socket_path)
 
     def kill(self) -> None:
         """SIGKILL, as a crash would end it; waits for it."""

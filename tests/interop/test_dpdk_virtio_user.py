@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from pymvm.testing.backends import unix_socket_listening
 from tests.interop.conftest import TESTPMD
 
 pytestmark = pytest.mark.interop
@@ -51,7 +52,9 @@ class Backend:
 
     def wait_ready(self, timeout: float = 20) -> None:
         deadline = time.monotonic() + timeout
-        while not (os.path.exists(self.sock) and os.path.exists(f"/sys/class/net/{self.tap}")):
+        # Listening, not only bound: DPDK's virtio_user connects once and gives up if refused.
+        while not (unix_socket_listening(self.sock)
+                   and os.path.exists(f"/sys/class/net/{self.tap}")):
             assert self.proc.poll() is None, f"back-end exited early: {self.log_path.read_text()}"
             assert time.monotonic() < deadline, "back-end did not start listening"
             time.sleep(0.05)

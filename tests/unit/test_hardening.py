@@ -385,11 +385,27 @@ def test_forbidden_syscall_kills_the_filtered_backend_and_the_log_names_it(tmp_p
     import uuid
 
     path, tap = str(tmp_path / "vu.sock"), f"pvsc{uuid.uuid4().hex[:6]}"
-    done = subprocess.run([sys.executable, "-m", "pymvm.cli", "vhost-user", "net", "--socket", path,
-                           "--tap", tap, "--user", "nobody"], cwd=REPO, capture_output=True,
-                          timeout=60, env={**os.environ, "PYMVM_SECCOMP_SELF_TEST": "backend"})
-    assert done.returncode == -signal.SIGSYS, done.stderr.decode()[-3000:]
-    logs = [json.loads(line) for line in done.stderr.decode().splitlines() if line.startswith("{")]
+    proc = subprocess.Popen([sys.executable, "-m", "pymvm.cli", "vhost-user", "net", "--socket",
+                             path, "--tap", tap, "--user", "nobody"], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            env={**os.environ, "PYMVM_SECCOMP_SELF_TEST": "backend"})
+    # The self-test kills it right after its filter is installed, before it listens: until
+    # then a front-end is refused (and retries), never accepted by a back-end still setting up.
+    accepted = 0
+    deadline = time.monotonic() + 60
+    while proc.poll() is None and time.monotonic() < deadline:
+        probe = socket.socket(socket.AF_UNIX)
+        try:
+            probe.connect(path)
+            accepted += 1
+        except OSError:
+            pass
+        finally:
+            probe.close()
+    stderr = proc.communicate(timeout=60)[1].decode()
+    assert proc.returncode == -signal.SIGSYS, stderr[-3000:]
+    assert accepted == 0, "a front-end was accepted before the back-end's filter was in place"
+    logs = [json.loads(line) for line in stderr.splitlines() if line.startswith("{")]
     assert any(e["event"] == "seccomp_installed" and e["process"] == "vhost-user-backend" for e in logs)
     (violation,) = [e for e in logs if e["event"] == "seccomp_violation"]
     assert violation["syscall"] == "reboot" and violation["process"] == "vhost-user-backend"
