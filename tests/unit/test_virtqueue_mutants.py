@@ -1,0 +1,292 @@
+"""Split virtqueue (pymvm/devices/virtio/queue.py): what scripts/mutation on the module
+showed test_virtqueue.py leaves unchecked: chain_at (inflight resubmission), ring positions
+at their edges, batch limits of pop_writable, the EVENT_IDX formula, released queues."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+
+from pymvm.devices.virtio.queue import BulkChain, DescriptorChain
+from tests.unit.test_virtqueue import AVAIL, DATA, INDIRECT, NEXT, WRITE, Driver, pop_writable
+
+
+def post(d: Driver, *heads: int, length: int = 64) -> None:
+    """One writable buffer per head, published in that order."""
+    for head in heads:
+        d.desc(head, DATA + 0x100 * head, length, WRITE)
+    d.publish(*heads)
+
+
+# ---------------------------------------------------------------------------------------------
+# Positions in the ring
+
+
+def test_a_full_ring_pops_every_entry_in_slot_order_across_the_wrap() -> None:
+    d = Driver(size=4)
+    d.queue.set_last_avail(0x1_0002)  # the position is a u16
+    d.avail_idx = 2
+    assert d.queue.last_avail_idx == 2
+    post(d, 3, 1, 0, 2)  # slots 2, 3, 0, 1: a full ring (pending == size)
+    heads = [d.queue.pop_avail().head for _ in range(4)]
+    assert heads == [3, 1, 0, 2]
+    assert d.queue.pop_avail() is None and d.queue.broken is None
+
+
+def test_has_avail_compares_the_avail_idx_not_the_first_ring_entry() -> None:
+    d = Driver(size=4)
+    struct.pack_into("<H", d.ram, d.off(AVAIL) + 4, 3)  # ring[0] = 3, avail idx still 0
+    assert not d.queue.has_avail()
+
+
+@pytest.mark.parametrize("use_pop_writable", [False, True])
+def test_head_equal_to_the_queue_size_breaks_the_queue(use_pop_writable: bool) -> None:
+    d = Driver(size=4)
+    d.publish(4)
+    if use_pop_writable:
+        assert pop_writable(d, 1000)[0] == 0
+    else:
+        assert d.queue.pop_avail() is None
+    assert d.queue.broken == "avail ring names head 4, outside the 4-entry table"
+
+
+def test_pop_writable_takes_a_full_ring() -> None:
+    d = Driver(size=4)
+    post(d, 0, 1, 2, 3)
+    got, _views, used, _ = pop_writable(d, 10_000)
+    assert got == 4 * 64 and used[0::2] == [0, 1, 2, 3] and d.queue.broken is None
+
+
+def test_pop_writable_takes_a_full_ring_that_wraps_after_three_entries() -> None:
+    d = Driver(size=4)
+    d.queue.set_last_avail(1)
+    d.avail_idx = 1
+    post(d, 0, 1, 2, 3)  # slots 1, 2, 3, then 0
+    got, _views, used, nsegs = pop_writable(d, 10_000)
+    assert used[0::2] == [0, 1, 2, 3] and got == 256 and nsegs == [1, 1, 1, 1]
+
+
+def test_pop_writable_stops_at_the_chain_that_reaches_exactly_the_bytes_wanted() -> None:
+    d = Driver(size=4)
+    post(d, 0, 1, 2)
+    got, _views, used, _ = pop_writable(d, 64)
+    assert got == 64 and used == [0, 64]
+    assert d.queue.last_avail_idx == 1
+
+
+def test_pop_writable_on_a_broken_queue_takes_nothing() -> None:
+    d = Driver(size=4)
+    d.publish(9)
+    d.queue.pop_avail()
+    assert d.queue.broken
+    post(d, 0)
+    assert pop_writable(d, 100)[0] == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# chain_at: a resubmitted head
+
+
+def test_chain_at_gives_the_chain_without_popping_it() -> None:
+    d = Driver(size=4)
+    d.desc(0, DATA, 16, NEXT, 1)
+    d.desc(1, DATA + 0x100, 32, WRITE)
+    d.publish(0)
+    chain = d.queue.chain_at(0)
+    assert (chain.head, chain.readable_len, chain.writable_len) == (0, 16, 32)
+    assert d.queue.last_avail_idx == 0 and d.queue.has_avail()
+
+
+@pytest.mark.parametrize("head", [4, -1])
+def test_chain_at_a_head_outside_the_table_breaks_the_queue(head: int) -> None:
+    d = Driver(size=4)
+    assert d.queue.chain_at(head) is None
+    assert d.queue.broken == f"resubmitted head {head} is outside the 4-entry table"
+
+
+def test_chain_at_the_last_head_is_allowed() -> None:
+    d = Driver(size=4)
+    d.desc(3, DATA, 8, WRITE)
+    assert d.queue.chain_at(3).head == 3
+
+
+def test_chain_at_a_malformed_chain_hands_it_back_unused() -> None:
+    d = Driver(size=4)
+    d.desc(2, DATA, 8, NEXT, 9)  # next outside the table
+    assert d.queue.chain_at(2) is None
+    assert d.queue.broken is None and d.queue.dropped_chains == 1
+    assert d.used(0) == (2, 0) and d.used_idx() == 1
+
+
+def test_chain_at_on_a_broken_or_released_queue_gives_nothing() -> None:
+    d = Driver(size=4)
+    d.desc(0, DATA, 8, WRITE)
+    d.publish(7)
+    d.queue.pop_avail()
+    assert d.queue.broken and d.queue.chain_at(0) is None
+    d2 = Driver(size=4)
+    d2.desc(0, DATA, 8, WRITE)
+    d2.queue.release()
+    assert d2.queue.chain_at(0) is None
+
+
+# ---------------------------------------------------------------------------------------------
+# Giving chains back, releasing
+
+
+def test_drop_chain_returns_the_head_with_length_zero_and_counts_it() -> None:
+    d = Driver(size=4)
+    post(d, 1)
+    chain = d.queue.pop_avail()
+    d.queue.drop_chain(chain, "too short")
+    assert d.used(0) == (1, 0) and d.used_idx() == 1 and d.queue.dropped_chains == 1
+
+
+def test_release_marks_the_queue_released_keeping_an_earlier_reason() -> None:
+    d = Driver(size=4)
+    d.queue.release()
+    assert d.queue.broken == "released"
+    d2 = Driver(size=4)
+    d2.publish(9)
+    d2.queue.pop_avail()
+    reason = d2.queue.broken
+    d2.queue.release()
+    assert d2.queue.broken == reason
+
+
+def test_a_released_queue_ignores_batches_and_notification_calls() -> None:
+    d = Driver(size=4)
+    d.queue.release()
+    d.queue.add_used_batch([0, 1])
+    d.queue.disable_notification()
+    assert d.queue.needs_notification() is False
+    assert d.queue.enable_notification() is False
+
+
+def test_released_memory_map_has_no_largest_region() -> None:
+    d = Driver(size=4)
+    d.queue.release()
+    d.memory.release()
+    assert d.memory.largest is None and d.memory.regions == []
+
+
+# ---------------------------------------------------------------------------------------------
+# Notifications
+
+
+def test_disable_notification_leaves_the_used_flags_alone_with_event_idx() -> None:
+    d = Driver(size=4, event_idx=True)
+    d.queue.disable_notification()
+    assert d.used_flags() == 0
+
+
+@pytest.mark.parametrize(("old", "new", "used_event", "notify"), [
+    (0, 1, 0, True),        # crossed: new - event - 1 = 0 < 1
+    (2, 3, 0, False),       # event long passed: 2 >= 1
+    (0, 2, 0xFFFF, False),  # new - event - 1 = 2, not below new - old = 2
+    (2, 3, 1, False),       # event 1 was already signalled at old 2
+    (1, 3, 2, True),        # event 2 crossed in this batch
+])
+def test_event_idx_notifies_exactly_when_the_used_event_is_crossed(old, new, used_event, notify) -> None:
+    d = Driver(size=8, event_idx=True)
+    for _ in range(old):
+        d.queue.add_used(0, 0)
+    d.queue.needs_notification()  # the first signal: now "old" is what the driver knows
+    for _ in range(new - old):
+        d.queue.add_used(0, 0)
+    d.used_event(used_event)
+    assert d.queue.needs_notification() is notify
+
+
+# ---------------------------------------------------------------------------------------------
+# Indirect tables read in bulk
+
+
+def test_bulk_chain_keeps_its_head() -> None:
+    d = Driver(size=4)
+    table = DATA + 0x1000
+    d.desc(0, DATA, 16, NEXT, 1, table=table)
+    d.desc(1, DATA + 0x200, 32, WRITE, 0, table=table)
+    d.desc(2, table, 32, INDIRECT)
+    d.queue.bulk_indirect = 1
+    d.publish(2)
+    chain = d.queue.pop_avail()
+    assert isinstance(chain, BulkChain) and chain.head == 2
+
+
+def test_bulk_table_with_a_length_over_2_gib_is_dropped_as_outside_memory() -> None:
+    d = Driver(size=4)
+    table = DATA + 0x1000
+    d.desc(0, DATA, 16, NEXT, 1, table=table)
+    d.desc(1, DATA + 0x200, 0x8000_0000, WRITE, 0, table=table)
+    d.desc(2, table, 32, INDIRECT)
+    d.queue.bulk_indirect = 1
+    d.publish(2)
+    assert d.queue.pop_avail() is None
+    assert d.used(0) == (2, 0) and d.queue.dropped_chains == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Chains built by a device, and the used ring's slots
+
+
+def test_descriptor_chain_sums_its_views_unless_given_the_lengths() -> None:
+    ram = bytearray(16)
+    view = memoryview(ram)
+    chain = DescriptorChain(1, [view[0:3], view[3:7]], [view[7:12]])
+    assert (chain.readable_len, chain.writable_len) == (7, 5)
+    given = DescriptorChain(1, [view[0:3]], [view[3:4]], readable_len=100, writable_len=200)
+    assert (given.readable_len, given.writable_len) == (100, 200)
+
+
+def test_used_entries_go_to_consecutive_slots_and_wrap_at_the_ring_size() -> None:
+    d = Driver(size=4)
+    for i in range(6):
+        d.queue.add_used(i, 10 + i)
+    assert [d.used(s) for s in range(4)] == [(4, 14), (5, 15), (2, 12), (3, 13)]
+    assert d.used_idx() == 6
+
+
+def test_a_used_length_of_exactly_2_to_the_32_is_reported_as_the_most_a_used_element_holds() -> None:
+    d = Driver(size=4)
+    d.queue.add_used(0, 1 << 32)
+    d.queue.add_used(1, 0xFFFF_FFFF)
+    assert d.used(0) == (0, 0xFFFF_FFFF) and d.used(1) == (1, 0xFFFF_FFFF)
+
+
+def test_indirect_table_of_one_descriptor_is_walked() -> None:
+    d = Driver(size=4)
+    table = DATA + 0x1000
+    d.desc(0, DATA, 24, WRITE, 0, table=table)
+    d.desc(1, table, 16, INDIRECT)
+    d.publish(1)
+    chain = d.queue.pop_avail()
+    assert chain is not None and (chain.head, chain.writable_len) == (1, 24)
+
+
+def test_indirect_table_of_the_largest_size_allowed_is_walked() -> None:
+    from pymvm.devices.virtio.queue import MAX_INDIRECT_DESCS, GuestMemoryMap, VirtQueue
+
+    ram = bytearray(0x10_0000 + 16 * MAX_INDIRECT_DESCS)
+    memory = GuestMemoryMap([(0, memoryview(ram))])
+    queue = VirtQueue(memory, 4, 0, 0x100, 0x200, indirect=True)
+    table = 0x10_0000
+    for i in range(MAX_INDIRECT_DESCS):  # a chain of MAX_INDIRECT_DESCS empty buffers
+        last = i == MAX_INDIRECT_DESCS - 1
+        struct.pack_into("<QIHH", ram, table + 16 * i, 0x1000, 0, 0 if last else NEXT, i + 1)
+    struct.pack_into("<QIHH", ram, 0, table, 16 * MAX_INDIRECT_DESCS, INDIRECT, 0)
+    struct.pack_into("<HHH", ram, 0x100, 0, 1, 0)  # avail: flags, idx 1, ring[0] = head 0
+    chain = queue.pop_avail()
+    assert chain is not None and chain.head == 0 and queue.dropped_chains == 0
+
+
+def test_indirect_table_exactly_as_long_as_the_bulk_threshold_is_read_in_bulk() -> None:
+    d = Driver(size=4)
+    table = DATA + 0x1000
+    d.desc(0, DATA, 16, NEXT, 1, table=table)
+    d.desc(1, DATA + 0x200, 32, WRITE, 0, table=table)
+    d.desc(2, table, 32, INDIRECT)
+    d.queue.bulk_indirect = 2
+    d.publish(2)
+    assert isinstance(d.queue.pop_avail(), BulkChain)
