@@ -34,9 +34,13 @@ class HangsUpAt(FakeBackend):
     def __init__(self, path: str, request: FR) -> None:
         super().__init__(path)
         self.hang_at = request
+        self.hung_up = False
 
     def _handle(self, conn, sock, msg) -> None:
-        if FR(msg.REQUEST) is self.hang_at:
+        # What the front-end pipelined after the request is ignored too (it would be answered
+        # out of turn, an exception in this thread).
+        if FR(msg.REQUEST) is self.hang_at or self.hung_up:
+            self.hung_up = True
             sock.shutdown(socket.SHUT_RDWR)
             return
         super()._handle(conn, sock, msg)
