@@ -4,6 +4,7 @@ at their edges, batch limits of pop_writable, the EVENT_IDX formula, released qu
 
 from __future__ import annotations
 
+import re
 import struct
 
 import pytest
@@ -290,3 +291,117 @@ def test_indirect_table_exactly_as_long_as_the_bulk_threshold_is_read_in_bulk() 
     d.queue.bulk_indirect = 2
     d.publish(2)
     assert isinstance(d.queue.pop_avail(), BulkChain)
+
+
+# ---------------------------------------------------------------------------------------------
+# Set-up refusals, exactly
+
+
+def ring_queue(size: int, desc: int, avail: int, used: int, **kw):
+    from pymvm.devices.virtio.queue import GuestMemoryMap, VirtQueue
+
+    ram = bytearray(0x10000)
+    return VirtQueue(GuestMemoryMap([(0, memoryview(ram))]), size, desc, avail, used, **kw), ram
+
+
+@pytest.mark.parametrize("size", [0, 3, 32769, 65536])
+def test_queue_sizes_that_are_no_power_of_two_in_range_are_refused_exactly(size: int) -> None:
+    from pymvm.devices.virtio.queue import VirtQueueError
+
+    with pytest.raises(VirtQueueError, match=f"^vq: queue size {size} is not a power of two in "
+                                             f"1..32768$"):
+        ring_queue(size, 0, 0x1000, 0x2000)
+
+
+@pytest.mark.parametrize("size", [1, 2])
+def test_the_smallest_queue_sizes_are_accepted(size: int) -> None:
+    q, _ = ring_queue(size, 0, 0x1000, 0x2000)
+    assert q.size == size and q.name == "vq"
+
+
+@pytest.mark.parametrize(("desc", "avail", "used", "what", "gpa", "align"), [
+    (8, 0x1000, 0x2000, "descriptor table", 8, 16),
+    (0, 0x1001, 0x2000, "available ring", 0x1001, 2),
+    (0, 0x1000, 0x2002, "used ring", 0x2002, 4),
+])
+def test_each_misaligned_ring_is_named_exactly(desc, avail, used, what, gpa, align) -> None:
+    from pymvm.devices.virtio.queue import VirtQueueError
+
+    with pytest.raises(VirtQueueError, match=re.escape(
+            f"vq: {what} at {gpa:#x} is not {align}-byte aligned (virtio 1.2 §2.7)")):
+        ring_queue(4, desc, avail, used)
+
+
+@pytest.mark.parametrize(("desc", "avail", "used", "what", "gpa"), [
+    (0x10000 - 16 * 4 + 16, 0x1000, 0x2000, "descriptor table", 0x10000 - 48),
+    (0, 0x10000 - 6 - 8 + 2, 0x2000, "available ring", 0x10000 - 12),
+    (0, 0x1000, 0x10000 - 36, "used ring", 0x10000 - 36),
+])
+def test_each_ring_past_the_end_of_memory_is_named_exactly(desc, avail, used, what, gpa) -> None:
+    from pymvm.devices.virtio.queue import VirtQueueError
+
+    with pytest.raises(VirtQueueError, match=re.escape(
+            f"vq: {what} at {gpa:#x} for 4 entries is not inside one guest memory region; the "
+            f"driver gave a bad ring address")):
+        ring_queue(4, desc, avail, used)
+
+
+def test_rings_ending_exactly_at_the_end_of_memory_are_accepted() -> None:
+    q, _ = ring_queue(4, 0x10000 - 64, 0x10000 - 64 - 14 - 2, 0x10000 - 64 - 16 - 40)
+    assert q.size == 4
+
+
+@pytest.mark.parametrize(("avail", "desc", "what", "gpa"), [
+    (0x2000 + 6 + 32 - 2, 0, "available ring", 0x2000 + 36),  # starts on the used ring's last byte pair
+    (0x1000, 0x2000 - 64 + 16, "descriptor table", 0x2000 - 48),  # ends inside the used ring
+])
+def test_a_used_ring_overlapping_another_ring_is_refused_exactly(avail, desc, what, gpa) -> None:
+    from pymvm.devices.virtio.queue import VirtQueueError
+
+    with pytest.raises(VirtQueueError, match=re.escape(
+            f"vq: used ring at 0x2000 for 4 entries overlaps the {what} at {gpa:#x}; the driver "
+            f"gave a bad ring address")):
+        ring_queue(4, desc, avail, 0x2000)
+
+
+def test_rings_right_next_to_the_used_ring_are_accepted() -> None:
+    used_end = 0x2000 + 6 + 8 * 4
+    q, _ = ring_queue(4, 0x2000 - 64, used_end, 0x2000)  # table just before, avail just after
+    assert q.size == 4
+
+
+def test_next_used_given_is_a_u16_and_otherwise_read_from_the_used_ring() -> None:
+    q, _ = ring_queue(4, 0, 0x1000, 0x2000, next_used=0x1_0003)
+    assert q.next_used_idx == 3
+    from pymvm.devices.virtio.queue import GuestMemoryMap, VirtQueue
+
+    ram = bytearray(0x10000)
+    struct.pack_into("<HH", ram, 0x2000, 0, 9)
+    q2 = VirtQueue(GuestMemoryMap([(0, memoryview(ram))]), 4, 0, 0x1000, 0x2000)
+    assert q2.next_used_idx == 9 and q2.bulk_indirect == 0
+    assert not q2.event_idx and not q2.indirect
+
+
+def test_memory_map_names_the_largest_region_and_refuses_bad_ones_exactly() -> None:
+    from pymvm.devices.virtio.queue import GuestMemoryMap, VirtQueueError
+
+    small, big = bytearray(0x1000), bytearray(0x3000)
+    m = GuestMemoryMap([(0x10000, memoryview(big)), (0, memoryview(small))])
+    assert m.regions == [(0, 0x1000), (0x10000, 0x3000)]
+    assert m.largest[:2] == (0x10000, 0x13000)
+    with pytest.raises(VirtQueueError, match=re.escape(
+            "guest memory region at 0x0 is not a writable contiguous byte view; pass "
+            "memoryview(mmap) slices")):
+        GuestMemoryMap([(0, memoryview(bytes(16)))])
+    with pytest.raises(VirtQueueError, match=re.escape(
+            "guest memory region at 0x0 of 0x0 bytes is empty or does not fit a 64-bit address "
+            "space")):
+        GuestMemoryMap([(0, memoryview(bytearray(0)))])
+    with pytest.raises(VirtQueueError, match="region at 0xfffffffffffffff0 of 0x20 bytes"):
+        GuestMemoryMap([((1 << 64) - 16, memoryview(bytearray(32)))])
+    GuestMemoryMap([((1 << 64) - 16, memoryview(bytearray(16)))])  # ends exactly at 2^64
+    GuestMemoryMap([(0, memoryview(bytearray(1)))])
+    with pytest.raises(VirtQueueError, match=re.escape(
+            "guest memory region at 0x8 overlaps the region ending at 0x10; regions must be "
+            "disjoint")):
+        GuestMemoryMap([(0, memoryview(bytearray(16))), (8, memoryview(bytearray(16)))])
