@@ -4,10 +4,8 @@ the round-trip tests leave unchecked."""
 
 from __future__ import annotations
 
-import os
 import re
 import struct
-from collections.abc import Iterator
 
 import pytest
 
@@ -15,35 +13,10 @@ from pymvm.vhost.user import messages as m
 from pymvm.vhost.user.errors import VhostUserLocalError, VhostUserRemoteError
 from pymvm.vhost.user.messages import BackendRequest as BR
 from pymvm.vhost.user.messages import FrontendRequest as FR
+from tests.unit.test_vhost_user_protocol_mutants import is_open, new_fd, pipe_fd  # noqa: F401 (a fixture)
 
 REGION = m.MemoryRegion(guest_phys_addr=0x1000, memory_size=0x2000, userspace_addr=0x3000,
                         mmap_offset=0x4000)
-
-
-@pytest.fixture
-def fds() -> Iterator[list[int]]:
-    made: list[int] = []
-    yield made
-    for fd in made:
-        try:
-            os.close(fd)
-        except OSError:
-            pass
-
-
-def pipe_fd(made: list[int]) -> int:
-    r, w = os.pipe()
-    os.close(w)
-    made.append(r)
-    return r
-
-
-def is_open(fd: int) -> bool:
-    try:
-        os.fstat(fd)
-    except OSError:
-        return False
-    return True
 
 
 def decode(cls, request: int, payload: bytes, fds: list[int] | None = None, flags: int = 1):
@@ -80,14 +53,14 @@ def test_decode_takes_need_reply_from_the_header_for_requests_only() -> None:
     assert decode(m.FeaturesReply, FR.GET_FEATURES, payload, flags=0x5) == m.FeaturesReply(5)
 
 
-def test_wrong_fd_count_is_refused_naming_message_and_counts(fds) -> None:
+def test_wrong_fd_count_is_refused_naming_message_and_counts(pipe_fd) -> None:
     with pytest.raises(VhostUserRemoteError, match=re.escape(
             "SET_LOG_FD arrived with 0 file descriptors, expected 1; the peer attached the "
             "wrong ancillary data")):
         decode(m.SetLogFd, FR.SET_LOG_FD, b"")
     with pytest.raises(VhostUserRemoteError, match="GET_FEATURES arrived with 1 file descriptors, "
                                                    "expected 0"):
-        decode(m.GetFeatures, FR.GET_FEATURES, b"", [pipe_fd(fds)])
+        decode(m.GetFeatures, FR.GET_FEATURES, b"", [new_fd(pipe_fd)])
 
 
 def test_fd_zero_is_a_file_descriptor_and_negative_or_non_int_are_not() -> None:
@@ -121,8 +94,8 @@ def test_payload_sizes_at_the_limits_decode_and_one_byte_off_is_refused_with_the
 # Vring fd messages and the host notifier
 
 
-def test_vring_index_255_fits_and_256_or_negative_is_refused_at_encode(fds) -> None:
-    fd = pipe_fd(fds)
+def test_vring_index_255_fits_and_256_or_negative_is_refused_at_encode(pipe_fd) -> None:
+    fd = new_fd(pipe_fd)
     data, sent = m.SetVringCall(index=255, fd=fd).encode()
     assert struct.unpack("=Q", data[12:])[0] == 255 and sent == [fd]
     assert struct.unpack("=Q", m.SetVringCall(index=0, fd=None).encode()[0][12:])[0] == 0x100
@@ -139,15 +112,15 @@ def test_vring_fd_message_with_reserved_bits_is_refused_naming_the_value() -> No
         decode(m.SetVringKick, FR.SET_VRING_KICK, struct.pack("=Q", 0x201))
 
 
-def test_vring_fd_message_decodes_index_and_fd_or_the_no_fd_flag(fds) -> None:
-    fd = pipe_fd(fds)
+def test_vring_fd_message_decodes_index_and_fd_or_the_no_fd_flag(pipe_fd) -> None:
+    fd = new_fd(pipe_fd)
     assert decode(m.SetVringErr, FR.SET_VRING_ERR, struct.pack("=Q", 0xFF), [fd]) == \
         m.SetVringErr(index=255, fd=fd)
     assert decode(m.SetVringErr, FR.SET_VRING_ERR, struct.pack("=Q", 0x107)) == \
         m.SetVringErr(index=7, fd=None)
 
 
-def test_host_notifier_index_limits_and_reserved_bits(fds) -> None:
+def test_host_notifier_index_limits_and_reserved_bits(pipe_fd) -> None:
     data, _ = m.VringHostNotifier(index=255, size=1, offset=2, fd=None).encode()
     assert struct.unpack("=QQQ", data[12:]) == (0x1FF, 1, 2)
     with pytest.raises(VhostUserLocalError, match=re.escape(
@@ -158,7 +131,7 @@ def test_host_notifier_index_limits_and_reserved_bits(fds) -> None:
     with pytest.raises(VhostUserRemoteError, match=re.escape(
             "VRING_HOST_NOTIFIER_MSG sets reserved bits 0x400")):
         decode(m.VringHostNotifier, BR.VRING_HOST_NOTIFIER_MSG, struct.pack("=QQQ", 0x400, 0, 0))
-    fd = pipe_fd(fds)
+    fd = new_fd(pipe_fd)
     assert decode(m.VringHostNotifier, BR.VRING_HOST_NOTIFIER_MSG,
                   struct.pack("=QQQ", 3, 4096, 8192), [fd]) == \
         m.VringHostNotifier(index=3, size=4096, offset=8192, fd=fd)
@@ -214,7 +187,7 @@ def test_get_config_request_decodes_offset_size_and_flags() -> None:
 # Memory table and regions
 
 
-def test_mem_table_of_more_than_eight_regions_or_unmatched_fds_is_refused_at_encode(fds) -> None:
+def test_mem_table_of_more_than_eight_regions_or_unmatched_fds_is_refused_at_encode(pipe_fd) -> None:
     with pytest.raises(VhostUserLocalError, match=re.escape(
             "SET_MEM_TABLE: 9 regions with 9 fds; pass at most 8 regions and exactly one fd per "
             "region")):
@@ -225,14 +198,14 @@ def test_mem_table_of_more_than_eight_regions_or_unmatched_fds_is_refused_at_enc
     assert struct.unpack_from("=II", data, 12) == (8, 0) and sent == list(range(8))
 
 
-def test_mem_table_decode_checks_count_size_and_fds(fds) -> None:
+def test_mem_table_decode_checks_count_size_and_fds(pipe_fd) -> None:
     with pytest.raises(VhostUserRemoteError, match=re.escape(
             "SET_MEM_TABLE has 9 regions, at most 8 allowed")):
         decode(m.SetMemTable, FR.SET_MEM_TABLE, struct.pack("=II", 9, 0))
     with pytest.raises(VhostUserRemoteError, match=re.escape(
             "SET_MEM_TABLE payload is 40 bytes for 2 regions, expected 72")):
         decode(m.SetMemTable, FR.SET_MEM_TABLE, struct.pack("=II", 2, 0) + REGION.pack())
-    one = [pipe_fd(fds)]
+    one = [new_fd(pipe_fd)]
     body = struct.pack("=II", 1, 0) + REGION.pack()
     assert decode(m.SetMemTable, FR.SET_MEM_TABLE, body, one) == m.SetMemTable((REGION,), tuple(one))
     padded = body + bytes(7 * 32)
@@ -246,20 +219,20 @@ def test_region_fields_are_packed_in_struct_order() -> None:
     assert m.MemoryRegion.unpack_from(b"xx" + REGION.pack(), 2) == REGION
 
 
-def test_add_and_rem_mem_reg_carry_the_region_after_a_u64_of_padding(fds) -> None:
-    fd = pipe_fd(fds)
+def test_add_and_rem_mem_reg_carry_the_region_after_a_u64_of_padding(pipe_fd) -> None:
+    fd = new_fd(pipe_fd)
     data, sent = m.AddMemReg(region=REGION, fd=fd).encode()
     assert data[12:] == bytes(8) + REGION.pack() and sent == [fd]
     assert decode(m.AddMemReg, FR.ADD_MEM_REG, data[12:], [fd]) == m.AddMemReg(REGION, fd)
     assert decode(m.RemMemReg, FR.REM_MEM_REG, data[12:]) == m.RemMemReg(REGION)
 
 
-def test_rem_mem_reg_closes_one_stray_fd_and_refuses_two(fds) -> None:
+def test_rem_mem_reg_closes_one_stray_fd_and_refuses_two(pipe_fd) -> None:
     payload = bytes(8) + REGION.pack()
-    stray = pipe_fd(fds)
+    stray = new_fd(pipe_fd)
     assert decode(m.RemMemReg, FR.REM_MEM_REG, payload, [stray]) == m.RemMemReg(REGION)
     assert not is_open(stray)
-    two = [pipe_fd(fds), pipe_fd(fds)]
+    two = [new_fd(pipe_fd), new_fd(pipe_fd)]
     with pytest.raises(VhostUserRemoteError, match="REM_MEM_REG arrived with 2 file descriptors"):
         decode(m.RemMemReg, FR.REM_MEM_REG, payload, two)
     assert all(is_open(fd) for fd in two)
@@ -269,8 +242,8 @@ def test_rem_mem_reg_closes_one_stray_fd_and_refuses_two(fds) -> None:
 # The other payloads
 
 
-def test_log_base_decodes_size_offset_and_its_fd(fds) -> None:
-    fd = pipe_fd(fds)
+def test_log_base_decodes_size_offset_and_its_fd(pipe_fd) -> None:
+    fd = new_fd(pipe_fd)
     msg = decode(m.SetLogBase, FR.SET_LOG_BASE, struct.pack("=QQ", 0x8000, 0x10), [fd])
     assert msg == m.SetLogBase(mmap_size=0x8000, mmap_offset=0x10, fd=fd)
     with pytest.raises(VhostUserRemoteError, match="SET_LOG_BASE arrived with 0"):
@@ -318,14 +291,14 @@ def test_iotlb_is_padded_to_32_bytes_and_decodes_its_fields() -> None:
         decode(m.IotlbMsg, FR.IOTLB_MSG, data[12:], [0])
 
 
-def test_inflight_messages_are_padded_to_24_bytes_and_decode_their_fields(fds) -> None:
+def test_inflight_messages_are_padded_to_24_bytes_and_decode_their_fields(pipe_fd) -> None:
     get = m.GetInflightFd(num_queues=2, queue_size=256)
     data = get.encode()[0]
     assert data[12:] == struct.pack("=QQHH", 0, 0, 2, 256) + bytes(4)
     assert decode(m.GetInflightFd, FR.GET_INFLIGHT_FD, data[12:]) == get
     with pytest.raises(VhostUserRemoteError, match="GET_INFLIGHT_FD arrived with 1"):
         decode(m.GetInflightFd, FR.GET_INFLIGHT_FD, data[12:], [0])
-    fd = pipe_fd(fds)
+    fd = new_fd(pipe_fd)
     body = struct.pack("=QQHH", 0x3000, 0x10, 2, 256)
     assert decode(m.SetInflightFd, FR.SET_INFLIGHT_FD, body, [fd]) == m.SetInflightFd(
         0x3000, 0x10, 2, 256, fd)

@@ -21,6 +21,7 @@ from pymvm.vhost.user.protocol import (
     ConnectionState,
     FrontendConnection,
 )
+from tests.unit.test_vhost_user_protocol import is_open
 
 PROTO = m.PROTOCOL_FEATURES_FLAG
 
@@ -42,14 +43,6 @@ def new_fd(made: list[int]) -> int:
     os.close(w)
     made.append(r)
     return r
-
-
-def is_open(fd: int) -> bool:
-    try:
-        os.fstat(fd)
-    except OSError:
-        return False
-    return True
 
 
 def feed(conn, message: m.Message) -> m.Message:
