@@ -37,7 +37,7 @@ from pathlib import Path
 from pymvm.api.client import request
 from pymvm.images.initramfs import encode_cmd, encode_net
 from pymvm.testing.backends import BuiltinNetProcess
-from pymvm.testing.dpdk import TESTPMD, Testpmd
+from pymvm.testing.dpdk import TESTPMD, Testpmd, wait_until
 from pymvm.testing.udp import (
     ECHO_PORT,
     UdpStream,
@@ -56,16 +56,6 @@ WINDOW_TAIL_S = 1.0
 
 def log(msg: str) -> None:
     print(f"[bench/swap {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def wait(predicate, timeout: float, what: str, proc: subprocess.Popen | None = None) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"{what}: the process exited with status {proc.returncode}")
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"{what}: not within {timeout:.0f} s")
-        time.sleep(0.1)
 
 
 def has_address(ip: str) -> bool:
@@ -219,7 +209,7 @@ def pymvm_swaps(kernel: Path, initramfs: Path, tmp: Path, rounds: int,
     stream = None
     pairs: dict[str, list[dict[str, float]]] = {}
     try:
-        wait(lambda: has_address(HOST_IP), START_TIMEOUT_S, "the VM's bridge", vmm)
+        wait_until(lambda: has_address(HOST_IP), START_TIMEOUT_S, "the VM's bridge", vmm)
         stream = UdpStream(HOST_IP, GUEST_IP, pps=pps)
         if not stream.wait_flowing(START_TIMEOUT_S):
             raise RuntimeError(f"no echoes:\n{(tmp / 'swap-console.log').read_text()[-2000:]}")

@@ -7,8 +7,9 @@ from __future__ import annotations
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
+
+from .dpdk import wait_until
 
 
 def unix_socket_listening(path: str | Path) -> bool:
@@ -45,15 +46,11 @@ class BuiltinNetProcess:
         with open(self.log_path, "ab") as out:
             self.proc = subprocess.Popen(self.argv(), stdin=subprocess.DEVNULL, stdout=out,
                                          stderr=subprocess.STDOUT)
-        what = f"the built-in back-end listening on {self.socket_path}"
-        deadline = time.monotonic() + self.start_timeout
-        while not self.listening():
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{what}: the process exited with status "
-                                   f"{self.proc.returncode} (log: {self.log_path})")
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{what}: not within {self.start_timeout:.0f} s")
-            time.sleep(0.1)
+        try:
+            wait_until(self.listening, self.start_timeout,
+                       f"the built-in back-end listening on {self.socket_path}", self.proc)
+        except RuntimeError as e:
+            raise RuntimeError(f"{e} (log: {self.log_path})") from None
 
     def listening(self) -> bool:
         return unix_socket_listening(self.socket_path)
