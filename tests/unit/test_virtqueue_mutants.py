@@ -204,26 +204,26 @@ def test_event_idx_notifies_exactly_when_the_used_event_is_crossed(old, new, use
 # Indirect tables read in bulk
 
 
-def test_bulk_chain_keeps_its_head() -> None:
+def bulk_indirect_chain(writable_len: int) -> Driver:
+    """Head 2: an indirect table (read in bulk) of a 16-byte readable and a writable buffer."""
     d = Driver(size=4)
     table = DATA + 0x1000
     d.desc(0, DATA, 16, NEXT, 1, table=table)
-    d.desc(1, DATA + 0x200, 32, WRITE, 0, table=table)
+    d.desc(1, DATA + 0x200, writable_len, WRITE, 0, table=table)
     d.desc(2, table, 32, INDIRECT)
     d.queue.bulk_indirect = 1
     d.publish(2)
+    return d
+
+
+def test_bulk_chain_keeps_its_head() -> None:
+    d = bulk_indirect_chain(32)
     chain = d.queue.pop_avail()
     assert isinstance(chain, BulkChain) and chain.head == 2
 
 
 def test_bulk_table_with_a_length_over_2_gib_is_dropped_as_outside_memory() -> None:
-    d = Driver(size=4)
-    table = DATA + 0x1000
-    d.desc(0, DATA, 16, NEXT, 1, table=table)
-    d.desc(1, DATA + 0x200, 0x8000_0000, WRITE, 0, table=table)
-    d.desc(2, table, 32, INDIRECT)
-    d.queue.bulk_indirect = 1
-    d.publish(2)
+    d = bulk_indirect_chain(0x8000_0000)
     assert d.queue.pop_avail() is None
     assert d.used(0) == (2, 0) and d.queue.dropped_chains == 1
 
