@@ -55,6 +55,48 @@ NESTED_MODULES = ("kvm_amd", "vhost_net", "vhost_vsock", "tun")
 # QEMU TCG cannot run a hardware-KVM CPU model; EPYC + svm gives kvm_amd with nested paging.
 QEMU_CPU = "EPYC,+svm"
 
+#: Experiment knobs of issue 8 (see NestedSettings.from_env); unset means the default.
+SETTINGS_ENV = ("PYMVM_NESTED_QEMU", "PYMVM_NESTED_CPU_MODEL", "PYMVM_NESTED_TB_SIZE",
+                "PYMVM_NESTED_KVM_AMD")
+_MODULE_PARAMS = re.compile(r"[a-z_]+=[A-Za-z0-9_]+( [a-z_]+=[A-Za-z0-9_]+)*")
+
+
+@dataclass(frozen=True)
+class NestedSettings:
+    """How the nested host is emulated: the knobs compared in issue 8's freeze experiments.
+    The defaults are the setting every test and benchmark runs with."""
+
+    qemu: str | None = None  # QEMU binary (default: vng's choice, this machine's QEMU)
+    cpu_model: str = QEMU_CPU
+    tb_size_mib: int | None = None  # TCG translation cache (QEMU's default: 1 GiB on x86)
+    kvm_amd: str = ""  # kvm_amd module parameters inside, e.g. "npt=0 avic=0"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> NestedSettings:
+        def get(name: str) -> str | None:
+            return (env.get(name) or "").strip() or None
+
+        tb = get("PYMVM_NESTED_TB_SIZE")
+        if tb is not None and not (tb.isdigit() and int(tb) > 0):
+            raise NestedHostError(
+                f"PYMVM_NESTED_TB_SIZE={tb!r} is not a size in MiB: give a positive integer")
+        params = get("PYMVM_NESTED_KVM_AMD") or ""
+        if params and not _MODULE_PARAMS.fullmatch(params):
+            raise NestedHostError(
+                f"PYMVM_NESTED_KVM_AMD={params!r} is not a list of module parameters: "
+                "give NAME=VALUE pairs separated by spaces, e.g. 'npt=0 avic=0'")
+        cpu = get("PYMVM_NESTED_CPU_MODEL") or QEMU_CPU
+        if any(c.isspace() for c in cpu):
+            raise NestedHostError(
+                f"PYMVM_NESTED_CPU_MODEL={cpu!r} has a space: give one QEMU -cpu value")
+        return cls(qemu=get("PYMVM_NESTED_QEMU"), cpu_model=cpu,
+                   tb_size_mib=None if tb is None else int(tb), kvm_amd=params)
+
+    def describe(self) -> str:
+        return (f"qemu={self.qemu or 'default'} cpu={self.cpu_model} "
+                f"tb_size={self.tb_size_mib or 'default'} kvm_amd={self.kvm_amd or 'default'}")
+
+
 EXIT_NESTED_HOST_DIED = 125
 """run_nested's result when the nested host ended without recording the command's status
 (kernel panic, OOM, QEMU crash). Like ``docker run``'s 125: the runner failed, not CMD."""
@@ -71,6 +113,7 @@ SCRIPT_FILE = "run.sh"
 DEFAULT_CPUS = 1
 HEARTBEAT_FILE = "heartbeat"
 CONSOLE_FILE = "console.log"
+MONITOR_FILE = "monitor.sock"
 #: The nested host's kernel messages at this level and worse (oopses, panics, lockups) go to
 #: a second serial port logged to CONSOLE_FILE: vng sends its own console to /dev/null.
 CONSOLE_LOGLEVEL = 4
@@ -420,6 +463,7 @@ def render_script(
     modules: Sequence[str] = NESTED_MODULES,
     prelude: Sequence[str] = (),
     heartbeat_path: Path | None = None,
+    module_params: Mapping[str, str] = _EMPTY_ENV,
 ) -> str:
     """The shell script the nested host runs: load modules, run ``prelude`` (lines), set env,
     run argv, save status. With ``heartbeat_path``, a background loop rewrites that file
@@ -433,10 +477,15 @@ def render_script(
     status = shlex.quote(str(status_path))
     lines = ["#!/bin/sh", "# Written by pymvm.nested; runs inside the nested KVM host."]
     for module in modules:
+        params = shlex.split(module_params.get(module, ""))
         lines.append(
-            f"modprobe {shlex.quote(module)} || "
+            f"modprobe {shlex.join([module, *params])} || "
             f"echo 'pymvm.nested: warning: modprobe {module} failed' >&2"
         )
+    if module_params.get("kvm_amd"):
+        # What the experiment really ran with (a parameter the module ignores stays default).
+        lines.append("echo \"pymvm.nested: kvm_amd $(cd /sys/module/kvm_amd/parameters && "
+                     "grep -H . npt avic vgif vls nested nrips 2>/dev/null | tr ':\\n' '= ')\" >&2")
     lines += prelude
     if heartbeat_path is not None:
         beat = shlex.quote(str(heartbeat_path))
@@ -472,14 +521,27 @@ def vng_command(
     memory: str,
     console_log: Path | None = None,
     tcg_thread: str | None = None,
+    monitor: Path | None = None,
+    settings: NestedSettings | None = None,
 ) -> list[str]:
     """The vng command line that boots the nested host and runs ``script`` there; with
     ``console_log``, the host's kernel warnings and panics are written to that file.
     ``tcg_thread`` ("single" or "multi", from PYMVM_NESTED_TCG_THREAD) picks QEMU's TCG
-    threading; "single" avoided no freeze and made a 2-vCPU L2 boot too slow to use."""
-    qemu_opts = f"-cpu {QEMU_CPU}"
+    threading; "single" avoided no freeze and made a 2-vCPU L2 boot too slow to use.
+    ``monitor`` is a UNIX socket for QEMU's human monitor (read when the host freezes);
+    ``settings`` are the experiment knobs of issue 8 (QEMU binary, CPU model, TCG cache)."""
+    settings = settings or NestedSettings()
+    qemu_opts = f"-cpu {settings.cpu_model}"
+    accel = []
     if tcg_thread is not None:
-        qemu_opts += f" -accel tcg,thread={tcg_thread}"
+        accel.append(f"thread={tcg_thread}")
+    if settings.tb_size_mib is not None:
+        accel.append(f"tb-size={settings.tb_size_mib}")
+    if accel:
+        qemu_opts += " -accel tcg," + ",".join(accel)
+    if monitor is not None:
+        _check_shareable(monitor)
+        qemu_opts += f" -monitor unix:{monitor},server=on,wait=off"
     append = KERNEL_CMDLINE_MARK
     if console_log is not None:
         _check_shareable(console_log)
@@ -498,6 +560,8 @@ def vng_command(
         f"--append={append}",
         "--cwd", str(cwd),
     ]
+    if settings.qemu is not None:
+        cmd.append(f"--qemu={settings.qemu}")
     for path in rwdirs:
         _check_shareable(path)
         cmd.append(f"--rwdir={path}={path}")
@@ -610,6 +674,136 @@ def _pump(
             out.feed(chunk)
 
 
+#: What the frozen host's QEMU is asked through its human monitor: the state of each vCPU
+#: (registers three times, a second apart: a RIP that moves is a host that still runs,
+#: only too slowly), the code at the current RIP, and TCG's translation statistics.
+FREEZE_MONITOR_COMMANDS = ("info status", "info cpus", "info registers", "info jit",
+                           "x/6i $pc", "info registers", "info lapic", "info registers",
+                           "info jit")
+
+
+def _monitor_session(path: Path, commands: Sequence[str], pause_s: float = 1.0,
+                     timeout_s: float = 10.0) -> str:
+    """Run ``commands`` on QEMU's human monitor at the UNIX socket ``path``; the transcript."""
+    import socket
+
+    out: list[str] = []
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout_s)
+        sock.connect(str(path))
+
+        def until_prompt() -> str:
+            data = b""
+            while not data.endswith(b"(qemu) "):
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+            return data.decode(errors="replace")
+
+        until_prompt()  # the banner
+        for i, command in enumerate(commands):
+            if i and command == "info registers":
+                time.sleep(pause_s)
+            sock.sendall(command.encode() + b"\n")
+            reply = until_prompt().replace("\r", "")
+            # The monitor echoes the command line (with terminal escapes) before the answer.
+            body = reply.split("\n", 1)[1] if "\n" in reply else reply
+            body = "\n".join(line for line in body.removesuffix("(qemu) ").rstrip().splitlines()
+                             if not line.startswith(("YMM", "XMM", "FPR")))  # vector state: noise
+            out.append(f"(qemu) {command}\n{body}")
+    return "\n".join(out)
+
+
+def _session_processes(sid: int) -> dict[int, str]:
+    """The processes of session ``sid`` (vng and the QEMU it started), pid -> command name."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        comm = stat[stat.index("(") + 1:stat.rindex(")")]
+        fields = stat[stat.rindex(")") + 2:].split()
+        if int(fields[3]) == sid:  # field 6 of stat: the session id
+            found[int(entry.name)] = comm
+    return found
+
+
+def _thread_cpu(pid: int, interval_s: float = 2.0) -> str:
+    """Each thread of ``pid`` with its CPU use over ``interval_s``: which ones spin."""
+    def sample() -> dict[str, tuple[str, int]]:
+        ticks = {}
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            try:
+                stat = (task / "stat").read_text()
+            except OSError:
+                continue
+            comm = stat[stat.index("(") + 1:stat.rindex(")")]
+            fields = stat[stat.rindex(")") + 2:].split()
+            ticks[task.name] = (comm, int(fields[11]) + int(fields[12]))  # utime + stime
+        return ticks
+
+    before = sample()
+    time.sleep(interval_s)
+    after = sample()
+    hz = os.sysconf("SC_CLK_TCK")
+    rows = [f"  tid {tid:>8} {comm:<20} {100 * (t - before.get(tid, (comm, t))[1]) / hz / interval_s:5.0f}% CPU"
+            for tid, (comm, t) in sorted(after.items(), key=lambda kv: -kv[1][1])]
+    return "\n".join(rows)
+
+
+def capture_frozen_host(sid: int, monitor: Path | None) -> str:
+    """What a frozen (or hung) nested host's QEMU is doing, before it is stopped: its
+    threads' CPU use, the vCPUs' state through the monitor, and every thread's stack from
+    gdb where gdb is installed. Each part that fails says why instead."""
+    parts = [f"captured at {time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime())} UTC"]
+    qemu = [pid for pid, comm in _session_processes(sid).items() if comm.startswith("qemu-system")]
+    if not qemu:
+        return "\n".join(parts + ["no QEMU process found in the nested host's session"])
+    pid = qemu[0]
+    parts.append(f"QEMU pid {pid}, its threads' CPU over 2 s:")
+    try:
+        parts.append(_thread_cpu(pid))
+    except OSError as exc:
+        parts.append(f"  (not readable: {exc})")
+    if monitor is not None:
+        try:
+            parts.append(_monitor_session(monitor, FREEZE_MONITOR_COMMANDS))
+        except OSError as exc:
+            parts.append(f"QEMU monitor at {monitor}: not reachable ({exc})")
+    gdb = shutil.which("gdb")
+    if gdb is None:
+        parts.append("gdb is not installed: no thread stacks")
+    else:
+        try:
+            res = subprocess.run(
+                [gdb, "-p", str(pid), "-batch", "-nx", "-ex", "set pagination off",
+                 "-ex", "thread apply all bt 12"],
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                timeout=60, check=False)
+            text = res.stdout.decode(errors="replace")
+            parts.append("gdb, every thread's stack:\n" + "\n".join(
+                line for line in text.splitlines() if line.startswith(("Thread ", "#"))))
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            parts.append(f"gdb failed: {exc}")
+    return "\n".join(parts)
+
+
+def _save_capture(text: str, cwd: Path) -> Path | None:
+    """Keep a freeze capture under ``cwd``/results (CI keeps that folder's files)."""
+    folder = Path(os.environ.get("PYMVM_NESTED_CAPTURE_DIR") or cwd / "results")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"nested-freeze-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}.txt"
+        path.write_text(text + "\n")
+    except OSError:
+        return None
+    return path
+
+
 def _heartbeat_age(path: Path) -> float:
     """Seconds since the heartbeat was last written (0 before the first one)."""
     try:
@@ -655,6 +849,7 @@ def run_nested(
     if not cwd.is_dir():
         raise NestedHostError(f"working directory {cwd} does not exist")
     sink = output if output is not None else sys.stdout.buffer
+    settings = NestedSettings.from_env(os.environ)
     kernel = find_kernel()
     vng = find_vng()
     check_tools()
@@ -681,16 +876,20 @@ def run_nested(
         heartbeat = workdir / HEARTBEAT_FILE
         script.write_text(
             render_script(argv, cwd=cwd, env=inner_env, status_path=status_path, prelude=prelude,
-                          heartbeat_path=heartbeat)
+                          heartbeat_path=heartbeat,
+                          module_params={"kvm_amd": settings.kvm_amd} if settings.kvm_amd else {})
         )
         shared = _dedupe_rwdirs([workdir, cwd, *rwdirs, cache])
         console_log = workdir / CONSOLE_FILE
+        monitor = workdir / MONITOR_FILE
         cmd = vng_command(
             vng=vng, kernel=kernel, script=script, rwdirs=shared, cwd=cwd, cpus=cpus,
             memory=memory, console_log=console_log,
             tcg_thread=os.environ.get("PYMVM_NESTED_TCG_THREAD") or None,
+            monitor=monitor, settings=settings,
         )
-        log.info("nested_host_start", kernel=kernel.name, cpus=cpus, memory=memory, argv=list(argv))
+        log.info("nested_host_start", kernel=kernel.name, cpus=cpus, memory=memory, argv=list(argv),
+                 settings=settings.describe())
         sys.stdout.flush()
         proc = subprocess.Popen(
             cmd,
@@ -708,6 +907,12 @@ def run_nested(
                             heartbeat)
             if outcome == "eof":
                 proc.wait()
+            else:
+                capture = capture_frozen_host(proc.pid, monitor if monitor.exists() else None)
+                saved = _save_capture(capture, cwd)
+                _note("pymvm.nested: what QEMU was doing when it was stopped"
+                      + (f" (kept in {saved})" if saved else "") + ":\n"
+                      + "\n".join(capture.splitlines()[:40]))
         finally:
             out.close()
             _stop(proc)

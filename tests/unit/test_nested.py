@@ -758,3 +758,145 @@ def test_bench_wrappers_retry_in_a_fresh_nested_host() -> None:
     assert wrappers, "no bench wrapper runs the nested host"
     for wrapper in wrappers:
         assert "--attempts" in wrapper.read_text(), f"{wrapper.name} has no retry"
+
+
+# ------------------------------------------------------------ issue 8: knobs and freeze capture
+
+
+def test_nested_settings_default_to_the_setting_every_run_uses() -> None:
+    settings = nested.NestedSettings.from_env({})
+    assert settings == nested.NestedSettings()
+    cmd = nested.vng_command(vng="vng", kernel=Path("/k"), script=Path("/t/run.sh"), rwdirs=[],
+                             cwd=Path("/"), cpus=1, memory="3G", settings=settings)
+    assert "--qemu-opts=-cpu EPYC,+svm" in cmd
+    assert not any(arg.startswith("--qemu=") for arg in cmd)
+
+
+def test_nested_settings_from_env_reach_qemu_and_kvm_amd(tmp_path: Path) -> None:
+    settings = nested.NestedSettings.from_env({
+        "PYMVM_NESTED_QEMU": "/opt/qemu10/qemu-system-x86_64",
+        "PYMVM_NESTED_CPU_MODEL": "EPYC-Rome,+svm,-npt",
+        "PYMVM_NESTED_TB_SIZE": "256",
+        "PYMVM_NESTED_KVM_AMD": "npt=0 avic=0",
+    })
+    cmd = nested.vng_command(vng="vng", kernel=Path("/k"), script=Path("/t/run.sh"), rwdirs=[],
+                             cwd=Path("/"), cpus=1, memory="3G", tcg_thread="multi",
+                             monitor=Path("/t/monitor.sock"), settings=settings)
+    assert ("--qemu-opts=-cpu EPYC-Rome,+svm,-npt -accel tcg,thread=multi,tb-size=256 "
+            "-monitor unix:/t/monitor.sock,server=on,wait=off") in cmd
+    assert "--qemu=/opt/qemu10/qemu-system-x86_64" in cmd
+    script = nested.render_script(["true"], cwd=Path("/"), env={}, status_path=Path("/s"),
+                                  module_params={"kvm_amd": settings.kvm_amd})
+    assert "modprobe kvm_amd npt=0 avic=0 || " in script
+    assert "modprobe vhost_net || " in script
+    assert "pymvm.nested: kvm_amd" in script  # the values in effect are printed
+
+
+@pytest.mark.parametrize("name, value, problem", [
+    ("PYMVM_NESTED_TB_SIZE", "1G", "not a size in MiB"),
+    ("PYMVM_NESTED_TB_SIZE", "0", "not a size in MiB"),
+    ("PYMVM_NESTED_KVM_AMD", "npt=0; reboot", "not a list of module parameters"),
+    ("PYMVM_NESTED_CPU_MODEL", "EPYC -smp 4", "has a space"),
+])
+def test_nested_settings_refuse_bad_values_naming_the_variable(name: str, value: str,
+                                                                problem: str) -> None:
+    with pytest.raises(NestedHostError, match=f"{name}=.*{problem}"):
+        nested.NestedSettings.from_env({name: value})
+
+
+def _fake_monitor(path: Path) -> "threading.Thread":
+    """A UNIX socket that answers like QEMU's human monitor: banner, echo, reply, prompt."""
+    import socket
+    import threading
+
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(path))
+    server.listen(1)
+    rips = iter(range(0x1000, 0x2000, 0x10))
+
+    def serve() -> None:
+        conn, _ = server.accept()
+        with conn, server:
+            conn.sendall(b"QEMU 7.2.22 monitor - type 'help' for more information\r\n(qemu) ")
+            buf = b""
+            while True:
+                data = conn.recv(4096)
+                if not data:
+                    return
+                buf += data
+                while b"\n" in buf:
+                    line, buf = buf.split(b"\n", 1)
+                    cmd = line.decode()
+                    if cmd == "info registers":
+                        answer = f"RAX=0 RIP={next(rips):016x} HLT=0"
+                    elif cmd == "info status":
+                        answer = "VM status: running"
+                    else:
+                        answer = f"answer to {cmd}"
+                    conn.sendall(b"\x1b[K" + line + b"\r\n" + answer.encode() + b"\r\n(qemu) ")
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_monitor_session_asks_each_command_and_keeps_the_answers(tmp_path: Path) -> None:
+    sock = tmp_path / "m.sock"
+    thread = _fake_monitor(sock)
+    text = nested._monitor_session(sock, ["info status", "info registers", "info registers"],
+                                   pause_s=0.01)
+    thread.join(5)
+    assert text.splitlines() == [
+        "(qemu) info status", "VM status: running",
+        "(qemu) info registers", "RAX=0 RIP=0000000000001000 HLT=0",
+        "(qemu) info registers", "RAX=0 RIP=0000000000001010 HLT=0",
+    ]
+
+
+def test_capture_of_a_frozen_host_has_qemus_threads_monitor_and_stacks(tmp_path: Path) -> None:
+    # A process named like QEMU in its own session stands for vng's QEMU.
+    fake_qemu = tmp_path / "qemu-system-x86_64"
+    fake_qemu.write_bytes(Path("/bin/sleep").read_bytes())
+    fake_qemu.chmod(0o755)
+    proc = subprocess.Popen([str(fake_qemu), "60"], start_new_session=True)
+    sock = tmp_path / "m.sock"
+    thread = _fake_monitor(sock)
+    try:
+        text = nested.capture_frozen_host(proc.pid, sock)
+    finally:
+        proc.kill()
+        proc.wait()
+    thread.join(5)
+    assert f"QEMU pid {proc.pid}" in text
+    assert "qemu-system-x86" in text and "% CPU" in text  # the thread table
+    assert text.count("(qemu) info registers") == 3
+    assert "(qemu) info jit" in text
+    if nested.shutil.which("gdb"):
+        assert "Thread 1" in text and "#0" in text
+    else:
+        assert "gdb is not installed" in text
+
+
+def test_capture_without_qemu_or_monitor_says_what_is_missing(tmp_path: Path) -> None:
+    proc = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    try:
+        assert "no QEMU process found" in nested.capture_frozen_host(proc.pid, None)
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_run_nested_keeps_a_capture_of_a_frozen_host_under_results(
+    fake_vng: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(nested, "HEARTBEAT_INTERVAL_S", 600)
+    monkeypatch.setattr(nested, "FROZEN_AFTER_S", 1.0)
+    monkeypatch.delenv("PYMVM_NESTED_CAPTURE_DIR", raising=False)
+    rc = nested.run_nested(["sh", "-c", "echo started; exec sleep 600"], cwd=fake_vng,
+                           output=io.BytesIO())
+    assert rc == EXIT_TIMEOUT
+    err = capsys.readouterr().err
+    assert "what QEMU was doing when it was stopped" in err
+    kept = list((fake_vng / "results").glob("nested-freeze-*.txt"))
+    assert len(kept) == 1 and "captured at" in kept[0].read_text()
+    assert str(kept[0]) in err
