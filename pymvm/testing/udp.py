@@ -141,6 +141,19 @@ class UdpStream:
             time.sleep(0.1)
         return False
 
+    def timeline(self, t0: float, t1: float, step: float = 1.0) -> list[list[float]]:
+        """Per ``step`` from ``t0`` to ``t1``: [seconds after t0, datagrams sent then, how
+        many of those were echoed]; how delivery moves around each swap."""
+        sent_at, received = self._snapshot()
+        slots = max(0, int((t1 - t0) / step))
+        rows = [[round(i * step, 3), 0, 0] for i in range(slots)]
+        for seq, t in sent_at.items():
+            i = int((t - t0) / step)
+            if t0 <= t and i < slots:
+                rows[i][1] += 1
+                rows[i][2] += seq in received
+        return rows
+
     def window(self, t0: float, t1: float) -> dict[str, float]:
         """Longest time without an echo in [t0, t1] and the datagrams sent then never echoed."""
         sent_at, received = self._snapshot()

@@ -346,6 +346,7 @@ def test_swap_vhost_net_builtin_dpdk_builtin_vhost_net_keeps_tcp_and_udp_going(
     records: list[SwapRecord] = []
     baseline: dict = {}
     refused_window: dict = {}
+    timeline: dict = {}
     try:
         guest.wait_console(r"MAC0=(\S+)", timeout=900)
         mac0 = re.search(r"MAC0=(\S+)", guest.console()).group(1)
@@ -412,6 +413,11 @@ def test_swap_vhost_net_builtin_dpdk_builtin_vhost_net_keeps_tcp_and_udp_going(
         baseline = stream.window(t_base, t_base + 5)
         refused_window = stream.window(t_refused, t_refused_end)
         records = [t.measure(stream, loss_rate(baseline)) for t in times]
+        # Delivery second by second, with each hand-over's place in it (seconds after the
+        # baseline's start): how it moved around each swap.
+        timeline = {"per_second": stream.timeline(t_base, time.monotonic() - 10),
+                    "handovers": [(t.to, round(t.h0 - t_base, 2), round(t.h1 - t_base, 2))
+                                  for t in times]}
         throttle.finish_at(FINISH_RATE)
         down_throttle.finish_at(FINISH_RATE)
         progress("last swap done: the transfers run to their end at "
@@ -440,7 +446,8 @@ def test_swap_vhost_net_builtin_dpdk_builtin_vhost_net_keeps_tcp_and_udp_going(
     console = guest.console()
     results = {"swaps": [r.__dict__ for r in records], "refused_swap": refused_window,
                "baseline": baseline, "handovers": handover_times(vmm_log.text()),
-               "udp_pps": UDP_PPS, "nested_cpus": len(os.sched_getaffinity(0))}
+               "udp_pps": UDP_PPS, "nested_cpus": len(os.sched_getaffinity(0)),
+               "timeline": timeline}
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "swap-e2e.json").write_text(json.dumps(results, indent=1) + "\n")
     print(json.dumps(results))

@@ -147,3 +147,15 @@ def test_a_held_up_udp_sender_skips_the_missed_datagrams_instead_of_bursting() -
     numbers = sorted(stream.sent)
     skipped = numbers[-1] + 1 - len(numbers)  # numbers never sent, from 0 on
     assert skipped >= 300, skipped  # the missed slots were skipped, not sent late
+
+
+def test_the_udp_stream_timeline_counts_sent_and_echoed_per_second() -> None:
+    from pymvm.testing.udp import UdpStream
+
+    stream = UdpStream.__new__(UdpStream)  # the bookkeeping alone: no sockets, no threads
+    stream._lock = __import__("threading").Lock()
+    stream.sent = {0: 10.1, 1: 10.6, 2: 11.2, 3: 12.9, 4: 13.5}
+    stream.received = {0: 10.2, 2: 11.4, 4: 13.6}
+    assert stream.timeline(10.0, 13.0) == [[0.0, 2, 1], [1.0, 1, 1], [2.0, 1, 0]]
+    assert stream.timeline(10.0, 14.0, step=2.0) == [[0.0, 3, 2], [2.0, 2, 1]]
+    assert stream.timeline(10.0, 10.5) == []
