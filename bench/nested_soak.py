@@ -8,6 +8,14 @@ or ``--max-hosts`` hosts were used. Inside each host the settings take turns:
     vmm   pymvm | qemu (QEMU microvm)
     cpus  1 | 2 vCPUs
     nic   none | vhost-net (a TAP with vhost-net; the guest pings the host 100 times, 20 ms apart)
+          | iperf (the same NIC moving TCP at full speed both ways for IPERF_S seconds: iperf3
+          --bidir against a server on the nested host; the freezes seen in e2e runs came
+          under such traffic)
+
+``--settings`` picks some of them (e.g. ``pymvm-1cpu-iperf``). The nested host's emulation
+is the default one unless the PYMVM_NESTED_* experiment variables say otherwise (issue 8:
+QEMU binary, CPU model, TCG cache size, kvm_amd parameters; see pymvm.nested.NestedSettings);
+the report names the setting used.
 
 Every boot writes a "start" record and then an "end" record (ok or the guest's error) to a
 JSON-lines progress file in the shared working tree, flushed and fsynced first, so that when
@@ -36,8 +44,10 @@ MEMORY_MIB = 256
 HOST_IP, GUEST_IP = "10.89.0.1", "10.89.0.2"
 CMDLINE = "console=ttyS0 reboot=t panic=-1 quiet"
 READY_TIMEOUT = 180.0
+IPERF_S = 20
+IPERF_PORT = 5301
 SETTINGS = [f"{vmm}-{cpus}cpu-{nic}" for vmm, cpus, nic in
-            product(("pymvm", "qemu"), (1, 2), ("none", "vhost-net"))]
+            product(("pymvm", "qemu"), (1, 2), ("none", "vhost-net", "iperf"))]
 
 
 def _record(progress: Path, **fields: object) -> None:
@@ -50,6 +60,10 @@ def _record(progress: Path, **fields: object) -> None:
 def _guest_cmd(nic: str) -> str:
     if nic == "none":
         return "true"
+    if nic == "iperf":
+        # Fails the boot unless the transfer ran (iperf3's summary has a "receiver" line).
+        return (f"ping -c 5 -W 5 {HOST_IP} >/dev/null; iperf3 -c {HOST_IP} -p {IPERF_PORT} "
+                f"-t {IPERF_S} --bidir | tail -4")
     # Exits non-zero (and so fails the boot) unless at least one reply came back.
     return f"ping -c 100 -i 0.02 -q {HOST_IP} | tail -2"
 
@@ -59,7 +73,8 @@ def _boot(setting: str, tmp: Path, kernel: Path, qemu: str) -> tuple[bool, str]:
 
     vmm, cpus_s, nic = setting.split("-", 2)
     cpus = int(cpus_s[0])
-    initramfs = build_initramfs(log=lambda *_: None)
+    initramfs = build_initramfs(extra_binaries=["iperf3"] if nic == "iperf" else [],
+                                log=lambda *_: None)
     cmdline = f"{CMDLINE} {encode_cmd(_guest_cmd(nic))}"
     if nic != "none":
         cmdline = f"{CMDLINE} {encode_net('eth0', f'{GUEST_IP}/24')} {encode_cmd(_guest_cmd(nic))}"
@@ -85,19 +100,33 @@ def _boot(setting: str, tmp: Path, kernel: Path, qemu: str) -> tuple[bool, str]:
                 subprocess.run(cmd, check=True)
             argv += ["-netdev", f"tap,id=n0,ifname={tap},script=no,downscript=no,vhost=on",
                      "-device", "virtio-net-device,netdev=n0"]
+    server = None
+    if nic == "iperf":  # on every address: pymvm's TAP and its address appear with the VM
+        server = subprocess.Popen(["iperf3", "-s", "-1", "-p", str(IPERF_PORT)],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         proc = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              stdin=subprocess.DEVNULL, timeout=READY_TIMEOUT, check=False)
+                              stdin=subprocess.DEVNULL, timeout=READY_TIMEOUT + IPERF_S, check=False)
         out = proc.stdout.decode(errors="replace")
     except subprocess.TimeoutExpired:
-        return False, f"no exit within {READY_TIMEOUT:g} s"
+        return False, f"no exit within {READY_TIMEOUT + IPERF_S:g} s"
     finally:
+        if server is not None:
+            server.kill()
+            server.wait()
         if vmm == "qemu" and nic != "none":
             subprocess.run(["ip", "link", "del", tap], check=False, stderr=subprocess.DEVNULL)
+    return check_output(nic, proc.returncode, out)
+
+
+def check_output(nic: str, status: int | None, out: str) -> tuple[bool, str]:
+    """Whether a boot did its job, from the guest's console: (ok, what went wrong)."""
     if "PYMVM-READY" not in out:
-        return False, f"no ready marker (status {proc.returncode}): {out[-300:]!r}"
-    if nic != "none" and " 0 received" in out or nic != "none" and "received" not in out:
+        return False, f"no ready marker (status {status}): {out[-300:]!r}"
+    if nic == "vhost-net" and (" 0 received" in out or "received" not in out):
         return False, f"the ping got no reply: {out[-300:]!r}"
+    if nic == "iperf" and "receiver" not in out:
+        return False, f"the iperf3 transfer did not run: {out[-300:]!r}"
     return True, ""
 
 
@@ -111,8 +140,9 @@ def inner(args: argparse.Namespace) -> int:
         return 2
     progress = Path(args.progress)
     with tempfile.TemporaryDirectory(prefix="pymvm-soak-") as tmp:
+        chosen = args.settings.split(",")
         for i in range(args.boots):
-            setting = SETTINGS[(args.offset + i) % len(SETTINGS)]
+            setting = chosen[(args.offset + i) % len(chosen)]
             _record(progress, event="start", host=args.host, setting=setting, t=time.time())
             start = time.monotonic()
             ok, error = _boot(setting, Path(tmp), kernel.bzimage, qemu)
@@ -137,6 +167,10 @@ def outer(args: argparse.Namespace) -> int:
     progress.unlink(missing_ok=True)
     outcomes: dict[int, str] = {}
     started = 0
+    from pymvm.nested import NestedSettings
+
+    print(f"nested_soak: nested host setting: {NestedSettings.from_env(os.environ).describe()}; "
+          f"L2 settings: {args.settings}", flush=True)
     for host in range(1, args.max_hosts + 1):
         if started >= args.boots:
             break
@@ -144,7 +178,7 @@ def outer(args: argparse.Namespace) -> int:
         cmd = [sys.executable, "-m", "pymvm.nested", "--cpus", str(args.cpus), "--attempts", "1",
                "--timeout", str(args.host_timeout), "--", sys.executable, "bench/nested_soak.py",
                "--inner", "--host", str(host), "--boots", str(boots), "--offset", str(started),
-               "--progress", str(progress)]
+               "--progress", str(progress), "--settings", args.settings]
         print(f"nested_soak: host {host}: {boots} boot(s) ({time.strftime('%H:%M:%S')})", flush=True)
         proc = subprocess.run(cmd, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, check=False)
         log = proc.stdout.decode(errors="replace")
@@ -191,6 +225,9 @@ def report(records: list[dict], outcomes: dict[int, str]) -> int:
     print(f"soak_boots={sum(1 for r in records if r['event'] == 'start')}")
     print(f"soak_host_failures={totals['froze'] + totals['died'] + totals['timed_out']}")
     print(f"soak_hosts={len(outcomes)}")
+    boots = sum(1 for r in records if r["event"] == "start")
+    failures = totals["froze"] + totals["died"] + totals["timed_out"]
+    print(f"nested_freezes_per_100_boots={100 * failures / boots if boots else 0:.1f}")
     return 0
 
 
@@ -202,10 +239,15 @@ def main() -> int:
     p.add_argument("--cpus", type=int, default=int(os.environ.get("PYMVM_NESTED_CPUS", "1")))
     p.add_argument("--host-timeout", type=int, default=1800, help="seconds per nested host")
     p.add_argument("--progress", default="results/nested-soak/progress.jsonl")
+    p.add_argument("--settings", default=",".join(SETTINGS),
+                   help="comma-separated settings to take turns (default: all of them)")
     p.add_argument("--inner", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--host", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--offset", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args()
+    unknown = [x for x in args.settings.split(",") if x not in SETTINGS]
+    if unknown:
+        p.error(f"unknown setting(s) {', '.join(unknown)}: choose from {', '.join(SETTINGS)}")
     return inner(args) if args.inner else outer(args)
 
 

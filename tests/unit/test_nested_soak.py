@@ -46,9 +46,31 @@ def test_a_freeze_is_charged_to_the_boot_that_was_running_and_a_death_between_bo
     assert rows["between boots"] == [0, 0, 0, 1, 0]
     assert rows["total"] == [2, 1, 1, 1, 0]
     assert "soak_boots=4" in out and "soak_host_failures=2" in out and "soak_hosts=3" in out
+    assert "nested_freezes_per_100_boots=50.0" in out  # 2 hosts lost in 4 boots
 
 
 def test_every_setting_combines_vmm_vcpus_and_nic(soak) -> None:
-    assert len(soak.SETTINGS) == 8
+    assert len(soak.SETTINGS) == 12
     assert {s.split("-", 2)[0] for s in soak.SETTINGS} == {"pymvm", "qemu"}
-    assert {s.split("-", 2)[2] for s in soak.SETTINGS} == {"none", "vhost-net"}
+    assert {s.split("-", 2)[2] for s in soak.SETTINGS} == {"none", "vhost-net", "iperf"}
+
+
+@pytest.mark.parametrize("nic, out, ok", [
+    ("none", "PYMVM-READY", True),
+    ("none", "Kernel panic", False),
+    ("vhost-net", "PYMVM-READY 100 packets transmitted, 98 received", True),
+    ("vhost-net", "PYMVM-READY 100 packets transmitted, 0 received", False),
+    ("iperf", "PYMVM-READY [SUM] 0.00-20.00 sec 300 MBytes receiver", True),
+    ("iperf", "PYMVM-READY iperf3: error - unable to connect to server", False),
+])
+def test_a_boot_counts_only_when_the_guest_did_its_job(soak, nic: str, out: str, ok: bool) -> None:
+    assert soak.check_output(nic, 0, out)[0] is ok
+
+
+def test_unknown_settings_are_refused_naming_the_valid_ones(soak, monkeypatch, capsys) -> None:
+    monkeypatch.setattr("sys.argv", ["nested_soak", "--settings", "pymvm-1cpu-iperf,pymvm-9cpu"])
+    with pytest.raises(SystemExit) as exc:
+        soak.main()
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "unknown setting(s) pymvm-9cpu" in err and "qemu-2cpu-iperf" in err
