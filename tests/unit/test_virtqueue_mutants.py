@@ -405,3 +405,170 @@ def test_memory_map_names_the_largest_region_and_refuses_bad_ones_exactly() -> N
             "guest memory region at 0x8 overlaps the region ending at 0x10; regions must be "
             "disjoint")):
         GuestMemoryMap([(0, memoryview(bytearray(16))), (8, memoryview(bytearray(16)))])
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory maps of several regions (the second mutation pass over queue.py)
+
+
+def pattern(size: int, seed: int) -> bytearray:
+    """Bytes that tell where a view points: byte i of region ``seed`` is (seed + i) % 251."""
+    return bytearray((seed + i) % 251 for i in range(size))
+
+
+def test_two_memory_regions_at_the_same_address_are_refused_as_overlapping() -> None:
+    from pymvm.devices.virtio.queue import GuestMemoryMap, VirtQueueError
+
+    with pytest.raises(VirtQueueError, match="region at 0x1000 overlaps the region ending at 0x1010"):
+        GuestMemoryMap([(0x1000, memoryview(bytearray(16))), (0x1000, memoryview(bytearray(32)))])
+
+
+@pytest.mark.parametrize("view", [memoryview(bytearray(32))[::2], memoryview(bytearray(32)).cast("I")],
+                         ids=["strided", "4-byte items"])
+def test_memory_regions_that_are_not_contiguous_bytes_are_refused(view: memoryview) -> None:
+    from pymvm.devices.virtio.queue import GuestMemoryMap, VirtQueueError
+
+    with pytest.raises(VirtQueueError, match="is not a writable contiguous byte view"):
+        GuestMemoryMap([(0, view)])
+
+
+def test_the_largest_region_is_found_when_it_comes_first_in_address_order() -> None:
+    from pymvm.devices.virtio.queue import GuestMemoryMap
+
+    big, small = bytearray(0x3000), bytearray(0x1000)
+    m = GuestMemoryMap([(0, memoryview(big)), (0x10000, memoryview(small))])
+    assert m.largest[:2] == (0, 0x3000) and m.largest[2].obj is big
+
+
+def three_adjacent_regions():
+    from pymvm.devices.virtio.queue import GuestMemoryMap
+
+    data = [pattern(0x100, seed) for seed in (1, 2, 3)]
+    memory = GuestMemoryMap([(0x1000 + 0x100 * i, memoryview(b)) for i, b in enumerate(data)])
+    return memory, data
+
+
+def test_segments_inside_a_later_region_are_that_regions_bytes() -> None:
+    memory, data = three_adjacent_regions()
+    segs = memory.segments(0x1210, 0x20)
+    assert [bytes(s) for s in segs] == [bytes(data[2][0x10:0x30])]
+
+
+def test_segments_across_three_adjacent_regions_are_split_at_each_boundary() -> None:
+    memory, data = three_adjacent_regions()
+    segs = memory.segments(0x10F0, 0x120)
+    assert [bytes(s) for s in segs] == [bytes(data[0][0xF0:]), bytes(data[1]), bytes(data[2][:0x10])]
+    segs = memory.segments(0x11F0, 0x20)  # from the second region into the third
+    assert [bytes(s) for s in segs] == [bytes(data[1][0xF0:]), bytes(data[2][:0x10])]
+
+
+def test_segments_below_the_first_region_are_outside_memory() -> None:
+    memory, _ = three_adjacent_regions()
+    assert memory.segments(0x10, 0x10) is None
+    assert memory.segments(0xFF0, 0x20) is None  # starts below, ends inside
+    assert memory.contiguous(0x10, 0x10) is None
+
+
+def two_region_queue(**kw):
+    """A queue whose rings and RAM are in a large region at 0, with a small second region
+    (0x100 bytes at 0x20000) such as a vhost-user front-end's extra memory slot."""
+    from pymvm.devices.virtio.queue import GuestMemoryMap, VirtQueue
+
+    ram, extra = bytearray(0x10000), pattern(0x100, 7)
+    memory = GuestMemoryMap([(0, memoryview(ram)), (0x20000, memoryview(extra))])
+    return VirtQueue(memory, 4, 0, 0x1000, 0x2000, **kw), ram, extra
+
+
+def test_a_buffer_in_a_smaller_memory_region_is_popped_as_a_view_of_that_region() -> None:
+    queue, ram, extra = two_region_queue()
+    struct.pack_into("<QIHH", ram, 0, 0x20010, 0x20, NEXT, 1)
+    struct.pack_into("<QIHH", ram, 16, 0x20080, 0x40, WRITE, 0)
+    struct.pack_into("<HHH", ram, 0x1000, 0, 1, 0)  # avail idx 1, ring[0] = head 0
+    chain = queue.pop_avail()
+    assert chain is not None and queue.broken is None
+    assert [bytes(v) for v in chain.readable] == [bytes(extra[0x10:0x30])]
+    assert [v.obj for v in chain.writable] == [extra] and chain.writable_len == 0x40
+
+
+def test_a_chain_of_several_readable_then_writable_buffers_keeps_every_buffer_in_order() -> None:
+    d = Driver(size=8)
+    d.ram[:] = pattern(len(d.ram), 0)
+    d.desc(0, DATA, 5, NEXT, 1)
+    d.desc(1, DATA + 0x100, 7, NEXT, 2)
+    d.desc(2, DATA + 0x200, 11, NEXT | WRITE, 3)
+    d.desc(3, DATA + 0x300, 13, WRITE)
+    d.publish(0)
+    chain = d.queue.pop_avail()
+    o = d.off(DATA)
+    assert [bytes(v) for v in chain.readable] == [bytes(d.ram[o : o + 5]),
+                                                 bytes(d.ram[o + 0x100 : o + 0x107])]
+    assert [v.nbytes for v in chain.writable] == [11, 13]
+    assert (chain.readable_len, chain.writable_len) == (12, 24)
+
+
+# ---------------------------------------------------------------------------------------------
+# Queue sizes and ring layout at their limits
+
+
+def test_a_queue_of_the_largest_size_is_accepted() -> None:
+    from pymvm.devices.virtio.queue import MAX_QUEUE_SIZE, GuestMemoryMap, VirtQueue
+
+    ram = bytearray(0x100000)
+    q = VirtQueue(GuestMemoryMap([(0, memoryview(ram))]), MAX_QUEUE_SIZE, 0, 0x80000, 0xA0000)
+    assert q.size == 32768
+
+
+def test_an_available_ring_that_ends_where_the_used_ring_starts_is_accepted() -> None:
+    q, _ = ring_queue(4, 0, 0x2000 - (6 + 2 * 4), 0x2000)
+    assert q.size == 4
+
+
+def test_an_available_ring_whose_used_event_lies_on_the_used_ring_is_refused() -> None:
+    from pymvm.devices.virtio.queue import VirtQueueError
+
+    avail = 0x2000 - (6 + 2 * 4) + 2  # its last field, used_event, is the used ring's flags
+    with pytest.raises(VirtQueueError, match=re.escape(
+            f"overlaps the available ring at {avail:#x}")):
+        ring_queue(4, 0, avail, 0x2000)
+
+
+# ---------------------------------------------------------------------------------------------
+# Ring fields are unsigned 16-bit values (§2.7: le16)
+
+
+def test_ring_indices_above_0x7fff_are_unsigned() -> None:
+    from pymvm.devices.virtio.queue import GuestMemoryMap, VirtQueue
+
+    ram = bytearray(0x10000)
+    struct.pack_into("<HH", ram, 0x2000, 0, 0x9000)  # used idx, as a restarted queue finds it
+    q = VirtQueue(GuestMemoryMap([(0, memoryview(ram))]), 4, 0, 0x1000, 0x2000, next_avail=0x8000)
+    assert q.next_used_idx == 0x9000
+    struct.pack_into("<QIHH", ram, 16 * 2, 0x4000, 8, WRITE, 0)
+    struct.pack_into("<HHH", ram, 0x1000, 0, 0x8001, 2)  # avail idx 0x8001, ring[0] = head 2
+    assert q.has_avail()
+    chain = q.pop_avail()
+    assert chain is not None and chain.head == 2 and not q.has_avail()
+    q.add_used(chain.head, 8)
+    assert struct.unpack_from("<H", ram, 0x2002)[0] == 0x9001 and q.next_used_idx == 0x9001
+
+
+@pytest.mark.parametrize("use_pop_writable", [False, True])
+def test_avail_ring_head_0xffff_breaks_the_queue(use_pop_writable: bool) -> None:
+    d = Driver(size=4)
+    d.desc(3, DATA, 64, WRITE)
+    d.publish(0xFFFF)
+    if use_pop_writable:
+        assert pop_writable(d, 1000)[0] == 0
+    else:
+        assert d.queue.pop_avail() is None
+    assert d.queue.broken == "avail ring names head 65535, outside the 4-entry table"
+
+
+def test_the_first_notification_check_with_event_idx_signals_whatever_used_event_says() -> None:
+    # The device cannot know what the driver was told before (a new or restarted queue).
+    d = Driver(size=8, event_idx=True)
+    d.used_event(5)
+    d.queue.add_used(0, 0)
+    assert d.queue.needs_notification() is True
+    d.queue.add_used(0, 0)
+    assert d.queue.needs_notification() is False  # used idx 2 has not crossed used_event 5
