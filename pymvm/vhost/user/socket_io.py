@@ -10,6 +10,7 @@ import array
 import socket
 import time
 from collections.abc import Sequence
+from typing import NoReturn
 
 from pymvm.vhost.user import messages as m
 from pymvm.vhost.user.errors import (
@@ -18,7 +19,7 @@ from pymvm.vhost.user.errors import (
     VhostUserRemoteError,
     VhostUserRequestFailed,
 )
-from pymvm.vhost.user.protocol import NEED_DATA, PEER_CLOSED, FrontendConnection
+from pymvm.vhost.user.protocol import NEED_DATA, FrontendConnection
 
 #: Most fds one vhost-user message carries (SET_MEM_TABLE: one per region).
 MAX_FDS = m.MAX_MEM_REGIONS
@@ -79,7 +80,7 @@ class FrontendChannel:
             send_with_fds(self.sock, data, fds)
             if self.conn.awaiting_reply is None:
                 return None
-            return self._read_reply(name)
+            return self._read_reply()
         except TimeoutError:
             self._break(f"no reply to {name} within {self.timeout:g} s")
         except OSError as e:
@@ -88,7 +89,6 @@ class FrontendChannel:
             raise
         except VhostUserRemoteError as e:
             self._break(f"{name}: {e}")
-        raise AssertionError("unreachable")
 
     def requests(self, messages: Sequence[m.Request]) -> list[m.Reply | None]:
         """Send ``messages`` back to back, then read their replies in order: one round trip
@@ -128,7 +128,7 @@ class FrontendChannel:
                     replies.append(None)
                     continue
                 try:
-                    replies.append(self._read_reply(name))
+                    replies.append(self._read_reply())
                 except VhostUserRequestFailed as e:
                     failure = failure or e
                     replies.append(None)
@@ -141,14 +141,13 @@ class FrontendChannel:
             raise
         except VhostUserRemoteError as e:
             self._break(f"{name}: {e}")
-        raise AssertionError("unreachable")
 
-    def _read_reply(self, name: str) -> m.Reply:
+    def _read_reply(self) -> m.Reply:
         deadline = time.monotonic() + self.timeout
         while True:
+            # Called only while a reply is owed: at EOF the connection raises "peer closed
+            # the connection before replying" (a remote error), never returns PEER_CLOSED.
             event = self.conn.next_event()
-            if event is PEER_CLOSED:
-                self._break(f"back-end closed the socket while {name} awaited its reply")
             if event is not NEED_DATA:
                 assert isinstance(event, m.Reply)
                 return event
@@ -159,7 +158,7 @@ class FrontendChannel:
             chunk, fds = recv_with_fds(self.sock)
             self.conn.receive_data(chunk, fds)
 
-    def _break(self, why: str) -> None:
+    def _break(self, why: str) -> NoReturn:
         self.broken = why
         raise VhostUserDisconnected(f"vhost-user back-end lost: {why}")
 
