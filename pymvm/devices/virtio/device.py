@@ -98,7 +98,7 @@ class VirtioDevice(ABC):
     def read_config(self, offset: int, data: bytearray) -> None:
         """Fill ``data`` from config space at ``offset``; bytes past the end read as 0."""
         config = self.config_bytes()
-        chunk = config[offset : offset + len(data)] if offset < len(config) else b""
+        chunk = config[offset : offset + len(data)]  # b"" from the end on
         data[:] = chunk + bytes(len(data) - len(chunk))
         if len(chunk) < len(data):
             log.warning(
