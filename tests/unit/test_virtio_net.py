@@ -238,3 +238,66 @@ def test_a_device_cannot_be_wrapped_by_two_transports():
     net, *_ = make()
     with pytest.raises(Exception, match="already attached"):
         VirtioMmioTransport(net, irq=6, interrupt=FakeInterrupt(), eventfds=None)
+
+
+@pytest.mark.parametrize(("mac", "mtu", "pairs", "message"), [
+    (b"\x06\x00\x00", 1500, 1, "virtio-net MAC must be 6 bytes, got 3: 06:00:00"),
+    (bytes.fromhex("010203040506"), 1500, 1,
+     "virtio-net MAC 01:02:03:04:05:06 is multicast; clear the low bit of the first byte"),
+    (MAC, 67, 1, "virtio-net MTU 67 is outside 68..65535"),
+    (MAC, 65536, 1, "virtio-net MTU 65536 is outside 68..65535"),
+    (MAC, 1500, 2, "virtio-net with 2 queue pairs needs VIRTIO_NET_F_MQ and a control queue, "
+                   "which pymvm does not offer; use queue_pairs=1"),
+])
+def test_bad_parameters_are_refused_naming_the_problem_and_the_fix(mac, mtu, pairs, message):
+    with pytest.raises(VirtioConfigError) as e:
+        VirtioNetDevice(mac, mtu, FakeBackend(), queue_pairs=pairs)
+    assert str(e.value) == message
+
+
+@pytest.mark.parametrize("mtu", [68, 65535])
+def test_the_smallest_and_largest_mtu_are_accepted_and_read_back_from_config_space(mtu: int):
+    _, _, t, _, _ = make(mtu=mtu)
+    data = bytearray(c.VIRTIO_NET_CONFIG_SIZE)
+    t.read(CONFIG, data)
+    assert struct.unpack("<HHH", data[6:]) == (c.VIRTIO_NET_S_LINK_UP, 1, mtu)
+
+
+def test_without_an_mtu_the_config_space_mtu_field_is_zero():
+    _, _, t, _, _ = make(mtu=None)
+    data = bytearray(c.VIRTIO_NET_CONFIG_SIZE)
+    t.read(CONFIG, data)
+    assert bytes(data) == MAC + struct.pack("<HHH", c.VIRTIO_NET_S_LINK_UP, 1, 0)
+
+
+def test_link_down_then_up_shows_the_link_up_again_with_one_interrupt_each():
+    net, _, _, driver, interrupt = make()
+    driver.bring_up()
+    net.set_link_up(False)
+    net.set_link_up(True)
+    assert driver.r(CONFIG + 6, 2) == c.VIRTIO_NET_S_LINK_UP
+    net.set_link_up(True)  # no change: no interrupt
+    assert interrupt.triggers == 2
+
+
+def test_activation_without_a_queue_is_refused_naming_the_queues_missing():
+    net, backend, *_ = make()
+    from pymvm.devices.virtio.device import QueueConfig, VirtioActivationError
+
+    rx = QueueConfig(index=0, size=256, ready=True, desc_addr=0, driver_addr=0x1000,
+                     device_addr=0x2000)
+    with pytest.raises(VirtioActivationError) as e:
+        net.activate(ActivationContext(acked_features=0, queues=[rx]))
+    assert str(e.value) == ("virtio-net: the driver did not make queues [1] ready; the guest "
+                            "driver must set up both rx and tx")
+    assert backend.activations == [] and not net.active
+
+
+def test_the_activation_log_line_names_the_device_and_its_mac():
+    from structlog.testing import capture_logs
+
+    net, _, _, driver, _ = make()
+    with capture_logs() as logs:
+        driver.bring_up()
+    (line,) = [e for e in logs if e["event"] == "virtio-net activated"]
+    assert line["device"] == "virtio-net" and line["mac"] == "06:00:0a:c8:00:02"
