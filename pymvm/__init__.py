@@ -9,19 +9,25 @@ if "asyncio" not in _sys.modules:
 
     _defer_import("asyncio")
 
-# structlog probes optional pretty-printers (rich, better_exceptions, colorama) and
-# integrations (twisted, greenlet) when it is imported. pymvm logs JSON lines and uses none
-# of them, and where they are installed (schemathesis brings rich) the probe alone costs
-# `pymvm run` a noticeable part of its start-up. Hide them for the duration of that import
-# only: a later `import rich` by anyone else works as usual.
+# inspect (with ast, dis, tokenize, linecache) as well: dataclasses imports it at its top but
+# uses it only to write a docstring for a dataclass that has none (pymvm's have theirs).
+if "inspect" not in _sys.modules:
+    from .lazy import defer_import as _defer_import
+
+    _defer_import("inspect")
+
+# structlog stays pending too (pymvm.logging): until it runs, the loggers pymvm's modules get
+# from `structlog.get_logger()` write its JSON lines themselves, so `pymvm run` starts its
+# vCPUs before structlog and the standard library it imports are loaded. When it runs, it
+# probes optional pretty-printers (rich, better_exceptions, colorama) and integrations
+# (twisted, greenlet): pymvm logs JSON lines and uses none of them, and where they are
+# installed (schemathesis brings rich) the probe alone costs a noticeable part of a start-up.
+# They are hidden while structlog runs only: a later `import rich` by anyone else works.
 if "structlog" not in _sys.modules:
-    _hidden = [name for name in ("rich", "better_exceptions", "colorama", "twisted", "greenlet")
-               if name not in _sys.modules]
-    for _name in _hidden:
-        _sys.modules[_name] = None  # type: ignore[assignment]  # makes `import _name` fail
-    try:
-        import structlog as _structlog  # noqa: F401
-    finally:
-        for _name in _hidden:
-            if _sys.modules.get(_name, 0) is None:
-                del _sys.modules[_name]
+    from .lazy import defer_import as _defer_import
+
+    _structlog = _defer_import(
+        "structlog", hidden=("rich", "better_exceptions", "colorama", "twisted", "greenlet"))
+    from .logging import get_logger as _get_logger
+
+    _structlog.get_logger = _get_logger  # type: ignore[attr-defined]  # its own replaces it

@@ -46,6 +46,8 @@ class ConfigError(Exception):
 
 @dataclass(frozen=True)
 class MachineConfig:
+    """[machine]: vCPUs, guest RAM and its backing."""
+
     vcpus: int = 1
     memory_mib: int = 256
     hugepages: bool = False
@@ -53,6 +55,8 @@ class MachineConfig:
 
 @dataclass(frozen=True)
 class BootConfig:
+    """[boot]: kernel, initrd, command line and ACPI."""
+
     kernel: Path
     initrd: Path | None = None
     cmdline: str = DEFAULT_CMDLINE
@@ -61,6 +65,8 @@ class BootConfig:
 
 @dataclass(frozen=True)
 class SerialConfig:
+    """[serial]: where the guest's console goes and whether stdin feeds it."""
+
     output: SerialOutput = "stdout"
     path: Path | None = None
     input: bool = True
@@ -68,6 +74,8 @@ class SerialConfig:
 
 @dataclass(frozen=True)
 class NetConfig:
+    """One [[net]] NIC: its back-end, host side and guest MAC."""
+
     id: str
     backend: NetBackend
     mac: str  # lower-case "52:54:00:12:34:56"; generated when not configured
@@ -102,16 +110,22 @@ class BlockConfig:
 
 @dataclass(frozen=True)
 class ApiConfig:
+    """[api]: the control API's socket."""
+
     socket: Path | None = None  # the control API's UNIX socket; None: no API
 
 
 @dataclass(frozen=True)
 class VsockConfig:
+    """[vsock]: the guest's virtio-vsock device."""
+
     cid: int  # the guest's context id (3 .. 2**32-2); derived from the VM id when not set
 
 
 @dataclass(frozen=True)
 class VmConfig:
+    """A whole VM's configuration, as validated from its TOML file."""
+
     id: str
     machine: MachineConfig
     boot: BootConfig

@@ -9,44 +9,76 @@ the guest's first KVM_RUN. importlib.util.LazyLoader cannot do this: the interpr
 LazyLoader module. A pending module has its import metadata (``__spec__``, ``__path__``...)
 from the start and loads only for a name it does not have yet.
 
-A pending module must be loaded by one thread; pymvm's vCPU threads never use asyncio.
+A pending module runs once, in the first thread that needs it; another thread that needs it
+meanwhile waits until it has run (a thread that reaches it again while running it, through a
+circular import, sees it partly initialized, as with any module).
 """
 
 from __future__ import annotations
 
+import _thread
 import importlib
 import importlib.util
 import sys
 import types
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+
+_lock = _thread.RLock()  # held while a pending module runs
+_running: dict[str, int] = {}  # pending modules whose code runs now -> the thread running it
+_hidden: dict[str, tuple[str, ...]] = {}  # defer_import(hidden=...)
+_on_load: dict[str, list[Callable[[types.ModuleType], None]]] = {}
 
 
 class PendingModule(types.ModuleType):
     """A module whose code runs on the first access to a name it does not have yet."""
 
     def __getattr__(self, attr: str):
-        _load(self)
-        return getattr(self, attr)
+        if _load(self):
+            return getattr(self, attr)
+        raise AttributeError(f"partially initialized module {self.__name__!r} has no attribute "
+                             f"{attr!r} (most likely due to a circular import)")
 
 
-def _load(module: types.ModuleType) -> None:
+def _load(module: types.ModuleType) -> bool:
+    """Run a pending module's code (or wait while another thread runs it). False when this
+    thread is running it already: it is partly initialized for this thread."""
     if type(module) is not PendingModule:
-        return
-    module.__class__ = types.ModuleType  # from now on an ordinary module
+        return True
     spec = module.__spec__
     assert spec is not None and spec.loader is not None
-    try:
-        spec.loader.exec_module(module)
-    except BaseException:
-        # As a failed import does: the next `import` starts afresh.
-        if sys.modules.get(spec.name) is module:
-            del sys.modules[spec.name]
-        raise
+    with _lock:
+        if type(module) is not PendingModule:  # another thread ran it meanwhile
+            return True
+        if _running.get(spec.name) == _thread.get_ident():
+            return False
+        _running[spec.name] = _thread.get_ident()
+        hide = [h for h in _hidden.pop(spec.name, ()) if h not in sys.modules]
+        for h in hide:
+            sys.modules[h] = None  # type: ignore[assignment]  # makes `import h` fail
+        try:
+            try:
+                spec.loader.exec_module(module)
+            except BaseException:
+                # As a failed import does: the next `import` starts afresh.
+                if sys.modules.get(spec.name) is module:
+                    del sys.modules[spec.name]
+                _on_load.pop(spec.name, None)
+                raise
+            for hook in _on_load.pop(spec.name, ()):
+                hook(module)
+        finally:
+            module.__class__ = types.ModuleType  # from now on an ordinary module
+            del _running[spec.name]
+            for h in hide:
+                if h in sys.modules and sys.modules[h] is None:
+                    del sys.modules[h]
+    return True
 
 
-def defer_import(name: str) -> types.ModuleType:
+def defer_import(name: str, *, hidden: Iterable[str] = ()) -> types.ModuleType:
     """Put ``name`` into sys.modules as a pending module and return it; a module that is
-    already imported (or pending) is returned as it is."""
+    already imported (or pending) is returned as it is. The modules ``hidden`` cannot be
+    imported while its code runs (as with :func:`load_without`), whenever that is."""
     if (module := sys.modules.get(name)) is not None:
         return module
     spec = importlib.util.find_spec(name)
@@ -54,8 +86,20 @@ def defer_import(name: str) -> types.ModuleType:
         raise ModuleNotFoundError(f"no module named {name!r}", name=name)
     module = importlib.util.module_from_spec(spec)  # metadata only: its code has not run
     module.__class__ = PendingModule
+    if hidden:
+        _hidden[name] = tuple(hidden)
     sys.modules[name] = module
     return module
+
+
+def when_loaded(name: str, hook: Callable[[types.ModuleType], None]) -> None:
+    """Call ``hook(module)`` right after pending module ``name`` has run, before any other
+    thread can use it; at once if ``name`` is not pending."""
+    with _lock:  # a thread running it holds the lock until its hooks have run
+        if type(sys.modules.get(name)) is PendingModule:
+            _on_load.setdefault(name, []).append(hook)
+            return
+    hook(importlib.import_module(name))
 
 
 def is_pending(name: str) -> bool:

@@ -44,6 +44,8 @@ class StopKind(enum.Enum):
 
 @dataclass(frozen=True)
 class StopReason:
+    """Why the VM stopped, and the exit status `pymvm run` ends with."""
+
     kind: StopKind
     message: str
     exit_status: int

@@ -166,6 +166,35 @@ class GuestMemory:
     def write(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
         self.view(gpa, len(data))[:] = data
 
+    def load_file(self, gpa: int, fd: int, offset: int, length: int) -> int:
+        """Copy ``length`` bytes of file ``fd`` from ``offset`` on into guest memory at ``gpa``
+        (inside one region); returns how many it had (fewer where the file ends first).
+
+        The kernel copies them from the file into the memfd (sendfile): this process neither
+        holds them nor faults the guest's pages in one by one, which costs as much again
+        (issue 15). hugetlbfs takes no write(2): there they are read into the mapping."""
+        view = self.view(gpa, length)  # in guest RAM, or GuestMemoryError
+        region = self.find_region(gpa, max(length, 1))
+        done = 0
+        if not self.hugepages:
+            try:
+                os.lseek(self.fd, region.fd_offset + gpa - region.gpa, os.SEEK_SET)
+                while done < length:
+                    n = os.sendfile(self.fd, fd, offset + done, length - done)
+                    if not n:
+                        return done
+                    done += n
+                return done
+            except OSError:
+                pass  # a file sendfile cannot read: the rest is read below
+        os.lseek(fd, offset + done, os.SEEK_SET)
+        while done < length:
+            n = os.readv(fd, [view[done:]])
+            if not n:
+                break
+            done += n
+        return done
+
     def read(self, gpa: int, length: int) -> bytes:
         return bytes(self.view(gpa, length))
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +26,7 @@ BZIMAGE_MAGIC = b"HdrS"
 HDR_OFFSET = lib.PYMVM_SETUP_HEADER_OFFSET  # 0x1f1, from <asm/bootparam.h>
 _HDR_MAGIC_OFFSET = HDR_OFFSET + ffi.offsetof("struct setup_header", "header")
 _HDR_SIZE = ffi.sizeof("struct setup_header")
+_BZIMAGE_HEAD = 4096  # read first: the setup header (and an ELF's magic) lie within
 MIN_BOOT_PROTOCOL = 0x020C  # 2.12: xloadflags and the 64-bit entry point
 PT_LOAD = 1
 EM_X86_64 = 62
@@ -32,6 +34,8 @@ EM_X86_64 = 62
 
 @dataclass(frozen=True)
 class LoadedKernel:
+    """Where a kernel image was loaded into guest memory, and how to enter it."""
+
     kind: str  # "elf" or "bzimage"
     entry: int  # guest-physical 64-bit entry point
     start: int  # lowest guest-physical byte used
@@ -49,14 +53,23 @@ def kernel_kind(data: bytes) -> str | None:
 
 def load_kernel(mem: GuestMemory, path: Path) -> LoadedKernel:
     try:
-        data = Path(path).read_bytes()
+        with open(path, "rb", buffering=0) as f:
+            size = os.fstat(f.fileno()).st_size
+            head = os.pread(f.fileno(), _BZIMAGE_HEAD, 0)
+            if kernel_kind(head) == "bzimage":
+                # Its payload goes from the file into guest RAM (GuestMemory.load_file): no
+                # copies of the whole image on the VMM's heap (issue 15).
+                def load_payload(addr: int, offset: int, length: int) -> None:
+                    if mem.load_file(addr, f.fileno(), offset, length) != length:
+                        raise BootError(f"{path}: kernel shrank while it was read: try again")
+
+                return _load_bzimage(mem, head, size, load_payload, str(path))
+            data = f.read()  # an ELF vmlinux: its segments lie all over the file
     except OSError as e:
         raise BootError(f"{path}: cannot read kernel: {e.strerror}") from None
     kind = kernel_kind(data)
     if kind == "elf":
         return load_elf(mem, data, str(path))
-    if kind == "bzimage":
-        return load_bzimage(mem, data, str(path))
     raise BootError(f"{path}: not a kernel: neither an ELF vmlinux nor a bzImage (no 'HdrS' at {_HDR_MAGIC_OFFSET:#x})")
 
 
@@ -102,7 +115,17 @@ def load_elf(mem: GuestMemory, data: bytes, name: str = "kernel") -> LoadedKerne
 
 
 def load_bzimage(mem: GuestMemory, data: bytes, name: str = "kernel") -> LoadedKernel:
-    if len(data) < HDR_OFFSET + _HDR_SIZE:
+    def load_payload(addr: int, offset: int, length: int) -> None:
+        mem.write(addr, memoryview(data)[offset:offset + length])
+
+    return _load_bzimage(mem, data, len(data), load_payload, name)
+
+
+def _load_bzimage(mem: GuestMemory, data: bytes, size: int,
+                  load_payload: Callable[[int, int, int], None], name: str) -> LoadedKernel:
+    """``data``: the image's first bytes at least (its setup header); ``size``: the whole
+    image's; ``load_payload(addr, offset, length)`` copies that part of it to guest RAM."""
+    if size < HDR_OFFSET + _HDR_SIZE:
         raise BootError(f"{name}: truncated bzImage header")
     hdr = ffi.new("struct setup_header *")
     ffi.memmove(hdr, data[HDR_OFFSET:HDR_OFFSET + _HDR_SIZE], _HDR_SIZE)
@@ -114,18 +137,18 @@ def load_bzimage(mem: GuestMemory, data: bytes, name: str = "kernel") -> LoadedK
         raise BootError(f"{name}: bzImage has no 64-bit entry point (XLF_KERNEL_64 clear): build a 64-bit kernel")
     setup_sects = hdr.setup_sects or 4
     payload_off = (setup_sects + 1) * 512
-    if payload_off >= len(data):
+    if payload_off >= size:
         raise BootError(f"{name}: truncated bzImage: no protected-mode kernel after the setup code")
-    payload = data[payload_off:]
+    payload_size = size - payload_off
     load_addr = hdr.pref_address if hdr.relocatable_kernel else hdr.code32_start
     align = hdr.kernel_alignment or 0x200000
     if hdr.relocatable_kernel and load_addr % align:
         load_addr = (load_addr + align - 1) // align * align
     # The decompressor works in place: reserve init_size bytes, not just the payload.
-    span = max(len(payload), hdr.init_size)
+    span = max(payload_size, hdr.init_size)
     try:
         mem.view(load_addr, span)
-        mem.write(load_addr, payload)
+        load_payload(load_addr, payload_off, payload_size)
     except GuestMemoryError:
         raise BootError(
             f"{name}: kernel needs [{load_addr:#x}, {load_addr + span:#x}) which does not fit in guest RAM "
@@ -138,13 +161,16 @@ def load_bzimage(mem: GuestMemory, data: bytes, name: str = "kernel") -> LoadedK
 
 @dataclass(frozen=True)
 class LoadedInitrd:
+    """Where the initrd lies in guest memory."""
+
     addr: int
     size: int
 
 
 def load_initrd(mem: GuestMemory, path: Path, kernel: LoadedKernel, addr_max: int = 0x7FFFFFFF) -> LoadedInitrd:
     """Place the initrd page-aligned at the top of low RAM, above the kernel."""
-    # Read straight into guest RAM: no copy of the whole image on the VMM's heap (issue 15).
+    # Straight from the file into guest RAM: no copy of the whole image on the VMM's heap,
+    # and no page faults (GuestMemory.load_file; issue 15).
     try:
         with open(path, "rb", buffering=0) as f:
             size = os.fstat(f.fileno()).st_size
@@ -154,13 +180,8 @@ def load_initrd(mem: GuestMemory, path: Path, kernel: LoadedKernel, addr_max: in
                 raise BootError(
                     f"{path}: initrd of {size >> 10} KiB does not fit between the kernel (ends "
                     f"at {kernel.end:#x}) and {top:#x}: give the VM more memory")
-            view = mem.view(addr, size)
-            done = 0
-            while done < size:
-                n = f.readinto(view[done:])
-                if not n:
-                    raise BootError(f"{path}: initrd shrank while it was read: try again")
-                done += n
+            if mem.load_file(addr, f.fileno(), 0, size) != size:
+                raise BootError(f"{path}: initrd shrank while it was read: try again")
     except OSError as e:
         raise BootError(f"{path}: cannot read initrd: {e.strerror}") from None
     return LoadedInitrd(addr, size)

@@ -18,6 +18,8 @@ LOADER_TYPE_UNDEFINED = 0xFF  # "no registered loader id" (boot.rst)
 
 @dataclass(frozen=True)
 class E820Entry:
+    """One entry of the guest's e820 memory map."""
+
     addr: int
     size: int
     type: int

@@ -26,6 +26,8 @@ class BusDevice(Protocol):
 
 @dataclass(frozen=True)
 class BusRange:
+    """A device's address range on a bus."""
+
     base: int
     length: int
     name: str

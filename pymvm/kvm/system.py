@@ -27,6 +27,8 @@ REQUIRED_CAPS: dict[str, str] = {
 
 @dataclass(frozen=True)
 class CpuidEntry:
+    """One CPUID leaf (function, index) and its registers."""
+
     function: int
     index: int
     flags: int

@@ -44,6 +44,8 @@ EXIT_INTERRUPTED = -1
 
 @dataclass(frozen=True)
 class IoExit:
+    """A KVM_EXIT_IO: a port access of the guest."""
+
     port: int
     size: int
     count: int
@@ -53,6 +55,8 @@ class IoExit:
 
 @dataclass(frozen=True)
 class MmioExit:
+    """A KVM_EXIT_MMIO: a guest access to unbacked guest-physical memory."""
+
     addr: int
     length: int
     is_write: bool

@@ -19,8 +19,11 @@ import glob
 import importlib.machinery
 import importlib.util
 import os
-import socket
 import sys
+
+# The constants alone: the socket module converts its families, types and flags to enums
+# when imported, which `pymvm run` would pay before its vCPUs start (issue 15).
+from _socket import AF_NETLINK, AF_UNIX
 from types import ModuleType
 
 import structlog
@@ -214,7 +217,7 @@ VMM: dict[str, str] = {
 }
 
 #: Socket families a filtered process may create (arg 0 of socket(2)).
-SOCKET_FAMILIES = {"backend": (socket.AF_UNIX,), "vmm": (socket.AF_UNIX, socket.AF_NETLINK)}
+SOCKET_FAMILIES = {"backend": (AF_UNIX,), "vmm": (AF_UNIX, AF_NETLINK)}
 
 
 # ---------------------------------------------------------------------------------------------

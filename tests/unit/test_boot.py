@@ -327,3 +327,37 @@ def test_guest_memory_close_goes_on_while_a_view_is_still_held():
 def test_guest_memory_size_must_be_page_granular():
     with pytest.raises(GuestMemoryError, match="page size"):
         GuestMemory(4097)
+
+
+# ---- from the file straight into guest RAM (GuestMemory.load_file; issue 15) ----------------
+
+def test_a_bzimage_file_loads_as_its_bytes_do(mem, tmp_path):
+    payload = bytes(range(256)) * 40 + b"END"  # not page-aligned, more than one page
+    image = make_bzimage(payload, setup_sects=4)
+    path = tmp_path / "bzImage"
+    path.write_bytes(image)
+    from_file = load_kernel(mem, path)
+    in_guest = mem.read(from_file.start, len(payload))
+    with GuestMemory(64 * MIB) as other:
+        assert load_bzimage(other, image) == from_file
+        assert other.read(from_file.start, len(payload)) == in_guest == payload
+
+
+@pytest.mark.parametrize("sendfile_works", [True, False])
+def test_load_file_copies_a_file_range_into_guest_memory(mem, tmp_path, monkeypatch, sendfile_works):
+    if not sendfile_works:  # as on hugetlbfs, which takes no write(2): read into the mapping
+        def refuse(*args):
+            raise OSError(22, "Invalid argument")
+        monkeypatch.setattr(os, "sendfile", refuse)
+    data = os.urandom(3 * 4096 + 123)
+    path = tmp_path / "blob"
+    path.write_bytes(data)
+    with open(path, "rb") as f:
+        assert mem.load_file(0x200123, f.fileno(), 100, len(data) - 100) == len(data) - 100
+        assert mem.read(0x200123, len(data) - 100) == data[100:]
+        assert mem.read(0x200122, 1) == b"\0"  # nothing before it
+        # Past the end of the file: as much as there was.
+        assert mem.load_file(0x300000, f.fileno(), len(data) - 10, 100) == 10
+        assert mem.read(0x300000, 10) == data[-10:]
+        with pytest.raises(GuestMemoryError):
+            mem.load_file(64 * MIB - 10, f.fileno(), 0, 100)  # beyond guest RAM

@@ -93,3 +93,56 @@ def test_a_process_that_drops_privileges_can_still_use_asyncio_afterwards() -> N
                           cwd=Path(__file__).resolve().parents[2])
     assert done.returncode == 0, done.stderr.decode()[-2000:]
     assert done.stdout.splitlines()[-1] == b"served"
+
+
+def test_defer_import_hides_its_modules_whenever_the_pending_module_runs(package) -> None:
+    lazypkg = defer_import("lazypkg", hidden=("lazyopt",))
+    assert lazypkg.lazyopt is None  # run by a plain attribute access, lazyopt hidden then
+    import lazyopt
+
+    assert lazyopt is not None and sys.modules["lazyopt"] is lazyopt
+
+
+def test_when_loaded_hooks_run_once_the_module_has_run_or_at_once_if_it_is_not_pending(package) -> None:
+    from pymvm.lazy import when_loaded
+
+    seen = []
+    defer_import("lazypkg")
+    when_loaded("lazypkg", lambda m: seen.append(("first", m.VALUE, is_pending("lazypkg"))))
+    assert seen == []
+    import lazypkg
+
+    assert lazypkg.VALUE == 42
+    # The hook ran after the module's code and before anyone else could use it.
+    assert seen == [("first", 42, True)] and not is_pending("lazypkg")
+    when_loaded("lazypkg", lambda m: seen.append(("later", m.VALUE)))
+    assert seen[-1] == ("later", 42)
+
+
+def test_a_thread_waits_for_a_pending_module_that_another_thread_is_running(package, tmp_path) -> None:
+    import threading
+
+    (tmp_path / "lazyslow.py").write_text(
+        "import time, lazycount\nlazycount.runs += 1\nlazycount.started.set()\n"
+        "time.sleep(0.3)\nVALUE = 7\n")
+    import lazycount
+
+    lazycount.started = threading.Event()
+    slow = defer_import("lazyslow")
+    results = {}
+    first = threading.Thread(target=lambda: results.setdefault("first", slow.VALUE))
+    first.start()
+    assert lazycount.started.wait(10)
+    results["second"] = slow.VALUE  # while the first thread runs it: waits, never half-made
+    first.join(10)
+    assert results == {"first": 7, "second": 7} and lazycount.runs == 1
+    sys.modules.pop("lazyslow", None)
+
+
+def test_a_pending_module_sees_itself_partly_initialized_while_it_runs(package, tmp_path) -> None:
+    (tmp_path / "lazyself.py").write_text(
+        "import sys\ntry:\n    sys.modules['lazyself'].LATER\nexcept AttributeError as e:\n"
+        "    SEEN = str(e)\nLATER = 1\n")
+    module = defer_import("lazyself")
+    assert module.LATER == 1 and "partially initialized" in module.SEEN
+    sys.modules.pop("lazyself", None)

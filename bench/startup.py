@@ -1,0 +1,200 @@
+"""Native start-up of the VMMs: CPU time and system calls from exec to the first KVM_RUN.
+
+bench/boot's start-up part times the same interval under the nested host's emulation with
+`strace -f -ttt`, where tracing every call and the emulation both inflate it. This one runs
+on the host it is started on (any /dev/kvm that gets a vCPU to its first KVM_RUN, such as
+the development machine's kvm_pvm, where Linux guests do not boot) and measures each VMM
+(pymvm with bench/boot's argv and VM, and QEMU microvm with bench/boot's argv) exactly:
+
+  - a seccomp filter installed in the child before its exec kills the whole process at its
+    first ioctl(KVM_RUN) (SECCOMP_RET_KILL_PROCESS, no core dump), so the process's CPU
+    time (user + system, all threads, from wait4's rusage) is that of exec to first KVM_RUN,
+    whatever else runs on the machine; the wall time of the same interval is printed beside;
+  - `strace -f -c` of one run more under the same filter counts its system calls;
+  - for pymvm, `python -X importtime` of one run more counts the modules it imported (the
+    interpreter's own included).
+
+Prints per-run lines, then medians and `native_startup_cpu_ratio=X` (pymvm / QEMU; QEMU is
+skipped with --no-qemu). Run it directly: python3 bench/startup.py [-n RUNS].
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import os
+import resource
+import shutil
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from boot import CMDLINE, pymvm_argv, qemu_argv
+
+ROOT = Path(__file__).resolve().parents[1]
+
+KVM_RUN = 0xAE80
+_NR_IOCTL = 16  # x86-64
+_AUDIT_ARCH_X86_64 = 0xC000003E
+_PR_SET_NO_NEW_PRIVS = 38
+_PR_SET_SECCOMP = 22
+_SECCOMP_MODE_FILTER = 2
+_RET_KILL_PROCESS = 0x80000000
+_RET_ALLOW = 0x7FFF0000
+_LD_ABS_W, _JEQ_K, _RET_K = 0x20, 0x15, 0x06
+
+
+def _filter_program() -> bytes:
+    """Classic BPF: kill the process on ioctl(fd, KVM_RUN, ...), allow everything else.
+    seccomp_data: nr at 0, arch at 4, args[1] at 24 (its low 32 bits: little-endian)."""
+    insns = [
+        (_LD_ABS_W, 0, 0, 4), (_JEQ_K, 0, 5, _AUDIT_ARCH_X86_64),
+        (_LD_ABS_W, 0, 0, 0), (_JEQ_K, 0, 3, _NR_IOCTL),
+        (_LD_ABS_W, 0, 0, 24), (_JEQ_K, 0, 1, KVM_RUN),
+        (_RET_K, 0, 0, _RET_KILL_PROCESS),
+        (_RET_K, 0, 0, _RET_ALLOW),
+    ]
+    return b"".join(struct.pack("<HBBI", *i) for i in insns)
+
+
+_PROGRAM = ctypes.create_string_buffer(_filter_program())
+_FPROG = struct.pack("<HxxxxxxQ", len(_PROGRAM.raw) // 8, ctypes.addressof(_PROGRAM))
+_FPROG_BUF = ctypes.create_string_buffer(_FPROG)
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _die_at_first_kvm_run() -> None:
+    """preexec_fn: no core file, then the filter (inherited across exec and by threads)."""
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    ul = ctypes.c_ulong
+    if _libc.prctl(_PR_SET_NO_NEW_PRIVS, ul(1), ul(0), ul(0), ul(0)) != 0 or _libc.prctl(
+            _PR_SET_SECCOMP, ul(_SECCOMP_MODE_FILTER), ul(ctypes.addressof(_FPROG_BUF)), ul(0),
+            ul(0)) != 0:
+        os._exit(121)
+
+
+def run_to_first_kvm_run(argv: list[str], timeout: float = 60.0, cwd: Path = ROOT
+                         ) -> tuple[float, float]:
+    """(CPU seconds, wall seconds) from exec to the first KVM_RUN, which kills the process.
+    ``python -m pymvm.cli`` imports the pymvm package found in ``cwd``."""
+    start = time.monotonic()
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, preexec_fn=_die_at_first_kvm_run,  # noqa: PLW1509
+                            cwd=cwd)  # (this process has no threads)
+    deadline = start + timeout
+    while True:
+        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+        if pid:
+            break
+        if time.monotonic() > deadline:
+            proc.kill()
+            proc.wait()
+            raise RuntimeError(f"{argv[0]}: no KVM_RUN within {timeout} s")
+        time.sleep(0.0005)
+    wall = time.monotonic() - start
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != -31:  # SIGSYS: the filter killed it at KVM_RUN
+        raise RuntimeError(f"{argv[0]}: exited {proc.returncode} before any KVM_RUN")
+    return usage.ru_utime + usage.ru_stime, wall
+
+
+def count_syscalls(argv: list[str], tmp: Path, cwd: Path = ROOT) -> tuple[int, dict[str, int]]:
+    """System calls (all threads) from exec to the first KVM_RUN, from `strace -f -c`."""
+    strace = shutil.which("strace")
+    if strace is None:
+        raise RuntimeError("strace not found: apt-get install strace")
+    out = tmp / "strace-c.txt"
+    subprocess.run([strace, "-f", "-c", "-o", str(out), *argv], stdin=subprocess.DEVNULL,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                   preexec_fn=_die_at_first_kvm_run, timeout=120, check=False, cwd=cwd)
+    per_call: dict[str, int] = {}
+    total = 0
+    for line in out.read_text().splitlines():
+        fields = line.split()
+        if len(fields) >= 5 and fields[0][0].isdigit() and fields[-1] != "total":
+            calls = int(fields[3])
+            per_call[fields[-1]] = calls
+        elif fields and fields[-1] == "total":
+            total = int(fields[3] if len(fields) >= 5 else fields[2])
+    return total, per_call
+
+
+def count_modules(argv: list[str], cwd: Path = ROOT) -> int:
+    """Modules `-X importtime` reports for pymvm up to its first KVM_RUN."""
+    python_argv = [argv[0], "-X", "importtime", *argv[1:]]
+    proc = subprocess.run(python_argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, preexec_fn=_die_at_first_kvm_run, timeout=120,
+                          check=False, cwd=cwd)
+    return sum(1 for line in proc.stderr.decode(errors="replace").splitlines()
+               if line.startswith("import time:") and line.count("|") == 2
+               and not line.rstrip().endswith("imported package"))
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("-n", "--runs", type=int, default=21, help="timed runs per VMM (interleaved)")
+    p.add_argument("--no-qemu", action="store_true", help="measure pymvm only")
+    p.add_argument("--compare", type=Path, metavar="DIR",
+                   help="also measure, interleaved, the pymvm package in DIR/pymvm (say an older "
+                        "commit's: git archive COMMIT pymvm | tar -x -C DIR, its built *.so "
+                        "copied in and compiled with python -m compileall DIR)")
+    args = p.parse_args()
+
+    from pymvm.images.initramfs import build_initramfs, encode_cmd
+    from pymvm.images.kernel import kernel_status
+
+    kernel = kernel_status()
+    if kernel is None:
+        print("bench/startup.py: build the kernel first: pymvm build-kernel", file=sys.stderr)
+        return 2
+    initramfs = build_initramfs(extra_binaries=["iperf3"], log=lambda *_: None)
+    cmdline = f"{CMDLINE} {encode_cmd('true')}"
+    with tempfile.TemporaryDirectory(prefix="pymvm-bench-") as tmpdir:
+        tmp = Path(tmpdir)
+        vmms = {"pymvm": pymvm_argv(tmp / "vm.toml", kernel.bzimage, initramfs, cmdline)}
+        where = {"pymvm": ROOT}
+        if args.compare is not None:
+            vmms["other"] = vmms["pymvm"]
+            where["other"] = args.compare.resolve()
+        if not args.no_qemu:
+            qemu = shutil.which("qemu-system-x86_64")
+            if qemu is None:
+                print("bench/startup.py: qemu-system-x86_64 not found (or use --no-qemu)",
+                      file=sys.stderr)
+                return 2
+            vmms["qemu"] = qemu_argv(qemu, "microvm,acpi=off,x-option-roms=off,rtc=off,isa-serial=on",
+                                     kernel.bzimage, initramfs, cmdline)
+        for name, argv in vmms.items():  # warm the page cache
+            run_to_first_kvm_run(argv, cwd=where.get(name, ROOT))
+        cpu: dict[str, list[float]] = {name: [] for name in vmms}
+        wall: dict[str, list[float]] = {name: [] for name in vmms}
+        for i in range(args.runs):
+            for name, argv in vmms.items():
+                c, w = run_to_first_kvm_run(argv, cwd=where.get(name, ROOT))
+                cpu[name].append(c)
+                wall[name].append(w)
+                print(f"run {i + 1:2d} {name:5s} exec to first KVM_RUN: CPU {c * 1000:7.1f} ms, "
+                      f"wall {w * 1000:7.1f} ms", flush=True)
+        for name, argv in vmms.items():
+            total, per_call = count_syscalls(argv, tmp, cwd=where.get(name, ROOT))
+            top = ", ".join(f"{k} {v}" for k, v in sorted(per_call.items(), key=lambda kv: -kv[1])[:8])
+            line = (f"{name}: CPU median {statistics.median(cpu[name]) * 1000:.1f} ms "
+                    f"(min {min(cpu[name]) * 1000:.1f}), wall median "
+                    f"{statistics.median(wall[name]) * 1000:.1f} ms, {total} system calls ({top})")
+            if name in where:
+                line += f", {count_modules(argv, cwd=where[name])} modules imported"
+            print(line, flush=True)
+        if "qemu" in vmms:
+            ratio = statistics.median(cpu["pymvm"]) / statistics.median(cpu["qemu"])
+            print(f"native_startup_cpu_ratio={ratio:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
