@@ -146,3 +146,93 @@ def test_constants_and_config_offsets_match_linux_virtio_blk_h(tmp_path) -> None
                "write_zeroes_may_unmap": 56}
     for f in fields:
         assert int(out[f"off_{f}"]) == offsets[f], f
+
+
+# ---- what mutation testing of blk.py showed unchecked ----------------------------------------
+
+#: A value for every field pymvm sets, each different, none the default.
+EVERY_FIELD = b.BlkConfig(capacity=0x0102030405060708, size_max=0x11121314, seg_max=0x21222324,
+                          blk_size=4096, num_queues=0x3132, max_discard_sectors=0x41424344,
+                          max_discard_seg=0x51525354, discard_sector_alignment=0x61626364,
+                          max_write_zeroes_sectors=0x71727374, max_write_zeroes_seg=0x01020304,
+                          write_zeroes_may_unmap=1, writeback=1)
+
+
+def test_packed_config_holds_each_field_at_its_offset_and_zeros_everywhere_else() -> None:
+    expected = bytearray(b.CONFIG_SIZE)  # geometry, topology, unused0, unused1: all zero
+    for offset, size, value in [(0, 8, 0x0102030405060708), (8, 4, 0x11121314), (12, 4, 0x21222324),
+                                (20, 4, 4096), (32, 1, 1), (34, 2, 0x3132), (36, 4, 0x41424344),
+                                (40, 4, 0x51525354), (44, 4, 0x61626364), (48, 4, 0x71727374),
+                                (52, 4, 0x01020304), (56, 1, 1)]:
+        expected[offset : offset + size] = value.to_bytes(size, "little")
+    assert EVERY_FIELD.pack() == bytes(expected)
+
+
+def test_unpack_reads_back_every_field_pack_wrote() -> None:
+    assert b.BlkConfig.unpack(EVERY_FIELD.pack()) == EVERY_FIELD
+
+
+def test_a_short_config_read_unpacks_with_the_missing_fields_zero() -> None:
+    assert b.BlkConfig.unpack((1234).to_bytes(8, "little")) == b.BlkConfig(
+        capacity=1234, blk_size=0, num_queues=0)
+
+
+class ShortConfigBackend(FakeBlkBackend):
+    def __init__(self, size: int) -> None:
+        super().__init__(MODERN, b.BlkConfig(capacity=99))
+        self.config = self.config[:size]
+
+
+def test_a_back_end_config_space_of_just_the_capacity_is_enough() -> None:
+    assert b.VirtioBlkDevice(ShortConfigBackend(8)).capacity == 99
+
+
+def test_a_back_end_config_space_shorter_than_the_capacity_is_refused_exactly() -> None:
+    with pytest.raises(VirtioConfigError) as e:
+        b.VirtioBlkDevice(ShortConfigBackend(7))
+    assert str(e.value) == "virtio-blk: the back-end's config space has no capacity field"
+
+
+@pytest.mark.parametrize(("queues", "accepted"), [(64, True), (65, False), (0, False)])
+def test_an_mq_back_end_may_report_1_to_64_queues(queues: int, accepted: bool) -> None:
+    backend = FakeBlkBackend(MODERN | 1 << b.VIRTIO_BLK_F_MQ, b.BlkConfig(capacity=8, num_queues=queues))
+    if accepted:
+        assert len(b.VirtioBlkDevice(backend).queue_max_sizes) == queues
+        return
+    with pytest.raises(VirtioConfigError) as e:
+        b.VirtioBlkDevice(backend)
+    assert str(e.value) == f"virtio-blk: the back-end reports {queues} queues; 1..64 work"
+
+
+def test_a_read_only_disk_keeps_the_back_ends_other_features() -> None:
+    offered = MODERN | 1 << b.VIRTIO_BLK_F_FLUSH
+    dev = b.VirtioBlkDevice(FakeBlkBackend(offered, b.BlkConfig(capacity=8)), read_only=True)
+    assert dev.avail_features() == offered | 1 << b.VIRTIO_BLK_F_RO
+
+
+def test_config_writes_go_to_the_back_end() -> None:
+    backend = FakeBlkBackend(MODERN, b.BlkConfig(capacity=8))
+    b.VirtioBlkDevice(backend).write_config(32, bytearray(b"\x01"))
+    assert backend.config_writes == [(32, b"\x01")]
+
+
+def test_activation_hands_the_memory_regions_over_and_logs_the_device_name() -> None:
+    from structlog.testing import capture_logs
+
+    backend = FakeBlkBackend(MODERN, b.BlkConfig(capacity=8))
+    seen: list = []
+    backend.activate = lambda ctx, mem_regions: seen.append(mem_regions)  # type: ignore[method-assign]
+    dev = b.VirtioBlkDevice(backend, name="disk1")
+    assert not dev.active
+    q = QueueConfig(0, 128, True, 0x1000, 0x2000, 0x3000)
+    with capture_logs() as logs:
+        dev.activate(ActivationContext(MODERN, [q], mem_regions=("ram",)))
+    assert seen == [("ram",)]
+    assert [e["device"] for e in logs if e["event"] == "virtio-blk activated"] == ["disk1"]
+
+
+def test_activation_without_a_ready_queue_is_refused_exactly() -> None:
+    dev = b.VirtioBlkDevice(FakeBlkBackend(MODERN, b.BlkConfig(capacity=8)))
+    with pytest.raises(VirtioActivationError) as e:
+        dev.activate(ActivationContext(MODERN, []))
+    assert str(e.value) == "virtio-blk: the driver made no queue ready"
