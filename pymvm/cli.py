@@ -94,7 +94,7 @@ def _run(args: argparse.Namespace, StopSignal, run_vm, can_boot_linux_here) -> i
     if not args.no_seccomp:  # a missing binding is a one-line error before anything is built
         from . import syscalls
 
-        syscalls.prepare()
+        syscalls.prepare(backend=False)
     saved = (sandbox.settings.backend_user, sandbox.settings.seccomp)
     sandbox.settings.backend_user = args.backend_user or None
     sandbox.settings.seccomp = not args.no_seccomp

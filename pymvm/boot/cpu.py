@@ -81,7 +81,7 @@ def write_page_tables(mem: GuestMemory) -> None:
     pdpt = b"".join(struct.pack("<Q", (layout.PD_START + i * 0x1000) | 0x3) for i in range(4))
     mem.write(layout.PDPT_START, pdpt + bytes(4096 - len(pdpt)))
     for i in range(4):
-        pd = b"".join(struct.pack("<Q", ((i * 512 + j) << 21) | 0x83) for j in range(512))
+        pd = struct.pack("<512Q", *[((i * 512 + j) << 21) | 0x83 for j in range(512)])
         mem.write(layout.PD_START + i * 0x1000, pd)
 
 

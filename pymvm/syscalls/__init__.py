@@ -280,15 +280,18 @@ def backend_ioctls() -> tuple[int, ...]:
             termios.FIONBIO, termios.FIOCLEX, termios.TCGETS)
 
 
-def prepare() -> None:
+def prepare(*, backend: bool = True) -> None:
     """Load everything :func:`install` needs now: a process that drops privileges first may
-    no longer be able to read the interpreter's library directory afterwards."""
-    import termios  # noqa: F401
+    no longer be able to read the interpreter's library directory afterwards. The VMM's
+    filter (``backend=False``) narrows no ioctl, so it needs none of the back-ends' ioctl
+    numbers (termios, the TUN ones)."""
+    if backend:
+        import termios  # noqa: F401
+
+        from pymvm.vhost import _vhost_cffi  # noqa: F401
 
     if os.environ.get("PYMVM_SECCOMP_SELF_TEST"):
         import ctypes  # noqa: F401  (the self-test's syscall; not loaded otherwise: issue 15)
-
-    from pymvm.vhost import _vhost_cffi  # noqa: F401
 
     from . import _sigsys_cffi  # noqa: F401
 
