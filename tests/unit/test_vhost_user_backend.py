@@ -543,3 +543,31 @@ def test_rarp_frame_announces_the_mac() -> None:
     mac = bytes.fromhex("020000abcdef")
     f = rarp_frame(mac)
     assert len(f) == 60 and f[6:12] == mac and f[12:14] == b"\x80\x35"
+
+
+def test_replacing_a_call_fd_waits_for_a_device_thread_holding_the_vring_lock() -> None:
+    """A device thread that signals under ``Vring.lock`` never writes to a closed call fd
+    (whose number something else may have taken): the server swaps and closes it only once
+    the lock is free."""
+    import threading
+
+    from pymvm.vhost.user.backend import Vring
+
+    vring = Vring(0)
+    old, new = os.eventfd(0, os.EFD_NONBLOCK), os.eventfd(0, os.EFD_NONBLOCK)
+    vring.call_fd = old
+    swapped = threading.Event()
+    with vring.lock:
+        t = threading.Thread(target=lambda: (vring._replace_fd("call_fd", new), swapped.set()))
+        t.start()
+        assert not swapped.wait(0.2)  # held: the old fd is still ours to write to
+        os.eventfd_write(vring.call_fd, 1)
+        assert vring.call_fd == old
+    t.join(5)
+    assert swapped.is_set() and vring.call_fd == new
+    with pytest.raises(OSError):
+        os.fstat(old)  # closed once swapped out
+    vring._close_fds()
+    assert vring.call_fd is None
+    with pytest.raises(OSError):
+        os.fstat(new)

@@ -4,6 +4,7 @@ region a restarted back-end resubmits from."""
 
 from __future__ import annotations
 
+import mmap
 import os
 import struct
 import threading
@@ -12,7 +13,12 @@ from pathlib import Path
 import pytest
 
 from pymvm.devices.virtio import blk as b
-from pymvm.devices.virtio.queue import VRING_DESC_F_NEXT, VRING_DESC_F_WRITE, DescriptorChain
+from pymvm.devices.virtio.queue import (
+    VRING_DESC_F_INDIRECT,
+    VRING_DESC_F_NEXT,
+    VRING_DESC_F_WRITE,
+    DescriptorChain,
+)
 from pymvm.vhost.backends.blk import BlkBackend, BlkRequest, Rejected, parse_request
 from pymvm.vhost.user import inflight as inf
 from pymvm.vhost.user import messages as m
@@ -22,6 +28,8 @@ from pymvm.vhost.user.protocol import NEED_DATA
 from tests.unit.test_vhost_user_backend import (
     AVAIL,
     DATA,
+    MEM_GPA,
+    MEM_UVA,
     QSIZE,
     USED,
     GuestRam,
@@ -683,3 +691,169 @@ def test_a_kick_goes_to_the_workers_in_parts_of_about_equal_bytes(
     runs = split_by_bytes(batch, PARALLEL_BATCHES)
     assert [len(run) for run in runs] == parts
     assert [req for run in runs for req in run] == batch  # every request once, in order
+
+
+# ---------------------------------------------------------------------------------------------
+# 1 MiB requests as Linux lays them out, through the server: indirect tables of scattered
+# pages (254 + 2, seg_max), iovecs made in bulk, completions returned by the workers
+
+
+BIG_MEM = 3 << 20
+PAGES = 0x100000  # data pages: [1 MiB, 3 MiB) of guest memory
+
+
+class BigRam(GuestRam):
+    """GuestRam with room for 1 MiB of scattered data pages."""
+
+    def __init__(self) -> None:
+        self.fd = os.memfd_create("vhost-user-blk-test", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        os.ftruncate(self.fd, BIG_MEM)
+        self.map = mmap.mmap(self.fd, BIG_MEM)
+        self.avail_idx = 0
+
+    def region(self) -> m.MemoryRegion:
+        return m.MemoryRegion(MEM_GPA, BIG_MEM, MEM_UVA, 0)
+
+    def table(self, d: int, at: int, rtype: int, sector: int, pages: list[int], *,
+              outside: int | None = None) -> int:
+        """Descriptor ``d``: an indirect table at ``at`` (header, ``pages``, status); its
+        status byte's offset. ``outside``: that page's descriptor points past the memory."""
+        header, status = at + 0x1000, at + 0x1100
+        self.map[header : header + 16] = hdr(rtype, sector)
+        self.map[status] = 0xFF
+        data = WRITE if rtype == b.VIRTIO_BLK_T_IN else 0
+        entries = [(header, 16, NEXT)] + [(p, 4096, data | NEXT) for p in pages]
+        entries.append((status, 1, WRITE))
+        for i, (offset, length, flags) in enumerate(entries):
+            gpa = MEM_GPA + BIG_MEM - 2048 if i - 1 == outside else MEM_GPA + offset
+            struct.pack_into("<QIHH", self.map, at + 16 * i, gpa, length, flags,
+                             i + 1 if flags & NEXT else 0)
+        self.desc(d, at, 16 * len(entries), VRING_DESC_F_INDIRECT)
+        return status
+
+    def used(self, slot: int) -> tuple[int, int]:
+        return struct.unpack_from("<II", self.map, USED + 4 + 8 * slot)
+
+    def pages(self, pages: list[int]) -> bytes:
+        return b"".join(self.map[p : p + 4096] for p in pages)
+
+
+@pytest.fixture
+def big_image(tmp_path: Path) -> Path:
+    path = tmp_path / "big.img"
+    path.write_bytes(os.urandom(4 << 20))
+    return path
+
+
+@pytest.mark.parametrize("inline_nowait", [False, True])
+def test_one_mib_read_and_write_split_254_plus_2_land_at_their_scattered_guest_pages(
+        tmp_path: Path, big_image: Path, inline_nowait: bool) -> None:
+    import random
+
+    ram = BigRam()
+    pages = [PAGES + 4096 * i for i in random.Random(3).sample(range(512), 256)]
+    untouched = sorted(set(range(PAGES, PAGES + (2 << 20), 4096)) - set(pages))[:8]
+    for p in untouched:
+        ram.map[p : p + 4096] = b"\xee" * 4096
+    written = os.urandom(1 << 20)
+
+    async def body(server, connect) -> None:
+        fe = await connect()
+        await negotiate(fe)
+        kick, call = await start_queue0(fe, ram)
+        for i, p in enumerate(pages):
+            ram.map[p : p + 4096] = written[4096 * i : 4096 * (i + 1)]
+        s0 = ram.table(0, 0x4000, b.VIRTIO_BLK_T_OUT, 2048, pages[:254])
+        s1 = ram.table(1, 0x6000, b.VIRTIO_BLK_T_OUT, 2048 + 254 * 8, pages[254:])
+        ram.publish(0)
+        ram.publish(1)
+        os.eventfd_write(kick, 1)
+        await until(lambda: ram.used_idx() == 2)
+        assert ram.map[s0] == ram.map[s1] == b.VIRTIO_BLK_S_OK
+        assert sorted([ram.used(0), ram.used(1)]) == [(0, 1), (1, 1)]
+        for p in pages:
+            ram.map[p : p + 4096] = bytes(4096)
+        s0 = ram.table(0, 0x4000, b.VIRTIO_BLK_T_IN, 4096, pages[:254])
+        s1 = ram.table(1, 0x6000, b.VIRTIO_BLK_T_IN, 4096 + 254 * 8, pages[254:])
+        ram.publish(0)
+        ram.publish(1)
+        os.eventfd_write(kick, 1)
+        await until(lambda: ram.used_idx() == 4)
+        assert ram.map[s0] == ram.map[s1] == b.VIRTIO_BLK_S_OK
+        assert sorted([ram.used(2), ram.used(3)]) == [(0, 254 * 4096 + 1), (1, 2 * 4096 + 1)]
+        assert os.eventfd_read(call) >= 1
+        for fd in (kick, call):
+            os.close(fd)
+
+    try:
+        device = serve_blk(tmp_path, big_image, body, inline_nowait=inline_nowait)
+        data = big_image.read_bytes()
+        assert data[2048 * 512 : 4096 * 512] == written
+        assert ram.pages(pages) == data[4096 * 512 : 6144 * 512]
+        assert all(ram.map[p : p + 4096] == b"\xee" * 4096 for p in untouched)
+    finally:
+        ram.close()
+    if not inline_nowait:
+        assert device.stats["inline"] == 0
+
+
+def test_one_mib_request_with_a_page_outside_guest_memory_is_refused_and_the_next_served(
+        tmp_path: Path, big_image: Path) -> None:
+    ram = BigRam()
+    pages = [PAGES + 4096 * i for i in range(256)]
+    before = big_image.read_bytes()
+
+    async def body(server, connect) -> None:
+        fe = await connect()
+        await negotiate(fe)
+        kick, call = await start_queue0(fe, ram)
+        s0 = ram.table(0, 0x4000, b.VIRTIO_BLK_T_OUT, 0, pages[:254], outside=100)
+        s1 = ram.table(1, 0x6000, b.VIRTIO_BLK_T_IN, 0, pages[:254], outside=253)
+        s2 = ram.table(2, 0x8000, b.VIRTIO_BLK_T_IN, 0, pages[254:])
+        for d in range(3):
+            ram.publish(d)
+        os.eventfd_write(kick, 1)
+        await until(lambda: ram.used_idx() == 3)
+        # The two with a page 2 KiB before the end of memory (4 KiB long) are handed back
+        # unused, their status bytes untouched; the last one is served.
+        assert ram.used(0) == (0, 0) and ram.used(1) == (1, 0)
+        assert ram.map[s0] == ram.map[s1] == 0xFF
+        assert ram.used(2) == (2, 2 * 4096 + 1) and ram.map[s2] == b.VIRTIO_BLK_S_OK
+        for fd in (kick, call):
+            os.close(fd)
+
+    try:
+        serve_blk(tmp_path, big_image, body, inline_nowait=False)
+        assert ram.pages(pages[254:]) == before[: 2 * 4096]
+    finally:
+        ram.close()
+    assert big_image.read_bytes() == before
+
+
+def test_bulk_request_uses_the_table_as_checked_not_as_the_guest_rewrites_it(
+        tmp_path: Path, image: Path, guest_memory) -> None:
+    """The iovecs come from the one copy of the table that was checked: pointing an entry
+    elsewhere (outside guest memory, say) after the chain was popped changes nothing."""
+    mem, _ = guest_memory
+    fd = os.open(image, os.O_RDWR)
+    device = BlkBackend(fd, image.stat().st_size, workers=1, inline_nowait=False)
+    try:
+        chain = bulk_request(guest_memory, b.VIRTIO_BLK_T_IN, 0, [(0x8000, 512), (0x9000, 512)])
+        struct.pack_into("<Q", mem, 0x3000 + 16 * 2, 1 << 40)  # the second data entry
+        req = parse_request(chain, device.capacity, False)
+        assert isinstance(req, BlkRequest)
+        assert device._execute(req) == 1025 and mem[0x4100] == b.VIRTIO_BLK_S_OK
+        assert mem[0x9000:0x9200] == bytes(range(256)) * 2
+    finally:
+        device.close()
+        os.close(fd)
+
+
+@pytest.mark.parametrize("to_host", [0x7F00_0000_0000, -0x10_0000, 0])
+def test_iovecs_from_a_table_are_host_addresses_and_lengths_only(to_host: int) -> None:
+    from pymvm.vhost.backends.blk import iovecs
+
+    entries = [(0x10_0000 + 0x3000 * i, 4096 - i, NEXT | WRITE, i + 1) for i in range(5)]
+    table = b"".join(struct.pack("<QIHH", *e) for e in entries)
+    got = struct.unpack("<6Q", iovecs(table, 1, 4, to_host))
+    assert got == tuple(x for a, n, _, _ in entries[1:4] for x in (a + to_host, n))

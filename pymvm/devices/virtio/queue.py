@@ -16,6 +16,7 @@ for speed, which is correct on the little-endian hosts KVM runs on here.
 from __future__ import annotations
 
 import bisect
+import functools
 import operator
 import struct
 import sys
@@ -187,13 +188,16 @@ class BulkChain(DescriptorChain):
     device that hands the addresses to the kernel (preadv/pwritev) skips one Python
     object per descriptor, which was most of a 1 MiB disk request's cost."""
 
-    __slots__ = ("_views", "addrs", "lens", "region", "region_gpa", "split")
+    __slots__ = ("_views", "addrs", "lens", "region", "region_gpa", "split", "table")
 
     def __init__(self, head: int, region: memoryview, region_gpa: int, addrs: list[int],
-                 lens: list[int], split: int) -> None:
+                 lens: list[int], split: int, table: bytes | None = None) -> None:
         self.head = head
         self.region, self.region_gpa = region, region_gpa
         self.addrs, self.lens, self.split = addrs, lens, split
+        #: The indirect table as read and checked (16 bytes an entry), when there was one:
+        #: ``addrs`` and ``lens`` come from it, and a device may take them from it in bulk.
+        self.table = table
         self.readable_len = sum(lens[:split])
         self.writable_len = sum(lens[split:])
         self._views: list[memoryview] | None = None
@@ -598,6 +602,21 @@ _NEXT_WRITE: Final = frozenset((VRING_DESC_F_NEXT | VRING_DESC_F_WRITE,))
 _NEXT_ANY: Final = _NEXT_ONLY | _NEXT_WRITE
 
 
+@functools.lru_cache(maxsize=64)
+def _disk_shapes(count: int) -> dict[bytes, int]:
+    """The flags and next fields (one u32 each: flags | next << 16) of a ``count``-entry
+    table in the two shapes Linux's virtio-blk builds, mapped to their split: a read (one
+    readable header, then writable data and status) and a write (readable header and data,
+    a writable status)."""
+    def links(split: int) -> bytes:
+        words = [(VRING_DESC_F_NEXT | (VRING_DESC_F_WRITE if i >= split else 0)) | (i + 1) << 16
+                 for i in range(count - 1)]
+        words.append(VRING_DESC_F_WRITE if split < count else 0)
+        return array("I", words).tobytes()
+
+    return {links(split): split for split in {1, count - 1}}
+
+
 def _straight_table(head: int, table: memoryview, count: int, lo: int, hi: int,
                     region: memoryview) -> BulkChain | None:
     """The chain an indirect table describes, read in bulk, when it has the shape drivers
@@ -606,33 +625,50 @@ def _straight_table(head: int, table: memoryview, count: int, lo: int, hi: int,
     empty buffer, every buffer inside the memory region ``[lo, hi)`` (``region``). None for
     anything else, which the descriptor-by-descriptor walk then checks (rejecting or
     accepting it) as before; this accepts nothing that walk would not, with C loops
-    (memoryview casts, map) instead of Python ones."""
-    flags = table.cast("H")[6::8].tolist()
+    (memoryview casts, byte compares, map) instead of Python ones.
+
+    The table is copied once and everything is checked on, and taken from, that copy
+    (``BulkChain.table``): a guest rewriting it meanwhile changes nothing."""
+    raw = table.tobytes()
+    words = memoryview(raw).cast("I")
+    split = _disk_shapes(count).get(words[3::4].tobytes())
+    if split is None:
+        split = _straight_split(memoryview(raw).cast("H"), count)
+        if split is None:
+            return None
+    lens = words[2::4].tolist()
+    if 0 in lens:
+        return None
+    addrs = memoryview(raw).cast("Q")[0::2].tolist()
+    # Every buffer inside [lo, hi): at once when the highest address leaves room for the
+    # longest buffer (the usual case), else buffer by buffer.
+    if min(addrs) < lo or (max(addrs) + max(lens) > hi
+                           and max(map(operator.add, addrs, lens)) > hi):
+        return None
+    return BulkChain(head, region, lo, addrs, lens, split, raw)
+
+
+def _straight_split(halves: memoryview, count: int) -> int | None:
+    """How many leading entries of a straight table are device-readable (the general
+    shapes: any split), or None if the table is not straight."""
+    flags = halves[6::8].tolist()
     last = flags.pop()
     if last & ~VRING_DESC_F_WRITE:  # NEXT, INDIRECT or unknown flags on the last entry
         return None
-    nexts = table.cast("H")[7::8].tolist()
+    nexts = halves[7::8].tolist()
     del nexts[-1]
     if nexts != list(range(1, count)):
         return None
     kinds = set(flags)
     if last:  # readable buffers (maybe none), then writable ones
         if kinds <= _NEXT_ONLY:
-            split = count - 1
-        elif kinds <= _NEXT_ANY:
+            return count - 1
+        if kinds <= _NEXT_ANY:
             split = flags.index(VRING_DESC_F_NEXT | VRING_DESC_F_WRITE)
             if not set(flags[split:]) <= _NEXT_WRITE:
                 return None
-        else:
-            return None
-    elif kinds <= _NEXT_ONLY:
-        split = count
-    else:
+            return split
         return None
-    lens = table.cast("I")[2::4].tolist()
-    if 0 in lens:
-        return None
-    addrs = table.cast("Q")[0::2].tolist()
-    if min(addrs) < lo or max(map(operator.add, addrs, lens)) > hi:
-        return None
-    return BulkChain(head, region, lo, addrs, lens, split)
+    if kinds <= _NEXT_ONLY:
+        return count
+    return None

@@ -11,8 +11,9 @@ memory, and the sector check keeps every access inside the image.
 Several requests run at once, off the event loop: the loop parses chains and hands the
 checked requests to a thread pool, in a few batches per kick, whose workers move data
 straight between the image and the guest's buffers with ``os.preadv``/``os.pwritev`` (the
-GIL is released in the syscall), write the status bytes, and queue the completions; the loop
-returns completions to the used ring in batches and signals the guest once per batch. A
+GIL is released in the syscall), write the status bytes, and return the batch to the used
+ring and signal the guest once themselves, under the ring's lock (``Vring.lock``), without
+waking the loop: a thread switch fewer per batch. A
 read (or write) that the page cache can serve without blocking is done on the loop at once
 with ``RWF_NOWAIT`` (measured: the hand-off to a thread and back costs more than the copy);
 the kernel answers EAGAIN for anything that would block, and that request goes to a worker. FLUSH is ``fdatasync``; DISCARD punches a hole
@@ -20,9 +21,11 @@ and WRITE_ZEROES zeroes a range (``fallocate``).
 
 A large read or write as Linux lays it out (an indirect table: header, up to SEG_MAX data
 segments, status) is read from the table in bulk (``VirtQueue.bulk_indirect``,
-:class:`~pymvm.devices.virtio.queue.BulkChain`) and its segments go to ``preadv2``/``pwritev2``
-as one ready-made iovec array: no Python object per 4 KiB segment, which was most of the cost
-of a 1 MiB request. Anything else takes the buffer-by-buffer path (``parse_request``).
+:class:`~pymvm.devices.virtio.queue.BulkChain`: one copy of the table, checked and used) and
+its segments go to ``preadv2``/``pwritev2`` as one iovec array made from that copy with a few
+big-integer operations (:func:`iovecs`): no Python object or step per 4 KiB segment, which
+was most of the cost of a 1 MiB request. Anything else takes the buffer-by-buffer path
+(``parse_request``).
 
 With INFLIGHT_SHMFD the framework records each request from fetch to completion in the
 front-end's shared memory, so a back-end restarted after a crash resubmits what its
@@ -36,12 +39,11 @@ import asyncio
 import concurrent.futures
 import ctypes
 import errno
-import operator
+import functools
 import os
+import struct
 import threading
-from array import array
 from dataclasses import dataclass, field
-from itertools import repeat
 
 import structlog
 
@@ -101,13 +103,36 @@ for _call in (_preadv2, _pwritev2):
     _call.restype = ctypes.c_ssize_t
 
 
-def _iov_transfer(call, fd: int, iov: array, offset: int, flags: int = 0) -> int:
-    """One preadv2/pwritev2 of the iovecs in ``iov`` (address, length pairs); bytes moved."""
-    n = call(fd, iov.buffer_info()[0], len(iov) // 2, offset, flags)
+def _iov_transfer(call, fd: int, iov: bytes, offset: int, flags: int = 0) -> int:
+    """One preadv2/pwritev2 of the struct iovec array ``iov``; bytes moved."""
+    n = call(fd, iov, len(iov) // 16, offset, flags)
     if n < 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
     return n
+
+
+@functools.lru_cache(maxsize=32)
+def _iov_lanes(count: int, to_host: int) -> tuple[int, int]:
+    """For ``count`` descriptors as one little-endian integer (16 bytes each: address, then
+    length | flags << 32 | next << 48): the mask that keeps address and length, and what
+    turns each guest address into a host one (``to_host`` added in every address lane)."""
+    mask = int.from_bytes(struct.pack("<QQ", 2**64 - 1, 2**32 - 1) * count, "little")
+    lanes = int.from_bytes(struct.pack("<QQ", 1, 0) * count, "little")
+    return mask, lanes * to_host
+
+
+def iovecs(table: bytes, first: int, stop: int, to_host: int) -> bytes:
+    """The struct iovec array of descriptors ``first`` to ``stop`` of an indirect table
+    (``BulkChain.table``), each guest address plus ``to_host``: a few big-integer operations
+    instead of a Python step per segment. Every address lane stays below 2**64 and at or
+    above 0 (so no lane carries or borrows into the next) because each buffer was checked
+    to lie inside the memory region whose host view starts ``to_host`` above its guest
+    address; the caller passes only such tables."""
+    count = stop - first
+    mask, add = _iov_lanes(count, to_host)
+    lanes = int.from_bytes(table[16 * first : 16 * stop], "little")
+    return ((lanes & mask) + add).to_bytes(16 * count, "little")
 
 
 @dataclass(slots=True, eq=False)
@@ -128,7 +153,7 @@ class BlkRequest:
     #: IN/OUT from a BulkChain: the data buffers as a struct iovec array (``data`` stays
     #: empty), the chain (for views, should a transfer come up short) and what keeps its
     #: memory region mapped while the kernel uses the addresses.
-    iov: array | None = None
+    iov: bytes | None = None
     chain: BulkChain | None = None
     pin: object = None
 
@@ -195,9 +220,11 @@ def _parse_bulk(chain: BulkChain, capacity: int, read_only: bool) -> BlkRequest 
     # the kernel gets addresses inside it only: every buffer was checked against it.
     pin = ctypes.c_char.from_buffer(region[:1])
     to_host = ctypes.addressof(pin) - lo
-    iov = array("Q", bytes(16 * n))
-    iov[0::2] = array("Q", map(operator.add, chain.addrs[1:-1], repeat(to_host, n)))
-    iov[1::2] = array("Q", lens[1:-1])
+    if chain.table is not None:
+        iov = iovecs(chain.table, 1, count - 1, to_host)
+    else:  # a BulkChain made without its table
+        iov = b"".join(map(struct.Struct("<QQ").pack, [a + to_host for a in chain.addrs[1:-1]],
+                           lens[1:-1]))
     return BlkRequest(chain.head, rtype, sector, [], length,
                       region[status_at : status_at + 1], iov=iov, chain=chain, pin=pin)
 
@@ -324,10 +351,6 @@ class BlkBackend(VhostUserDevice):
             max_write_zeroes_sectors=MAX_DISCARD_SECTORS, max_write_zeroes_seg=1,
             write_zeroes_may_unmap=1).pack()
         self._pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="blk-io")
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._lock = threading.Lock()
-        self._done: list[tuple[BlkRequest, int]] = []
-        self._reap_scheduled = False
         self._pending: dict[int, set[concurrent.futures.Future]] = {}
         #: Rings with the rest of a kick scheduled on the loop (queue_kicked's budget).
         self._again: dict[int, VirtQueue] = {}
@@ -358,25 +381,26 @@ class BlkBackend(VhostUserDevice):
         return 1  # nothing writable (no CONFIG_WCE)
 
     def queue_started(self, vring: Vring) -> None:
-        self._loop = asyncio.get_running_loop()
         self._pending.setdefault(vring.index, set())
         queue = vring.queue
         assert queue is not None
         queue.bulk_indirect = BULK_MIN_DESCS  # parse_request takes BulkChains
         batch: list[BlkRequest] = []
-        for head in vring.resubmit:
-            chain = queue.chain_at(head)
-            if chain is None:
-                if vring.inflight is not None:  # handed back unused by chain_at
-                    vring.inflight.end_used(head, queue.next_used_idx)
-                continue
-            self.stats["resubmitted"] += 1
-            self._handle(vring, queue, chain, batch)
+        with vring.lock:
+            for head in vring.resubmit:
+                chain = queue.chain_at(head)
+                if chain is None:
+                    if vring.inflight is not None:  # handed back unused by chain_at
+                        vring.inflight.end_used(head, queue.next_used_idx)
+                    continue
+                self.stats["resubmitted"] += 1
+                self._handle(vring, queue, chain, batch)
+            if vring.resubmit:
+                log.info("vhost_user_blk.resubmitted", vring=vring.index,
+                         requests=len(vring.resubmit))
+                vring.resubmit = ()
+                vring.signal_used()
         self._dispatch(vring, batch)
-        if vring.resubmit:
-            log.info("vhost_user_blk.resubmitted", vring=vring.index, requests=len(vring.resubmit))
-            vring.resubmit = ()
-            vring.signal_used()
 
     def queue_stopped(self, vring: Vring) -> None:
         # Requests still running write into guest memory the framework is about to let go:
@@ -384,7 +408,6 @@ class BlkBackend(VhostUserDevice):
         pending = self._pending.pop(vring.index, set())
         if pending:
             concurrent.futures.wait(pending)
-        self._reap()
 
     def queue_kicked(self, vring: Vring) -> None:
         queue = vring.queue
@@ -398,18 +421,20 @@ class BlkBackend(VhostUserDevice):
         # back-end stopped serving its socket and signals). The rest waits one turn.
         budget = queue.size
         more = False
-        while True:
-            queue.disable_notification()
-            while (chain := vring.pop()) is not None:
-                self._handle(vring, queue, chain, batch)
-                budget -= 1
-                if not budget:
+        # The workers return requests to this ring meanwhile (under the same lock).
+        with vring.lock:
+            while True:
+                queue.disable_notification()
+                while (chain := vring.pop()) is not None:
+                    self._handle(vring, queue, chain, batch)
+                    budget -= 1
+                    if not budget:
+                        break
+                more = queue.enable_notification()
+                if not more or not budget:
                     break
-            more = queue.enable_notification()
-            if not more or not budget:
-                break
+            vring.signal_used()  # for what was answered at once (rejected, served inline)
         self._dispatch(vring, batch)
-        vring.signal_used()
         if more and self._again.get(vring.index) is not queue:
             self._again[vring.index] = queue
             asyncio.get_running_loop().call_soon(self._kicked_again, vring, queue)
@@ -425,7 +450,6 @@ class BlkBackend(VhostUserDevice):
         for pending in self._pending.values():
             concurrent.futures.wait(pending)
         self._pending.clear()
-        self._reap()
 
     def start_workers(self) -> None:
         """Start every I/O thread now (the pool starts them on demand otherwise): after the
@@ -501,25 +525,31 @@ class BlkBackend(VhostUserDevice):
             future.add_done_callback(lambda f, pending=pending: pending.discard(f))
 
     def _execute_batch(self, batch: list[BlkRequest]) -> None:
-        """In a worker thread: run the requests, then queue their completions at once."""
+        """In a worker thread: run the requests (all of one ring), then return them to the
+        used ring and signal the guest once, from here: waking the event loop to do that
+        would cost a thread switch per batch. The ring's lock keeps this apart from the
+        loop's own use of the ring and from the server replacing the call fd; a ring stopped
+        meanwhile waits for this batch first (queue_stopped), so the check below only guards
+        against a batch that outlived its queue some other way."""
         done = []
         for req in batch:
             used = self._execute(req)
             if used is not None:
-                done.append((req, used))
+                done.append((req.head, used))
         if not done:
             return
-        with self._lock:
-            self._done += done
-            if self._reap_scheduled:
-                return
-            self._reap_scheduled = True
-        loop = self._loop
-        if loop is not None:
-            try:
-                loop.call_soon_threadsafe(self._reap)
-            except RuntimeError:  # the loop is closed: shutting down
-                pass
+        vring, queue = batch[0].vring, batch[0].queue
+        assert vring is not None
+        try:
+            with vring.lock:
+                if vring.queue is not queue:
+                    return  # the ring was restarted meanwhile: it no longer expects these
+                for head, used in done:
+                    vring.put_used(head, used)
+                vring.signal_used()
+        except Exception:  # nobody reads a batch's future: say it here
+            log.exception("vhost_user_blk.completion_failed", vring=vring.index)
+            raise
 
     def _execute(self, req: BlkRequest) -> int | None:
         """Do one request's I/O and write its status byte; the used length (None: the
@@ -596,18 +626,3 @@ class BlkBackend(VhostUserDevice):
             n = os.pwrite(self.fd, zeros[: min(length, len(zeros))], offset)
             offset += n
             length -= n
-
-    def _reap(self) -> None:
-        """On the loop: return finished requests to their rings, one signal per ring."""
-        with self._lock:
-            done, self._done = self._done, []
-            self._reap_scheduled = False
-        touched: dict[int, Vring] = {}
-        for req, used in done:
-            vring = req.vring
-            if vring is None or vring.queue is not req.queue:
-                continue  # the ring was restarted meanwhile: it no longer expects this
-            vring.put_used(req.head, used)
-            touched[id(vring)] = vring
-        for vring in touched.values():
-            vring.signal_used()

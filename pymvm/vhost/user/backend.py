@@ -22,9 +22,10 @@ import mmap
 import os
 import socket
 import stat
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import structlog
 
@@ -204,6 +205,10 @@ class Vring:
     inflight: InflightQueue | None = None
     resubmit: tuple[int, ...] = ()
     _err_reported: bool = False
+    #: Held while the call and error fds change: a device that returns buffers and signals
+    #: from its own threads (blk's workers) holds it around put_used/signal_used, so that it
+    #: never writes to an fd number the server just closed (and something else reused).
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def pop(self):
         """The next available chain (``VirtQueue.pop_avail``), recorded as in flight."""
@@ -256,11 +261,20 @@ class Vring:
 
     def _close_fds(self) -> None:
         for name in ("kick_fd", "call_fd", "err_fd"):
-            fd = getattr(self, name)
-            if fd is not None:
+            with self.lock:
+                fd = getattr(self, name)
                 setattr(self, name, None)
+            if fd is not None:
                 with contextlib.suppress(OSError):
                     os.close(fd)
+
+    def _replace_fd(self, name: str, fd: int | None) -> None:
+        """Install ``fd`` as the call or error fd (see ``lock``) and close the old one."""
+        with self.lock:
+            old = getattr(self, name)
+            setattr(self, name, fd)
+        if old is not None:
+            os.close(old)
 
 
 def _recv_fds(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
@@ -738,16 +752,10 @@ class _Session:
         self._maybe_start(vring)
 
     def _set_vring_call(self, msg: m.SetVringCall) -> None:
-        vring = self._vring(msg.index, msg.fd)
-        if vring.call_fd is not None:
-            os.close(vring.call_fd)
-        vring.call_fd = msg.fd
+        self._vring(msg.index, msg.fd)._replace_fd("call_fd", msg.fd)
 
     def _set_vring_err(self, msg: m.SetVringErr) -> None:
-        vring = self._vring(msg.index, msg.fd)
-        if vring.err_fd is not None:
-            os.close(vring.err_fd)
-        vring.err_fd = msg.fd
+        self._vring(msg.index, msg.fd)._replace_fd("err_fd", msg.fd)
 
     def _set_vring_enable(self, msg: m.SetVringEnable) -> None:
         vring = self._vring(msg.index)
