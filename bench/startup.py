@@ -9,7 +9,8 @@ the development machine's kvm_pvm, where Linux guests do not boot) and measures 
   - a seccomp filter installed in the child before its exec kills the whole process at its
     first ioctl(KVM_RUN) (SECCOMP_RET_KILL_PROCESS, no core dump), so the process's CPU
     time (user + system, all threads, from wait4's rusage) is that of exec to first KVM_RUN,
-    whatever else runs on the machine; the wall time of the same interval is printed beside;
+    whatever else runs on the machine; the wall time of the same interval and the page
+    faults (rusage again; each costs far more under emulation) are printed beside;
   - `strace -f -c` of one run more under the same filter counts its system calls;
   - for pymvm, `python -X importtime` of one run more counts the modules it imported (the
     interpreter's own included).
@@ -80,8 +81,9 @@ def _die_at_first_kvm_run() -> None:
 
 
 def run_to_first_kvm_run(argv: list[str], timeout: float = 60.0, cwd: Path = ROOT
-                         ) -> tuple[float, float]:
-    """(CPU seconds, wall seconds) from exec to the first KVM_RUN, which kills the process.
+                         ) -> tuple[float, float, int]:
+    """(CPU seconds, wall seconds, page faults) from exec to the first KVM_RUN, which kills
+    the process.
     ``python -m pymvm.cli`` imports the pymvm package found in ``cwd``."""
     start = time.monotonic()
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
@@ -101,7 +103,7 @@ def run_to_first_kvm_run(argv: list[str], timeout: float = 60.0, cwd: Path = ROO
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != -31:  # SIGSYS: the filter killed it at KVM_RUN
         raise RuntimeError(f"{argv[0]}: exited {proc.returncode} before any KVM_RUN")
-    return usage.ru_utime + usage.ru_stime, wall
+    return usage.ru_utime + usage.ru_stime, wall, usage.ru_minflt + usage.ru_majflt
 
 
 def count_syscalls(argv: list[str], tmp: Path, cwd: Path = ROOT) -> tuple[int, dict[str, int]]:
@@ -174,19 +176,22 @@ def main() -> int:
             run_to_first_kvm_run(argv, cwd=where.get(name, ROOT))
         cpu: dict[str, list[float]] = {name: [] for name in vmms}
         wall: dict[str, list[float]] = {name: [] for name in vmms}
+        faults: dict[str, list[int]] = {name: [] for name in vmms}
         for i in range(args.runs):
             for name, argv in vmms.items():
-                c, w = run_to_first_kvm_run(argv, cwd=where.get(name, ROOT))
+                c, w, f = run_to_first_kvm_run(argv, cwd=where.get(name, ROOT))
                 cpu[name].append(c)
                 wall[name].append(w)
+                faults[name].append(f)
                 print(f"run {i + 1:2d} {name:5s} exec to first KVM_RUN: CPU {c * 1000:7.1f} ms, "
-                      f"wall {w * 1000:7.1f} ms", flush=True)
+                      f"wall {w * 1000:7.1f} ms, {f} page faults", flush=True)
         for name, argv in vmms.items():
             total, per_call = count_syscalls(argv, tmp, cwd=where.get(name, ROOT))
             top = ", ".join(f"{k} {v}" for k, v in sorted(per_call.items(), key=lambda kv: -kv[1])[:8])
             line = (f"{name}: CPU median {statistics.median(cpu[name]) * 1000:.1f} ms "
                     f"(min {min(cpu[name]) * 1000:.1f}), wall median "
-                    f"{statistics.median(wall[name]) * 1000:.1f} ms, {total} system calls ({top})")
+                    f"{statistics.median(wall[name]) * 1000:.1f} ms, "
+                    f"{statistics.median(faults[name]):.0f} page faults, {total} system calls ({top})")
             if name in where:
                 line += f", {count_modules(argv, cwd=where[name])} modules imported"
             print(line, flush=True)

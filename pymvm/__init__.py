@@ -10,11 +10,14 @@ if "asyncio" not in _sys.modules:
     _defer_import("asyncio")
 
 # inspect (with ast, dis, tokenize, linecache) as well: dataclasses imports it at its top but
-# uses it only to write a docstring for a dataclass that has none (pymvm's have theirs).
-if "inspect" not in _sys.modules:
-    from .lazy import defer_import as _defer_import
+# uses it only to write a docstring for a dataclass that has none (pymvm's have theirs); and
+# copy, which dataclasses uses only in asdict()/astuple() (its import looks for Jython's
+# org.python.core on every sys.path entry).
+for _name in ("inspect", "copy"):
+    if _name not in _sys.modules:
+        from .lazy import defer_import as _defer_import
 
-    _defer_import("inspect")
+        _defer_import(_name)
 
 # structlog stays pending too (pymvm.logging): until it runs, the loggers pymvm's modules get
 # from `structlog.get_logger()` write its JSON lines themselves, so `pymvm run` starts its

@@ -20,10 +20,6 @@ import importlib.machinery
 import importlib.util
 import os
 import sys
-
-# The constants alone: the socket module converts its families, types and flags to enums
-# when imported, which `pymvm run` would pay before its vCPUs start (issue 15).
-from _socket import AF_NETLINK, AF_UNIX
 from types import ModuleType
 
 import structlog
@@ -215,6 +211,12 @@ VMM: dict[str, str] = {
     "sendmmsg": "batched sends",
     "recvmmsg": "batched receives",
 }
+
+# Linux's numbers for them (<linux/socket.h>; tests/unit/test_seccomp_lists.py compares them
+# with the socket module's): importing socket (which makes enums of its constants) or even
+# _socket (a shared library) costs `pymvm run` before its vCPUs start (issue 15).
+AF_UNIX = 1
+AF_NETLINK = 16
 
 #: Socket families a filtered process may create (arg 0 of socket(2)).
 SOCKET_FAMILIES = {"backend": (AF_UNIX,), "vmm": (AF_UNIX, AF_NETLINK)}

@@ -46,7 +46,8 @@ FORBIDDEN_BEFORE_VCPUS = (
     "structlog.processors", "structlog.stdlib", "structlog.dev", "structlog._config",
     "structlog._native", "structlog.threadlocal",
     "logging", "inspect", "uuid", "platform", "pickle", "traceback",  # what structlog imports
-    "socket",                   # the seccomp filter takes _socket's constants
+    "socket", "_socket",        # the seccomp filter has Linux's numbers for the families
+    "copy",                     # dataclasses uses it in asdict() alone
     "termios", "pymvm.vhost",   # the back-ends' ioctl numbers: not in the VMM's filter
     "concurrent.futures",
     "ssl", "_ssl",              # libssl + libcrypto: never, without the API (vmm.run_vm)
