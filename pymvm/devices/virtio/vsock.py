@@ -60,13 +60,12 @@ class _EventQueue:
     """The device side of the event queue: one VirtQueue and the call eventfd."""
 
     def __init__(self, queue: QueueConfig, mem_regions: Sequence[Any], call_fd: int | None,
-                 kick_fd: int | None, event_idx: bool) -> None:
+                 event_idx: bool) -> None:
         regions = [(r.gpa, r.view) for r in mem_regions]
         self.memory = GuestMemoryMap(regions)
         self.queue = VirtQueue(self.memory, queue.size, queue.desc_addr, queue.driver_addr,
                                queue.device_addr, event_idx=event_idx, name="vsock-event")
         self.call_fd = call_fd
-        self.kick_fd = kick_fd
 
     def push(self, event_id: int) -> bool:
         """Write one event into the driver's next buffer; False if it has none posted."""
@@ -108,8 +107,8 @@ class VirtioVsockDevice(VirtioDevice):
         self._pending_reset = False
         self._lock = threading.Lock()
         self._event: _EventQueue | None = None
-        self._watcher: threading.Thread | None = None
-        self._stop_r, self._stop_w = -1, -1
+        #: The thread waiting for the event queue's kick, and the pipe that stops it.
+        self._watcher: tuple[threading.Thread, int, int] | None = None
         self._log = log.bind(device="virtio-vsock", cid=cid)
 
     def avail_features(self) -> int:
@@ -131,7 +130,7 @@ class VirtioVsockDevice(VirtioDevice):
         call = ctx.call_fds[position] if ctx.call_fds else None
         kick = ctx.kick_fds[position] if ctx.kick_fds else None
         try:
-            event = _EventQueue(event_q, ctx.mem_regions, call, kick,
+            event = _EventQueue(event_q, ctx.mem_regions, call,
                                 ctx.has_feature(c.VIRTIO_RING_F_EVENT_IDX))
         except VirtQueueError as e:
             self.backend.reset()
@@ -166,10 +165,11 @@ class VirtioVsockDevice(VirtioDevice):
         return True
 
     def _start_watcher(self, kick_fd: int) -> None:
-        self._stop_r, self._stop_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
-        self._watcher = threading.Thread(target=self._watch, args=(kick_fd, self._stop_r),
-                                         name="vsock-event", daemon=True)
-        self._watcher.start()
+        stop_r, stop_w = os.pipe2(os.O_CLOEXEC)
+        thread = threading.Thread(target=self._watch, args=(kick_fd, stop_r),
+                                  name="vsock-event", daemon=True)
+        self._watcher = (thread, stop_r, stop_w)
+        thread.start()
 
     def _watch(self, kick_fd: int, stop_fd: int) -> None:
         """Wait for the driver's event-queue kick, then deliver what is pending."""
@@ -198,12 +198,11 @@ class VirtioVsockDevice(VirtioDevice):
     def _stop_watcher(self) -> None:
         if self._watcher is None:
             return
-        os.write(self._stop_w, b"x")
-        self._watcher.join(timeout=2)
+        thread, stop_r, stop_w = self._watcher
         self._watcher = None
-        for fd in (self._stop_r, self._stop_w):
-            os.close(fd)
-        self._stop_r, self._stop_w = -1, -1
+        os.close(stop_w)  # the watcher's poll sees the pipe hang up
+        thread.join(timeout=2)
+        os.close(stop_r)
 
     def reset(self) -> None:
         self._stop_watcher()  # before the transport closes the kick fd it watches
