@@ -56,12 +56,12 @@ from pymvm.devices.virtio.queue import (
 )
 from pymvm.memory import GuestMemory
 
-QSIZE = 256
 PAGE = 4096
 MIB = 1 << 20
 PAGES_PER_REQ = MIB // PAGE
-DESC, AVAIL, USED = 0x10000, 0x11000, 0x12000
-TABLES = 0x20000  # indirect table of ring slot d at TABLES + 0x1000 * d
+MAX_QSIZE = 512
+DESC, AVAIL, USED = 0x10000, 0x14000, 0x15000
+TABLES = 0x20000  # indirect table of ring slot d at TABLES + 0x2000 * d
 HEADERS = 0x200000  # header of slot d at HEADERS + 0x100 * d, its status byte at + 0x80
 DATA = 0x400000  # data pages: 64 MiB, each request takes 256 of them at random
 DATA_PAGES = 64 * MIB // PAGE
@@ -73,19 +73,23 @@ _DESC = struct.Struct("<QIHH")
 class Driver:
     """A virtio-blk driver on one split ring (EVENT_IDX, indirect tables), as Linux uses it."""
 
-    def __init__(self, memory: GuestMemory, seg_max: int, kick: int, call: int) -> None:
+    def __init__(self, memory: GuestMemory, qsize: int, seg_max: int, kick: int,
+                 call: int) -> None:
         self.mem = memory.view(0, MEMORY)
-        self.avail16 = self.mem[AVAIL : AVAIL + 6 + 2 * QSIZE].cast("H")
-        self.used16 = self.mem[USED : USED + 6 + 8 * QSIZE].cast("H")
-        self.used32 = self.mem[USED + 4 : USED + 4 + 8 * QSIZE].cast("I")
-        self.seg_max = min(seg_max, QSIZE - 2)
+        self.qsize = qsize
+        self.avail16 = self.mem[AVAIL : AVAIL + 6 + 2 * qsize].cast("H")
+        self.used16 = self.mem[USED : USED + 6 + 8 * qsize].cast("H")
+        self.used32 = self.mem[USED + 4 : USED + 4 + 8 * qsize].cast("I")
+        self.seg_max = min(seg_max, qsize - 2)
         self.kick, self.call = kick, call
         self.poller = select.poll()  # the front-end may make the call eventfd non-blocking
         self.poller.register(call, select.POLLIN)
         self.avail_idx = 0
         self.last_used = 0
-        self.free = list(range(QSIZE))
+        self.free = list(range(qsize))
         self.rng = random.Random(1)
+        #: What the guest side pays for: chains published, kicks, interrupts taken.
+        self.counts = {"chains": 0, "kicks": 0, "irqs": 0}
         #: slot -> (expected used length, status offset)
         self.pending: dict[int, tuple[int, int]] = {}
 
@@ -107,17 +111,19 @@ class Driver:
                 _DESC.pack_into(table, 16 * i, DATA + page * PAGE, PAGE,
                                 VRING_DESC_F_NEXT | write, i + 1)
             _DESC.pack_into(table, 16 * (n - 1), status_at, 1, VRING_DESC_F_WRITE, 0)
-            self.mem[TABLES + 0x1000 * d : TABLES + 0x1000 * d + len(table)] = table
-            _DESC.pack_into(self.mem, DESC + 16 * d, TABLES + 0x1000 * d, len(table),
+            self.mem[TABLES + 0x2000 * d : TABLES + 0x2000 * d + len(table)] = table
+            _DESC.pack_into(self.mem, DESC + 16 * d, TABLES + 0x2000 * d, len(table),
                             VRING_DESC_F_INDIRECT, 0)
             self.pending[d] = (1 + len(part) * PAGE if write else 1, status_at)
-            self.avail16[2 + self.avail_idx % QSIZE] = d
+            self.avail16[2 + self.avail_idx % self.qsize] = d
             old = self.avail_idx
             self.avail_idx = (self.avail_idx + 1) & 0xFFFF
             self.avail16[1] = self.avail_idx
-            event = self.used16[2 + 4 * QSIZE]  # avail_event
+            event = self.used16[2 + 4 * self.qsize]  # avail_event
+            self.counts["chains"] += 1
             if (self.avail_idx - event - 1) & 0xFFFF < (self.avail_idx - old) & 0xFFFF:
                 os.eventfd_write(self.kick, 1)
+                self.counts["kicks"] += 1
 
     def reap(self) -> int:
         """Wait for an interrupt, then take every used entry; how many."""
@@ -125,7 +131,7 @@ class Driver:
         while True:
             idx = self.used16[1]
             while self.last_used != idx:
-                slot = self.last_used % QSIZE
+                slot = self.last_used % self.qsize
                 d, length = self.used32[2 * slot], self.used32[2 * slot + 1]
                 want, status_at = self.pending.pop(d)
                 if length != want or self.mem[status_at] != b.VIRTIO_BLK_S_OK:
@@ -134,7 +140,7 @@ class Driver:
                 self.free.append(d)
                 self.last_used = (self.last_used + 1) & 0xFFFF
                 got += 1
-            self.avail16[2 + QSIZE] = self.last_used  # used_event: the next one interrupts
+            self.avail16[2 + self.qsize] = self.last_used  # used_event: the next one interrupts
             if got and self.used16[1] == self.last_used:
                 return got
             if self.used16[1] != self.last_used:
@@ -142,6 +148,7 @@ class Driver:
             self.poller.poll()  # until the back-end signals (the GIL released)
             try:
                 os.eventfd_read(self.call)
+                self.counts["irqs"] += 1
             except BlockingIOError:
                 pass
 
@@ -166,10 +173,11 @@ class Driver:
                 return done // chains_per_req
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system time of every thread of ``pid`` so far."""
+def cpu_seconds(pid: int) -> tuple[float, float]:
+    """User and system time of every thread of ``pid`` so far."""
     fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
 
 
 def wait_for(path: Path, proc: subprocess.Popen, what: str) -> None:
@@ -229,20 +237,25 @@ def measure(name: str, image: Path, tmp: Path, seconds: float, depth: int,
             if not features >> bit & 1:
                 raise RuntimeError(f"{name} does not offer feature bit {bit}")
         with GuestMemory(MEMORY) as memory:
-            queue = QueueConfig(index=0, size=QSIZE, ready=True, desc_addr=DESC,
+            qsize = min(model.queue_max_sizes[0], MAX_QSIZE)  # Linux takes the most offered
+            queue = QueueConfig(index=0, size=qsize, ready=True, desc_addr=DESC,
                                 driver_addr=AVAIL, device_addr=USED)
             model.activate(ActivationContext(acked_features=features, queues=[queue],
                                              kick_fds=[kick], call_fds=[call],
                                              mem_regions=memory.regions))
-            drv = Driver(memory, model.config.seg_max, kick, call)
+            drv = Driver(memory, qsize, model.config.seg_max, kick, call)
             drv.mem[DATA : DATA + DATA_PAGES * PAGE] = bytes(range(256)) * (DATA_PAGES * 16)
             drv.run(b.VIRTIO_BLK_T_IN, 0.3, depth, model.capacity)  # warm-up
             for job, rtype in (("seqread", b.VIRTIO_BLK_T_IN), ("seqwrite", b.VIRTIO_BLK_T_OUT)):
-                cpu0, t0 = cpu_seconds(proc.pid), time.monotonic()
+                drv.counts = dict.fromkeys(drv.counts, 0)
+                (user0, sys0), t0 = cpu_seconds(proc.pid), time.monotonic()
                 mib = drv.run(rtype, seconds, depth, model.capacity)
-                wall, cpu = time.monotonic() - t0, cpu_seconds(proc.pid) - cpu0
+                (user, sys_), wall = cpu_seconds(proc.pid), time.monotonic() - t0
                 results[job] = mib / wall
-                results[f"{job}_cpu_ms"] = 1000 * cpu / mib
+                results[f"{job}_cpu_ms"] = 1000 * (user - user0 + sys_ - sys0) / mib
+                results[f"{job}_user_ms"] = 1000 * (user - user0) / mib
+                for what, n in drv.counts.items():
+                    results[f"{job}_{what}"] = n / mib
             # One read compared with the file: the data landed at the right guest addresses.
             pages = drv.rng.sample(range(DATA_PAGES), PAGES_PER_REQ)
             drv.submit(b.VIRTIO_BLK_T_IN, 2048, pages)
@@ -286,9 +299,11 @@ def main() -> int:
             for name in names:
                 runs[name].append(measure(name, image, tmp, args.t, args.depth, args.wrap.split()))
                 r = runs[name][-1]
-                print(f"# {name}: read {r['seqread']:.0f} MiB/s ({r['seqread_cpu_ms']:.2f} ms "
-                      f"CPU/MiB), write {r['seqwrite']:.0f} MiB/s "
-                      f"({r['seqwrite_cpu_ms']:.2f} ms CPU/MiB)", flush=True)
+                print(f"# {name}: " + ", ".join(
+                    f"{job} {r[job]:.0f} MiB/s, {r[f'{job}_cpu_ms']:.2f} ms CPU/MiB "
+                    f"({r[f'{job}_user_ms']:.2f} user), per MiB {r[f'{job}_chains']:.1f} "
+                    f"chains {r[f'{job}_kicks']:.1f} kicks {r[f'{job}_irqs']:.1f} irqs"
+                    for job in ("seqread", "seqwrite")), flush=True)
         med = {n: {k: statistics.median(r[k] for r in runs[n]) for k in runs[n][0]}
                for n in names}
         for n in names:

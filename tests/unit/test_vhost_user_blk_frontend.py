@@ -109,7 +109,8 @@ def test_blk_frontend_gets_features_and_config_and_serves_a_read(sock_dir, image
             assert fe.features() >> bit & 1, bit
         assert fe.protocol_features & PF.CONFIG and fe.protocol_features & PF.INFLIGHT_SHMFD
         model = b.VirtioBlkDevice(fe)
-        assert model.capacity == SECTORS and model.queue_max_sizes == (b.QUEUE_MAX_SIZE,)
+        assert model.capacity == SECTORS and model.config.seg_max == 510
+        assert model.queue_max_sizes == (512,)  # a request of seg_max pages is one chain
         assert struct.unpack_from("<Q", model.config_bytes())[0] == SECTORS
         assert model.avail_features() >> b.VIRTIO_BLK_F_FLUSH & 1
         with GuestMemory(4 << 20) as memory:

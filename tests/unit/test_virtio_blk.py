@@ -83,6 +83,17 @@ def test_queue_count_follows_num_queues_only_with_mq() -> None:
     assert len(with_mq.queue_max_sizes) == 4
 
 
+@pytest.mark.parametrize("seg_max, size", [
+    (0, 256), (126, 256), (254, 256),  # qemu-storage-daemon's 126; header + status fit 256
+    (255, 512), (510, 512),  # the built-in back-end's 510: 1 MiB of 4 KiB pages, one chain
+    (1022, 1024), (5000, 1024),  # no bigger than QUEUE_SIZE_LIMIT
+])
+def test_queue_offered_holds_a_request_of_seg_max_segments_as_one_chain(seg_max, size) -> None:
+    cfg = b.BlkConfig(capacity=8, seg_max=seg_max, num_queues=2)
+    dev = b.VirtioBlkDevice(FakeBlkBackend(MODERN | 1 << b.VIRTIO_BLK_F_MQ, cfg))
+    assert dev.queue_max_sizes == (size, size)
+
+
 def test_legacy_backend_is_refused() -> None:
     with pytest.raises(VirtioConfigError, match="VERSION_1"):
         b.VirtioBlkDevice(FakeBlkBackend(1 << b.VIRTIO_BLK_F_FLUSH, b.BlkConfig(capacity=8)))

@@ -84,6 +84,20 @@ PASSTHROUGH_FEATURES = c.feature_mask(
     c.VIRTIO_RING_F_INDIRECT_DESC,
 )
 QUEUE_MAX_SIZE = 256
+#: The largest queue offered to fit a back-end's seg_max (see queue_size_for).
+QUEUE_SIZE_LIMIT = 1024
+
+
+def queue_size_for(seg_max: int) -> int:
+    """The queue size to offer a driver when requests carry up to ``seg_max`` data segments:
+    QUEUE_MAX_SIZE, or the power of two that holds a whole request (seg_max + header +
+    status) as one chain, since no chain may be longer than its queue (virtio 1.2
+    §2.7.5.3.1), up to QUEUE_SIZE_LIMIT. A back-end that offers seg_max 510 gets 1 MiB of
+    scattered 4 KiB pages as one request instead of two."""
+    size = QUEUE_MAX_SIZE
+    while size < seg_max + 2 and size < QUEUE_SIZE_LIMIT:
+        size *= 2
+    return size
 
 
 @dataclass(frozen=True)
@@ -162,7 +176,7 @@ class VirtioBlkDevice(VirtioDevice):
         queues = self.config.num_queues if offered >> VIRTIO_BLK_F_MQ & 1 else 1
         if not 1 <= queues <= 64:
             raise VirtioConfigError(f"{name}: the back-end reports {queues} queues; 1..64 work")
-        self.queue_max_sizes = (QUEUE_MAX_SIZE,) * queues
+        self.queue_max_sizes = (queue_size_for(self.config.seg_max),) * queues
         self.active = False
         self._log = log.bind(device=name)
 
