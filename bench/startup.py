@@ -106,6 +106,15 @@ def run_to_first_kvm_run(argv: list[str], timeout: float = 60.0, cwd: Path = ROO
     return usage.ru_utime + usage.ru_stime, wall, usage.ru_minflt + usage.ru_majflt
 
 
+def without_pth(argv: list[str]) -> list[str]:
+    """``python -m pymvm.cli ARGS`` as ``python -S``, with site-packages on sys.path but none
+    of its .pth files run."""
+    assert argv[1:3] == ["-m", "pymvm.cli"], argv
+    code = ("import sys, site; sys.path += site.getsitepackages(); import runpy; "
+            "runpy.run_module('pymvm.cli', run_name='__main__', alter_sys=True)")
+    return [argv[0], "-S", "-c", code, *argv[3:]]
+
+
 def count_syscalls(argv: list[str], tmp: Path, cwd: Path = ROOT) -> tuple[int, dict[str, int]]:
     """System calls (all threads) from exec to the first KVM_RUN, from `strace -f -c`."""
     strace = shutil.which("strace")
@@ -142,6 +151,10 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("-n", "--runs", type=int, default=21, help="timed runs per VMM (interleaved)")
     p.add_argument("--no-qemu", action="store_true", help="measure pymvm only")
+    p.add_argument("--without-pth", action="store_true",
+                   help="also measure pymvm started without site's .pth hooks (python -S, "
+                        "site-packages put on sys.path by hand): what this interpreter's "
+                        "installation adds to every start (editable installs, other hooks)")
     p.add_argument("--compare", type=Path, metavar="DIR",
                    help="also measure, interleaved, the pymvm package in DIR/pymvm (say an older "
                         "commit's: git archive COMMIT pymvm | tar -x -C DIR, its built *.so "
@@ -164,6 +177,9 @@ def main() -> int:
         if args.compare is not None:
             vmms["other"] = vmms["pymvm"]
             where["other"] = args.compare.resolve()
+        if args.without_pth:
+            vmms["no-pth"] = without_pth(vmms["pymvm"])
+            where["no-pth"] = ROOT
         if not args.no_qemu:
             qemu = shutil.which("qemu-system-x86_64")
             if qemu is None:
@@ -192,7 +208,7 @@ def main() -> int:
                     f"(min {min(cpu[name]) * 1000:.1f}), wall median "
                     f"{statistics.median(wall[name]) * 1000:.1f} ms, "
                     f"{statistics.median(faults[name]):.0f} page faults, {total} system calls ({top})")
-            if name in where:
+            if name in where and name != "no-pth":
                 line += f", {count_modules(argv, cwd=where[name])} modules imported"
             print(line, flush=True)
         if "qemu" in vmms:

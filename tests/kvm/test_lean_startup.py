@@ -81,8 +81,17 @@ def leaked(modules: set[str], forbidden: tuple[str, ...]) -> list[str]:
 LOOP_LOADED = b"| asyncio.unix_events"
 
 
+# `python -m pymvm.cli` without site's .pth hooks (python -S, site-packages on sys.path by
+# hand): the modules this installation's hooks import (an editable install's finder, other
+# packages' hooks) do not hide what pymvm itself imports.
+WITHOUT_SITE_HOOKS = ("-S", "-c", ("import sys, site; sys.path += site.getsitepackages(); "
+                                    "import runpy; runpy.run_module('pymvm.cli', "
+                                    "run_name='__main__', alter_sys=True)"))
+
+
 def run_until_started(config: Path, timeout: float = 120.0,
-                      markers: tuple[bytes, ...] = (b'"vm_starting"', LOOP_LOADED)) -> str:
+                      markers: tuple[bytes, ...] = (b'"vm_starting"', LOOP_LOADED),
+                      python_args: tuple[str, ...] = ("-m", "pymvm.cli")) -> str:
     """`python -X importtime -m pymvm.cli run CONFIG`, SIGTERMed once ``vm_starting`` is
     logged and then asyncio loaded (``markers``, in that order, on stderr) and its loop had
     a moment to start; returns its stderr (import times and the JSON log)."""
@@ -91,7 +100,7 @@ def run_until_started(config: Path, timeout: float = 120.0,
     if fresh_artifact("microvm-kernel") is None or fresh_artifact("test-initramfs") is None:
         pytest.skip("the example VM's kernel and initramfs are not built: run scripts/setup "
                     "(pymvm build-kernel; pymvm build-initramfs --with iperf3)")
-    proc = subprocess.Popen([sys.executable, "-X", "importtime", "-m", "pymvm.cli", "run",
+    proc = subprocess.Popen([sys.executable, "-X", "importtime", *python_args, "run",
                              str(config)], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, cwd=ROOT)
     assert proc.stderr is not None
@@ -205,3 +214,21 @@ def test_the_vcpu_run_loop_keeps_no_memory_per_exit(make_machine) -> None:
         tracemalloc.stop()
     # 118 000 exits more: even one byte kept per exit would show as 115 KiB.
     assert many - few < 16 * 1024, (few, many)
+
+
+# What this machine's .pth hooks import (a CA bundle hook: importlib.resources, tempfile,
+# zipfile...) and pymvm must not need before its vCPUs start. (shutil, with zlib, bz2 and
+# lzma, comes with argparse: HelpFormatter asks it for the terminal's width.)
+FORBIDDEN_BEFORE_VCPUS_WITHOUT_SITE_HOOKS = (
+    "tempfile", "random", "zipfile", "importlib.resources", "importlib.metadata", "email",
+    "certifi",
+)
+
+
+def test_without_site_hooks_the_example_vm_imports_only_what_it_needs_before_its_vcpus() -> None:
+    err = run_until_started(EXAMPLE, python_args=WITHOUT_SITE_HOOKS)
+    before = imported_modules(before_vcpus_start(err))
+    # The split is right, and site's hooks did not run (no editable install's finder).
+    assert "pymvm.machine" in before and not any("editable" in m for m in before)
+    found = leaked(before, FORBIDDEN_BEFORE_VCPUS + FORBIDDEN_BEFORE_VCPUS_WITHOUT_SITE_HOOKS)
+    assert not found, f"imported by `pymvm run` before its vCPUs start: {found}"
