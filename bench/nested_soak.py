@@ -169,18 +169,28 @@ def outer(args: argparse.Namespace) -> int:
     started = 0
     from pymvm.nested import NestedSettings
 
-    print(f"nested_soak: nested host setting: {NestedSettings.from_env(os.environ).describe()}; "
-          f"L2 settings: {args.settings}", flush=True)
+    variants = [("chosen", dict(os.environ))]
+    if args.compare_kvm_amd is not None:  # every other host runs with these kvm_amd parameters
+        variants.append(("compared", {**os.environ, "PYMVM_NESTED_KVM_AMD": args.compare_kvm_amd}))
+    for label, env in variants:
+        print(f"nested_soak: {label} nested host setting: "
+              f"{NestedSettings.from_env(env).describe()}", flush=True)
+    print(f"nested_soak: L2 settings: {args.settings}", flush=True)
+    host_variant: dict[int, str] = {}
     for host in range(1, args.max_hosts + 1):
         if started >= args.boots:
             break
+        label, env = variants[(host - 1) % len(variants)]
+        host_variant[host] = label
         boots = min(args.per_host, args.boots - started)
         cmd = [sys.executable, "-m", "pymvm.nested", "--cpus", str(args.cpus), "--attempts", "1",
                "--timeout", str(args.host_timeout), "--", sys.executable, "bench/nested_soak.py",
                "--inner", "--host", str(host), "--boots", str(boots), "--offset", str(started),
                "--progress", str(progress), "--settings", args.settings]
-        print(f"nested_soak: host {host}: {boots} boot(s) ({time.strftime('%H:%M:%S')})", flush=True)
-        proc = subprocess.run(cmd, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, check=False)
+        print(f"nested_soak: host {host} ({label}): {boots} boot(s) ({time.strftime('%H:%M:%S')})",
+              flush=True)
+        proc = subprocess.run(cmd, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              check=False, env=env)
         log = proc.stdout.decode(errors="replace")
         if proc.returncode == 0:
             outcomes[host] = "ok"
@@ -197,10 +207,11 @@ def outer(args: argparse.Namespace) -> int:
         print(f"nested_soak: host {host}: {outcomes[host]}", flush=True)
         if outcomes[host].startswith("error"):
             break
-    return report(_read(progress), outcomes)
+    return report(_read(progress), outcomes, host_variant)
 
 
-def report(records: list[dict], outcomes: dict[int, str]) -> int:
+def report(records: list[dict], outcomes: dict[int, str],
+           host_variant: dict[int, str] | None = None) -> int:
     per: dict[str, Counter] = defaultdict(Counter)
     open_boot: dict[int, str] = {}
     for r in records:
@@ -225,9 +236,17 @@ def report(records: list[dict], outcomes: dict[int, str]) -> int:
     print(f"soak_boots={sum(1 for r in records if r['event'] == 'start')}")
     print(f"soak_host_failures={totals['froze'] + totals['died'] + totals['timed_out']}")
     print(f"soak_hosts={len(outcomes)}")
-    boots = sum(1 for r in records if r["event"] == "start")
-    failures = totals["froze"] + totals["died"] + totals["timed_out"]
-    print(f"nested_freezes_per_100_boots={100 * failures / boots if boots else 0:.1f}")
+    # Per nested host setting: the chosen one (nested_freezes_per_100_boots=) and, with
+    # --compare-kvm-amd, the one it is compared with, measured in the same run.
+    host_variant = host_variant or {host: "chosen" for host in outcomes}
+    for label in dict.fromkeys(host_variant.values()):
+        hosts = {h for h, v in host_variant.items() if v == label}
+        boots = sum(1 for r in records if r["event"] == "start" and r["host"] in hosts)
+        failures = sum(1 for h in hosts if outcomes.get(h) in ("froze", "died", "timed out"))
+        rate = 100 * failures / boots if boots else 0.0
+        suffix = "" if label == "chosen" else f"_{label}"
+        print(f"nested_freezes_per_100_boots{suffix}={rate:.1f} ({failures} in {boots} boots, "
+              f"{len(hosts)} hosts)")
     return 0
 
 
@@ -239,6 +258,9 @@ def main() -> int:
     p.add_argument("--cpus", type=int, default=int(os.environ.get("PYMVM_NESTED_CPUS", "1")))
     p.add_argument("--host-timeout", type=int, default=1800, help="seconds per nested host")
     p.add_argument("--progress", default="results/nested-soak/progress.jsonl")
+    p.add_argument("--compare-kvm-amd", metavar="PARAMS", default=None,
+                   help="run every other nested host with these kvm_amd parameters instead "
+                   "(e.g. 'vgif=1', the setting before issue 8) and report both")
     p.add_argument("--settings", default=",".join(SETTINGS),
                    help="comma-separated settings to take turns (default: all of them)")
     p.add_argument("--inner", action="store_true", help=argparse.SUPPRESS)

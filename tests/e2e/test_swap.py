@@ -560,7 +560,10 @@ def test_swap_ovs_dpdk_two_vms_ping_and_move_tcp_data_and_one_moves_in_from_vhos
         b.wait_console(r"UP=", timeout=900)
         wait_for(lambda: up.moved > (1 << 20), 600, "B's upload through its TAP port", b)
         stream = UdpStream(host=OVS_HOST, guest=OVS_B)
-        wait_for(lambda: stream.echoes_since(time.monotonic() - 2) > UDP_PPS // 2, 300,
+        # Through B's TAP as a system port of OVS-DPDK's userspace datapath (polled by the
+        # same one CPU as everything else in the nested host) a fraction of the stream comes
+        # back: the stream must flow, the baseline measures how much of it does.
+        wait_for(lambda: stream.echoes_since(time.monotonic() - 2) > UDP_PPS // 20, 300,
                  "echoes from B", b)
         mac = guest_api(b, "GET", "/vm/net/net0")["net"]["mac"]
         t_base = time.monotonic()  # 5 s without a swap: the stream's own gaps and loss

@@ -46,7 +46,23 @@ def test_a_freeze_is_charged_to_the_boot_that_was_running_and_a_death_between_bo
     assert rows["between boots"] == [0, 0, 0, 1, 0]
     assert rows["total"] == [2, 1, 1, 1, 0]
     assert "soak_boots=4" in out and "soak_host_failures=2" in out and "soak_hosts=3" in out
-    assert "nested_freezes_per_100_boots=50.0" in out  # 2 hosts lost in 4 boots
+    assert "nested_freezes_per_100_boots=50.0 (2 in 4 boots, 3 hosts)" in out
+
+
+def test_compared_nested_settings_get_their_own_freeze_rate(soak, capsys) -> None:
+    a = soak.SETTINGS[0]
+    records = []
+    for host in (1, 2, 3, 4):
+        records += [{"event": "start", "host": host, "setting": a},
+                    {"event": "end", "host": host, "setting": a, "ok": True},
+                    {"event": "start", "host": host, "setting": a}]
+        if host != 2:
+            records.append({"event": "end", "host": host, "setting": a, "ok": True})
+    soak.report(records, {1: "ok", 2: "froze", 3: "ok", 4: "ok"},
+                {1: "chosen", 2: "compared", 3: "chosen", 4: "compared"})
+    out = capsys.readouterr().out
+    assert "nested_freezes_per_100_boots=0.0 (0 in 4 boots, 2 hosts)" in out
+    assert "nested_freezes_per_100_boots_compared=25.0 (1 in 4 boots, 2 hosts)" in out
 
 
 def test_every_setting_combines_vmm_vcpus_and_nic(soak) -> None:
