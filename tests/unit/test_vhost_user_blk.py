@@ -859,3 +859,44 @@ def test_iovecs_from_a_table_are_host_addresses_and_lengths_only(to_host: int) -
     table = b"".join(struct.pack("<QIHH", *e) for e in entries)
     got = struct.unpack("<6Q", iovecs(table, 1, 4, to_host))
     assert got == tuple(x for a, n, _, _ in entries[1:4] for x in (a + to_host, n))
+
+
+def test_stopping_a_ring_waits_for_its_batches_in_the_workers_to_be_returned(
+        tmp_path: Path, image: Path) -> None:
+    """queue_stopped (GET_VRING_BASE, a memory change) returns only once every batch a
+    worker holds for that ring is back in the used ring; another ring's does not hold it."""
+    import types
+
+    fd = os.open(image, os.O_RDWR)
+    device = BlkBackend(fd, image.stat().st_size, workers=2, inline_nowait=False)
+    release = threading.Event()
+    events: list[str] = []
+
+    def ring(index: int):
+        vring = types.SimpleNamespace(index=index, lock=threading.Lock(), queue=object())
+        vring.put_used = lambda head, used: events.append(f"used {index}:{head}:{used}")
+        vring.signal_used = lambda: events.append(f"signal {index}")
+        return vring
+
+    def execute(req):
+        if req.head == 7:
+            assert release.wait(5)
+        return 1
+
+    device._execute = execute
+    held, other = ring(0), ring(1)
+    try:
+        device._dispatch(held, [BlkRequest(7, b.VIRTIO_BLK_T_OUT, 0, [], 512, memoryview(bytearray(1)),
+                                           vring=held, queue=held.queue)])
+        device.queue_stopped(other)  # nothing of ring 1's is out: returns at once
+        stopper = threading.Thread(target=lambda: (device.queue_stopped(held), events.append("stopped")))
+        stopper.start()
+        stopper.join(0.3)
+        assert stopper.is_alive() and events == []
+        release.set()
+        stopper.join(5)
+        assert events == ["used 0:7:1", "signal 0", "stopped"]
+    finally:
+        release.set()
+        device.close()
+        os.close(fd)
