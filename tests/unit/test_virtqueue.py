@@ -609,3 +609,50 @@ def test_well_formed_indirect_table_is_read_in_bulk_and_views_come_on_demand() -
     d.queue.bulk_indirect = 0  # devices that did not ask keep plain chains
     d.publish(0)
     assert type(d.queue.pop_avail()).__name__ == "DescriptorChain"
+
+
+@pytest.mark.parametrize("addr, length, inside", [
+    (0x1000, 16, True),  # the first byte of the region
+    (0xFFF, 16, False),  # one byte before it
+    (0x5000 - 16, 16, True),  # ending at its last byte
+    (0x5000 - 15, 16, False),  # one byte past it
+    (0x1000, 0xFFFF_FFFF, False),  # the longest length a descriptor holds
+    (2**64 - 1, 1, False),  # the top of the address space
+    (0, 1, False),
+])
+def test_bulk_bounds_check_refuses_any_buffer_reaching_outside_the_region(
+        addr: int, length: int, inside: bool) -> None:
+    from pymvm.devices.virtio.queue import _lanes_inside
+
+    # the buffer under test among others well inside, with flags and next set (masked off)
+    entries = [(0x2000, 512, 3, 1), (addr, length, 0xFFFF, 0xFFFF), (0x3000, 4096, 2, 0)]
+    raw = b"".join(struct.pack("<QIHH", *e) for e in entries)
+    lanes = _lanes_inside(raw, 3, 0x1000, 0x5000)
+    assert (lanes is not None) is inside
+    assert (_lanes_inside(raw[16:32], 1, 0x1000, 0x5000) is not None) is inside
+    if inside:  # address and length in each lane, flags and next gone
+        assert lanes.to_bytes(48, "little") == b"".join(
+            struct.pack("<QQ", a, n) for a, n, _, _ in entries)
+
+
+def test_bulk_bounds_check_at_the_ends_of_the_address_space() -> None:
+    from pymvm.devices.virtio.queue import _lanes_inside
+
+    top = struct.pack("<QIHH", 2**64 - 2, 1, 0, 0)
+    assert _lanes_inside(top, 1, 0, 2**64 - 1) is not None  # [2**64 - 2, 2**64 - 1)
+    assert _lanes_inside(struct.pack("<QIHH", 2**64 - 2, 2, 0, 0), 1, 0, 2**64 - 1) is None
+    assert _lanes_inside(struct.pack("<QIHH", 0, 1, 0, 0), 1, 0, 1) is not None
+
+
+def test_bulk_table_in_a_region_ending_at_2_pow_64_is_checked_buffer_by_buffer() -> None:
+    from pymvm.devices.virtio.queue import BulkChain, _straight_table
+
+    lo, region = 2**64 - 0x10000, memoryview(bytearray(0x10000))
+    good = [(lo, 16, NEXT, 1), (lo + 0x1000, 4096, NEXT | WRITE, 2), (2**64 - 1, 1, WRITE, 0)]
+    table = memoryview(b"".join(struct.pack("<QIHH", *e) for e in good))
+    chain = _straight_table(5, table, 3, lo, 2**64, region)
+    assert isinstance(chain, BulkChain) and chain.addrs == [e[0] for e in good]
+    assert chain.addr(-1) == 2**64 - 1 and chain.split == 1
+    bad = good[:2] + [(2**64 - 1, 2, WRITE, 0)]  # one byte past the end of the space
+    table = memoryview(b"".join(struct.pack("<QIHH", *e) for e in bad))
+    assert _straight_table(5, table, 3, lo, 2**64, region) is None

@@ -188,19 +188,38 @@ class BulkChain(DescriptorChain):
     device that hands the addresses to the kernel (preadv/pwritev) skips one Python
     object per descriptor, which was most of a 1 MiB disk request's cost."""
 
-    __slots__ = ("_views", "addrs", "lens", "region", "region_gpa", "split", "table")
+    __slots__ = ("_addrs", "_views", "lanes", "lens", "region", "region_gpa", "split", "table")
 
-    def __init__(self, head: int, region: memoryview, region_gpa: int, addrs: list[int],
-                 lens: list[int], split: int, table: bytes | None = None) -> None:
+    def __init__(self, head: int, region: memoryview, region_gpa: int, addrs: list[int] | None,
+                 lens: list[int], split: int, table: bytes | None = None,
+                 lanes: int | None = None) -> None:
         self.head = head
         self.region, self.region_gpa = region, region_gpa
-        self.addrs, self.lens, self.split = addrs, lens, split
+        self._addrs, self.lens, self.split = addrs, lens, split
         #: The indirect table as read and checked (16 bytes an entry), when there was one:
-        #: ``addrs`` and ``lens`` come from it, and a device may take them from it in bulk.
+        #: ``addrs`` (listed only when asked for) and ``lens`` come from it, and a device may
+        #: take them from it in bulk.
         self.table = table
+        #: The same as one integer of 128-bit lanes (address + length << 64), when the
+        #: bounds check made it (:func:`_lanes_inside`).
+        self.lanes = lanes
         self.readable_len = sum(lens[:split])
         self.writable_len = sum(lens[split:])
         self._views: list[memoryview] | None = None
+
+    @property
+    def addrs(self) -> list[int]:
+        """The buffers' guest addresses."""
+        if self._addrs is None:
+            assert self.table is not None
+            self._addrs = memoryview(self.table).cast("Q")[0::2].tolist()
+        return self._addrs
+
+    def addr(self, i: int) -> int:
+        """Buffer ``i``'s guest address (without listing them all)."""
+        if self._addrs is None and self.table is not None:
+            return _U64_AT(self.table, 16 * (i % len(self.lens)))[0]
+        return self.addrs[i]
 
     def views(self, first: int = 0, stop: int | None = None) -> list[memoryview]:
         """Views of buffers ``first`` to ``stop`` (all by default)."""
@@ -639,13 +658,49 @@ def _straight_table(head: int, table: memoryview, count: int, lo: int, hi: int,
     lens = words[2::4].tolist()
     if 0 in lens:
         return None
-    addrs = memoryview(raw).cast("Q")[0::2].tolist()
-    # Every buffer inside [lo, hi): at once when the highest address leaves room for the
-    # longest buffer (the usual case), else buffer by buffer.
-    if min(addrs) < lo or (max(addrs) + max(lens) > hi
-                           and max(map(operator.add, addrs, lens)) > hi):
+    if hi < _U64:
+        lanes = _lanes_inside(raw, count, lo, hi)
+        if lanes is None:
+            return None
+        return BulkChain(head, region, lo, None, lens, split, raw, lanes)
+    addrs = memoryview(raw).cast("Q")[0::2].tolist()  # a region that ends at 2**64
+    if min(addrs) < lo or max(map(operator.add, addrs, lens)) > hi:
         return None
     return BulkChain(head, region, lo, addrs, lens, split, raw)
+
+
+_U64: Final = 1 << 64
+_U64_AT = struct.Struct("<Q").unpack_from
+
+
+@functools.lru_cache(maxsize=64)
+def _bounds_lanes(count: int, lo: int, hi: int) -> tuple[int, int, int, int, int, int]:
+    """The constants of :func:`_lanes_inside` for ``count`` lanes and the bounds
+    ``[lo, hi)``: masks for the addresses, the lengths (shifted down) and both, bit 64 of
+    every lane, and 2**64 - lo and 2**64 - 1 - hi in every lane."""
+    one = int.from_bytes(struct.pack("<QQ", 1, 0) * count, "little")  # 1 in every lane
+    carry = one << 64
+    return (carry - one, one * 0xFFFFFFFF, (carry - one) | one * 0xFFFFFFFF << 64, carry,
+            one * (_U64 - lo), one * (_U64 - 1 - hi))
+
+
+def _lanes_inside(raw: bytes, count: int, lo: int, hi: int) -> int | None:
+    """The ``count``-entry table ``raw`` as one integer of 128-bit lanes, a buffer's address
+    + length << 64 each (flags and next masked off), if every buffer lies in ``[lo, hi)``
+    (``hi`` < 2**64); else None. A few big-integer operations over the whole table: a sum
+    that reaches bit 64 of its lane says which side of a bound its buffer is on, and none
+    reaches bit 128 (addresses stay below 2**64, lengths below 2**32), so no lane carries
+    into the next."""
+    addr_mask, len_mask, keep, carry, above_lo, below_hi = _bounds_lanes(count, lo, hi)
+    table = int.from_bytes(raw, "little")
+    addrs = table & addr_mask
+    # addr >= lo  <=>  addr + 2**64 - lo carries into bit 64, in every lane
+    if (addrs + above_lo) & carry != carry:
+        return None
+    # addr + len <= hi  <=>  addr + len + 2**64 - 1 - hi does not, in any lane
+    if (addrs + ((table >> 64) & len_mask) + below_hi) & carry:
+        return None
+    return table & keep
 
 
 def _straight_split(halves: memoryview, count: int) -> int | None:

@@ -202,7 +202,7 @@ def _parse_bulk(chain: BulkChain, capacity: int, read_only: bool) -> BlkRequest 
     if count < 3 or lens[0] != b.REQUEST_HEADER.size or lens[-1] != 1 or split == count:
         return None
     lo, region = chain.region_gpa, chain.region
-    start = chain.addrs[0] - lo
+    start = chain.addr(0) - lo
     rtype, _, sector = b.REQUEST_HEADER.unpack(region[start : start + b.REQUEST_HEADER.size])
     if rtype == b.VIRTIO_BLK_T_IN:
         if split != 1:
@@ -218,12 +218,15 @@ def _parse_bulk(chain: BulkChain, capacity: int, read_only: bool) -> BlkRequest 
     length = chain.readable_len - b.REQUEST_HEADER.size if split > 1 else chain.writable_len - 1
     if length % SECTOR or sector > capacity or length // SECTOR > capacity - sector:
         return None  # parse_request says what is wrong
-    status_at = chain.addrs[-1] - lo
+    status_at = chain.addr(-1) - lo
     # The region stays mapped while this slice lives (an unmap then waits for the GC), and
     # the kernel gets addresses inside it only: every buffer was checked against it.
     pin = ctypes.c_char.from_buffer(region[:1])
     to_host = ctypes.addressof(pin) - lo
-    if chain.table is not None:
+    if chain.lanes is not None:  # the table as checked, in 128-bit lanes: add to_host to each
+        iov = (chain.lanes + _iov_lanes(count, to_host)[1]).to_bytes(16 * count, "little")
+        iov = iov[16:-16]
+    elif chain.table is not None:
         iov = iovecs(chain.table, 1, count - 1, to_host)
     else:  # a BulkChain made without its table
         iov = b"".join(map(struct.Struct("<QQ").pack, [a + to_host for a in chain.addrs[1:-1]],
