@@ -6,16 +6,19 @@ bench/block needs the nested host (Linux guests do not boot on the development m
 KVM); this measures the back-ends' side of its 1 MiB sequential jobs directly. pymvm's
 vhost-user front-end sets up (a) pymvm's built-in back-end (``pymvm vhost-user blk``, its
 seccomp filter on, as the VMM starts it) and (b) qemu-storage-daemon's vhost-user-blk export
-on one raw image, in turns; a driver in this process then plays the guest on one 256-entry
-split ring in pymvm's guest memory, as Linux's virtio_blk lays out a 1 MiB O_DIRECT request
-from 256 scattered 4 KiB pages: split at the back-end's seg_max into chains (254 + 2 for the
-built-in, 126 + 126 + 4 for qsd), each an indirect table (header, data pages, status byte),
+on one raw image, in turns; a driver in this process then plays the guest on one split ring
+in pymvm's guest memory, of the size pymvm's virtio-blk model offers for that back-end (512
+for the built-in's seg_max 510, 256 for qsd's 126), as Linux's virtio_blk lays out a 1 MiB
+O_DIRECT request from 256 scattered 4 KiB pages: split at the back-end's seg_max into chains
+(one for the built-in, 126 + 126 + 4 for qsd), each an indirect table (header, data pages,
+status byte),
 EVENT_IDX for kicks and interrupts (an interrupt asked for on the next used entry, as Linux
 re-arms). ``--depth`` 1 (the default) is fio's psync job of bench/block: one 1 MiB request
 at a time, so each one's latency is the rate.
 
-Per back-end: 1 MiB sequential read and write rates (MiB/s) and the back-end process's CPU
-time per MiB (user + system of all its threads, from /proc), medians over the rounds, then
+Per back-end: 1 MiB sequential read and write rates (MiB/s), the back-end process's CPU
+time per MiB (user + system of all its threads, from /proc; and the user part alone), and
+the chains, kicks and interrupts per MiB the driver saw, medians over the rounds, then
 ``native_builtin_vs_qsd_seq=`` (the mean of the read and write rate ratios) and
 ``native_builtin_vs_qsd_cpu=`` (qsd's CPU per MiB over the built-in's: above 1, the built-in
 costs less). The image is written in full first; by default it lives on /dev/shm (tmpfs,
