@@ -57,7 +57,8 @@ QEMU_CPU = "EPYC,+svm"
 
 #: Experiment knobs of issue 8 (see NestedSettings.from_env); unset means the default.
 SETTINGS_ENV = ("PYMVM_NESTED_QEMU", "PYMVM_NESTED_CPU_MODEL", "PYMVM_NESTED_TB_SIZE",
-                "PYMVM_NESTED_KVM_AMD")
+                "PYMVM_NESTED_KVM_AMD", "PYMVM_NESTED_APPEND", "PYMVM_NESTED_WAKE")
+_CMDLINE_WORDS = re.compile(r"[A-Za-z0-9_.=,-]+( [A-Za-z0-9_.=,-]+)*")
 _MODULE_PARAMS = re.compile(r"[a-z_]+=[A-Za-z0-9_]+( [a-z_]+=[A-Za-z0-9_]+)*")
 
 
@@ -70,6 +71,8 @@ class NestedSettings:
     cpu_model: str = QEMU_CPU
     tb_size_mib: int | None = None  # TCG translation cache (QEMU's default: 1 GiB on x86)
     kvm_amd: str = ""  # kvm_amd module parameters inside, e.g. "npt=0 avic=0"
+    append: str = ""  # more words for the nested host's kernel command line
+    wake: bool = True  # wake a host whose heartbeat is late (PYMVM_NESTED_WAKE=0: don't)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> NestedSettings:
@@ -85,16 +88,23 @@ class NestedSettings:
             raise NestedHostError(
                 f"PYMVM_NESTED_KVM_AMD={params!r} is not a list of module parameters: "
                 "give NAME=VALUE pairs separated by spaces, e.g. 'npt=0 avic=0'")
+        append = get("PYMVM_NESTED_APPEND") or ""
+        if append and not _CMDLINE_WORDS.fullmatch(append):
+            raise NestedHostError(
+                f"PYMVM_NESTED_APPEND={append!r} is not a list of kernel parameters: give "
+                "words such as 'nohz=off highres=off' separated by spaces")
         cpu = get("PYMVM_NESTED_CPU_MODEL") or QEMU_CPU
         if any(c.isspace() for c in cpu):
             raise NestedHostError(
                 f"PYMVM_NESTED_CPU_MODEL={cpu!r} has a space: give one QEMU -cpu value")
         return cls(qemu=get("PYMVM_NESTED_QEMU"), cpu_model=cpu,
-                   tb_size_mib=None if tb is None else int(tb), kvm_amd=params)
+                   tb_size_mib=None if tb is None else int(tb), kvm_amd=params, append=append,
+                   wake=get("PYMVM_NESTED_WAKE") != "0")
 
     def describe(self) -> str:
         return (f"qemu={self.qemu or 'default'} cpu={self.cpu_model} "
-                f"tb_size={self.tb_size_mib or 'default'} kvm_amd={self.kvm_amd or 'default'}")
+                f"tb_size={self.tb_size_mib or 'default'} kvm_amd={self.kvm_amd or 'default'} "
+                f"append={self.append or 'none'} wake={'on' if self.wake else 'off'}")
 
 
 EXIT_NESTED_HOST_DIED = 125
@@ -121,6 +131,8 @@ HEARTBEAT_INTERVAL_S = 20
 #: A heartbeat older than this means the nested host froze (its kernel stopped scheduling
 #: the loop): stop it at once rather than wait for a timeout.
 FROZEN_AFTER_S = 90
+#: A heartbeat this late gets the host a device interrupt first (wake_host): two beats missed.
+WAKE_AFTER_S = 45
 
 # Passed into the nested host besides PATH (which gets this Python's bin dir first).
 PASSTHROUGH_ENV = (
@@ -543,6 +555,8 @@ def vng_command(
         _check_shareable(monitor)
         qemu_opts += f" -monitor unix:{monitor},server=on,wait=off"
     append = KERNEL_CMDLINE_MARK
+    if settings.append:
+        append += " " + settings.append
     if console_log is not None:
         _check_shareable(console_log)
         # ttyS1 (vng's -serial is ttyS0); the last console= stays /dev/console, so ttyS0
@@ -637,19 +651,32 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
             continue
 
 
+def wake_host(monitor: Path) -> str:
+    """Raise a device interrupt in the nested host (a Shift key press on its keyboard, which
+    nothing there reads). QEMU 7.2 to 10.0 can lose the request that turns a pending APIC
+    timer interrupt into a delivered one (an unlocked ``interrupt_request |= ...`` in its
+    SVM VMRUN helper races the timer, fixed upstream for 10.2): the host's only CPU then
+    halts with the interrupt pending, for good. Any later interrupt delivers it."""
+    return _monitor_session(monitor, ["sendkey shift"])
+
+
 def _pump(
     proc: subprocess.Popen[bytes],
     out: _OutputFilter,
     deadline: float | None,
     stall_timeout: float | None = None,
     heartbeat: Path | None = None,
+    monitor: Path | None = None,
 ) -> str:
     """Copy output until EOF. Returns "eof", "timeout" (the deadline passed), "stalled" (no
     output for ``stall_timeout`` seconds) or "frozen" (``heartbeat`` stopped being
-    rewritten: the nested host's kernel no longer runs its processes)."""
+    rewritten: the nested host's kernel no longer runs its processes). With ``monitor``, a
+    heartbeat late by WAKE_AFTER_S first gets the host a device interrupt (wake_host): a
+    host halted by QEMU's lost timer interrupt runs on."""
     assert proc.stdout is not None
     fd = proc.stdout.fileno()
     last_output = time.monotonic()
+    woken_at: float | None = None  # the heartbeat's time when we last woke the host
     with selectors.DefaultSelector() as sel:
         sel.register(fd, selectors.EVENT_READ)
         while True:
@@ -663,8 +690,21 @@ def _pump(
                 if now - last_output >= stall_timeout:
                     return "stalled"
                 waits.append(last_output + stall_timeout - now)
-            if heartbeat is not None and _heartbeat_age(heartbeat) > FROZEN_AFTER_S:
-                return "frozen"
+            if heartbeat is not None:
+                age = _heartbeat_age(heartbeat)
+                if age > FROZEN_AFTER_S:
+                    return "frozen"
+                beat = time.time() - age
+                if (age > WAKE_AFTER_S and monitor is not None and woken_at != beat
+                        and monitor.exists()):
+                    woken_at = beat  # once per stall
+                    try:
+                        wake_host(monitor)
+                        _note(f"pymvm.nested: the nested host's heartbeat is {age:.0f} s late: "
+                              "woke its CPU with a device interrupt (QEMU can lose a timer "
+                              "interrupt; see docs/nested-host.md)")
+                    except OSError as exc:
+                        _note(f"pymvm.nested: could not wake the nested host: {exc}")
             if not sel.select(min(waits)):
                 continue
             chunk = os.read(fd, 65536)
@@ -904,7 +944,7 @@ def run_nested(
         out = _OutputFilter(sink)
         try:
             outcome = _pump(proc, out, None if timeout is None else started + timeout, stall_timeout,
-                            heartbeat)
+                            heartbeat, monitor if settings.wake else None)
             if outcome == "eof":
                 proc.wait()
             else:

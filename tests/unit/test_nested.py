@@ -532,6 +532,9 @@ FAKE_VNG = textwrap.dedent(
     #!/bin/sh
     # Plays vng: prints QEMU noise, then runs --exec on this host (or not, per FAKE_MODE).
     printf '%s\\n' "$*" > "$FAKE_ARGS"
+    # QEMU would create its monitor socket; a plain file stands for it.
+    mon=$(printf '%s\\n' "$*" | sed -n 's/.*-monitor unix:\\([^,]*\\),.*/\\1/p')
+    [ -n "$mon" ] && touch "$mon"
     echo "qemu-system-x86_64: warning: TCG doesn't support requested feature: x" >&2
     while [ $# -gt 0 ]; do [ "$1" = --exec ] && exec_cmd=$2; shift; done
     case "$FAKE_MODE" in
@@ -778,6 +781,7 @@ def test_nested_settings_from_env_reach_qemu_and_kvm_amd(tmp_path: Path) -> None
         "PYMVM_NESTED_CPU_MODEL": "EPYC-Rome,+svm,-npt",
         "PYMVM_NESTED_TB_SIZE": "256",
         "PYMVM_NESTED_KVM_AMD": "npt=0 avic=0",
+        "PYMVM_NESTED_APPEND": "nohz=off highres=off",
     })
     cmd = nested.vng_command(vng="vng", kernel=Path("/k"), script=Path("/t/run.sh"), rwdirs=[],
                              cwd=Path("/"), cpus=1, memory="3G", tcg_thread="multi",
@@ -785,6 +789,7 @@ def test_nested_settings_from_env_reach_qemu_and_kvm_amd(tmp_path: Path) -> None
     assert ("--qemu-opts=-cpu EPYC-Rome,+svm,-npt -accel tcg,thread=multi,tb-size=256 "
             "-monitor unix:/t/monitor.sock,server=on,wait=off") in cmd
     assert "--qemu=/opt/qemu10/qemu-system-x86_64" in cmd
+    assert "--append=pymvm_nested=1 nohz=off highres=off" in cmd
     script = nested.render_script(["true"], cwd=Path("/"), env={}, status_path=Path("/s"),
                                   module_params={"kvm_amd": settings.kvm_amd})
     assert "modprobe kvm_amd npt=0 avic=0 || " in script
@@ -797,6 +802,7 @@ def test_nested_settings_from_env_reach_qemu_and_kvm_amd(tmp_path: Path) -> None
     ("PYMVM_NESTED_TB_SIZE", "0", "not a size in MiB"),
     ("PYMVM_NESTED_KVM_AMD", "npt=0; reboot", "not a list of module parameters"),
     ("PYMVM_NESTED_CPU_MODEL", "EPYC -smp 4", "has a space"),
+    ("PYMVM_NESTED_APPEND", "nohz=off; rm -rf /", "not a list of kernel parameters"),
 ])
 def test_nested_settings_refuse_bad_values_naming_the_variable(name: str, value: str,
                                                                 problem: str) -> None:
@@ -900,3 +906,41 @@ def test_run_nested_keeps_a_capture_of_a_frozen_host_under_results(
     kept = list((fake_vng / "results").glob("nested-freeze-*.txt"))
     assert len(kept) == 1 and "captured at" in kept[0].read_text()
     assert str(kept[0]) in err
+
+
+@pytest.mark.parametrize("wake", [True, False])
+def test_a_late_heartbeat_gets_the_host_a_device_interrupt_before_it_counts_as_frozen(
+    fake_vng: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+    wake: bool,
+) -> None:
+    # One heartbeat, then none: as when QEMU lost the host's timer interrupt. A woken host
+    # beats again (here: the stand-in for wake_host rewrites the heartbeat) and runs on.
+    monkeypatch.setattr(nested, "HEARTBEAT_INTERVAL_S", 600)
+    monkeypatch.setattr(nested, "WAKE_AFTER_S", 0.5)
+    monkeypatch.setattr(nested, "FROZEN_AFTER_S", 2.5)
+    if not wake:
+        monkeypatch.setenv("PYMVM_NESTED_WAKE", "0")
+    woken: list[Path] = []
+
+    def fake_wake(monitor: Path) -> None:
+        woken.append(monitor)
+        (monitor.parent / nested.HEARTBEAT_FILE).touch()
+
+    monkeypatch.setattr(nested, "wake_host", fake_wake)
+    rc = nested.run_nested(["sh", "-c", "echo started; sleep 4; echo done"], cwd=fake_vng,
+                           output=io.BytesIO())
+    err = capsys.readouterr().err
+    if wake:
+        assert rc == 0
+        assert woken and woken[0].name == nested.MONITOR_FILE
+        assert "woke its CPU with a device interrupt" in err
+    else:
+        assert rc == EXIT_TIMEOUT and not woken
+        assert "froze: its heartbeat stopped" in err
+
+
+def test_wake_host_presses_a_key_nothing_reads(tmp_path: Path) -> None:
+    sock = tmp_path / "m.sock"
+    thread = _fake_monitor(sock)
+    assert nested.wake_host(sock).splitlines()[0] == "(qemu) sendkey shift"
+    thread.join(5)
