@@ -42,8 +42,17 @@ class FakeBackend:
         self.resets += 1
 
 
+_OLDER: set[threading.Thread] = set()
+
+
 def watchers() -> list[threading.Thread]:
-    return [t for t in threading.enumerate() if t.name == "vsock-event"]
+    """The event watchers running now, except any an earlier test left behind."""
+    return [t for t in threading.enumerate() if t.name == "vsock-event" and t not in _OLDER]
+
+
+@pytest.fixture(autouse=True)
+def _ignore_older_watchers():
+    _OLDER.update(t for t in threading.enumerate() if t.name == "vsock-event")
 
 
 def wait_until(predicate, timeout: float = 5.0) -> bool:
