@@ -60,61 +60,61 @@ ERRORS = [
     ("", DISK + "serial = 5\n", "block[0].serial: expected a string, got 5"),
     ("", DISK + 'serial = "123456789012345678901"\n',
      'block[0].serial: "123456789012345678901" is not up to 20 printable bytes; shorten it'),
-    ("", '[[block]]\nid = "d"\n', 'block[0].path: required with backend = "builtin"; set it to a '
-     "raw disk image (e.g. one made by 'pymvm build-rootfs')"),
+    ("", '[[block]]\nid = "d"\n', ('block[0].path: required with backend = "builtin"; set it to a '
+     "raw disk image (e.g. one made by 'pymvm build-rootfs')")),
     ("", "[[block]]\npath = 5\n", "block[0].path: expected a string, got 5"),
-    ("", DISK + 'socket = "x.sock"\n', 'block[0].socket: only used with backend = "vhost-user"; '
-     'remove it (backend is "builtin")'),
-    ("", DISK + 'socket_mode = "client"\n', 'block[0].socket_mode: only used with backend = '
-     '"vhost-user"; remove it (backend is "builtin")'),
-    ("", '[[block]]\nbackend = "vhost-user"\n', 'block[0].socket: required with backend = '
-     '"vhost-user"; set it to the vhost-user-blk back-end\'s unix socket path'),
+    ("", DISK + 'socket = "x.sock"\n', ('block[0].socket: only used with backend = "vhost-user"; '
+     'remove it (backend is "builtin")')),
+    ("", DISK + 'socket_mode = "client"\n', ('block[0].socket_mode: only used with backend = '
+     '"vhost-user"; remove it (backend is "builtin")')),
+    ("", '[[block]]\nbackend = "vhost-user"\n', ('block[0].socket: required with backend = '
+     '"vhost-user"; set it to the vhost-user-blk back-end\'s unix socket path')),
     ("", '[[block]]\nbackend = "vhost-user"\nsocket = 5\n',
      "block[0].socket: expected a string, got 5"),
     ("", VU_DISK + 'socket_mode = "both"\n',
      'block[0].socket_mode: expected one of "client" | "server", got "both"'),
-    ("", VU_DISK + 'path = "root.img"\n', 'block[0].path: not used with backend = "vhost-user" '
-     "(the back-end owns the image); remove it"),
-    ("", VU_DISK + 'serial = "abc"\n', 'block[0].serial: only used with backend = "builtin" (the '
-     "vhost-user back-end answers GET_ID); remove it"),
+    ("", VU_DISK + 'path = "root.img"\n', ('block[0].path: not used with backend = "vhost-user" '
+     "(the back-end owns the image); remove it")),
+    ("", VU_DISK + 'serial = "abc"\n', ('block[0].serial: only used with backend = "builtin" (the '
+     "vhost-user back-end answers GET_ID); remove it")),
     ('block = 5\n', "", "block: expected an array of tables ([[block]]), got 5"),
     ("", '[block]\npath = "root.img"\n',
      "block: expected an array of tables; write [[block]], not [block]"),
     ("", DISK + 'id = "d"\nread_only = true\n' + DISK + 'id = "d"\nread_only = true\n',
      'block[1].id: "d" is already used by block[0]; choose a unique id'),
     ("", DISK + 'id = "a"\nread_only = true\n' + DISK + 'id = "b"\n',
-     f"block[1].path: {{dir}}/root.img is already block[0]'s image; one image serves one "
-     "writable disk"),
+     ("block[1].path: {dir}/root.img is already block[0]'s image; one image serves one "
+     "writable disk")),
     ("", DISK + 'id = "a"\nroot = true\n[[block]]\npath = "data.img"\nroot = true\n',
      "block[1].root: block[0] is already the root disk; set root = true on one disk only"),
     # [[net]]
     ("", "[[net]]\nid = 5\n", "net[0].id: expected a string, got 5"),
-    ("", '[[net]]\nid = "a b"\n', 'net[0].id: expected 1-64 characters from A-Z a-z 0-9 _ -, '
-     'got "a b"'),
+    ("", '[[net]]\nid = "a b"\n', ('net[0].id: expected 1-64 characters from A-Z a-z 0-9 _ -, '
+     'got "a b"')),
     ("", '[[net]]\nbackend = "tap"\n',
      'net[0].backend: expected one of "vhost-net" | "vhost-user" | "builtin", got "tap"'),
     ("", "[[net]]\nnetns = 5\n", "net[0].netns: expected a string, got 5"),
-    *[("", f'[[net]]\nnetns = "{ns}"\n', f'net[0].netns: "{shown}" is not a namespace name; use '
-       "a name as shown by 'ip netns list'")
+    *[("", f'[[net]]\nnetns = "{ns}"\n', (f'net[0].netns: "{shown}" is not a namespace name; use '
+       "a name as shown by 'ip netns list'"))
       for ns, shown in [("", ""), ("a/b", "a/b"), (".", "."), ("..", ".."),
                         ("a\\u0000b", "a\\u0000b")]],
     ("", '[[net]]\nbackend = "vhost-user"\nsocket = 5\n', "net[0].socket: expected a string, got 5"),
     ("", VU_NET + "socket_mode = 5\n",
      'net[0].socket_mode: expected one of "client" | "server", got 5'),
-    ("", '[[net]]\nbackend = "vhost-user"\n', 'net[0].socket: required with backend = '
-     "\"vhost-user\"; set it to the back-end's unix socket path"),
-    *[("", VU_NET + f'{key} = "x0"\n', f'net[0].{key}: not used with backend = "vhost-user" (the '
-       "vhost-user back-end owns the host side); remove it") for key in ("tap", "bridge", "netns")],
-    *[("", f'[[net]]\n{key} = "{value}"\n', f'net[0].{key}: only used with backend = "vhost-user"; '
-       'remove it (backend is "vhost-net")')
+    ("", '[[net]]\nbackend = "vhost-user"\n', ('net[0].socket: required with backend = '
+     "\"vhost-user\"; set it to the back-end's unix socket path")),
+    *[("", VU_NET + f'{key} = "x0"\n', (f'net[0].{key}: not used with backend = "vhost-user" (the '
+       "vhost-user back-end owns the host side); remove it")) for key in ("tap", "bridge", "netns")],
+    *[("", f'[[net]]\n{key} = "{value}"\n', (f'net[0].{key}: only used with backend = "vhost-user"; '
+       'remove it (backend is "vhost-net")'))
       for key, value in (("socket", "x.sock"), ("socket_mode", "client"))],
-    ("", '[[net]]\nip = "x"\n', 'net[0].ip: "x" is not an address with prefix length; write it '
-     'like "10.0.0.2/24"'),
-    ("", '[[net]]\nhost_ip = "x"\n', 'net[0].host_ip: "x" is not an address with prefix length; '
-     'write it like "10.0.0.1/24"'),
+    ("", '[[net]]\nip = "x"\n', ('net[0].ip: "x" is not an address with prefix length; write it '
+     'like "10.0.0.2/24"')),
+    ("", '[[net]]\nhost_ip = "x"\n', ('net[0].host_ip: "x" is not an address with prefix length; '
+     'write it like "10.0.0.1/24"')),
     ("", "[[net]]\nip = 5\n", "net[0].ip: expected a string, got 5"),
-    ("", VU_NET + 'host_ip = "10.0.0.1/24"\n', 'net[0].host_ip: not used with backend = '
-     '"vhost-user" (the vhost-user back-end owns the host side); remove it'),
+    ("", VU_NET + 'host_ip = "10.0.0.1/24"\n', ('net[0].host_ip: not used with backend = '
+     '"vhost-user" (the vhost-user back-end owns the host side); remove it')),
     ("net = 5\n", "", "net: expected an array of tables ([[net]]), got 5"),
     ("", "[[net]]\nmac = 5\n", "net[0].mac: expected a string, got 5"),
     ("", '[[net]]\nmac = "52:54:00"\n',
@@ -122,22 +122,22 @@ ERRORS = [
     ("", '[[net]]\nmac = "00:00:00:00:00:00"\n',
      "net[0].mac: 00:00:00:00:00:00 is not usable; choose another"),
     ("", "[[net]]\ntap = 5\n", "net[0].tap: expected a string, got 5"),
-    *[("", f'[[net]]\ntap = "{name}"\n', f'net[0].tap: "{name}" is not a valid interface name; '
-       "use 1-15 characters without '/', ':' or spaces")
+    *[("", f'[[net]]\ntap = "{name}"\n', (f'net[0].tap: "{name}" is not a valid interface name; '
+       "use 1-15 characters without '/', ':' or spaces"))
       for name in ("", "a/b", ".", "..", "a b", "a234567890123456")],
     # [serial], [api], [boot], [machine], the top level
     ("", "[serial]\nbogus = 1\n", "unknown key serial.bogus (known keys: output, path, input)"),
     ("", '[serial]\noutput = "file"\npath = 5\n', "serial.path: expected a string, got 5"),
-    ("", '[serial]\noutput = "file"\n', 'serial.path: required when output = "file"; set it to '
-     "the log file's path"),
+    ("", '[serial]\noutput = "file"\n', ('serial.path: required when output = "file"; set it to '
+     "the log file's path")),
     ("", '[serial]\noutput = "file"\npath = "nodir/log"\n',
      "serial.path: directory {dir}/nodir does not exist; create it or choose another path"),
     ("", '[serial]\noutput = "file"\npath = "."\n', "serial.path: . is a directory; name a file"),
-    ("", '[serial]\noutput = "none"\npath = "log"\n', 'serial.path: only used with output = '
-     '"file"; remove it or set output = "file" (output is "none")'),
+    ("", '[serial]\noutput = "none"\npath = "log"\n', ('serial.path: only used with output = '
+     '"file"; remove it or set output = "file" (output is "none")')),
     ("", "[api]\nsocket = 5\n", "api.socket: expected a string, got 5"),
-    ("", '[api]\nsocket = ""\n', 'api.socket: "" is a directory; name the socket file to create, '
-     'e.g. "/run/pymvm/vm1.sock"'),
+    ("", '[api]\nsocket = ""\n', ('api.socket: "" is a directory; name the socket file to create, '
+     'e.g. "/run/pymvm/vm1.sock"')),
     ("", '[api]\nsocket = "nodir/api.sock"\n',
      "api.socket: directory {dir}/nodir does not exist; create it or choose another path"),
     ("api = 5\n", "", "api: expected a table ([api]), got 5"),
@@ -153,8 +153,8 @@ ERRORS = [
     ("", "bogus = 1\n", "unknown key boot.bogus (known keys: kernel, initrd, cmdline, acpi)"),
     ("", 'initrd = "@nothing"\n',
      'boot.initrd: unknown artifact "@nothing" (known: @microvm-kernel, @test-initramfs)'),
-    ("", 'initrd = "@test-initramfs"\n', "boot.initrd: @test-initramfs is only known to the pymvm "
-     "CLI (build it with 'pymvm build-initramfs', then start the VM with 'pymvm run')"),
+    ("", 'initrd = "@test-initramfs"\n', ("boot.initrd: @test-initramfs is only known to the pymvm "
+     "CLI (build it with 'pymvm build-initramfs', then start the VM with 'pymvm run')")),
 ]
 
 

@@ -246,8 +246,8 @@ def test_a_device_cannot_be_wrapped_by_two_transports():
      "virtio-net MAC 01:02:03:04:05:06 is multicast; clear the low bit of the first byte"),
     (MAC, 67, 1, "virtio-net MTU 67 is outside 68..65535"),
     (MAC, 65536, 1, "virtio-net MTU 65536 is outside 68..65535"),
-    (MAC, 1500, 2, "virtio-net with 2 queue pairs needs VIRTIO_NET_F_MQ and a control queue, "
-                   "which pymvm does not offer; use queue_pairs=1"),
+    (MAC, 1500, 2, ("virtio-net with 2 queue pairs needs VIRTIO_NET_F_MQ and a control queue, "
+                   "which pymvm does not offer; use queue_pairs=1")),
 ])
 def test_bad_parameters_are_refused_naming_the_problem_and_the_fix(mac, mtu, pairs, message):
     with pytest.raises(VirtioConfigError) as e:
@@ -296,7 +296,7 @@ def test_activation_without_a_queue_is_refused_naming_the_queues_missing():
 def test_the_activation_log_line_names_the_device_and_its_mac():
     from structlog.testing import capture_logs
 
-    net, _, _, driver, _ = make()
+    _net, _, _, driver, _ = make()
     with capture_logs() as logs:
         driver.bring_up()
     (line,) = [e for e in logs if e["event"] == "virtio-net activated"]

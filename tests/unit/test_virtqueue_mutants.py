@@ -10,7 +10,15 @@ import struct
 import pytest
 
 from pymvm.devices.virtio.queue import BulkChain, DescriptorChain
-from tests.unit.test_virtqueue import AVAIL, DATA, INDIRECT, NEXT, WRITE, Driver, pop_writable
+from tests.unit.test_virtqueue import (
+    AVAIL,
+    DATA,
+    INDIRECT,
+    NEXT,
+    WRITE,
+    Driver,
+    pop_writable,
+)
 
 
 def post(d: Driver, *heads: int, length: int = 64) -> None:

@@ -15,7 +15,11 @@ from structlog.testing import capture_logs
 
 from pymvm.devices.virtio import constants as c
 from pymvm.devices.virtio import vsock
-from pymvm.devices.virtio.device import ActivationContext, VirtioActivationError, VirtioConfigError
+from pymvm.devices.virtio.device import (
+    ActivationContext,
+    VirtioActivationError,
+    VirtioConfigError,
+)
 from pymvm.devices.virtio.vsock import VirtioVsockDevice
 from pymvm.vhost.kernel import VIRTIO_F_VERSION_1
 
