@@ -50,6 +50,24 @@ SETTINGS = [f"{vmm}-{cpus}cpu-{nic}" for vmm, cpus, nic in
             product(("pymvm", "qemu"), (1, 2), ("none", "vhost-net", "iperf"))]
 
 
+#: The nested host as it was before issue 8's fix: one-shot timer, no wake-up.
+OLD_SETTING = "PYMVM_NESTED_APPEND=none PYMVM_NESTED_WAKE=0"
+
+
+def parse_assignments(text: str) -> dict[str, str]:
+    """``NAME=VALUE NAME=VALUE`` of the nested host's experiment variables."""
+    from pymvm.nested import SETTINGS_ENV
+
+    out = {}
+    for word in text.split():
+        name, eq, value = word.partition("=")
+        if not eq or name not in SETTINGS_ENV:
+            raise ValueError(f"--compare takes NAME=VALUE words with NAME one of "
+                             f"{', '.join(SETTINGS_ENV)}; got {word!r}")
+        out[name] = value
+    return out
+
+
 def _record(progress: Path, **fields: object) -> None:
     with progress.open("a") as f:
         f.write(json.dumps(fields) + "\n")
@@ -170,8 +188,8 @@ def outer(args: argparse.Namespace) -> int:
     from pymvm.nested import NestedSettings
 
     variants = [("chosen", dict(os.environ))]
-    if args.compare_kvm_amd is not None:  # every other host runs with these kvm_amd parameters
-        variants.append(("compared", {**os.environ, "PYMVM_NESTED_KVM_AMD": args.compare_kvm_amd}))
+    if args.compare is not None:  # every other host runs with these variables
+        variants.append(("compared", {**os.environ, **parse_assignments(args.compare)}))
     for label, env in variants:
         print(f"nested_soak: {label} nested host setting: "
               f"{NestedSettings.from_env(env).describe()}", flush=True)
@@ -237,7 +255,7 @@ def report(records: list[dict], outcomes: dict[int, str],
     print(f"soak_host_failures={totals['froze'] + totals['died'] + totals['timed_out']}")
     print(f"soak_hosts={len(outcomes)}")
     # Per nested host setting: the chosen one (nested_freezes_per_100_boots=) and, with
-    # --compare-kvm-amd, the one it is compared with, measured in the same run.
+    # --compare, the one it is compared with, measured in the same run.
     host_variant = host_variant or {host: "chosen" for host in outcomes}
     for label in dict.fromkeys(host_variant.values()):
         hosts = {h for h, v in host_variant.items() if v == label}
@@ -258,15 +276,20 @@ def main() -> int:
     p.add_argument("--cpus", type=int, default=int(os.environ.get("PYMVM_NESTED_CPUS", "1")))
     p.add_argument("--host-timeout", type=int, default=1800, help="seconds per nested host")
     p.add_argument("--progress", default="results/nested-soak/progress.jsonl")
-    p.add_argument("--compare-kvm-amd", metavar="PARAMS", default=None,
-                   help="run every other nested host with these kvm_amd parameters instead "
-                   "(e.g. 'vgif=1', the setting before issue 8) and report both")
+    p.add_argument("--compare", metavar="ASSIGNMENTS", default=None,
+                   help="run every other nested host with these PYMVM_NESTED_* variables set "
+                   f"(e.g. {OLD_SETTING!r}, the setting before issue 8) and report both")
     p.add_argument("--settings", default=",".join(SETTINGS),
                    help="comma-separated settings to take turns (default: all of them)")
     p.add_argument("--inner", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--host", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--offset", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.compare is not None:
+        try:
+            parse_assignments(args.compare)
+        except ValueError as exc:
+            p.error(str(exc))
     unknown = [x for x in args.settings.split(",") if x not in SETTINGS]
     if unknown:
         p.error(f"unknown setting(s) {', '.join(unknown)}: choose from {', '.join(SETTINGS)}")

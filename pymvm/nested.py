@@ -58,6 +58,11 @@ QEMU_CPU = "EPYC,+svm"
 #: Experiment knobs of issue 8 (see NestedSettings.from_env); unset means the default.
 SETTINGS_ENV = ("PYMVM_NESTED_QEMU", "PYMVM_NESTED_CPU_MODEL", "PYMVM_NESTED_TB_SIZE",
                 "PYMVM_NESTED_KVM_AMD", "PYMVM_NESTED_APPEND", "PYMVM_NESTED_WAKE")
+#: The nested host's timer interrupt runs periodically (LAPIC periodic mode): QEMU can
+#: lose the request that delivers a pending timer interrupt (see wake_host), and with
+#: Linux's one-shot tickless timer no later expiry ever comes; with a periodic one the next
+#: tick does. PYMVM_NESTED_APPEND=none: the kernel's default (one-shot) again.
+DEFAULT_APPEND = "nohz=off highres=off"
 _CMDLINE_WORDS = re.compile(r"[A-Za-z0-9_.=,-]+( [A-Za-z0-9_.=,-]+)*")
 _MODULE_PARAMS = re.compile(r"[a-z_]+=[A-Za-z0-9_]+( [a-z_]+=[A-Za-z0-9_]+)*")
 
@@ -71,7 +76,7 @@ class NestedSettings:
     cpu_model: str = QEMU_CPU
     tb_size_mib: int | None = None  # TCG translation cache (QEMU's default: 1 GiB on x86)
     kvm_amd: str = ""  # kvm_amd module parameters inside, e.g. "npt=0 avic=0"
-    append: str = ""  # more words for the nested host's kernel command line
+    append: str = DEFAULT_APPEND  # more words for the nested host's kernel command line
     wake: bool = True  # wake a host whose heartbeat is late (PYMVM_NESTED_WAKE=0: don't)
 
     @classmethod
@@ -88,7 +93,9 @@ class NestedSettings:
             raise NestedHostError(
                 f"PYMVM_NESTED_KVM_AMD={params!r} is not a list of module parameters: "
                 "give NAME=VALUE pairs separated by spaces, e.g. 'npt=0 avic=0'")
-        append = get("PYMVM_NESTED_APPEND") or ""
+        append = get("PYMVM_NESTED_APPEND") or DEFAULT_APPEND
+        if append == "none":
+            append = ""
         if append and not _CMDLINE_WORDS.fullmatch(append):
             raise NestedHostError(
                 f"PYMVM_NESTED_APPEND={append!r} is not a list of kernel parameters: give "

@@ -90,3 +90,12 @@ def test_unknown_settings_are_refused_naming_the_valid_ones(soak, monkeypatch, c
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert "unknown setting(s) pymvm-9cpu" in err and "qemu-2cpu-iperf" in err
+
+
+def test_compare_takes_the_nested_hosts_experiment_variables_only(soak) -> None:
+    assert soak.parse_assignments(soak.OLD_SETTING) == {"PYMVM_NESTED_APPEND": "none",
+                                                        "PYMVM_NESTED_WAKE": "0"}
+    with pytest.raises(ValueError, match="NAME=VALUE words"):
+        soak.parse_assignments("PATH=/tmp")
+    with pytest.raises(ValueError, match="NAME=VALUE words"):
+        soak.parse_assignments("PYMVM_NESTED_WAKE")
