@@ -580,3 +580,21 @@ def test_the_first_notification_check_with_event_idx_signals_whatever_used_event
     assert d.queue.needs_notification() is True
     d.queue.add_used(0, 0)
     assert d.queue.needs_notification() is False  # used idx 2 has not crossed used_event 5
+
+
+def test_every_dropped_chain_is_counted() -> None:
+    d = Driver(size=4)
+    d.desc(0, DATA, 8, NEXT, 9)  # next outside the table
+    d.desc(1, DATA, 8, NEXT, 9)
+    d.publish(0, 1)
+    assert d.queue.pop_avail() is None
+    assert d.queue.dropped_chains == 2 and d.used_idx() == 2
+
+
+def test_pop_writable_takes_a_chain_of_several_buffers_holding_exactly_min_len() -> None:
+    d = Driver(size=4)
+    d.desc(0, DATA, 8, WRITE | NEXT, 1)
+    d.desc(1, DATA + 0x100, 4, WRITE)
+    d.publish(0)
+    got, _views, used, nsegs = pop_writable(d, 100, min_len=12)
+    assert (got, used, nsegs) == (12, [0, 12], [2]) and d.queue.dropped_chains == 0
