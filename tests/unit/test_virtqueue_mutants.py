@@ -598,3 +598,27 @@ def test_pop_writable_takes_a_chain_of_several_buffers_holding_exactly_min_len()
     d.publish(0)
     got, _views, used, nsegs = pop_writable(d, 100, min_len=12)
     assert (got, used, nsegs) == (12, [0, 12], [2]) and d.queue.dropped_chains == 0
+
+
+def bulk_table_chain(entries: list[tuple[int, int, int, int]]):
+    """Head 0 names an indirect table of ``entries`` (offset from DATA, length, flags, next),
+    with bulk reading on; what popping it gives (None: dropped) and the queue."""
+    d = Driver(size=4)
+    table = DATA + 0x1000
+    for i, (offset, length, flags, nxt) in enumerate(entries):
+        d.desc(i, DATA + offset, length, flags, nxt, table=table)
+    d.desc(0, table, 16 * len(entries), INDIRECT)
+    d.queue.bulk_indirect = 1
+    d.publish(0)
+    return d.queue.pop_avail(), d
+
+
+def test_a_bulk_table_whose_next_fields_skip_an_entry_gives_the_chain_they_name() -> None:
+    chain, _ = bulk_table_chain([(0, 16, NEXT, 2), (0x100, 32, NEXT, 2), (0x200, 64, WRITE, 0)])
+    assert not isinstance(chain, BulkChain)
+    assert (chain.readable_len, chain.writable_len) == (16, 64)  # entry 1 is not in it
+
+
+def test_a_bulk_table_whose_first_entry_names_itself_next_is_a_loop_and_dropped() -> None:
+    chain, d = bulk_table_chain([(0, 16, NEXT, 0), (0x100, 32, WRITE, 0)])
+    assert chain is None and d.queue.dropped_chains == 1 and d.used(0) == (0, 0)
