@@ -622,3 +622,39 @@ def test_a_bulk_table_whose_next_fields_skip_an_entry_gives_the_chain_they_name(
 def test_a_bulk_table_whose_first_entry_names_itself_next_is_a_loop_and_dropped() -> None:
     chain, d = bulk_table_chain([(0, 16, NEXT, 0), (0x100, 32, WRITE, 0)])
     assert chain is None and d.queue.dropped_chains == 1 and d.used(0) == (0, 0)
+
+
+def test_a_bulk_table_whose_last_entry_carries_a_stray_next_value_is_still_read() -> None:
+    # The last entry has no NEXT flag, so its next field means nothing (Linux leaves it 0).
+    chain, _ = bulk_table_chain([(0, 16, NEXT, 1), (0x100, 32, NEXT, 2), (0x200, 1, WRITE, 7)])
+    assert isinstance(chain, BulkChain) and chain.split == 2
+    assert (chain.readable_len, chain.writable_len) == (48, 1)
+
+
+def test_a_bulk_table_with_a_readable_buffer_after_a_writable_one_is_dropped() -> None:
+    chain, d = bulk_table_chain([(0, 16, NEXT, 1), (0x100, 32, NEXT | WRITE, 2),
+                                 (0x200, 8, NEXT, 3), (0x300, 1, WRITE, 0)])
+    assert chain is None and d.queue.dropped_chains == 1
+
+
+@pytest.mark.parametrize(("entries", "split"), [
+    ([(0, 16, NEXT, 1), (0x100, 32, NEXT | WRITE, 2), (0x200, 1, WRITE, 7)], 1),
+    ([(0, 16, NEXT, 1), (0x100, 32, NEXT, 2), (0x200, 1, 0, 7)], 3),  # all device-readable
+])
+def test_straight_bulk_tables_of_other_shapes_than_linux_disk_requests_are_read_in_bulk(
+        entries, split: int) -> None:
+    chain, _ = bulk_table_chain(entries)
+    assert isinstance(chain, BulkChain) and chain.split == split
+    assert chain.lens == [16, 32, 1]
+
+
+def test_a_bulk_chain_at_the_top_of_the_address_space_is_the_regions_bytes() -> None:
+    from pymvm.devices.virtio.queue import _straight_table
+
+    lo, ram = 2**64 - 0x10000, bytearray(range(256)) * 256
+    entries = [(lo + 0x10, 16, NEXT, 1), (2**64 - 2, 2, WRITE, 0)]
+    table = memoryview(b"".join(struct.pack("<QIHH", *e) for e in entries))
+    chain = _straight_table(5, table, 2, lo, 2**64, memoryview(ram))
+    assert isinstance(chain, BulkChain) and chain.head == 5
+    assert [bytes(v) for v in chain.readable] == [bytes(range(0x10, 0x20))]
+    assert [bytes(v) for v in chain.writable] == [bytes([0xFE, 0xFF])]
