@@ -26,12 +26,13 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from common import stop
 
 CMDLINE = "console=ttyS0 reboot=t panic=-1 quiet"
 MEMORY_MIB = 1024  # the fio initramfs is ~90 MiB, unpacked in guest RAM
@@ -138,16 +139,6 @@ def start_qsd(image: Path, sock: Path) -> subprocess.Popen:
             raise RuntimeError("qemu-storage-daemon did not start")
         time.sleep(0.1)
     return proc
-
-
-def stop(proc: subprocess.Popen | None) -> None:
-    if proc is not None and proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def run_backend(name: str, tmp: Path, kernel: Path, initrd: Path, image: Path,

@@ -34,7 +34,6 @@ import os
 import random
 import select
 import shutil
-import signal
 import statistics
 import struct
 import subprocess
@@ -42,6 +41,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from common import stop
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -207,16 +208,6 @@ def start_backend(name: str, image: Path, sock: Path, wrap: list[str]) -> subpro
                             cwd=Path(__file__).resolve().parent.parent)
     wait_for(sock, proc, name)
     return proc
-
-
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def measure(name: str, image: Path, tmp: Path, seconds: float, depth: int,
