@@ -29,6 +29,7 @@ from pymvm.vhost.user.protocol import (
     ConnectionState,
     FrontendConnection,
 )
+from tests.fds import is_open
 
 ALL_PROTOCOL_FEATURES = PF(functools.reduce(operator.or_, PF))
 VIRTIO_FEATURES = m.PROTOCOL_FEATURES_FLAG | (1 << 32) | (1 << 5)
@@ -58,14 +59,6 @@ def new_fd() -> Iterator[MakeFd]:
                 os.close(fd)
         except OSError:
             pass
-
-
-def is_open(fd: int) -> bool:
-    try:
-        os.fstat(fd)
-    except OSError:
-        return False
-    return True
 
 
 def header(request: int, size: int, flags: int = m.VHOST_USER_VERSION) -> bytes:

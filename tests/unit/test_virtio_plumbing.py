@@ -12,6 +12,7 @@ import pytest
 from pymvm.devices.virtio import constants as c
 from pymvm.devices.virtio.device import QueueConfig
 from pymvm.devices.virtio.plumbing import InterruptEventfd, KvmEventfdPlumbing
+from tests.fds import is_open
 
 BASE, IRQ = 0xD000_0000, 5
 NOTIFY, ACK = BASE + c.VIRTIO_MMIO_QUEUE_NOTIFY, BASE + c.VIRTIO_MMIO_INTERRUPT_ACK
@@ -40,14 +41,6 @@ class RecordingVm:
 def queues(*indices: int) -> list[QueueConfig]:
     return [QueueConfig(index=i, size=256, ready=True, desc_addr=0x10000, driver_addr=0x11000,
                         device_addr=0x12000) for i in indices]
-
-
-def is_open(fd: int) -> bool:
-    try:
-        os.fstat(fd)
-    except OSError:
-        return False
-    return True
 
 
 @pytest.fixture

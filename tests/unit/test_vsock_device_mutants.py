@@ -22,6 +22,7 @@ from pymvm.devices.virtio.device import (
 )
 from pymvm.devices.virtio.vsock import VirtioVsockDevice
 from pymvm.vhost.kernel import VIRTIO_F_VERSION_1
+from tests.fds import is_open as fd_open
 
 from .test_virtqueue import AVAIL, DATA, DESC, MEM_BASE, MEM_SIZE, NEXT, USED, WRITE
 from .test_vsock import GuestRam, Region, make_device
@@ -71,14 +72,6 @@ def wait_until(predicate, timeout: float = 5.0) -> bool:
 def open_fds() -> set[int]:
     listed = [int(fd) for fd in os.listdir("/proc/self/fd")]  # listdir's own fd is gone after
     return {fd for fd in listed if fd_open(fd)}
-
-
-def fd_open(fd: int) -> bool:
-    try:
-        os.fstat(fd)
-    except OSError:
-        return False
-    return True
 
 
 @pytest.fixture
