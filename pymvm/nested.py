@@ -762,20 +762,25 @@ def _monitor_session(path: Path, commands: Sequence[str], pause_s: float = 1.0,
     return "\n".join(out)
 
 
+def _read_stat(path: Path) -> tuple[str, list[str]] | None:
+    """A /proc stat file: the command name and the fields after it (field 3 on); None if
+    the process or thread is gone."""
+    try:
+        stat = path.read_text()
+    except OSError:
+        return None
+    return stat[stat.index("(") + 1:stat.rindex(")")], stat[stat.rindex(")") + 2:].split()
+
+
 def _session_processes(sid: int) -> dict[int, str]:
     """The processes of session ``sid`` (vng and the QEMU it started), pid -> command name."""
     found = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        comm = stat[stat.index("(") + 1:stat.rindex(")")]
-        fields = stat[stat.rindex(")") + 2:].split()
-        if int(fields[3]) == sid:  # field 6 of stat: the session id
-            found[int(entry.name)] = comm
+        parsed = _read_stat(entry / "stat")
+        if parsed is not None and int(parsed[1][3]) == sid:  # field 6 of stat: the session id
+            found[int(entry.name)] = parsed[0]
     return found
 
 
@@ -784,13 +789,10 @@ def _thread_cpu(pid: int, interval_s: float = 2.0) -> str:
     def sample() -> dict[str, tuple[str, int]]:
         ticks = {}
         for task in Path(f"/proc/{pid}/task").iterdir():
-            try:
-                stat = (task / "stat").read_text()
-            except OSError:
-                continue
-            comm = stat[stat.index("(") + 1:stat.rindex(")")]
-            fields = stat[stat.rindex(")") + 2:].split()
-            ticks[task.name] = (comm, int(fields[11]) + int(fields[12]))  # utime + stime
+            parsed = _read_stat(task / "stat")
+            if parsed is not None:
+                comm, fields = parsed
+                ticks[task.name] = (comm, int(fields[11]) + int(fields[12]))  # utime + stime
         return ticks
 
     before = sample()
