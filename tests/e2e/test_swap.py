@@ -560,6 +560,7 @@ def test_swap_ovs_dpdk_two_vms_ping_and_move_tcp_data_and_one_moves_in_from_vhos
         b.wait_console(r"UP=", timeout=900)
         wait_for(lambda: up.moved > (1 << 20), 600, "B's upload through its TAP port", b)
         stream = UdpStream(host=OVS_HOST, guest=OVS_B)
+        t_stream = time.monotonic()
         # Through B's TAP as a system port of OVS-DPDK's userspace datapath (polled by the
         # same one CPU as everything else in the nested host) a fraction of the stream comes
         # back: the stream must flow, the baseline measures how much of it does.
@@ -600,6 +601,11 @@ def test_swap_ovs_dpdk_two_vms_ping_and_move_tcp_data_and_one_moves_in_from_vhos
         if "logs" in locals():
             for name, vl in zip("AB", logs):
                 print(f"--- VMM {name} log (swap lines) ---\n" + vl.tail())
+        for name, guest in (("A", a), ("B", b)):  # the failure names one; both tell the story
+            if guest is not None:
+                print(f"--- guest {name} console (end) ---\n" + guest.console()[-3000:])
+        if stream is not None:
+            print(f"--- the UDP stream, per second ---\n{stream.timeline(t_stream, time.monotonic())}")
         raise
     finally:
         throttle.release()
