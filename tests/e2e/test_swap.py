@@ -615,6 +615,10 @@ def test_swap_ovs_dpdk_two_vms_ping_and_move_tcp_data_and_one_moves_in_from_vhos
             if g is not None and g.proc.poll() is None:
                 g.proc.kill()
         ovs_logs = ovs.logs()
+        RESULTS.mkdir(exist_ok=True)
+        for name in ("ovs-vswitchd.log", "ovsdb-server.log"):  # whole, for whoever reads a failure
+            if (ovs.dir / name).exists():
+                (RESULTS / f"swap-ovs-{name}").write_text((ovs.dir / name).read_text(errors="replace"))
         ovs.close()
     results = {"ovs_swaps": [r.__dict__ for r in records], "baseline": baseline,
                "nested_cpus": len(os.sched_getaffinity(0))}
