@@ -701,7 +701,7 @@ def _pump(
                 age = _heartbeat_age(heartbeat)
                 if age > FROZEN_AFTER_S:
                     return "frozen"
-                beat = time.time() - age
+                beat = _heartbeat_mtime(heartbeat)  # which beat is late: one wake per stall
                 if (age > WAKE_AFTER_S and monitor is not None and woken_at != beat
                         and monitor.exists()):
                     woken_at = beat  # once per stall
@@ -851,6 +851,13 @@ def _save_capture(text: str, cwd: Path) -> Path | None:
     except OSError:
         return None
     return path
+
+
+def _heartbeat_mtime(path: Path) -> float | None:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return None
 
 
 def _heartbeat_age(path: Path) -> float:

@@ -953,3 +953,18 @@ def test_wake_host_presses_a_key_nothing_reads(tmp_path: Path) -> None:
     thread = _fake_monitor(sock)
     assert nested.wake_host(sock).splitlines()[0] == "(qemu) sendkey shift"
     thread.join(5)
+
+
+def test_a_host_that_stays_frozen_is_woken_once_then_stopped(
+    fake_vng: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setattr(nested, "HEARTBEAT_INTERVAL_S", 600)
+    monkeypatch.setattr(nested, "WAKE_AFTER_S", 0.5)
+    monkeypatch.setattr(nested, "FROZEN_AFTER_S", 4.0)
+    woken: list[Path] = []
+    monkeypatch.setattr(nested, "wake_host", woken.append)  # the host does not wake
+    rc = nested.run_nested(["sh", "-c", "echo started; exec sleep 600"], cwd=fake_vng,
+                           output=io.BytesIO())
+    assert rc == EXIT_TIMEOUT
+    assert len(woken) == 1  # one wake per late heartbeat, however long it stays late
+    assert capsys.readouterr().err.count("woke its CPU") == 1
