@@ -75,6 +75,18 @@ def open_fds() -> set[int]:
 
 
 @pytest.fixture
+def watched(eventfds):
+    """A device whose event queue has a kick eventfd: activations start its watcher thread.
+    (kick, call, ram, device, ctx); the device is closed after the test."""
+    kick, call = eventfds
+    ram = GuestRam()
+    device, _ = make_device()
+    ctx = ram.ctx(kick_fds=[-1, -1, kick], call_fds=[-1, -1, call])
+    yield kick, call, ram, device, ctx
+    device.close()
+
+
+@pytest.fixture
 def eventfds():
     kick, call = os.eventfd(0, os.EFD_NONBLOCK), os.eventfd(0, os.EFD_NONBLOCK)
     yield kick, call
@@ -251,81 +263,57 @@ def test_with_event_idx_the_event_interrupts_whatever_the_avail_flags_say(
 # ---- the watcher ---------------------------------------------------------------------------------
 
 
-def test_the_watcher_runs_only_while_an_event_waits_as_a_daemon_thread(eventfds) -> None:
-    kick, call = eventfds
-    ram = GuestRam()
-    device, _ = make_device()
-    ctx = ram.ctx(kick_fds=[-1, -1, kick], call_fds=[-1, -1, call])
-    try:
-        device.activate(ctx)  # nothing to send to a first driver: no watcher
-        assert watchers() == []
-        device.reset()
-        device.activate(ctx)  # rebind, no event buffer yet: a watcher waits for the kick
+def test_the_watcher_runs_only_while_an_event_waits_as_a_daemon_thread(watched) -> None:
+    _kick, _call, _ram, device, ctx = watched
+    device.activate(ctx)  # nothing to send to a first driver: no watcher
+    assert watchers() == []
+    device.reset()
+    device.activate(ctx)  # rebind, no event buffer yet: a watcher waits for the kick
+    (watcher,) = watchers()
+    assert watcher.daemon  # never holds up the VMM's exit
+    device.reset()
+    assert not watcher.is_alive() and watchers() == []
+
+
+def test_the_watcher_opens_only_close_on_exec_fds(watched) -> None:
+    _kick, _call, _ram, device, ctx = watched
+    device.activate(ctx)
+    device.reset()
+    before = open_fds()
+    device.activate(ctx)
+    new = open_fds() - before
+    assert new and not [fd for fd in new if os.get_inheritable(fd)]
+    device.reset()
+
+
+def test_a_pending_event_outlasts_a_spurious_kick_and_a_quiet_second(watched) -> None:
+    kick, _call, ram, device, ctx = watched
+    device.activate(ctx)
+    device.reset()
+    device.activate(ctx)
+    os.eventfd_write(kick, 1)  # a kick with no buffer posted
+    time.sleep(1.0)
+    assert device.events_sent == 0
+    ram.post_event_buffer(0)
+    os.eventfd_write(kick, 1)
+    assert wait_until(lambda: device.events_sent == 1)
+    assert ram.driver.used_idx() == 1
+    device.reset()
+
+
+def test_the_watcher_gives_up_after_event_wait_s_and_says_so(watched, monkeypatch) -> None:
+    _kick, _call, _ram, device, ctx = watched
+    monkeypatch.setattr(vsock, "EVENT_WAIT_S", 1.0)  # read when the watcher starts
+    device.activate(ctx)
+    device.reset()
+    with capture_logs() as logs:
+        start = time.monotonic()
+        device.activate(ctx)
         (watcher,) = watchers()
-        assert watcher.daemon  # never holds up the VMM's exit
-        device.reset()
-        assert not watcher.is_alive() and watchers() == []
-    finally:
-        device.close()
-
-
-def test_the_watcher_opens_only_close_on_exec_fds(eventfds) -> None:
-    kick, call = eventfds
-    ram = GuestRam()
-    device, _ = make_device()
-    ctx = ram.ctx(kick_fds=[-1, -1, kick], call_fds=[-1, -1, call])
-    try:
-        device.activate(ctx)
-        device.reset()
-        before = open_fds()
-        device.activate(ctx)
-        new = open_fds() - before
-        assert new and not [fd for fd in new if os.get_inheritable(fd)]
-        device.reset()
-    finally:
-        device.close()
-
-
-def test_a_pending_event_outlasts_a_spurious_kick_and_a_quiet_second(eventfds) -> None:
-    kick, call = eventfds
-    ram = GuestRam()
-    device, _ = make_device()
-    ctx = ram.ctx(kick_fds=[-1, -1, kick], call_fds=[-1, -1, call])
-    try:
-        device.activate(ctx)
-        device.reset()
-        device.activate(ctx)
-        os.eventfd_write(kick, 1)  # a kick with no buffer posted
-        time.sleep(1.0)
-        assert device.events_sent == 0
-        ram.post_event_buffer(0)
-        os.eventfd_write(kick, 1)
-        assert wait_until(lambda: device.events_sent == 1)
-        assert ram.driver.used_idx() == 1
-        device.reset()
-    finally:
-        device.close()
-
-
-def test_the_watcher_gives_up_after_event_wait_s_and_says_so(eventfds, monkeypatch) -> None:
-    kick, call = eventfds
-    monkeypatch.setattr(vsock, "EVENT_WAIT_S", 1.0)
-    ram = GuestRam()
-    device, _ = make_device()
-    ctx = ram.ctx(kick_fds=[-1, -1, kick], call_fds=[-1, -1, call])
-    try:
-        device.activate(ctx)
-        device.reset()
-        with capture_logs() as logs:
-            start = time.monotonic()
-            device.activate(ctx)
-            (watcher,) = watchers()
-            watcher.join(timeout=5)
-            elapsed = time.monotonic() - start
-        assert not watcher.is_alive() and elapsed >= 0.9
-        assert "vsock event not delivered: the driver posted no event buffer" in [
-            e["event"] for e in logs]
-        assert device.events_sent == 0
-        device.reset()
-    finally:
-        device.close()
+        watcher.join(timeout=5)
+        elapsed = time.monotonic() - start
+    assert not watcher.is_alive() and elapsed >= 0.9
+    assert "vsock event not delivered: the driver posted no event buffer" in [
+        e["event"] for e in logs]
+    assert device.events_sent == 0
+    device.reset()
