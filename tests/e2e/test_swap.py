@@ -48,9 +48,12 @@ MAX_GAP_S = 5.0
 # A swap's loss is counted up to this long after the new back-end started: over a second or
 # two the nested host's own hiccups (the old back-end process ending, on its one CPU) can
 # lose almost everything even with a short gap (95% of 1622 with a 200 ms gap, once), while
-# over a few seconds a data plane that works delivers about what the baseline does. The
+# over a few seconds a data plane that works delivers about what it does without a swap. The
 # next swap waits until this window has passed.
 TAIL_S = 5.0
+# The stream's loss without a hand-over is measured over this long just before each swap's
+# window and just after it (SwapTimes.measure); the stream runs this long after the last swap.
+REF_S = 5.0
 MAX_HANDOVER_S = 5.0
 RESULTS = Path(__file__).resolve().parents[2] / "results"
 
@@ -269,6 +272,7 @@ class SwapRecord:
     lost: int
     sent: int
     allowed_loss: int
+    ref_loss: float
     call_gap_ms: float
     call_lost: int
     call_sent: int
@@ -289,18 +293,25 @@ class SwapTimes:
     up_bytes: int
     down_bytes: int
 
-    def measure(self, stream: _UdpStream, baseline_loss: float) -> SwapRecord:
-        """The record, with a generous bound on the loss: every datagram of the hand-over
-        itself (plus 0.5 s), the no-swap baseline's loss rate on the rest, and half of what
-        the baseline would have delivered of it."""
+    def measure(self, stream: _UdpStream) -> SwapRecord:
+        """The record, with a generous bound on the loss. The nested host's data planes lose
+        much of the stream under the transfer's load even without a swap (vhost-net there
+        delivered about 250 of 1000 datagrams a second, in both directions, before and after
+        the swaps), so the reference is the same load without a hand-over: the worse of the
+        REF_S seconds on the old back-end just before it and the REF_S seconds on the new
+        one just after its window. Allowed: every datagram of the hand-over itself (plus
+        0.5 s), and on the rest all but a third of what the reference delivers."""
         hw = stream.window(self.h0 - 0.5, self.h1 + TAIL_S)
         cw = stream.window(self.t0, self.t1 + 1.0)
+        before = stream.window(self.h0 - 0.5 - REF_S, self.h0 - 0.5)
+        after = stream.window(self.h1 + TAIL_S, self.h1 + TAIL_S + REF_S)
+        ref_loss = max(loss_rate(before), loss_rate(after))
         during = min(hw["sent"], int(UDP_PPS * (self.handover_ms / 1000 + 0.5)))
         rest = hw["sent"] - during
-        allowed = max(200, during + int(rest * (baseline_loss + (1 - baseline_loss) / 2)))
+        allowed = max(200, during + int(rest * (1 - (1 - ref_loss) / 3)))
         return SwapRecord(self.to, round(self.t1 - self.t0, 2), self.handover_ms,
-                          hw["gap_ms"], hw["lost"], hw["sent"], allowed, cw["gap_ms"],
-                          cw["lost"], cw["sent"], self.up_bytes, self.down_bytes)
+                          hw["gap_ms"], hw["lost"], hw["sent"], allowed, round(ref_loss, 3),
+                          cw["gap_ms"], cw["lost"], cw["sent"], self.up_bytes, self.down_bytes)
 
 
 def loss_rate(window: dict) -> float:
@@ -405,6 +416,7 @@ def test_swap_vhost_net_builtin_dpdk_builtin_vhost_net_keeps_tcp_and_udp_going(
         pmd_text = pmd.finish()
         pmd = None
         swap("vhost-net")
+        time.sleep(REF_S)  # the last swap's reference: vhost-net again, under the same load
         # The stream has done its job: it stops before the transfers run unthrottled (the
         # nested host's busiest phase; two runs' hosts froze in it with the stream going),
         # and the windows are measured once the last echoes had time to come back.
@@ -412,7 +424,7 @@ def test_swap_vhost_net_builtin_dpdk_builtin_vhost_net_keeps_tcp_and_udp_going(
         time.sleep(10)
         baseline = stream.window(t_base, t_base + 5)
         refused_window = stream.window(t_refused, t_refused_end)
-        records = [t.measure(stream, loss_rate(baseline)) for t in times]
+        records = [t.measure(stream) for t in times]
         # Delivery second by second, with each hand-over's place in it (seconds after the
         # baseline's start): how it moved around each swap.
         timeline = {"per_second": stream.timeline(t_base, time.monotonic() - 10),
@@ -593,7 +605,7 @@ def test_swap_ovs_dpdk_two_vms_ping_and_move_tcp_data_and_one_moves_in_from_vhos
         throttle.finish_at(FINISH_RATE)
         b.wait_console(r"B-DONE", timeout=900)
         baseline = stream.window(t_base, t_base + 5)
-        records = [t.measure(stream, loss_rate(baseline)) for t in times]
+        records = [t.measure(stream) for t in times]
         run_b = logs[1].finish(timeout=300)
         guest_api(a, "PUT", "/vm/actions", {"action": "stop"})
         run_a = logs[0].finish(timeout=300)
