@@ -34,12 +34,14 @@ HOST_IP, GUEST_IP = "10.78.0.1", "10.78.0.2"
 class ApiGuest:
     """A guest booted by `pymvm run` with its API socket and its console in files."""
 
-    def __init__(self, tmp_path: Path, guest_images, command: str, extra_toml: str = "") -> None:
+    def __init__(self, tmp_path: Path, guest_images, command: str, extra_toml: str = "", *,
+                 vm_id: str = "e2e-api") -> None:
+        # Two VMs on one network need two ids: a NIC's generated MAC comes from its VM's id.
         self.sock = str(tmp_path / "api.sock")
         self.console_path = tmp_path / "console.log"
         config = tmp_path / "vm.toml"
         config.write_text("\n".join([
-            'id = "e2e-api"',
+            f'id = "{vm_id}"',
             "[machine]", "vcpus = 1", "memory_mib = 256",
             "[boot]", f'kernel = "{guest_images.vmlinux}"', f'initrd = "{guest_images.initramfs}"',
             f'cmdline = "{BASE_CMDLINE} {encode_cmd(command)}"',

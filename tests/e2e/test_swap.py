@@ -548,7 +548,7 @@ def test_swap_ovs_dpdk_two_vms_ping_and_move_tcp_data_and_one_moves_in_from_vhos
                      f"while true; do ping -c 1 -W 2 {OVS_B} >/dev/null && echo A-PINGS-B; "
                      "sleep 1; done",
                      f'[[net]]\nid = "net0"\nbackend = "vhost-user"\nsocket = "{sock_a}"\n'
-                     f'socket_mode = "server"\nip = "{OVS_A}/24"\n')
+                     f'socket_mode = "server"\nip = "{OVS_A}/24"\n', vm_id="ovs-a")
         b = ApiGuest(tmp_path / "b", swap_images,
                      f"{build_udp_echo()} {ECHO_PORT} & "
                      f"dd if=/dev/urandom of=/tmp/up bs=65536 count={B_SIZE // 65536} 2>/dev/null; "
@@ -565,7 +565,7 @@ def test_swap_ovs_dpdk_two_vms_ping_and_move_tcp_data_and_one_moves_in_from_vhos
                      "dmesg | grep -iE 'virtio|timed out|watchdog' | sed 's/^/KLOG /'; "
                      "echo B-DONE",
                      f'[[net]]\nid = "net0"\nbackend = "vhost-net"\ntap = "{tap_b}"\n'
-                     f'ip = "{OVS_B}/24"\nswappable = true\n')
+                     f'ip = "{OVS_B}/24"\nswappable = true\n', vm_id="ovs-b")
         logs = [VmmLog(a), VmmLog(b)]
         wait_for(lambda: link_exists(tap_b), 600, "B's TAP", b)
         ovs.add_system_port(bridge, tap_b)
