@@ -76,11 +76,9 @@ def _run(args: argparse.Namespace, StopSignal, run_vm, can_boot_linux_here) -> i
     try:
         config = _load(args.config)
         if args.api_sock is not None:  # the command line wins over [api] socket
-            import dataclasses
-
             from .config import ApiConfig
 
-            config = dataclasses.replace(config, api=ApiConfig(Path(args.api_sock).absolute()))
+            config = config.replace(api=ApiConfig(Path(args.api_sock).absolute()))
         structlog.contextvars.bind_contextvars(vm_id=config.id)
         ok, why = can_boot_linux_here()
         if not ok:

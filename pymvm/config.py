@@ -1,4 +1,4 @@
-"""A VM's TOML config -> frozen, validated dataclasses (schema: docs/config.md).
+"""A VM's TOML config -> frozen, validated records (schema: docs/config.md).
 
 Every error is a ConfigError with one line naming the file, the dotted key and the fix:
     vm.toml: machine.vcpus: expected an integer from 1 to 64, got "two"
@@ -12,9 +12,10 @@ import os
 import re
 import tomllib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
+
+from .record import FrozenRecord
 
 MAX_VCPUS = 64
 MIN_MEMORY_MIB = 16
@@ -44,97 +45,134 @@ class ConfigError(Exception):
         super().__init__(" ".join(message.split("\n")))
 
 
-@dataclass(frozen=True)
-class MachineConfig:
+class MachineConfig(FrozenRecord):
     """[machine]: vCPUs, guest RAM and its backing."""
 
-    vcpus: int = 1
-    memory_mib: int = 256
-    hugepages: bool = False
+    __slots__ = ("vcpus", "memory_mib", "hugepages")
+    vcpus: int
+    memory_mib: int
+    hugepages: bool
+
+    def __init__(self, vcpus: int = 1, memory_mib: int = 256, hugepages: bool = False) -> None:
+        self._init(vcpus, memory_mib, hugepages)
 
 
-@dataclass(frozen=True)
-class BootConfig:
+class BootConfig(FrozenRecord):
     """[boot]: kernel, initrd, command line and ACPI."""
 
+    __slots__ = ("kernel", "initrd", "cmdline", "acpi")
     kernel: Path
-    initrd: Path | None = None
-    cmdline: str = DEFAULT_CMDLINE
-    acpi: bool | Literal["auto"] = "auto"  # resolved by pymvm.boot.acpi.resolve_acpi
+    initrd: Path | None
+    cmdline: str
+    acpi: bool | Literal["auto"]  # resolved by pymvm.boot.acpi.resolve_acpi
+
+    def __init__(self, kernel: Path, initrd: Path | None = None, cmdline: str = DEFAULT_CMDLINE,
+                 acpi: bool | Literal["auto"] = "auto") -> None:
+        self._init(kernel, initrd, cmdline, acpi)
 
 
-@dataclass(frozen=True)
-class SerialConfig:
+class SerialConfig(FrozenRecord):
     """[serial]: where the guest's console goes and whether stdin feeds it."""
 
-    output: SerialOutput = "stdout"
-    path: Path | None = None
-    input: bool = True
+    __slots__ = ("output", "path", "input")
+    output: SerialOutput
+    path: Path | None
+    input: bool
+
+    def __init__(self, output: SerialOutput = "stdout", path: Path | None = None,
+                 input: bool = True) -> None:
+        self._init(output, path, input)
 
 
-@dataclass(frozen=True)
-class NetConfig:
+class NetConfig(FrozenRecord):
     """One [[net]] NIC: its back-end, host side and guest MAC."""
 
+    __slots__ = ("id", "backend", "mac", "tap", "bridge", "netns", "mtu", "socket", "socket_mode",
+                 "ip", "host_ip", "swappable")
     id: str
     backend: NetBackend
     mac: str  # lower-case "52:54:00:12:34:56"; generated when not configured
-    tap: str | None = None
-    bridge: str | None = None
-    netns: str | None = None
-    mtu: int | None = None
-    socket: Path | None = None
-    socket_mode: SocketMode = "client"
-    ip: ipaddress.IPv4Interface | ipaddress.IPv6Interface | None = None
-    host_ip: ipaddress.IPv4Interface | ipaddress.IPv6Interface | None = None
+    tap: str | None
+    bridge: str | None
+    netns: str | None
+    mtu: int | None
+    socket: Path | None
+    socket_mode: SocketMode
+    ip: ipaddress.IPv4Interface | ipaddress.IPv6Interface | None
+    host_ip: ipaddress.IPv4Interface | ipaddress.IPv6Interface | None
     #: May move to any back-end kind while running: offered only what all kinds implement.
-    swappable: bool = False
+    swappable: bool
+
+    def __init__(self, id: str, backend: NetBackend, mac: str, tap: str | None = None,
+                 bridge: str | None = None, netns: str | None = None, mtu: int | None = None,
+                 socket: Path | None = None, socket_mode: SocketMode = "client",
+                 ip: ipaddress.IPv4Interface | ipaddress.IPv6Interface | None = None,
+                 host_ip: ipaddress.IPv4Interface | ipaddress.IPv6Interface | None = None,
+                 swappable: bool = False) -> None:
+        self._init(id, backend, mac, tap, bridge, netns, mtu, socket, socket_mode, ip, host_ip,
+                   swappable)
 
 
 BlockBackend = Literal["builtin", "vhost-user"]
 
 
-@dataclass(frozen=True)
-class BlockConfig:
+class BlockConfig(FrozenRecord):
     """A [[block]] disk: a virtio-blk device served by a vhost-user-blk back-end."""
 
+    __slots__ = ("id", "backend", "path", "socket", "socket_mode", "read_only", "root", "serial")
     id: str
     backend: BlockBackend
-    path: Path | None = None  # the raw image (builtin)
-    socket: Path | None = None  # the back-end's socket (vhost-user)
-    socket_mode: SocketMode = "client"
-    read_only: bool = False
-    root: bool = False  # adds root=/dev/vdX to the command line
-    serial: str = ""  # what GET_ID answers (builtin; at most 20 bytes)
+    path: Path | None  # the raw image (builtin)
+    socket: Path | None  # the back-end's socket (vhost-user)
+    socket_mode: SocketMode
+    read_only: bool
+    root: bool  # adds root=/dev/vdX to the command line
+    serial: str  # what GET_ID answers (builtin; at most 20 bytes)
+
+    def __init__(self, id: str, backend: BlockBackend, path: Path | None = None,
+                 socket: Path | None = None, socket_mode: SocketMode = "client",
+                 read_only: bool = False, root: bool = False, serial: str = "") -> None:
+        self._init(id, backend, path, socket, socket_mode, read_only, root, serial)
 
 
-@dataclass(frozen=True)
-class ApiConfig:
+class ApiConfig(FrozenRecord):
     """[api]: the control API's socket."""
 
-    socket: Path | None = None  # the control API's UNIX socket; None: no API
+    __slots__ = ("socket",)
+    socket: Path | None  # the control API's UNIX socket; None: no API
+
+    def __init__(self, socket: Path | None = None) -> None:
+        self._init(socket)
 
 
-@dataclass(frozen=True)
-class VsockConfig:
+class VsockConfig(FrozenRecord):
     """[vsock]: the guest's virtio-vsock device."""
 
+    __slots__ = ("cid",)
     cid: int  # the guest's context id (3 .. 2**32-2); derived from the VM id when not set
 
+    def __init__(self, cid: int) -> None:
+        self._init(cid)
 
-@dataclass(frozen=True)
-class VmConfig:
+
+class VmConfig(FrozenRecord):
     """A whole VM's configuration, as validated from its TOML file."""
 
+    __slots__ = ("id", "machine", "boot", "serial", "net", "source", "api", "vsock", "block")
     id: str
     machine: MachineConfig
     boot: BootConfig
     serial: SerialConfig
     net: tuple[NetConfig, ...]
     source: Path
-    api: ApiConfig = ApiConfig()
-    vsock: VsockConfig | None = None  # [vsock]: a virtio-vsock device on vhost-vsock
-    block: tuple[BlockConfig, ...] = ()  # [[block]]: virtio-blk disks
+    api: ApiConfig
+    vsock: VsockConfig | None  # [vsock]: a virtio-vsock device on vhost-vsock
+    block: tuple[BlockConfig, ...]  # [[block]]: virtio-blk disks
+
+    def __init__(self, id: str, machine: MachineConfig, boot: BootConfig, serial: SerialConfig,
+                 net: tuple[NetConfig, ...], source: Path, api: ApiConfig = ApiConfig(),
+                 vsock: VsockConfig | None = None, block: tuple[BlockConfig, ...] = ()) -> None:
+        self._init(id, machine, boot, serial, net, source, api, vsock, block)
 
 
 def default_resolve_artifact(name: str) -> Path:

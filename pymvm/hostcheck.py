@@ -7,8 +7,9 @@ Kept apart from pymvm.nested, the nested-host runner (test infrastructure), so t
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, replace
 from pathlib import Path
+
+from .record import FrozenRecord
 
 OVERRIDE_ENV = "PYMVM_NESTED"
 """``always`` (use the nested host), ``never`` (run directly) or ``auto`` (detect)."""
@@ -24,14 +25,18 @@ class NestedHostError(Exception):
     """The nested KVM host cannot be started or used."""
 
 
-@dataclass(frozen=True)
-class HostFacts:
+class HostFacts(FrozenRecord):
     """What decides whether Linux guests can boot on this machine's /dev/kvm."""
 
+    __slots__ = ("cpu_flags", "modules", "has_dev_kvm", "has_vhost_net")
     cpu_flags: frozenset[str]
     modules: frozenset[str]  # the KVM-related modules in /sys/module
     has_dev_kvm: bool
     has_vhost_net: bool
+
+    def __init__(self, cpu_flags: frozenset[str], modules: frozenset[str], has_dev_kvm: bool,
+                 has_vhost_net: bool) -> None:
+        self._init(cpu_flags, modules, has_dev_kvm, has_vhost_net)
 
     @classmethod
     def gather(
@@ -122,7 +127,7 @@ def can_boot_linux_here(facts: HostFacts | None = None) -> tuple[bool, str]:
         # its answer decides, i.e. where everything but /dev/vhost-net is there (issue 15).
         facts = HostFacts.gather(try_modprobe=False)
         if (not facts.has_vhost_net and not assess(facts, override, nested=nested)[0]
-                and assess(replace(facts, has_vhost_net=True), override, nested=nested)[0]):
+                and assess(facts.replace(has_vhost_net=True), override, nested=nested)[0]):
             facts = HostFacts.gather()
     return assess(facts, override, nested=nested)
 

@@ -14,7 +14,6 @@ import os
 import signal
 import struct
 import threading
-from dataclasses import dataclass
 from typing import Callable
 
 import structlog
@@ -26,6 +25,7 @@ from .kvm.vcpu import (
     _IO_DIRECTION, _MMIO_DATA, _MMIO_PHYS_ADDR, EXIT_NAMES,
 )
 from .memory import GuestMemory
+from .record import FrozenRecord
 
 log = structlog.get_logger()
 
@@ -42,13 +42,16 @@ class StopKind(enum.Enum):
     ERROR = "error"  # the guest or the VMM failed
 
 
-@dataclass(frozen=True)
-class StopReason:
+class StopReason(FrozenRecord):
     """Why the VM stopped, and the exit status `pymvm run` ends with."""
 
+    __slots__ = ("kind", "message", "exit_status")
     kind: StopKind
     message: str
     exit_status: int
+
+    def __init__(self, kind: StopKind, message: str, exit_status: int) -> None:
+        self._init(kind, message, exit_status)
 
 
 class MachineState(enum.Enum):

@@ -15,11 +15,11 @@ from __future__ import annotations
 import fcntl
 import mmap
 import os
-from dataclasses import dataclass, field
 
 import structlog
 
 from . import layout
+from .record import Record
 
 log = structlog.get_logger()
 
@@ -31,17 +31,28 @@ class GuestMemoryError(Exception):
     """Guest memory could not be created, or a guest address is outside it."""
 
 
-@dataclass
-class MemoryRegion:
+class MemoryRegion(Record):
     """One contiguous range of guest-physical RAM."""
 
+    __slots__ = ("gpa", "size", "fd", "fd_offset", "host_addr", "_map", "view")
+    _repr_hidden = frozenset({"_map", "view"})
     gpa: int
     size: int
     fd: int  # the memfd shared by all regions
     fd_offset: int  # where this region starts inside the memfd
     host_addr: int  # userspace address of the mapping (for KVM and vhost)
-    _map: mmap.mmap = field(repr=False)
-    view: memoryview = field(repr=False)
+    _map: mmap.mmap
+    view: memoryview
+
+    def __init__(self, gpa: int, size: int, fd: int, fd_offset: int, host_addr: int,
+                 _map: mmap.mmap, view: memoryview) -> None:
+        self.gpa = gpa
+        self.size = size
+        self.fd = fd
+        self.fd_offset = fd_offset
+        self.host_addr = host_addr
+        self._map = _map
+        self.view = view
 
     @property
     def end(self) -> int:

@@ -21,11 +21,11 @@ from __future__ import annotations
 import mmap
 import struct
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Protocol
 
 from .. import layout
+from ..record import FrozenRecord
 
 OEM_ID = b"PYMVM "  # 6 bytes
 OEM_TABLE_ID = b"MICROVM "  # 8 bytes
@@ -358,12 +358,15 @@ def build_rsdp(xsdt_addr: int) -> bytes:
     return bytes(rsdp)
 
 
-@dataclass(frozen=True)
-class AcpiTables:
+class AcpiTables(FrozenRecord):
     """The tables and where each goes in guest memory."""
 
+    __slots__ = ("rsdp_addr", "blobs")
     rsdp_addr: int
     blobs: tuple[tuple[int, bytes], ...]  # (guest-physical address, bytes), RSDP first
+
+    def __init__(self, rsdp_addr: int, blobs: tuple[tuple[int, bytes], ...]) -> None:
+        self._init(rsdp_addr, blobs)
 
     def table(self, signature: bytes) -> bytes:
         for _, blob in self.blobs:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import struct
 
 from .. import layout
@@ -147,19 +146,19 @@ def vcpu_cpuid(supported: list[CpuidEntry], vcpu_id: int, ncpus: int) -> list[Cp
             ebx = (e.ebx & 0x0000FFFF) | (vcpu_id << 24) | (min(ncpus, 255) << 16)
             ecx = e.ecx | CPUID_HYPERVISOR
             edx = e.edx | CPUID_HTT if ncpus > 1 else e.edx & ~CPUID_HTT
-            e = dataclasses.replace(e, ebx=ebx, ecx=ecx, edx=edx)
+            e = e.replace(ebx=ebx, ecx=ecx, edx=edx)
         elif e.function == 0xB:
             # Extended topology: one thread per core, every vCPU a core of one package.
             if e.index == 0:
-                e = dataclasses.replace(e, eax=0, ebx=1, ecx=(1 << 8) | 0, edx=vcpu_id)
+                e = e.replace(eax=0, ebx=1, ecx=(1 << 8) | 0, edx=vcpu_id)
             elif e.index == 1:
                 shift = max(ncpus - 1, 0).bit_length()
-                e = dataclasses.replace(e, eax=shift, ebx=ncpus, ecx=(2 << 8) | 1, edx=vcpu_id)
+                e = e.replace(eax=shift, ebx=ncpus, ecx=(2 << 8) | 1, edx=vcpu_id)
             else:
-                e = dataclasses.replace(e, eax=0, ebx=0, ecx=e.index, edx=vcpu_id)
+                e = e.replace(eax=0, ebx=0, ecx=e.index, edx=vcpu_id)
         elif e.function == 0x4:
             # Cores per package - 1 in eax[31:26].
-            e = dataclasses.replace(e, eax=(e.eax & 0x3FFFFFF) | ((max(ncpus, 1) - 1) << 26))
+            e = e.replace(eax=(e.eax & 0x3FFFFFF) | ((max(ncpus, 1) - 1) << 26))
         out.append(e)
     return out
 

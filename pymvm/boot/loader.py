@@ -9,11 +9,11 @@ from __future__ import annotations
 import os
 import struct
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 from .. import layout
 from ..memory import GuestMemory, GuestMemoryError
+from ..record import FrozenRecord
 from ._bootparam_cffi import ffi, lib
 
 
@@ -32,15 +32,18 @@ PT_LOAD = 1
 EM_X86_64 = 62
 
 
-@dataclass(frozen=True)
-class LoadedKernel:
+class LoadedKernel(FrozenRecord):
     """Where a kernel image was loaded into guest memory, and how to enter it."""
 
+    __slots__ = ("kind", "entry", "start", "end", "setup_header")
     kind: str  # "elf" or "bzimage"
     entry: int  # guest-physical 64-bit entry point
     start: int  # lowest guest-physical byte used
     end: int  # one past the highest guest-physical byte used (incl. bss / init_size)
     setup_header: bytes | None  # the bzImage's setup header, copied into boot_params
+
+    def __init__(self, kind: str, entry: int, start: int, end: int, setup_header: bytes | None) -> None:
+        self._init(kind, entry, start, end, setup_header)
 
 
 def kernel_kind(data: bytes) -> str | None:
@@ -159,12 +162,15 @@ def _load_bzimage(mem: GuestMemory, data: bytes, size: int,
     return LoadedKernel("bzimage", load_addr + 0x200, load_addr, load_addr + span, setup_header)
 
 
-@dataclass(frozen=True)
-class LoadedInitrd:
+class LoadedInitrd(FrozenRecord):
     """Where the initrd lies in guest memory."""
 
+    __slots__ = ("addr", "size")
     addr: int
     size: int
+
+    def __init__(self, addr: int, size: int) -> None:
+        self._init(addr, size)
 
 
 def load_initrd(mem: GuestMemory, path: Path, kernel: LoadedKernel, addr_max: int = 0x7FFFFFFF) -> LoadedInitrd:

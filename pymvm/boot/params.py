@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 from .. import layout
 from ..memory import GuestMemory
+from ..record import FrozenRecord
 from ._bootparam_cffi import ffi, lib
 from .loader import BootError, LoadedInitrd, LoadedKernel
 
@@ -16,13 +16,16 @@ BOOT_FLAG = 0xAA55
 LOADER_TYPE_UNDEFINED = 0xFF  # "no registered loader id" (boot.rst)
 
 
-@dataclass(frozen=True)
-class E820Entry:
+class E820Entry(FrozenRecord):
     """One entry of the guest's e820 memory map."""
 
+    __slots__ = ("addr", "size", "type")
     addr: int
     size: int
     type: int
+
+    def __init__(self, addr: int, size: int, type: int) -> None:
+        self._init(addr, size, type)
 
 
 def e820_map(mem: GuestMemory, reserved: Sequence[tuple[int, int]] = ()) -> list[E820Entry]:

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import bisect
 import threading
-from dataclasses import dataclass, field
 from typing import Protocol
+
+from ..record import FrozenRecord, Record
 
 
 class BusError(Exception):
@@ -24,28 +25,39 @@ class BusDevice(Protocol):
         """Handle a guest write of ``data`` at ``offset``."""
 
 
-@dataclass(frozen=True)
-class BusRange:
+class BusRange(FrozenRecord):
     """A device's address range on a bus."""
 
+    __slots__ = ("base", "length", "name")
     base: int
     length: int
     name: str
+
+    def __init__(self, base: int, length: int, name: str) -> None:
+        self._init(base, length, name)
 
     @property
     def end(self) -> int:
         return self.base + self.length
 
 
-@dataclass
-class Bus:
+class Bus(Record):
     """One address space (MMIO or PIO) of a VM."""
 
+    __slots__ = ("name", "_starts", "_ranges", "_devices", "_lock")
+    _repr_hidden = frozenset({"_lock"})
     name: str
-    _starts: list[int] = field(default_factory=list)
-    _ranges: list[BusRange] = field(default_factory=list)
-    _devices: list[BusDevice] = field(default_factory=list)
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _starts: list[int]
+    _ranges: list[BusRange]
+    _devices: list[BusDevice]
+    _lock: threading.Lock
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._starts = []
+        self._ranges = []
+        self._devices = []
+        self._lock = threading.Lock()
 
     def insert(self, device: BusDevice, base: int, length: int, name: str) -> BusRange:
         if length <= 0:

@@ -21,12 +21,12 @@ import os
 import stat
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import structlog
 
 from .. import layout
+from ..record import FrozenRecord, Record
 from .virtio import constants as vc
 
 if TYPE_CHECKING:
@@ -61,14 +61,17 @@ class DeviceNotFoundError(DeviceManagerError, KeyError):
         return str(self.args[0]) if self.args else "device not found"
 
 
-@dataclass(frozen=True)
-class MmioSlot:
+class MmioSlot(FrozenRecord):
     """One virtio-mmio window and its interrupt: ``index`` counts from 0 in slot order."""
 
+    __slots__ = ("index", "base", "size", "irq")
     index: int
     base: int
     size: int
     irq: int
+
+    def __init__(self, index: int, base: int, size: int, irq: int) -> None:
+        self._init(index, base, size, irq)
 
 
 class SlotAllocator:
@@ -100,12 +103,16 @@ class SlotAllocator:
                         self.irqs[index])
 
 
-@dataclass
-class OwnedPart:
+class OwnedPart(Record):
     """Something a device owns (a back-end, a host network) with the stack that closes it."""
 
-    obj: Any = None
-    stack: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
+    __slots__ = ("obj", "stack")
+    obj: Any
+    stack: contextlib.ExitStack
+
+    def __init__(self, obj: Any = None, stack: contextlib.ExitStack | None = None) -> None:
+        self.obj = obj
+        self.stack = contextlib.ExitStack() if stack is None else stack
 
     def close(self) -> None:
         try:
@@ -114,22 +121,41 @@ class OwnedPart:
             self.obj = None
 
 
-@dataclass
-class MmioDevice:
+class MmioDevice(Record):
     """One virtio-mmio device in the registry. ``kind``: "net" or "vsock" (later "block")."""
 
+    __slots__ = ("id", "kind", "slot", "device", "transport", "fast_read", "backend", "host",
+                 "plumbing", "info", "cmdline_extra", "config")
     id: str
     kind: str
     slot: MmioSlot
     device: Any  # the VirtioDevice model
-    transport: VirtioMmioTransport | None = None
-    fast_read: Any = None  # its InterruptStatus FastRead (hits count for the metrics)
-    backend: OwnedPart = field(default_factory=OwnedPart)
-    host: OwnedPart = field(default_factory=OwnedPart)
-    plumbing: OwnedPart = field(default_factory=OwnedPart)
-    info: dict[str, Any] = field(default_factory=dict)  # kind-specific facts for the API
-    cmdline_extra: list[str] = field(default_factory=list)
-    config: Any = None  # the device's config entry (a NetConfig...), for a back-end swap
+    transport: VirtioMmioTransport | None
+    fast_read: Any  # its InterruptStatus FastRead (hits count for the metrics)
+    backend: OwnedPart
+    host: OwnedPart
+    plumbing: OwnedPart
+    info: dict[str, Any]  # kind-specific facts for the API
+    cmdline_extra: list[str]
+    config: Any  # the device's config entry (a NetConfig...), for a back-end swap
+
+    def __init__(self, id: str, kind: str, slot: MmioSlot, device: Any,
+                 transport: VirtioMmioTransport | None = None, fast_read: Any = None,
+                 backend: OwnedPart | None = None, host: OwnedPart | None = None,
+                 plumbing: OwnedPart | None = None, info: dict[str, Any] | None = None,
+                 cmdline_extra: list[str] | None = None, config: Any = None) -> None:
+        self.id = id
+        self.kind = kind
+        self.slot = slot
+        self.device = device
+        self.transport = transport
+        self.fast_read = fast_read
+        self.backend = OwnedPart() if backend is None else backend
+        self.host = OwnedPart() if host is None else host
+        self.plumbing = OwnedPart() if plumbing is None else plumbing
+        self.info = {} if info is None else info
+        self.cmdline_extra = [] if cmdline_extra is None else cmdline_extra
+        self.config = config
 
     @property
     def mmio_base(self) -> int:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import errno
 import os
-from dataclasses import dataclass
 
+from ..record import FrozenRecord
 from .errors import KvmCapabilityError, KvmError
 from .ioctls import ffi, ioctl_none, ioctl_ptr, ioctl_val, lib
 
@@ -25,10 +25,10 @@ REQUIRED_CAPS: dict[str, str] = {
 }
 
 
-@dataclass(frozen=True)
-class CpuidEntry:
+class CpuidEntry(FrozenRecord):
     """One CPUID leaf (function, index) and its registers."""
 
+    __slots__ = ("function", "index", "flags", "eax", "ebx", "ecx", "edx")
     function: int
     index: int
     flags: int
@@ -36,6 +36,10 @@ class CpuidEntry:
     ebx: int
     ecx: int
     edx: int
+
+    def __init__(self, function: int, index: int, flags: int, eax: int, ebx: int, ecx: int,
+                 edx: int) -> None:
+        self._init(function, index, flags, eax, ebx, ecx, edx)
 
 
 class Kvm:

@@ -6,9 +6,9 @@ import errno
 import mmap
 import os
 import struct
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterable
 
+from ..record import FrozenRecord
 from .errors import KvmError
 from .ioctls import ffi, ioctl_ptr, lib
 
@@ -42,24 +42,30 @@ EXIT_NAMES = {getattr(lib, n): n for n in dir(lib) if n.startswith("KVM_EXIT_") 
 EXIT_INTERRUPTED = -1
 
 
-@dataclass(frozen=True)
-class IoExit:
+class IoExit(FrozenRecord):
     """A KVM_EXIT_IO: a port access of the guest."""
 
+    __slots__ = ("port", "size", "count", "is_write", "data_offset")
     port: int
     size: int
     count: int
     is_write: bool
     data_offset: int
 
+    def __init__(self, port: int, size: int, count: int, is_write: bool, data_offset: int) -> None:
+        self._init(port, size, count, is_write, data_offset)
 
-@dataclass(frozen=True)
-class MmioExit:
+
+class MmioExit(FrozenRecord):
     """A KVM_EXIT_MMIO: a guest access to unbacked guest-physical memory."""
 
+    __slots__ = ("addr", "length", "is_write")
     addr: int
     length: int
     is_write: bool
+
+    def __init__(self, addr: int, length: int, is_write: bool) -> None:
+        self._init(addr, length, is_write)
 
 
 class FastRead:
