@@ -15,7 +15,6 @@ if its ABI tag matches this interpreter's.
 
 from __future__ import annotations
 
-import glob
 import importlib.machinery
 import importlib.util
 import os
@@ -226,6 +225,9 @@ SOCKET_FAMILIES = {"backend": (AF_UNIX,), "vmm": (AF_UNIX, AF_NETLINK)}
 # The binding
 
 
+_DEBIAN_DIST_PACKAGES = "/usr/lib/python3/dist-packages"
+
+
 def _load_binding() -> ModuleType:
     try:
         import seccomp  # type: ignore[import-not-found]
@@ -234,7 +236,13 @@ def _load_binding() -> ModuleType:
     except ImportError:
         pass
     suffixes = importlib.machinery.EXTENSION_SUFFIXES  # this interpreter's ABI tags
-    for path in sorted(glob.glob("/usr/lib/python3/dist-packages/seccomp.*.so")):
+    # Debian's seccomp.*.so, found without glob (and fnmatch's regular expressions: issue 15).
+    try:
+        names = os.listdir(_DEBIAN_DIST_PACKAGES)
+    except OSError:
+        names = []
+    for path in sorted(os.path.join(_DEBIAN_DIST_PACKAGES, name) for name in names
+                       if name.startswith("seccomp.") and name.endswith(".so") and len(name) > 10):
         if not any(path.endswith(s) for s in suffixes if s != ".so"):
             continue
         spec = importlib.util.spec_from_file_location("seccomp", path)

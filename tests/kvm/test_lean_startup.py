@@ -54,6 +54,9 @@ FORBIDDEN_BEFORE_VCPUS = (
     "hashlib", "_hashlib",      # libcrypto: only for generated MACs and vsock CIDs
     "difflib",                  # only for an unknown config key
     "ctypes",                   # only where a process drops privileges or self-tests seccomp
+    "argparse", "gettext", "locale",  # `pymvm run CONFIG` is read without them (cli.run_args)
+    "dataclasses",              # the start-up path's records are pymvm.record classes
+    "glob",                     # the seccomp binding is looked for with os.listdir
 )
 # Never loaded by that VM, from start to SIGTERM: the C modules that map libssl/libcrypto
 # (importtime also lists `ssl` for asyncio's attempt that pymvm makes fail on purpose).
