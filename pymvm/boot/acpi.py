@@ -26,6 +26,15 @@ from typing import Literal, Protocol
 
 from .. import layout
 from ..record import FrozenRecord
+from ._bootparam_cffi import ffi, lib
+
+# struct setup_header's fields that tell where a bzImage's compressed kernel lies (boot.rst).
+_HDR_SIZE = ffi.sizeof("struct setup_header")
+_HDR_MAGIC = ffi.offsetof("struct setup_header", "header")
+_HDR_VERSION = ffi.offsetof("struct setup_header", "version")
+_HDR_PAYLOAD = ffi.offsetof("struct setup_header", "payload_offset")
+assert ffi.offsetof("struct setup_header", "setup_sects") == 0
+assert ffi.offsetof("struct setup_header", "payload_length") == _HDR_PAYLOAD + 4
 
 OEM_ID = b"PYMVM "  # 6 bytes
 OEM_TABLE_ID = b"MICROVM "  # 8 bytes
@@ -421,13 +430,39 @@ AcpiSetting = bool | Literal["auto"]
 
 
 def kernel_supports_acpi(path: Path) -> bool:
-    """Whether the kernel image at ``path`` (ELF vmlinux or bzImage) was built with ACPI."""
+    """Whether the kernel image at ``path`` (ELF vmlinux or bzImage) was built with ACPI: its
+    code looks for the RSDP, so the RSDP's signature lies in the image. In a bzImage that is
+    the decompressor's own (arch/x86/boot/compressed/acpi.c), outside the compressed payload,
+    which is not searched: 47 KiB of pymvm's 2.4 MiB bzImage, 0.03 ms instead of 1.3 (issue
+    15); the signature in compressed bytes would be chance, not ACPI."""
     with open(path, "rb") as f:
         try:
             with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as image:
-                return image.find(RSDP_SIGNATURE) >= 0
+                payload = bzimage_payload(image)
+                if payload is None:
+                    return image.find(RSDP_SIGNATURE) >= 0
+                start, end = payload
+                return image.find(RSDP_SIGNATURE, 0, start) >= 0 or image.find(RSDP_SIGNATURE, end) >= 0
         except ValueError:  # empty file
             return False
+
+
+def bzimage_payload(image: bytes | mmap.mmap) -> tuple[int, int] | None:
+    """[start, end) of a bzImage's compressed kernel in the file (boot protocol 2.08+:
+    payload_offset and payload_length, from the protected-mode code's start); None for
+    anything else, or a header whose payload does not lie within the file."""
+    hdr = lib.PYMVM_SETUP_HEADER_OFFSET
+    if len(image) < hdr + _HDR_SIZE or image[hdr + _HDR_MAGIC:hdr + _HDR_MAGIC + 4] != b"HdrS":
+        return None
+    (version,) = struct.unpack_from("<H", image, hdr + _HDR_VERSION)
+    if version < 0x0208:
+        return None
+    setup_sects = image[hdr] or 4  # setup_sects is the header's first byte (0 means 4)
+    offset, length = struct.unpack_from("<II", image, hdr + _HDR_PAYLOAD)
+    start = (setup_sects + 1) * 512 + offset
+    if not (0 < length and start + length <= len(image)):
+        return None
+    return start, start + length
 
 
 def resolve_acpi(setting: AcpiSetting, kernel: Path) -> bool:

@@ -291,6 +291,39 @@ def test_kernel_with_the_rsdp_signature_supports_acpi(tmp_path):
     assert acpi.resolve_acpi(False, with_acpi) is False
 
 
+def synthetic_bzimage(signature_at: int | None, payload_length: int = 0x1000) -> bytes:
+    """A bzImage header (boot.rst offsets) whose compressed payload is [0x500, 0x1500)."""
+    image = bytearray(0x3000)
+    image[0x1F1] = 1  # setup_sects: protected-mode code at (1 + 1) * 512 = 0x400
+    image[0x202:0x206] = b"HdrS"
+    image[0x206:0x208] = (0x020F).to_bytes(2, "little")
+    image[0x248:0x24C] = (0x100).to_bytes(4, "little")  # payload_offset, from 0x400
+    image[0x24C:0x250] = payload_length.to_bytes(4, "little")
+    if signature_at is not None:
+        image[signature_at:signature_at + 8] = acpi.RSDP_SIGNATURE
+    return bytes(image)
+
+
+@pytest.mark.parametrize(("signature_at", "payload_length", "supports"), [
+    (0x800, 0x1000, False),   # inside the compressed payload: chance, not ACPI
+    (0x1500, 0x1000, True),   # right after it: the decompressor's own RSDP search
+    (0x2FF8, 0x1000, True),   # at the very end of the file
+    (0x300, 0x1000, True),    # in the setup code
+    (0x4FC, 0x1000, False),   # straddling the payload's start
+    (None, 0x1000, False),
+    (0x800, 0x3000, True),    # payload past the end of the file: the whole file is searched
+])
+def test_a_bzimage_is_searched_outside_its_compressed_payload(tmp_path, signature_at,
+                                                              payload_length, supports):
+    image = tmp_path / "bzImage"
+    image.write_bytes(synthetic_bzimage(signature_at, payload_length))
+    assert acpi.kernel_supports_acpi(image) is supports
+    if payload_length == 0x1000:
+        assert acpi.bzimage_payload(image.read_bytes()) == (0x500, 0x1500)
+    else:
+        assert acpi.bzimage_payload(image.read_bytes()) is None
+
+
 @pytest.mark.parametrize("image", sorted(Path("/boot").glob("vmlinuz-*")) or [None])
 def test_the_hosts_stock_kernel_is_detected_as_acpi_capable(image):
     if image is None:
