@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import signal
 import time
 from collections.abc import Iterator
@@ -77,7 +76,7 @@ class VmState:
             root.mkdir(mode=0o700, parents=True, exist_ok=True)
             if path.exists():  # a dead VMM's directory whose pid we now have
                 cleanup_dir(path)
-            shutil.rmtree(partial, ignore_errors=True)
+            _rmtree(partial)
             partial.mkdir(mode=0o700)
             (partial / OWNER).write_text(json.dumps(
                 {"pid": pid, "start_time": process_start_time(pid), "vm_id": vm_id}))
@@ -103,7 +102,16 @@ class VmState:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
-        shutil.rmtree(self.path, ignore_errors=True)
+        _rmtree(self.path)
+
+
+def _rmtree(path: str | Path) -> None:
+    """``shutil.rmtree(path, ignore_errors=True)``; shutil (which imports zlib, bz2 and lzma)
+    is loaded only when there is something to remove, not by every VMM's start (issue 15)."""
+    if os.path.lexists(path):
+        import shutil
+
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def current() -> VmState | None:
@@ -225,7 +233,7 @@ def _undo_path(rec: dict[str, Any]) -> None:
         except FileNotFoundError:
             return
     if os.path.isdir(path) and not os.path.islink(path):
-        shutil.rmtree(path, ignore_errors=True)
+        _rmtree(path)
     else:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
@@ -260,7 +268,7 @@ def cleanup_dir(path: Path) -> list[str]:
             undone.append(what)
         except Exception as e:  # keep going: the rest still needs undoing
             log.warning("cleanup_step_failed", what=what, error=str(e))
-    shutil.rmtree(path, ignore_errors=True)
+    _rmtree(path)
     log.info("cleanup_done", state_dir=str(path), undone=undone)
     return undone
 

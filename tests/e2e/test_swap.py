@@ -544,7 +544,8 @@ def test_swap_ovs_dpdk_two_vms_ping_and_move_tcp_data_and_one_moves_in_from_vhos
         (tmp_path / "a").mkdir()
         (tmp_path / "b").mkdir()
         a = ApiGuest(tmp_path / "a", swap_images,
-                     f"nc -l -p {AB_PORT} | sha256sum | cut -d' ' -f1 | sed 's/^/GOT=/'; "
+                     f"nc -l -p {AB_PORT} > /tmp/got; echo GOT=$(sha256sum /tmp/got | cut -d' ' -f1) "
+                     "GOTLEN=$(($(wc -c < /tmp/got))); "
                      f"while true; do ping -c 1 -W 2 {OVS_B} >/dev/null && echo A-PINGS-B; "
                      "sleep 1; done",
                      f'[[net]]\nid = "net0"\nbackend = "vhost-user"\nsocket = "{sock_a}"\n'
@@ -628,6 +629,9 @@ def test_swap_ovs_dpdk_two_vms_ping_and_move_tcp_data_and_one_moves_in_from_vhos
                 g.proc.kill()
         ovs_logs = ovs.logs()
         RESULTS.mkdir(exist_ok=True)
+        for name, guest in (("a", a), ("b", b)):
+            if guest is not None:
+                (RESULTS / f"swap-ovs-console-{name}.log").write_text(guest.console())
         for name in ("ovs-vswitchd.log", "ovsdb-server.log"):  # whole, for whoever reads a failure
             if (ovs.dir / name).exists():
                 (RESULTS / f"swap-ovs-{name}").write_text((ovs.dir / name).read_text(errors="replace"))
@@ -642,7 +646,8 @@ def test_swap_ovs_dpdk_two_vms_ping_and_move_tcp_data_and_one_moves_in_from_vhos
     assert up.error is None and up.connections == 1 and up.moved == B_SIZE, (up.error, up.moved)
     assert f"UP={up.digest.hexdigest()}" in console_b, console_b[-3000:]
     ab = re.search(r"AB=([0-9a-f]{64})", console_b).group(1)
-    assert f"GOT={ab}" in console_a, console_a[-3000:]  # B -> A through OVS-DPDK, checked
+    assert f"GOT={ab} GOTLEN={AB_SIZE}" in console_a, \
+        (console_a[-1500:], console_b[-3000:])  # B -> A through OVS-DPDK, checked
     assert "ABNC=0" in console_b and "UPNC=0" in console_b
     assert re.search(r"MAC=(\S+)", console_b).group(1) == mac
     bad = bad_kernel_lines(console_b)
