@@ -69,3 +69,8 @@ class FrozenRecord(Record):
 
     def __delattr__(self, name: str) -> None:
         raise AttributeError(f"cannot delete field {name!r} of a frozen {type(self).__qualname__}")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # copy, deepcopy and pickle call __init__ with the fields (their default, setattr on
+        # each slot, is refused); a frozen dataclass's copies bypass its __setattr__ too.
+        return type(self), self._values()

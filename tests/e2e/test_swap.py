@@ -544,7 +544,11 @@ def test_swap_ovs_dpdk_two_vms_ping_and_move_tcp_data_and_one_moves_in_from_vhos
         (tmp_path / "a").mkdir()
         (tmp_path / "b").mkdir()
         a = ApiGuest(tmp_path / "a", swap_images,
-                     f"nc -l -p {AB_PORT} > /tmp/got; echo GOT=$(sha256sum /tmp/got | cut -d' ' -f1) "
+                     # nc's stdin stays open (a FIFO nobody writes): busybox nc half-closes
+                     # when its stdin ends, and the sending nc then exits at that EOF, mid-file.
+                     "mkfifo /tmp/hold; exec 3<>/tmp/hold; "
+                     f"nc -l -p {AB_PORT} < /tmp/hold > /tmp/got; "
+                     "echo GOT=$(sha256sum /tmp/got | cut -d' ' -f1) "
                      "GOTLEN=$(($(wc -c < /tmp/got))); "
                      f"while true; do ping -c 1 -W 2 {OVS_B} >/dev/null && echo A-PINGS-B; "
                      "sleep 1; done",

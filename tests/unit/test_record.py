@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import pickle
 
 import pytest
 
@@ -117,3 +119,14 @@ def test_frozen_record_init_needs_every_field() -> None:
 
     with pytest.raises(ValueError):
         Broken(1)
+
+
+def test_records_copy_deepcopy_and_pickle_as_dataclasses_do() -> None:
+    p = Point(1, [2])  # type: ignore[arg-type]
+    for dup in (copy.copy(p), copy.deepcopy(p), pickle.loads(pickle.dumps(p))):
+        assert dup == p and type(dup) is Point
+    assert copy.copy(p).y is p.y and copy.deepcopy(p).y is not p.y
+    b = Box("b", [1])
+    assert copy.copy(b) == b and copy.copy(b) is not b
+    deep = copy.deepcopy(b)  # its _lock is copied too: compared, as a dataclass field would be
+    assert (deep.name, deep.items) == (b.name, b.items) and deep.items is not b.items
