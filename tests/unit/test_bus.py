@@ -125,3 +125,12 @@ def test_concurrent_inserts_keep_ranges_consistent(bus: Bus) -> None:
         t.join()
     bases = [r.base for r in bus.ranges()]
     assert bases == sorted(bases) and len(bases) == 400
+
+
+def test_errors_name_the_bus_they_come_from() -> None:
+    pio = Bus("pio")
+    assert pio.name == "pio"
+    with pytest.raises(BusError, match=r"^pio bus: nothing registered at 0x60$"):
+        pio.remove(0x60)
+    with pytest.raises(BusError, match=r"^pio bus: kbd has an empty range at 0x60$"):
+        pio.insert(Recorder(), 0x60, 0, "kbd")
