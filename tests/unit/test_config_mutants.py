@@ -5,13 +5,19 @@ default vsock CID), the limits exactly at their edges, and /proc/meminfo parsing
 
 from __future__ import annotations
 
+import ipaddress
 import socket
 from pathlib import Path
 
 import pytest
 
 from pymvm.config import (
+    BlockConfig,
+    BootConfig,
     ConfigError,
+    MachineConfig,
+    NetConfig,
+    SerialConfig,
     default_vsock_cid,
     host_memory_available_mib,
     hugepage_size_mib,
@@ -372,3 +378,38 @@ def test_only_a_disk_that_says_so_is_the_root_disk(vm_dir: Path) -> None:
 def test_available_memory_is_read_from_this_hosts_meminfo_by_default() -> None:
     mib = host_memory_available_mib(False)
     assert isinstance(mib, int) and mib > 0
+
+
+def test_a_nic_keeps_every_configured_value_in_its_field(vm_dir: Path) -> None:
+    # Read field by field: comparing with a NetConfig built by the same __init__ would not
+    # notice a constructor that drops a value.
+    net = load(vm_dir, MINIMAL + """[[net]]
+id = "uplink"
+backend = "vhost-user"
+socket = "vu.sock"
+socket_mode = "server"
+swappable = true
+tap = "tap7"
+bridge = "br7"
+netns = "ns7"
+mac = "52:54:00:ab:cd:ef"
+mtu = 9000
+ip = "10.1.2.3/24"
+host_ip = "10.1.2.1/24"
+""").net[0]
+    assert {name: getattr(net, name) for name in NetConfig.__slots__} == {
+        "id": "uplink", "backend": "vhost-user", "mac": "52:54:00:ab:cd:ef", "tap": "tap7",
+        "bridge": "br7", "netns": "ns7", "mtu": 9000, "socket": vm_dir / "vu.sock",
+        "socket_mode": "server", "ip": ipaddress.ip_interface("10.1.2.3/24"),
+        "host_ip": ipaddress.ip_interface("10.1.2.1/24"), "swappable": True}
+
+
+def test_the_config_records_defaults_are_the_toml_defaults(vm_dir: Path) -> None:
+    # The parser passes every field; the constructors' defaults serve code that builds a
+    # config by hand and must give what a file that leaves the keys out gives.
+    cfg = load(vm_dir, MINIMAL + DISK)
+    assert MachineConfig() == cfg.machine
+    assert BootConfig(cfg.boot.kernel) == cfg.boot
+    assert SerialConfig() == cfg.serial
+    disk = cfg.block[0]
+    assert BlockConfig(disk.id, "builtin", disk.path) == disk
