@@ -184,6 +184,7 @@ def outer(args: argparse.Namespace) -> int:
     progress.parent.mkdir(parents=True, exist_ok=True)
     progress.unlink(missing_ok=True)
     outcomes: dict[int, str] = {}
+    wakes: dict[int, int] = {}
     started = 0
     from pymvm.nested import NestedSettings
 
@@ -210,6 +211,9 @@ def outer(args: argparse.Namespace) -> int:
         proc = subprocess.run(cmd, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               check=False, env=env)
         log = proc.stdout.decode(errors="replace")
+        from pymvm.nested import WOKE_NOTE
+
+        wakes[host] = log.count(WOKE_NOTE)  # late heartbeats the runner woke: hidden freezes
         if proc.returncode == 0:
             outcomes[host] = "ok"
         elif "heartbeat stopped" in log:
@@ -225,11 +229,11 @@ def outer(args: argparse.Namespace) -> int:
         print(f"nested_soak: host {host}: {outcomes[host]}", flush=True)
         if outcomes[host].startswith("error"):
             break
-    return report(_read(progress), outcomes, host_variant)
+    return report(_read(progress), outcomes, host_variant, wakes)
 
 
 def report(records: list[dict], outcomes: dict[int, str],
-           host_variant: dict[int, str] | None = None) -> int:
+           host_variant: dict[int, str] | None = None, wakes: dict[int, int] | None = None) -> int:
     per: dict[str, Counter] = defaultdict(Counter)
     open_boot: dict[int, str] = {}
     for r in records:
@@ -265,6 +269,8 @@ def report(records: list[dict], outcomes: dict[int, str],
         suffix = "" if label == "chosen" else f"_{label}"
         print(f"nested_freezes_per_100_boots{suffix}={rate:.1f} ({failures} in {boots} boots, "
               f"{len(hosts)} hosts)")
+        if wakes is not None:  # a host the runner woke would have frozen without the wake-up
+            print(f"nested_wakes{suffix}={sum(wakes.get(h, 0) for h in hosts)}")
     return 0
 
 

@@ -658,6 +658,10 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
             continue
 
 
+#: What the runner prints each time it wakes a late host (bench/nested_soak.py counts it).
+WOKE_NOTE = "woke its CPU with a device interrupt"
+
+
 def wake_host(monitor: Path) -> str:
     """Raise a device interrupt in the nested host (a Shift key press on its keyboard, which
     nothing there reads). QEMU 7.2 to 10.0 can lose the request that turns a pending APIC
@@ -708,8 +712,8 @@ def _pump(
                     try:
                         wake_host(monitor)
                         _note(f"pymvm.nested: the nested host's heartbeat is {age:.0f} s late: "
-                              "woke its CPU with a device interrupt (QEMU can lose a timer "
-                              "interrupt; see docs/nested-host.md)")
+                              f"{WOKE_NOTE} (QEMU can lose a timer interrupt; see "
+                              "docs/nested-host.md)")
                     except OSError as exc:
                         _note(f"pymvm.nested: could not wake the nested host: {exc}")
             if not sel.select(min(waits)):

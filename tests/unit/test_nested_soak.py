@@ -99,3 +99,17 @@ def test_compare_takes_the_nested_hosts_experiment_variables_only(soak) -> None:
         soak.parse_assignments("PATH=/tmp")
     with pytest.raises(ValueError, match="NAME=VALUE words"):
         soak.parse_assignments("PYMVM_NESTED_WAKE")
+
+
+def test_wake_ups_are_counted_per_nested_host_setting(soak, capsys) -> None:
+    a = soak.SETTINGS[0]
+    records = []
+    for host in (1, 2, 3):
+        records += [{"event": "start", "host": host, "setting": a},
+                    {"event": "end", "host": host, "setting": a, "ok": True}]
+    soak.report(records, {1: "ok", 2: "ok", 3: "ok"}, {1: "chosen", 2: "compared", 3: "chosen"},
+                {1: 2, 2: 0, 3: 1})
+    out = capsys.readouterr().out
+    assert "nested_wakes=3" in out and "nested_wakes_compared=0" in out
+    assert "nested_freezes_per_100_boots=0.0 (0 in 2 boots, 2 hosts)" in out
+
