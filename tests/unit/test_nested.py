@@ -942,7 +942,7 @@ def test_a_late_heartbeat_gets_the_host_a_device_interrupt_before_it_counts_as_f
     if wake:
         assert rc == 0
         assert woken and woken[0].name == nested.MONITOR_FILE
-        assert err.count(nested.WOKE_NOTE) == 1  # what bench/nested_soak.py counts
+        assert err.count(nested.WOKE_NOTE) == len(woken)  # what bench/nested_soak.py counts
     else:
         assert rc == EXIT_TIMEOUT and not woken
         assert "froze: its heartbeat stopped" in err
