@@ -1107,3 +1107,83 @@ def test_server_refuses_unsealable_guest_memory_unless_told_otherwise(tmp_path: 
 
     (reason,) = serve(tmp_path, RecordingDevice(), body)  # allow_unsealed_memory by default: no
     assert "a memfd that cannot be sealed" in reason
+
+
+def test_new_inflight_region_asked_for_while_a_tracked_ring_runs_keeps_the_session(
+        tmp_path: Path, ram: Ram) -> None:
+    """The running ring still records into the old region (its queue holds a view of it), so
+    that mapping cannot be closed yet; the back-end hands out the new region and goes on."""
+    device = HoldingDevice()
+
+    async def body(server: VhostUserServer, connect) -> None:
+        fe = await connect()
+        await inflight_session(fe)
+        first = await request_with_fds(fe, m.GetInflightFd(num_queues=1, queue_size=QSIZE))
+        assert isinstance(first, m.InflightFdReply)
+        os.close(first.fd)
+        kick, call = await start_ring(fe, ram, ram.uva)
+        ram.desc(3, ram.gpa + DATA, 16)
+        ram.publish(3)
+        os.eventfd_write(kick, 1)
+        await until(lambda: device.held == [3])
+        second = await request_with_fds(fe, m.GetInflightFd(num_queues=1, queue_size=QSIZE))
+        assert isinstance(second, m.InflightFdReply)
+        os.close(second.fd)
+        base = await fe.request(m.GetVringBase(0))  # answered: the session goes on
+        assert isinstance(base, m.VringBaseReply) and base.num == 1
+        for fd in (kick, call):
+            os.close(fd)
+
+    assert serve(tmp_path, device, body) == ["back-end shutting down"]  # only when it stops
+
+
+@pytest.mark.parametrize("queues, size", [(0, 8), (3, 8), (1, 0), (1, 32769)])
+def test_get_inflight_fd_outside_the_device_names_the_request_in_the_disconnect_reason(
+        tmp_path: Path, queues: int, size: int) -> None:
+    async def body(server: VhostUserServer, connect) -> None:
+        fe = await connect()
+        await inflight_session(fe)
+        await send(fe, m.GetInflightFd(num_queues=queues, queue_size=size))
+        await assert_dropped(fe)
+
+    assert serve(tmp_path, InflightDevice(), body) == [
+        (f"protocol error: GET_INFLIGHT_FD for {queues} queues of {size}: "
+         f"this device has 2 queues of at most 32768 entries")]
+
+
+def test_indirect_desc_alone_set_while_a_ring_runs_is_followed(tmp_path: Path, ram: Ram) -> None:
+    """INDIRECT_DESC acked without EVENT_IDX (the bit next to it) while the ring runs."""
+    from pymvm.devices.virtio.constants import (
+        VIRTIO_F_VERSION_1,
+        VIRTIO_RING_F_INDIRECT_DESC,
+    )
+    from pymvm.devices.virtio.queue import VRING_DESC_F_INDIRECT
+
+    device = FeatureRecordingDevice()
+    plain = 1 << VIRTIO_F_VERSION_1 | m.PROTOCOL_FEATURES_FLAG
+    indirect = plain | 1 << VIRTIO_RING_F_INDIRECT_DESC
+    table = DATA + 0x1000
+
+    async def body(server: VhostUserServer, connect) -> None:
+        fe = await connect()
+        await fe.request(m.GetFeatures())
+        await fe.request(m.SetFeatures(plain))
+        await fe.request(m.GetProtocolFeatures())
+        await fe.request(m.SetProtocolFeatures(int(fe.conn.negotiate_protocol_features(
+            PF.REPLY_ACK))))
+        await fe.request(m.SetOwner())
+        kick, call = await start_ring(fe, ram, ram.uva)
+        ack = await fe.request(m.SetFeatures(indirect, need_reply=True))
+        assert isinstance(ack, m.Ack) and ack.ok
+        ram.map[DATA:DATA + 8] = b"indirect"
+        struct.pack_into("<QIHH", ram.map, table, ram.gpa + DATA, 8, 0, 0)
+        struct.pack_into("<QIHH", ram.map, DESC, ram.gpa + table, 16, VRING_DESC_F_INDIRECT, 0)
+        ram.publish(0)
+        os.eventfd_write(kick, 1)
+        await until(lambda: len(device.payloads) == 1)
+        for fd in (kick, call):
+            os.close(fd)
+
+    serve(tmp_path, device, body)
+    assert device.acked == [plain, indirect]
+    assert device.payloads == [b"indirect"]
