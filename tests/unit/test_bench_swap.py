@@ -64,7 +64,11 @@ def test_the_udp_stream_measures_gaps_and_losses_while_its_threads_run() -> None
         t.join(5)
         echo.close()
     w = windows[-1]
-    assert w["lost"] >= 500 and w["gap_ms"] >= 400, w
+    # A sender held up by a loaded machine skips slots (never sent, never lost): every one of
+    # 500-999 that went out is lost, and beyond them only the last few still on their way.
+    dropped = sum(1 for seq in stream.sent if 500 <= seq < 1000)
+    assert dropped >= 250 and dropped <= w["lost"] <= dropped + 100 and w["gap_ms"] >= 400, \
+        (w, dropped)
 
 
 def test_handover_times_are_read_from_the_vmms_json_lines_among_console_output(tmp_path) -> None:
