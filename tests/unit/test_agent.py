@@ -39,6 +39,7 @@ from pymvm.testing.agent import (
     frame,
     unix_connector,
 )
+from tests.sockets import wait_accepting
 
 # ---- codec ------------------------------------------------------------------------------------
 
@@ -206,10 +207,7 @@ def agent_binary(tmp_path_factory) -> Path:
 def agent(agent_binary: Path, tmp_path: Path):
     path = tmp_path / "agent.sock"
     proc = subprocess.Popen([str(agent_binary), "--unix", str(path)])
-    for _ in range(200):
-        if path.exists():
-            break
-        time.sleep(0.01)
+    wait_accepting(path, proc)  # its socket file exists from bind(), before listen()
     client = AgentClient(unix_connector(path), io_timeout=30)
     assert client.ping() == 1
     yield client

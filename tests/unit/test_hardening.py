@@ -19,6 +19,7 @@ import structlog
 
 from pymvm.memory import GuestMemory
 from pymvm.vhost.user import messages as m
+from tests.sockets import accepting
 from tests.unit.test_vhost_user_backend import (
     AVAIL,
     DESC,
@@ -324,17 +325,6 @@ def _status(pid: int) -> dict[str, str]:
                 if ":\t" in line)
 
 
-def _accepting(path: str) -> bool:
-    """Whether a UNIX socket bound at *path* is listening (``__SO_ACCEPTCON`` in /proc/net/unix)."""
-    with open("/proc/net/unix") as f:
-        next(f)
-        for line in f:
-            fields = line.split()
-            if len(fields) >= 8 and fields[7] == path and int(fields[3], 16) & 0x10000:
-                return True
-    return False
-
-
 def test_builtin_backend_drops_to_an_unprivileged_user_with_no_capabilities_and_still_serves(
         tmp_path: Path) -> None:
     import pwd
@@ -352,7 +342,7 @@ def test_builtin_backend_drops_to_an_unprivileged_user_with_no_capabilities_and_
         deadline = time.monotonic() + 20
         # It listens only once set up (privileges dropped, event loop and seccomp on): wait
         # for the kernel to show its socket accepting, not just for the uid change.
-        while _status(proc.pid)["Uid"].split()[0] != str(nobody) or not _accepting(path):
+        while _status(proc.pid)["Uid"].split()[0] != str(nobody) or not accepting(path):
             assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read().decode()[-2000:]
             time.sleep(0.05)
         st = _status(proc.pid)

@@ -203,11 +203,9 @@ def test_exec_passes_the_status_and_output_through(monkeypatch, capfd, tmp_path,
     sock = tmp_path / "a.sock"
     agent = subprocess.Popen([str(agent_binary), "--unix", str(sock)])
     try:
-        import time
-        for _ in range(200):
-            if sock.exists():
-                break
-            time.sleep(0.01)
+        from tests.sockets import wait_accepting
+
+        wait_accepting(sock, agent)  # its socket file exists from bind(), before listen()
         monkeypatch.setattr(exec_module, "guest_cid", lambda s: 5)
         from pymvm.testing import agent as agent_module
 
