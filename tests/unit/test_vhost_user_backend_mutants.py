@@ -224,6 +224,15 @@ def test_ring_part_outside_guest_memory_is_named_in_the_disconnect_reason(
     assert reasons == [f"protocol error: {which} address {outside:#x} is in no memory region"]
 
 
+async def own_with_reply_ack(fe: Frontend, features: int) -> None:
+    """The handshake these tests share: ``features`` set, REPLY_ACK negotiated, SET_OWNER."""
+    await fe.request(m.GetFeatures())
+    await fe.request(m.SetFeatures(features))
+    await fe.request(m.GetProtocolFeatures())
+    await fe.request(m.SetProtocolFeatures(int(fe.conn.negotiate_protocol_features(PF.REPLY_ACK))))
+    await fe.request(m.SetOwner())
+
+
 async def _vring_base_too_big(fe: Frontend, ram: Ram) -> None:
     await send(fe, m.SetVringBase(0, 0x1_0000, need_reply=True))
 
@@ -497,12 +506,7 @@ def test_features_set_while_a_ring_runs_reach_the_device_and_the_running_ring(
 
     async def body(server: VhostUserServer, connect) -> None:
         fe = await connect()
-        await fe.request(m.GetFeatures())
-        await fe.request(m.SetFeatures(plain))
-        await fe.request(m.GetProtocolFeatures())
-        await fe.request(m.SetProtocolFeatures(int(fe.conn.negotiate_protocol_features(
-            PF.REPLY_ACK))))
-        await fe.request(m.SetOwner())
+        await own_with_reply_ack(fe, plain)
         kick, call = await start_ring(fe, ram, ram.uva)
         ack = await fe.request(m.SetFeatures(more, need_reply=True))  # the ring keeps running
         assert isinstance(ack, m.Ack) and ack.ok
@@ -540,12 +544,7 @@ def test_features_withdrawn_while_a_ring_runs_stop_applying_to_it(tmp_path: Path
 
     async def body(server: VhostUserServer, connect) -> None:
         fe = await connect()
-        await fe.request(m.GetFeatures())
-        await fe.request(m.SetFeatures(more))
-        await fe.request(m.GetProtocolFeatures())
-        await fe.request(m.SetProtocolFeatures(int(fe.conn.negotiate_protocol_features(
-            PF.REPLY_ACK))))
-        await fe.request(m.SetOwner())
+        await own_with_reply_ack(fe, more)
         kick, call = await start_ring(fe, ram, ram.uva)
         ack = await fe.request(m.SetFeatures(plain, need_reply=True))
         assert isinstance(ack, m.Ack) and ack.ok
@@ -1166,12 +1165,7 @@ def test_indirect_desc_alone_set_while_a_ring_runs_is_followed(tmp_path: Path, r
 
     async def body(server: VhostUserServer, connect) -> None:
         fe = await connect()
-        await fe.request(m.GetFeatures())
-        await fe.request(m.SetFeatures(plain))
-        await fe.request(m.GetProtocolFeatures())
-        await fe.request(m.SetProtocolFeatures(int(fe.conn.negotiate_protocol_features(
-            PF.REPLY_ACK))))
-        await fe.request(m.SetOwner())
+        await own_with_reply_ack(fe, plain)
         kick, call = await start_ring(fe, ram, ram.uva)
         ack = await fe.request(m.SetFeatures(indirect, need_reply=True))
         assert isinstance(ack, m.Ack) and ack.ok
