@@ -106,10 +106,10 @@ def queue(index: int) -> QueueConfig:
                        driver_addr=base + 16 * QUEUE_SIZE, device_addr=base + 0x2000)
 
 
-def post_tx_packet(memory: GuestMemory) -> None:
+def post_tx_packet(memory: GuestMemory, frame: bytes = FRAME) -> None:
     """Be the driver: one descriptor (header + frame) made available on the tx ring."""
     q = queue(TX)
-    packet = bytes(VNET_HDR_SIZE) + FRAME
+    packet = bytes(VNET_HDR_SIZE) + frame
     memory.write(PACKET_GPA, packet)
     memory.write(q.desc_addr, struct.pack("<QIHH", PACKET_GPA, len(packet), 0, 0))
     memory.write(q.driver_addr + 4, struct.pack("<H", 0))  # ring[0] = descriptor 0

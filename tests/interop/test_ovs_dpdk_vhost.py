@@ -22,12 +22,21 @@ from pathlib import Path
 import pytest
 
 from pymvm.devices.virtio import constants as c
-from pymvm.devices.virtio.device import ActivationContext, QueueConfig
+from pymvm.devices.virtio.device import ActivationContext
 from pymvm.devices.virtio.net import PASSTHROUGH_FEATURES
 from pymvm.memory import GuestMemory
 from pymvm.testing import ovs as ovs_mod
 from pymvm.vhost.kernel import VIRTIO_F_VERSION_1
 from pymvm.vhost.user.frontend import VhostUserNetBackend
+from tests.interop.test_dpdk_net_vhost import (
+    RING_GPA,
+    RX,
+    TX,
+    VNET_HDR_SIZE,
+    post_tx_packet,
+    queue,
+    used_idx,
+)
 
 pytestmark = [
     pytest.mark.interop,
@@ -35,23 +44,12 @@ pytestmark = [
                        "apt-get install openvswitch-switch-dpdk"),
 ]
 
-QUEUE_SIZE = 256
-RX, TX = 0, 1
-RING_GPA = {RX: 0x100000, TX: 0x200000}
-TX_PACKET_GPA = 0x300000
 RX_BUFFERS_GPA = 0x400000
 RX_BUFFER_SIZE = 2048
 RX_BUFFERS = 32
-VNET_HDR_SIZE = 12  # struct virtio_net_hdr_v1 (VERSION_1)
 VRING_DESC_F_WRITE = 2
 ETH_P_TEST = 0x88B5  # IEEE 802 local experimental ethertype: nothing else on the bridge sends it
 GUEST_MAC = bytes.fromhex("525400a1b2c3")
-
-
-def queue(index: int) -> QueueConfig:
-    base = RING_GPA[index]
-    return QueueConfig(index=index, size=QUEUE_SIZE, ready=True, desc_addr=base,
-                       driver_addr=base + 16 * QUEUE_SIZE, device_addr=base + 0x2000)
 
 
 def frame(src: bytes, marker: bytes) -> bytes:
@@ -66,19 +64,6 @@ def post_rx_buffers(memory: GuestMemory) -> None:
             "<QIHH", RX_BUFFERS_GPA + i * RX_BUFFER_SIZE, RX_BUFFER_SIZE, VRING_DESC_F_WRITE, 0))
         memory.write(q.driver_addr + 4 + 2 * i, struct.pack("<H", i))
     memory.write(q.driver_addr + 2, struct.pack("<H", RX_BUFFERS))  # avail->idx
-
-
-def post_tx_frame(memory: GuestMemory, data: bytes) -> None:
-    q = queue(TX)
-    packet = bytes(VNET_HDR_SIZE) + data
-    memory.write(TX_PACKET_GPA, packet)
-    memory.write(q.desc_addr, struct.pack("<QIHH", TX_PACKET_GPA, len(packet), 0, 0))
-    memory.write(q.driver_addr + 4, struct.pack("<H", 0))
-    memory.write(q.driver_addr + 2, struct.pack("<H", 1))
-
-
-def used_idx(memory: GuestMemory, index: int) -> int:
-    return struct.unpack("<H", memory.read(queue(index).device_addr + 2, 2))[0]
 
 
 def used_elem(memory: GuestMemory, index: int, n: int) -> tuple[int, int]:
@@ -139,7 +124,7 @@ def test_ovs_dpdk_client_port_runs_the_rings_pymvm_hands_it_in_server_mode(
 
         # guest -> host: the TX frame leaves the bridge's internal port.
         out = frame(GUEST_MAC, b"from-the-guest " + tag.encode())
-        post_tx_frame(memory, out)
+        post_tx_packet(memory, out)
         os.eventfd_write(kicks[TX], 1)
         wait(lambda: used_idx(memory, TX) == 1, 20, "OVS never consumed the tx descriptor", ovs)
         deadline, seen = time.monotonic() + 20, b""
