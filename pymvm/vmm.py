@@ -1,7 +1,9 @@
 """One VM's life: build it from a config, run it, stop it.
 
-The asyncio loop on the main thread owns the VMM's own events (signals, terminal input,
-the stop request); every vCPU runs in its own thread blocked in KVM_RUN (pymvm.machine).
+The main thread owns the VMM's own events (signals, terminal input, the stop request):
+with a control API in an asyncio loop that also serves the API (VirtualMachine.run),
+without one in a plain epoll wait (VirtualMachine.wait), so that such a VMM never loads
+asyncio. Every vCPU runs in its own thread blocked in KVM_RUN (pymvm.machine).
 """
 
 from __future__ import annotations
@@ -28,7 +30,6 @@ from .devices.boot_timer import BootTimer, process_start_monotonic_ns
 from .devices.i8042 import I8042
 from .devices.manager import DeviceManager
 from .devices.serial import OUTPUT_FLUSH_INTERVAL_S, Serial8250
-from .lazy import load_without
 from .machine import Machine, MachineState, StopKind, StopReason
 
 log = structlog.get_logger()
@@ -186,7 +187,7 @@ class VirtualMachine:
     async def run(self, api_socket: Path | None = None) -> StopReason:
         """Run until the guest stops or a signal arrives; returns why it stopped. With
         ``api_socket`` the control API is served there from this loop, before any vCPU runs
-        (so only with no API socket may start() have come first)."""
+        (so only with no API socket may start() have come first; run_vm then uses wait())."""
         m = self.machine
         assert m is not None
         loop = asyncio.get_running_loop()
@@ -218,6 +219,111 @@ class VirtualMachine:
         await loop.run_in_executor(None, m.join)
         self.serial.flush()
         return reason
+
+    def wait(self) -> StopReason:
+        """Run until the guest stops or SIGINT/SIGTERM arrives, without an event loop; returns
+        why it stopped. For a VM with no control API (run_vm), whose main thread has only
+        this to do: sleep in epoll on a wake-up pipe (written by a stop, and by the signal
+        module's C handler whichever thread the signal lands on, and when a partial serial
+        line starts to wait) and on terminal input, and push a partial line out
+        OUTPUT_FLUSH_INTERVAL_S after it started, as run() does with asyncio; with nothing
+        waiting it does not wake at all. asyncio, with what it imports, is about 6 MiB of RSS
+        and, in the nested host, a large share of a second of CPU taken from the guest's boot
+        (issue 15); such a VM never loads it."""
+        import select
+        import threading
+
+        m = self.machine
+        assert m is not None
+        r, w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        lock = threading.Lock()  # a stop from another thread never writes to a closed pipe
+        closed = False
+
+        def wake() -> None:
+            with lock:
+                if not closed:
+                    try:
+                        os.write(w, b"w")
+                    except BlockingIOError:  # full: the loop wakes anyway
+                        pass
+
+        def on_stop(reason: StopReason) -> None:
+            wake()
+
+        ep = select.epoll()
+        previous = {}
+        old_wakeup = -1
+        try:
+            ep.register(r, select.EPOLLIN)
+            stdin_fd = self._watch_stdin_fd(ep)
+            m.on_stop = on_stop
+            self.serial.on_partial = wake
+            if m.stop_reason is not None:  # stopped before on_stop was set (vCPUs started early)
+                on_stop(m.stop_reason)
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                previous[signum] = signal.signal(signum, self._on_signal_frame)
+            old_wakeup = signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+            if m.state is MachineState.CREATED:
+                self.start()
+            flush_at: float | None = None  # when the partial line waiting now goes out
+            while m.stop_reason is None:
+                if flush_at is None and self.serial.pending:
+                    flush_at = time.monotonic() + OUTPUT_FLUSH_INTERVAL_S
+                timeout = None if flush_at is None else max(0.0, flush_at - time.monotonic())
+                for fd, _ in ep.poll(timeout):
+                    if fd == r:
+                        try:
+                            while os.read(r, 512):
+                                pass
+                        except BlockingIOError:
+                            pass
+                    elif fd == stdin_fd:
+                        try:
+                            data = os.read(fd, 4096)
+                        except OSError:
+                            data = b""
+                        if not data:  # EOF: stop watching, the guest keeps running
+                            ep.unregister(fd)
+                            stdin_fd = None
+                        else:
+                            self.serial.enqueue_input(data)
+                if flush_at is not None and time.monotonic() >= flush_at:
+                    self.serial.flush()
+                    flush_at = None
+            reason = m.stop_reason
+        finally:
+            if old_wakeup != -1 or previous:
+                signal.set_wakeup_fd(old_wakeup)
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+            with lock:
+                closed = True
+                m.on_stop = None
+                self.serial.on_partial = None
+            ep.close()
+            os.close(r)
+            os.close(w)
+        m.join()
+        self.serial.flush()
+        return reason
+
+    def _on_signal_frame(self, signum: int, frame: object) -> None:
+        self._on_signal(signum)
+
+    def _watch_stdin_fd(self, ep) -> int | None:
+        """Register terminal input with ``ep`` as run() does with its loop: not when serial
+        input is off, and not for what epoll refuses (a regular file, as asyncio refuses it)."""
+        if not self.config.serial.input or self.config.serial.output == "none":
+            return None
+        import select
+
+        try:
+            fd = sys.stdin.fileno()
+            os.fstat(fd)
+            ep.register(fd, select.EPOLLIN)
+        except (AttributeError, OSError, ValueError):
+            return None
+        return fd
 
     def _confine(self) -> None:
         from .sandbox import settings
@@ -326,12 +432,11 @@ def run_vm(config: VmConfig, api_socket: Path | None = None) -> int:
             return 128 + stop.signum
         try:
             if api_socket is None:
-                # The guest runs first; asyncio loads after its first KVM_RUN, without ssl:
-                # with no control API this process never speaks TLS, and asyncio's optional
-                # ssl import alone maps libssl and libcrypto (4.5 MiB of RSS; issue 15).
-                vm.start()
-                load_without("asyncio", hidden=("ssl",))
-            reason = asyncio.run(vm.run(api_socket))  # the loop's own handlers take over meanwhile
+                # No control API: nothing needs an event loop, and asyncio is never loaded
+                # (VirtualMachine.wait; issue 15).
+                reason = vm.wait()  # its own handlers take over meanwhile
+            else:
+                reason = asyncio.run(vm.run(api_socket))  # the loop's own handlers take over
         except StopSignal as stop:  # between the build and the loop's handlers
             reason = StopReason(StopKind.SIGNAL, f"received {stop}", 128 + stop.signum)
     finally:

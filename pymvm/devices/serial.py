@@ -93,6 +93,9 @@ class Serial8250:
 
         self._out_lock = threading.Lock()  # orders flushes; separate so I/O never blocks registers
         self._out_buf = bytearray()
+        #: Called (from a vCPU thread, under the output lock) when a partial line starts to
+        #: wait for flush(); it must not block.
+        self.on_partial: Callable[[], None] | None = None
         self._write_out: Callable[[bytes], None] | None
         if out is None:
             self._write_out = None
@@ -287,9 +290,17 @@ class Serial8250:
 
     def _emit(self, byte: int) -> None:
         # Whole lines go out at once; a partial line (a prompt, an echoed key) waits for the
-        # owner's periodic flush() (the VMM's event loop), which costs no thread per write.
+        # owner's flush() within OUTPUT_FLUSH_INTERVAL_S, which costs no thread per write.
+        # on_partial tells an owner that sleeps while nothing waits (VirtualMachine.wait).
         with self._out_lock:
             self._out_buf.append(byte)
             if byte != 0x0A and len(self._out_buf) < OUTPUT_FLUSH_SIZE:
+                if len(self._out_buf) == 1 and self.on_partial is not None:
+                    self.on_partial()
                 return
         self.flush()
+
+    @property
+    def pending(self) -> bool:
+        """Whether guest output waits for flush()."""
+        return bool(self._out_buf)

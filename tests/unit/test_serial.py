@@ -138,6 +138,22 @@ def test_partial_line_waits_for_the_owners_flush(uart: Uart) -> None:
     assert b"".join(uart.written) == b">"
 
 
+def test_owner_is_told_once_when_a_partial_line_starts_to_wait(uart: Uart) -> None:
+    # VirtualMachine.wait sleeps until told: once per partial line, never for whole lines.
+    calls = []
+    uart.dev.on_partial = lambda: calls.append(uart.dev.pending)
+    for b in b"done\n":
+        uart.outb(s.RBR_THR, b)
+    assert calls == [True] and not uart.dev.pending  # 'd' started one; the newline flushed it
+    for b in b"login: ":
+        uart.outb(s.RBR_THR, b)
+    assert calls == [True, True] and uart.dev.pending  # one call for the whole prompt
+    uart.dev.flush()
+    assert not uart.dev.pending and b"".join(uart.written) == b"done\nlogin: "
+    uart.outb(s.RBR_THR, ord("x"))
+    assert len(calls) == 3  # the next partial line after a flush is news again
+
+
 def test_large_output_is_flushed_without_newline(uart: Uart) -> None:
     for _ in range(s.OUTPUT_FLUSH_SIZE):
         uart.outb(s.RBR_THR, ord("a"))
