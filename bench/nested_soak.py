@@ -8,7 +8,7 @@ or ``--max-hosts`` hosts were used. Inside each host the settings take turns:
     vmm   pymvm | qemu (QEMU microvm)
     cpus  1 | 2 vCPUs
     nic   none | vhost-net (a TAP with vhost-net; the guest pings the host 100 times, 20 ms apart)
-          | iperf (the same NIC moving TCP at full speed both ways for IPERF_S seconds: iperf3
+          | iperf (the same NIC moving TCP at full speed both ways for --iperf-seconds (IPERF_S): iperf3
           --bidir against a server on the nested host; the freezes seen in e2e runs came
           under such traffic)
 
@@ -75,27 +75,28 @@ def _record(progress: Path, **fields: object) -> None:
         os.fsync(f.fileno())
 
 
-def _guest_cmd(nic: str) -> str:
+def _guest_cmd(nic: str, iperf_s: int = IPERF_S) -> str:
     if nic == "none":
         return "true"
     if nic == "iperf":
         # Fails the boot unless the transfer ran (iperf3's summary has a "receiver" line).
         return (f"ping -c 5 -W 5 {HOST_IP} >/dev/null; iperf3 -c {HOST_IP} -p {IPERF_PORT} "
-                f"-t {IPERF_S} --bidir | tail -4")
+                f"-t {iperf_s} --bidir | tail -4")
     # Exits non-zero (and so fails the boot) unless at least one reply came back.
     return f"ping -c 100 -i 0.02 -q {HOST_IP} | tail -2"
 
 
-def _boot(setting: str, tmp: Path, kernel: Path, qemu: str) -> tuple[bool, str]:
+def _boot(setting: str, tmp: Path, kernel: Path, qemu: str,
+          iperf_s: int = IPERF_S) -> tuple[bool, str]:
     from pymvm.images.initramfs import build_initramfs, encode_cmd, encode_net
 
     vmm, cpus_s, nic = setting.split("-", 2)
     cpus = int(cpus_s[0])
     initramfs = build_initramfs(extra_binaries=["iperf3"] if nic == "iperf" else [],
                                 log=lambda *_: None)
-    cmdline = f"{CMDLINE} {encode_cmd(_guest_cmd(nic))}"
+    cmdline = f"{CMDLINE} {encode_cmd(_guest_cmd(nic, iperf_s))}"
     if nic != "none":
-        cmdline = f"{CMDLINE} {encode_net('eth0', f'{GUEST_IP}/24')} {encode_cmd(_guest_cmd(nic))}"
+        cmdline = f"{CMDLINE} {encode_net('eth0', f'{GUEST_IP}/24')} {encode_cmd(_guest_cmd(nic, iperf_s))}"
     tap = "pmsoak0" if vmm == "pymvm" else "qmsoak0"
     if vmm == "pymvm":
         config = tmp / "vm.toml"
@@ -124,10 +125,10 @@ def _boot(setting: str, tmp: Path, kernel: Path, qemu: str) -> tuple[bool, str]:
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         proc = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              stdin=subprocess.DEVNULL, timeout=READY_TIMEOUT + IPERF_S, check=False)
+                              stdin=subprocess.DEVNULL, timeout=READY_TIMEOUT + iperf_s, check=False)
         out = proc.stdout.decode(errors="replace")
     except subprocess.TimeoutExpired:
-        return False, f"no exit within {READY_TIMEOUT + IPERF_S:g} s"
+        return False, f"no exit within {READY_TIMEOUT + iperf_s:g} s"
     finally:
         if server is not None:
             server.kill()
@@ -163,7 +164,7 @@ def inner(args: argparse.Namespace) -> int:
             setting = chosen[(args.offset + i) % len(chosen)]
             _record(progress, event="start", host=args.host, setting=setting, t=time.time())
             start = time.monotonic()
-            ok, error = _boot(setting, Path(tmp), kernel.bzimage, qemu)
+            ok, error = _boot(setting, Path(tmp), kernel.bzimage, qemu, args.iperf_seconds)
             seconds = time.monotonic() - start
             _record(progress, event="end", host=args.host, setting=setting, ok=ok, error=error,
                     seconds=round(seconds, 2))
@@ -205,7 +206,8 @@ def outer(args: argparse.Namespace) -> int:
         cmd = [sys.executable, "-m", "pymvm.nested", "--cpus", str(args.cpus), "--attempts", "1",
                "--timeout", str(args.host_timeout), "--", sys.executable, "bench/nested_soak.py",
                "--inner", "--host", str(host), "--boots", str(boots), "--offset", str(started),
-               "--progress", str(progress), "--settings", args.settings]
+               "--progress", str(progress), "--settings", args.settings,
+               "--iperf-seconds", str(args.iperf_seconds)]
         print(f"nested_soak: host {host} ({label}): {boots} boot(s) ({time.strftime('%H:%M:%S')})",
               flush=True)
         proc = subprocess.run(cmd, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -287,6 +289,9 @@ def main() -> int:
                    f"(e.g. {OLD_SETTING!r}, the setting before issue 8) and report both")
     p.add_argument("--settings", default=",".join(SETTINGS),
                    help="comma-separated settings to take turns (default: all of them)")
+    p.add_argument("--iperf-seconds", type=int, default=IPERF_S,
+                   help="how long each iperf setting's transfer runs (longer: closer to the "
+                   "e2e runs that froze)")
     p.add_argument("--inner", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--host", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--offset", type=int, default=0, help=argparse.SUPPRESS)

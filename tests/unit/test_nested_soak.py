@@ -113,3 +113,9 @@ def test_wake_ups_are_counted_per_nested_host_setting(soak, capsys) -> None:
     assert "nested_wakes=3" in out and "nested_wakes_compared=0" in out
     assert "nested_freezes_per_100_boots=0.0 (0 in 2 boots, 2 hosts)" in out
 
+
+
+def test_the_iperf_settings_transfer_runs_for_the_seconds_asked(soak) -> None:
+    assert f"-t {soak.IPERF_S} " in soak._guest_cmd("iperf")
+    assert "-t 120 --bidir" in soak._guest_cmd("iperf", 120)
+    assert "iperf3" not in soak._guest_cmd("vhost-net", 120)
