@@ -57,7 +57,8 @@ QEMU_CPU = "EPYC,+svm"
 
 #: Experiment knobs of issue 8 (see NestedSettings.from_env); unset means the default.
 SETTINGS_ENV = ("PYMVM_NESTED_QEMU", "PYMVM_NESTED_CPU_MODEL", "PYMVM_NESTED_TB_SIZE",
-                "PYMVM_NESTED_KVM_AMD", "PYMVM_NESTED_APPEND", "PYMVM_NESTED_WAKE")
+                "PYMVM_NESTED_KVM_AMD", "PYMVM_NESTED_APPEND", "PYMVM_NESTED_WAKE",
+                "PYMVM_NESTED_KERNEL")
 #: The nested host's timer interrupt runs periodically (LAPIC periodic mode): QEMU can
 #: lose the request that delivers a pending timer interrupt (see wake_host), and with
 #: Linux's one-shot tickless timer no later expiry ever comes; with a periodic one the next
@@ -78,6 +79,9 @@ class NestedSettings:
     kvm_amd: str = ""  # kvm_amd module parameters inside, e.g. "npt=0 avic=0"
     append: str = DEFAULT_APPEND  # more words for the nested host's kernel command line
     wake: bool = True  # wake a host whose heartbeat is late (PYMVM_NESTED_WAKE=0: don't)
+    # The host's kernel (default: find_kernel(), Debian's from /boot). A custom one has
+    # kvm_amd built in: its parameters go on the kernel command line (kvm_amd.NAME=VALUE).
+    kernel: Path | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> NestedSettings:
@@ -104,14 +108,43 @@ class NestedSettings:
         if any(c.isspace() for c in cpu):
             raise NestedHostError(
                 f"PYMVM_NESTED_CPU_MODEL={cpu!r} has a space: give one QEMU -cpu value")
+        kernel = get("PYMVM_NESTED_KERNEL")
         return cls(qemu=get("PYMVM_NESTED_QEMU"), cpu_model=cpu,
                    tb_size_mib=None if tb is None else int(tb), kvm_amd=params, append=append,
-                   wake=get("PYMVM_NESTED_WAKE") != "0")
+                   wake=get("PYMVM_NESTED_WAKE") != "0",
+                   kernel=None if kernel is None else _nested_kernel(kernel, env))
 
     def describe(self) -> str:
         return (f"qemu={self.qemu or 'default'} cpu={self.cpu_model} "
                 f"tb_size={self.tb_size_mib or 'default'} kvm_amd={self.kvm_amd or 'default'} "
-                f"append={self.append or 'none'} wake={'on' if self.wake else 'off'}")
+                f"append={self.append or 'none'} wake={'on' if self.wake else 'off'} "
+                f"kernel={self.kernel or 'default'}")
+
+    def kernel_params(self) -> list[str]:
+        """kvm_amd's parameters as kernel parameters, for a kernel with kvm_amd built in."""
+        if self.kernel is None:
+            return []
+        return [f"kvm_amd.{param}" for param in self.kvm_amd.split()]
+
+
+def _nested_kernel(value: str, env: Mapping[str, str]) -> Path:
+    """PYMVM_NESTED_KERNEL's kernel image: a path, or the keyword of the cached 6.12 kernel."""
+    from pymvm.images import hostkernel
+
+    if value == hostkernel.KEYWORD:
+        cache = env.get("PYMVM_CACHE_DIR")
+        built = hostkernel.host_kernel_status(Path(cache) if cache else None)
+        if built is None:
+            raise NestedHostError(
+                f"PYMVM_NESTED_KERNEL={value}: the nested host's {value} kernel is not built: "
+                "run `python -m pymvm.images.hostkernel` (tens of minutes)")
+        return built.bzimage
+    path = Path(value).absolute()
+    if not path.is_file():
+        raise NestedHostError(
+            f"PYMVM_NESTED_KERNEL={value!r} is not a file: give the path of a kernel image "
+            f"(bzImage) or {hostkernel.KEYWORD!r} for `python -m pymvm.images.hostkernel`'s")
+    return path
 
 
 EXIT_NESTED_HOST_DIED = 125
@@ -483,10 +516,15 @@ def render_script(
     prelude: Sequence[str] = (),
     heartbeat_path: Path | None = None,
     module_params: Mapping[str, str] = _EMPTY_ENV,
+    builtin_dir: Path | None = None,
+    show_kvm_amd: bool = False,
 ) -> str:
     """The shell script the nested host runs: load modules, run ``prelude`` (lines), set env,
     run argv, save status. With ``heartbeat_path``, a background loop rewrites that file
     every HEARTBEAT_INTERVAL_S with what the host is doing (for a diagnosis if it stalls).
+    ``builtin_dir`` holds a custom kernel's modules.builtin(.modinfo): installed for its
+    version first, they make modprobe of a built-in module succeed quietly (no modules of
+    that kernel exist here). ``show_kvm_amd`` prints kvm_amd's parameters in effect.
 
     It lives in a shared file (not in ``vng --exec``) because vng puts --exec on the kernel
     command line, which holds only 2 KiB.
@@ -495,13 +533,24 @@ def render_script(
         raise NestedHostError("no command given to run in the nested KVM host")
     status = shlex.quote(str(status_path))
     lines = ["#!/bin/sh", "# Written by pymvm.nested; runs inside the nested KVM host."]
+    if builtin_dir is not None:
+        files = " ".join(shlex.quote(str(builtin_dir / name))
+                         for name in ("modules.builtin", "modules.builtin.modinfo"))
+        # Only in the nested host (its /lib is a copy-on-write view): never on this machine.
+        lines.append(
+            f'kver=$(uname -r); grep -qw {KERNEL_CMDLINE_MARK} /proc/cmdline && '
+            '[ ! -e "/lib/modules/$kver/modules.builtin" ] && '
+            f'{{ {{ mkdir -p "/lib/modules/$kver" && cp {files} "/lib/modules/$kver/" && '
+            'depmod -a "$kver"; } || '
+            "echo 'pymvm.nested: warning: installing the list of built-in modules "
+            "failed' >&2; }")
     for module in modules:
         params = shlex.split(module_params.get(module, ""))
         lines.append(
             f"modprobe {shlex.join([module, *params])} || "
             f"echo 'pymvm.nested: warning: modprobe {module} failed' >&2"
         )
-    if module_params.get("kvm_amd"):
+    if module_params.get("kvm_amd") or show_kvm_amd:
         # What the experiment really ran with (a parameter the module ignores stays default).
         lines.append("echo \"pymvm.nested: kvm_amd $(cd /sys/module/kvm_amd/parameters && "
                      "grep -H . npt avic vgif vls nested nrips 2>/dev/null | tr ':\\n' '= ')\" >&2")
@@ -564,6 +613,8 @@ def vng_command(
     append = KERNEL_CMDLINE_MARK
     if settings.append:
         append += " " + settings.append
+    if params := settings.kernel_params():
+        append += " " + " ".join(params)
     if console_log is not None:
         _check_shareable(console_log)
         # ttyS1 (vng's -serial is ttyS0); the last console= stays /dev/console, so ttyS0
@@ -910,7 +961,11 @@ def run_nested(
         raise NestedHostError(f"working directory {cwd} does not exist")
     sink = output if output is not None else sys.stdout.buffer
     settings = NestedSettings.from_env(os.environ)
-    kernel = find_kernel()
+    kernel = settings.kernel or find_kernel()
+    # A custom kernel has kvm_amd built in: its parameters are on the command line instead.
+    builtin_dir = kernel.parent if settings.kernel and (
+        kernel.parent / "modules.builtin").is_file() else None
+    module_params = {"kvm_amd": settings.kvm_amd} if settings.kvm_amd and not settings.kernel else {}
     vng = find_vng()
     check_tools()
     inner_env = nested_env(env)
@@ -936,8 +991,8 @@ def run_nested(
         heartbeat = workdir / HEARTBEAT_FILE
         script.write_text(
             render_script(argv, cwd=cwd, env=inner_env, status_path=status_path, prelude=prelude,
-                          heartbeat_path=heartbeat,
-                          module_params={"kvm_amd": settings.kvm_amd} if settings.kvm_amd else {})
+                          heartbeat_path=heartbeat, module_params=module_params,
+                          builtin_dir=builtin_dir, show_kvm_amd=bool(settings.kvm_amd))
         )
         shared = _dedupe_rwdirs([workdir, cwd, *rwdirs, cache])
         console_log = workdir / CONSOLE_FILE
@@ -948,7 +1003,7 @@ def run_nested(
             tcg_thread=os.environ.get("PYMVM_NESTED_TCG_THREAD") or None,
             monitor=monitor, settings=settings,
         )
-        log.info("nested_host_start", kernel=kernel.name, cpus=cpus, memory=memory, argv=list(argv),
+        log.info("nested_host_start", kernel=str(kernel), cpus=cpus, memory=memory, argv=list(argv),
                  settings=settings.describe())
         sys.stdout.flush()
         proc = subprocess.Popen(

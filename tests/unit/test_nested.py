@@ -819,6 +819,97 @@ def test_nested_settings_refuse_bad_values_naming_the_variable(name: str, value:
         nested.NestedSettings.from_env({name: value})
 
 
+def test_nested_kernel_knob_refuses_a_missing_file_in_one_line(tmp_path: Path) -> None:
+    missing = tmp_path / "bzImage"
+    with pytest.raises(NestedHostError) as err:
+        nested.NestedSettings.from_env({"PYMVM_NESTED_KERNEL": str(missing)})
+    message = str(err.value)
+    assert "\n" not in message
+    assert message.startswith(f"PYMVM_NESTED_KERNEL='{missing}' is not a file")
+    assert "'6.12'" in message  # names the other accepted value
+
+
+@pytest.fixture
+def host_kernel_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A cache dir, and a stand-in source tarball for the 6.12 nested-host kernel's key."""
+    from pymvm.images import hostkernel
+
+    tarball = tmp_path / "linux-source-6.12.tar.xz"
+    tarball.write_bytes(b"not a kernel")
+    monkeypatch.setattr(hostkernel, "find_source_tarball", lambda source_dir=None: tarball)
+    return tmp_path / "cache"
+
+
+def test_nested_kernel_keyword_names_the_build_command_until_built(host_kernel_cache: Path) -> None:
+    with pytest.raises(NestedHostError, match=r"^PYMVM_NESTED_KERNEL=6\.12: .* not built: run "
+                       r"`python -m pymvm\.images\.hostkernel`"):
+        nested.NestedSettings.from_env({"PYMVM_NESTED_KERNEL": "6.12",
+                                        "PYMVM_CACHE_DIR": str(host_kernel_cache)})
+
+
+def test_nested_kernel_keyword_is_the_cached_6_12_kernel(host_kernel_cache: Path) -> None:
+    from pymvm.images import hostkernel
+
+    folder = hostkernel.host_kernel_dir(host_kernel_cache)
+    folder.mkdir(parents=True)
+    for name in ("bzImage", "config", *hostkernel.BUILTIN_FILES):
+        (folder / name).write_bytes(b"x")
+    settings = nested.NestedSettings.from_env({"PYMVM_NESTED_KERNEL": "6.12",
+                                               "PYMVM_CACHE_DIR": str(host_kernel_cache)})
+    assert settings.kernel == folder / "bzImage"
+    assert f"kernel={folder / 'bzImage'}" in settings.describe()
+    assert "kernel=default" in nested.NestedSettings.from_env({}).describe()
+
+
+def test_a_custom_kernel_gets_kvm_amd_parameters_on_its_command_line(tmp_path: Path) -> None:
+    image = tmp_path / "bzImage"
+    image.write_bytes(b"x")
+    settings = nested.NestedSettings.from_env({"PYMVM_NESTED_KERNEL": str(image),
+                                               "PYMVM_NESTED_KVM_AMD": "npt=0 nested=1"})
+    cmd = nested.vng_command(vng="vng", kernel=settings.kernel, script=Path("/t/run.sh"),
+                             rwdirs=[], cwd=Path("/"), cpus=1, memory="3G", settings=settings)
+    assert cmd[cmd.index("--run") + 1] == str(image)
+    assert ("--append=pymvm_nested=1 nohz=off highres=off kvm_amd.npt=0 kvm_amd.nested=1"
+            in cmd)
+    # Debian's kernel loads kvm_amd as a module: its parameters go to modprobe, not here.
+    default = nested.NestedSettings.from_env({"PYMVM_NESTED_KVM_AMD": "npt=0"})
+    cmd = nested.vng_command(vng="vng", kernel=Path("/k"), script=Path("/t/run.sh"), rwdirs=[],
+                             cwd=Path("/"), cpus=1, memory="3G", settings=default)
+    assert not any("kvm_amd." in arg for arg in cmd)
+
+
+def test_a_custom_kernels_builtin_module_list_is_installed_before_modprobe() -> None:
+    script = nested.render_script(["true"], cwd=Path("/"), env={}, status_path=Path("/s"),
+                                  builtin_dir=Path("/cache/k"), show_kvm_amd=True)
+    lines = script.splitlines()
+    install = next(i for i, line in enumerate(lines) if "depmod" in line)
+    assert install < next(i for i, line in enumerate(lines) if line.startswith("modprobe "))
+    assert "cp /cache/k/modules.builtin /cache/k/modules.builtin.modinfo" in lines[install]
+    assert f"grep -qw {nested.KERNEL_CMDLINE_MARK} /proc/cmdline" in lines[install]
+    assert "modprobe kvm_amd || " in script  # no parameters: built in, they are on the cmdline
+    assert "pymvm.nested: kvm_amd" in script
+    assert subprocess.run(["sh", "-n"], input=script, text=True, check=False).returncode == 0
+
+
+def test_run_nested_boots_the_kernel_pymvm_nested_kernel_names(
+    fake_vng: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    image = fake_vng / "k612" / "bzImage"
+    image.parent.mkdir()
+    image.write_bytes(b"x")
+    monkeypatch.setenv("PYMVM_NESTED_KERNEL", str(image))
+    monkeypatch.setenv("PYMVM_NESTED_KVM_AMD", "npt=0")
+    calls = fake_vng / "modprobe-calls"
+    modprobe = fake_vng / "bin" / "modprobe"  # records what the script asks for
+    modprobe.write_text(f"#!/bin/sh\necho \"$*\" >> {calls}\n")
+    assert nested.run_nested(["true"], cwd=fake_vng, output=io.BytesIO()) == 0
+    args = (fake_vng / "args").read_text()
+    assert f"--run {image} " in args
+    assert "kvm_amd.npt=0" in args
+    assert "/boot/vmlinuz-test-amd64" not in args
+    assert calls.read_text().splitlines() == list(nested.NESTED_MODULES)  # no npt=0 there
+
+
 def _fake_monitor(path: Path) -> "threading.Thread":
     """A UNIX socket that answers like QEMU's human monitor: banner, echo, reply, prompt."""
     import socket
