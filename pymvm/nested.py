@@ -541,7 +541,7 @@ def render_script(
             f'kver=$(uname -r); grep -qw {KERNEL_CMDLINE_MARK} /proc/cmdline && '
             '[ ! -e "/lib/modules/$kver/modules.builtin" ] && '
             f'{{ {{ mkdir -p "/lib/modules/$kver" && cp {files} "/lib/modules/$kver/" && '
-            'depmod -a "$kver"; } || '
+            'touch "/lib/modules/$kver/modules.order" && depmod -a "$kver"; } || '
             "echo 'pymvm.nested: warning: installing the list of built-in modules "
             "failed' >&2; }")
     for module in modules:
