@@ -205,6 +205,17 @@ def cmd_exec(args: argparse.Namespace) -> int:
 def cmd_build_kernel(args: argparse.Namespace) -> int:
     from .images.kernel import build_kernel
 
+    if args.nested_host:
+        if args.acpi:
+            from .config import ConfigError
+
+            raise ConfigError("--nested-host and --acpi are different kernels: give one of them")
+        from .images.hostkernel import build_host_kernel
+
+        host = build_host_kernel(jobs=args.jobs,
+                                 log=lambda msg: print(msg, file=sys.stderr, flush=True))
+        print(host.bzimage)
+        return 0
     images = build_kernel(jobs=args.jobs, log=lambda msg: print(msg, file=sys.stderr, flush=True),
                           acpi=args.acpi)
     print(images.vmlinux)
@@ -552,6 +563,9 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     bk.add_argument("-j", "--jobs", type=int, default=None)
     bk.add_argument("--acpi", action="store_true",
                     help="the ACPI variant (devices and power-off through ACPI tables)")
+    bk.add_argument("--nested-host", action="store_true",
+                    help="instead, the nested KVM host's 6.12 kernel (an issue 8 experiment: "
+                    "PYMVM_NESTED_KERNEL=6.12)")
     bk.set_defaults(func=cmd_build_kernel)
 
     bi = sub.add_parser("build-initramfs", help="build (or find cached) the test initramfs")

@@ -22,6 +22,7 @@ ARGVS = [
     ["cleanup"],
     ["validate", "vm.toml"],
     ["build-kernel", "-j", "2", "--acpi"],
+    ["build-kernel", "-j", "2", "--nested-host"],
     ["build-initramfs", "--with", "iperf3", "--modules"],
     ["build-rootfs", "-o", "x.ext4", "--size-mib", "64"],
     ["vhost-user", "net", "--socket", "s", "--tap", "t", "--client"],

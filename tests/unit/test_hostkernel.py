@@ -123,3 +123,23 @@ def test_build_stops_before_compiling_when_olddefconfig_drops_an_option(
 def test_cli_status_reports_not_built(tmp_path, fake_tarball, capsys):
     assert hostkernel.main(["--status", "--cache-dir", os.fspath(tmp_path)]) == 1
     assert "not built" in capsys.readouterr().out
+
+
+def test_pymvm_build_kernel_nested_host_builds_it_and_prints_the_bzimage(
+        tmp_path, monkeypatch, capsys):
+    from pymvm import cli
+
+    calls = []
+
+    def fake_build(jobs=None, log=print):
+        calls.append(jobs)
+        return hostkernel.HostKernel(tmp_path)
+
+    monkeypatch.setattr(hostkernel, "build_host_kernel", fake_build)
+    assert cli.main(["build-kernel", "--nested-host", "-j", "2"]) == 0
+    assert calls == [2]
+    assert capsys.readouterr().out == f"{tmp_path / 'bzImage'}\n"
+    assert cli.main(["build-kernel", "--nested-host", "--acpi"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--nested-host and --acpi" in err
+    assert calls == [2]
