@@ -116,17 +116,22 @@ def load_pending() -> None:
 
 def load_without(name: str, hidden: Iterable[str]) -> types.ModuleType:
     """Run module ``name`` now (import it, or load it if pending) while the modules ``hidden``
-    cannot be imported; they can again afterwards. Modules that bind an optional import to
-    None when it fails (asyncio does for ``ssl``) keep that None for good; a module that had
-    already run is left as it is."""
-    hide = [h for h in hidden if h not in sys.modules]
-    for h in hide:
+    cannot be imported, even one already imported; afterwards each is as it was (absent, or
+    the same module object: whoever imported it before keeps it). Modules that bind an
+    optional import to None when it fails (asyncio and aiohttp do for ``ssl``) keep that None
+    for good; a module that had already run is left as it is. Not thread-safe for the hidden
+    modules: for a process's start-up."""
+    saved = {h: sys.modules.get(h) for h in hidden}
+    for h in saved:
         sys.modules[h] = None  # type: ignore[assignment]  # makes `import h` fail
     try:
         module = importlib.import_module(name)
         _load(module)
         return module
     finally:
-        for h in hide:
+        for h, before in saved.items():
             if h in sys.modules and sys.modules[h] is None:
-                del sys.modules[h]
+                if before is None:
+                    del sys.modules[h]
+                else:
+                    sys.modules[h] = before

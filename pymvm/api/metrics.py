@@ -16,8 +16,6 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import structlog
-from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from ..kvm import EXIT_INTERRUPTED
 from ..kvm.vcpu import EXIT_NAMES
@@ -69,6 +67,8 @@ class VmCollector:
         return []  # metrics are only known at scrape time
 
     def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
         vm = self.vm
         exits = CounterMetricFamily("pymvm_vcpu_exits", "vCPU exits handled by the Python run "
                                     "loop, by kind", labels=["vcpu", "kind"])
@@ -124,11 +124,24 @@ class VmCollector:
 
 
 class VmMetrics:
-    """One CollectorRegistry per VM (never the process-global one)."""
+    """One CollectorRegistry per VM (never the process-global one). prometheus_client is
+    imported at the first scrape, not with the API: a VM nobody scrapes never loads it."""
 
     def __init__(self, vm: ControlledVm) -> None:
-        self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(VmCollector(vm))
+        self.vm = vm
+        self._registry: Any = None
+
+    @property
+    def registry(self) -> Any:
+        if self._registry is None:
+            from prometheus_client import CollectorRegistry
+
+            registry = CollectorRegistry(auto_describe=False)
+            registry.register(VmCollector(self.vm))
+            self._registry = registry
+        return self._registry
 
     def render(self) -> bytes:
+        from prometheus_client import generate_latest
+
         return generate_latest(self.registry)

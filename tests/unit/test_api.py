@@ -316,3 +316,22 @@ def test_a_regular_file_at_the_socket_path_is_refused_and_left_alone(tmp_path):
     with pytest.raises(ApiSocketError, match="not a socket"):
         bind_socket(path)
     assert path.read_text() == "keep me"
+
+
+def test_the_vmm_loads_aiohttp_without_client_tls_contexts_and_prometheus_still_imports() -> None:
+    # In a fresh interpreter, as the VMM does: aiohttp's two client contexts (each loads the
+    # CA store) are not built; ssl, urllib.request's HTTPS parts and prometheus_client work.
+    import subprocess
+    import sys
+
+    code = ("import pymvm.api, sys\n"
+            "pymvm.api.load_server_modules()\n"
+            "import aiohttp.connector as c\n"
+            "assert c._SSL_CONTEXT_VERIFIED is None and c._SSL_CONTEXT_UNVERIFIED is None\n"
+            "assert 'prometheus_client' not in sys.modules\n"
+            "import ssl, urllib.request, prometheus_client\n"
+            "assert ssl.create_default_context() is not None and urllib.request.HTTPSHandler\n"
+            "from pymvm.api.server import ApiServer\n"
+            "print('ok')\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout == "ok\n", done.stderr[-2000:]

@@ -57,6 +57,14 @@ def test_load_without_hides_a_module_only_while_it_loads(package) -> None:
     assert lazyopt is not None and sys.modules["lazyopt"] is lazyopt
 
 
+def test_load_without_hides_an_imported_module_and_gives_the_same_one_back(package) -> None:
+    import lazyopt
+
+    module = load_without("lazypkg", hidden=("lazyopt",))
+    assert module.lazyopt is None  # hidden although imported before
+    assert sys.modules["lazyopt"] is lazyopt  # the same module afterwards, not a new one
+
+
 def test_a_pending_module_that_fails_to_load_is_removed_like_a_failed_import(package) -> None:
     broken = defer_import("lazybroken")
     with pytest.raises(RuntimeError, match="on purpose"):
