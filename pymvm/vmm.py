@@ -280,16 +280,9 @@ class VirtualMachine:
                                 pass
                         except BlockingIOError:
                             pass
-                    elif fd == stdin_fd:
-                        try:
-                            data = os.read(fd, 4096)
-                        except OSError:
-                            data = b""
-                        if not data:  # EOF: stop watching, the guest keeps running
-                            ep.unregister(fd)
-                            stdin_fd = None
-                        else:
-                            self.serial.enqueue_input(data)
+                    elif fd == stdin_fd and not self._pass_terminal_input(fd):
+                        ep.unregister(fd)
+                        stdin_fd = None
                 if flush_at is not None and time.monotonic() >= flush_at:
                     self.serial.flush()
                     flush_at = None
@@ -358,20 +351,25 @@ class VirtualMachine:
             return None
 
         def readable() -> None:
-            try:
-                data = os.read(fd, 4096)
-            except OSError:
-                data = b""
-            if not data:  # EOF: stop watching, the guest keeps running
+            if not self._pass_terminal_input(fd):
                 loop.remove_reader(fd)
-                return
-            self.serial.enqueue_input(data)
 
         try:
             loop.add_reader(fd, readable)
         except (PermissionError, ValueError, OSError):  # regular files cannot be polled
             return None
         return fd
+
+    def _pass_terminal_input(self, fd: int) -> bool:
+        """Pass what the terminal has to the guest's serial port; False at EOF (stop
+        watching it: the guest keeps running)."""
+        try:
+            data = os.read(fd, 4096)
+        except OSError:
+            data = b""
+        if data:
+            self.serial.enqueue_input(data)
+        return bool(data)
 
     def fast_mmio_reads(self) -> int:
         """Guest MMIO reads the vCPUs answered in C (their counters outlive the machine)."""
