@@ -287,6 +287,7 @@ class VirtualMachine:
                     self.serial.flush()
                     flush_at = None
             reason = m.stop_reason
+            m.join()  # under this wait's handlers still: a signal now changes nothing
         finally:
             if old_wakeup != -1 or previous:
                 signal.set_wakeup_fd(old_wakeup)
@@ -299,7 +300,6 @@ class VirtualMachine:
             ep.close()
             os.close(r)
             os.close(w)
-        m.join()
         self.serial.flush()
         return reason
 
