@@ -233,7 +233,6 @@ class VirtualMachine:
         waiting it does not wake at all. asyncio, with what it imports, is about 6 MiB of RSS
         and, in the nested host, a large share of a second of CPU taken from the guest's boot
         (issue 15); such a VM never loads it."""
-        import select
         import threading
 
         m = self.machine
@@ -253,12 +252,10 @@ class VirtualMachine:
         def on_stop(reason: StopReason) -> None:
             wake()
 
-        ep = select.epoll()
+        ep = None
         previous = {}
         old_wakeup = -1
         try:
-            ep.register(r, select.EPOLLIN)
-            stdin_fd = self._watch_stdin_fd(ep)
             m.on_stop = on_stop
             self.serial.on_partial = wake
             if m.stop_reason is not None:  # stopped before on_stop was set (vCPUs started early)
@@ -268,6 +265,13 @@ class VirtualMachine:
             old_wakeup = signal.set_wakeup_fd(w, warn_on_full_buffer=False)
             if m.state is MachineState.CREATED:
                 self.start()
+            # After the first KVM_RUN (select is a shared library to load): the pipe has kept
+            # whatever came meanwhile.
+            import select
+
+            ep = select.epoll()
+            ep.register(r, select.EPOLLIN)
+            stdin_fd = self._watch_stdin_fd(ep)
             flush_at: float | None = None  # when the partial line waiting now goes out
             while m.stop_reason is None:
                 if flush_at is None and self.serial.pending:
@@ -297,7 +301,8 @@ class VirtualMachine:
                 closed = True
                 m.on_stop = None
                 self.serial.on_partial = None
-            ep.close()
+            if ep is not None:
+                ep.close()
             os.close(r)
             os.close(w)
         self.serial.flush()

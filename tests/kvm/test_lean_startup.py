@@ -57,6 +57,7 @@ FORBIDDEN_BEFORE_VCPUS = (
     "argparse", "gettext", "locale",  # `pymvm run CONFIG` is read without them (cli.run_args)
     "dataclasses",              # the start-up path's records are pymvm.record classes
     "glob",                     # the seccomp binding is looked for with os.listdir
+    "select",                   # the main thread's epoll wait is made after the first KVM_RUN
 )
 # Never loaded by that VM, from start to SIGTERM: with no API socket its main thread waits
 # in epoll (VirtualMachine.wait), so no asyncio and nothing asyncio imports (about 6 MiB
