@@ -3,7 +3,8 @@
 import sys as _sys
 
 # asyncio (structlog.stdlib and pymvm's modules import it at their top) stays pending until
-# first used: `pymvm run` starts the vCPUs first and its event loop after (pymvm.lazy).
+# first used: `pymvm run` with no control API never uses it, with one it loads it for the
+# API's loop (pymvm.lazy, vmm.VirtualMachine.wait).
 if "asyncio" not in _sys.modules:
     from .lazy import defer_import as _defer_import
 

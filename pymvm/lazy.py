@@ -1,10 +1,9 @@
 """Standard-library modules pymvm loads on first use instead of at import (issue 15).
 
-`pymvm run` starts a VM's vCPUs before its asyncio event loop exists, so asyncio, which
-structlog and pymvm's own modules import at their top, is made *pending* when pymvm is
-imported: `import asyncio` then binds a module whose code has not run yet, and the first
-access to one of its names (``asyncio.run``, ``from asyncio import Future``) runs it, after
-the guest's first KVM_RUN. importlib.util.LazyLoader cannot do this: the interpreter reads
+`pymvm run` of a VM without a control API never uses asyncio, so asyncio, which structlog
+and pymvm's own modules import at their top, is made *pending* when pymvm is imported:
+`import asyncio` then binds a module whose code has not run yet, and the first access to
+one of its names (``asyncio.run``, ``from asyncio import Future``) runs it, if it comes. importlib.util.LazyLoader cannot do this: the interpreter reads
 ``__spec__`` of a module on every `import` statement, and any attribute access loads a
 LazyLoader module. A pending module has its import metadata (``__spec__``, ``__path__``...)
 from the start and loads only for a name it does not have yet.

@@ -179,9 +179,8 @@ class VirtualMachine:
 
     # ---- run ---------------------------------------------------------------------------------
     def start(self) -> None:
-        """Start the vCPUs, under the seccomp filter. run() starts them itself unless this
-        was called before it (run_vm does, so that the guest runs before the event loop and
-        asyncio are even loaded: issue 15)."""
+        """Start the vCPUs, under the seccomp filter. run() and wait() start them themselves
+        unless this was called before."""
         assert self.machine is not None
         self._confine()  # set-up is done: the vCPU threads start under the filter
         log.info("vm_starting")
