@@ -213,6 +213,9 @@ def outer(args: argparse.Namespace) -> int:
         proc = subprocess.run(cmd, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               check=False, env=env)
         log = proc.stdout.decode(errors="replace")
+        # Each host's whole output beside the progress file: the settings it really ran
+        # with (kvm_amd's parameters in effect, the kernel), and the runner's notes.
+        progress.with_name(f"{progress.stem}.host{host}.log").write_text(log)
         from pymvm.nested import WOKE_NOTE
 
         wakes[host] = log.count(WOKE_NOTE)  # late heartbeats the runner woke: hidden freezes
