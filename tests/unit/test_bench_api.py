@@ -126,3 +126,15 @@ def test_http_client_measures_get_vm_on_the_api_server_over_one_connection(bench
     took, sizes = asyncio.run(main())
     assert len(took) == 30 and all(t > 0 for t in took)
     assert sizes and set(sizes) == {READ_SIZE}
+
+
+def test_the_headline_ratio_is_the_worse_phase_not_the_median_between_two_modes(bench_api) -> None:
+    # Both phases faster than QEMU, but the pooled median falls between the modes, where
+    # pymvm's idle tail reaches further: the pooled ratio is above 1, the headline is not.
+    results = {"pymvm": {"idle": [1.0] * 100 + [2.9] * 5, "load": [3.0] * 100},
+               "qemu": {"idle": [1.1] * 100, "load": [3.2] * 100}}
+    ratios = bench_api.latency_ratios(results)
+    assert ratios["api_latency_ratio_idle"] == pytest.approx(1.0 / 1.1)
+    assert ratios["api_latency_ratio_load"] == pytest.approx(3.0 / 3.2)
+    assert ratios["api_latency_ratio"] == pytest.approx(3.0 / 3.2)  # the worse phase
+    assert ratios["api_latency_ratio_pooled"] == pytest.approx(2.9 / 2.15)  # between the modes
