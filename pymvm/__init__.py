@@ -3,8 +3,8 @@
 import sys as _sys
 
 # asyncio (structlog.stdlib and pymvm's modules import it at their top) stays pending until
-# first used: `pymvm run` with no control API never uses it, with one it loads it for the
-# API's loop (pymvm.lazy, vmm.VirtualMachine.wait).
+# first used (pymvm.lazy): `pymvm run` with no control API never uses it (its main thread
+# waits in vmm.VirtualMachine.wait); with one, the API's loop loads it.
 if "asyncio" not in _sys.modules:
     from .lazy import defer_import as _defer_import
 

@@ -3,7 +3,8 @@
 `pymvm run` of a VM without a control API never uses asyncio, so asyncio, which structlog
 and pymvm's own modules import at their top, is made *pending* when pymvm is imported:
 `import asyncio` then binds a module whose code has not run yet, and the first access to
-one of its names (``asyncio.run``, ``from asyncio import Future``) runs it, if it comes. importlib.util.LazyLoader cannot do this: the interpreter reads
+one of its names (``asyncio.run``, ``from asyncio import Future``) runs it, if it comes.
+importlib.util.LazyLoader cannot do this: the interpreter reads
 ``__spec__`` of a module on every `import` statement, and any attribute access loads a
 LazyLoader module. A pending module has its import metadata (``__spec__``, ``__path__``...)
 from the start and loads only for a name it does not have yet.
@@ -120,7 +121,8 @@ def load_without(name: str, hidden: Iterable[str]) -> types.ModuleType:
     optional import to None when it fails (asyncio and aiohttp do for ``ssl``) keep that None
     for good; a module that had already run is left as it is. Not thread-safe for the hidden
     modules: for a process's start-up."""
-    saved = {h: sys.modules.get(h) for h in hidden}
+    absent = object()
+    saved = {h: sys.modules.get(h, absent) for h in hidden}
     for h in saved:
         sys.modules[h] = None  # type: ignore[assignment]  # makes `import h` fail
     try:
@@ -130,7 +132,7 @@ def load_without(name: str, hidden: Iterable[str]) -> types.ModuleType:
     finally:
         for h, before in saved.items():
             if h in sys.modules and sys.modules[h] is None:
-                if before is None:
+                if before is absent:
                     del sys.modules[h]
-                else:
-                    sys.modules[h] = before
+                else:  # the module, or None for one that was blocked on purpose
+                    sys.modules[h] = before  # type: ignore[assignment]

@@ -206,8 +206,9 @@ class Machine:
         log.info("vm_stopping", reason=reason.kind.value, detail=reason.message, exit_status=reason.exit_status)
         self._kick_vcpus()
         self._stopped.set()
-        if self.on_stop is not None:
-            self.on_stop(reason)
+        on_stop = self.on_stop  # read once: another thread may replace it meanwhile
+        if on_stop is not None:
+            on_stop(reason)
 
     def _kick_vcpus(self) -> None:
         me = threading.current_thread()

@@ -167,7 +167,7 @@ class VirtualMachine:
     async def _start_api(self, path: Path):
         from .api import load_server_modules
 
-        load_server_modules()  # without aiohttp's client TLS contexts (issue 15)
+        load_server_modules()  # without aiohttp's client TLS contexts (run_vm did it first)
         from .api.controller import Controller
         from .api.metrics import VmMetrics
         from .api.server import ApiServer
@@ -225,20 +225,25 @@ class VirtualMachine:
     def wait(self) -> StopReason:
         """Run until the guest stops or SIGINT/SIGTERM arrives, without an event loop; returns
         why it stopped. For a VM with no control API (run_vm), whose main thread has only
-        this to do: sleep in epoll on a wake-up pipe (written by a stop, and by the signal
+        this to do: sleep in epoll on a wake-up pipe (written by a stop, by the signal
         module's C handler whichever thread the signal lands on, and when a partial serial
-        line starts to wait) and on terminal input, and push a partial line out
-        OUTPUT_FLUSH_INTERVAL_S after it started, as run() does with asyncio; with nothing
-        waiting it does not wake at all. asyncio, with what it imports, is about 6 MiB of RSS
-        and, in the nested host, a large share of a second of CPU taken from the guest's boot
-        (issue 15); such a VM never loads it."""
+        line starts to wait) and on terminal input, and push partial lines out
+        OUTPUT_FLUSH_INTERVAL_S after the wake-up, as run() does with asyncio: at most one
+        wake-up per interval however much the guest prints, none while nothing waits.
+        asyncio, with what it imports, is about 6 MiB of RSS and, in the nested host, a
+        large share of a second of CPU taken from the guest's boot (issue 15); such a VM
+        never loads it."""
         import threading
 
         m = self.machine
         assert m is not None
-        r, w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         lock = threading.Lock()  # a stop from another thread never writes to a closed pipe
         closed = False
+        r = w = -1
+        ep = None
+        previous: dict[int, object] = {}
+        wakeup_set = False
+        old_wakeup = -1
 
         def wake() -> None:
             with lock:
@@ -251,10 +256,10 @@ class VirtualMachine:
         def on_stop(reason: StopReason) -> None:
             wake()
 
-        ep = None
-        previous = {}
-        old_wakeup = -1
         try:
+            r, w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+            # Left in place afterwards: once closed, wake() does nothing, and a thread that
+            # read the attribute just before could not call None.
             m.on_stop = on_stop
             self.serial.on_partial = wake
             if m.stop_reason is not None:  # stopped before on_stop was set (vCPUs started early)
@@ -262,7 +267,8 @@ class VirtualMachine:
             for signum in (signal.SIGINT, signal.SIGTERM):
                 previous[signum] = signal.signal(signum, self._on_signal_frame)
             old_wakeup = signal.set_wakeup_fd(w, warn_on_full_buffer=False)
-            if m.state is MachineState.CREATED:
+            wakeup_set = True
+            if m.state is MachineState.CREATED and m.stop_reason is None:
                 self.start()
             # After the first KVM_RUN (select is a shared library to load): the pipe has kept
             # whatever came meanwhile.
@@ -271,10 +277,8 @@ class VirtualMachine:
             ep = select.epoll()
             ep.register(r, select.EPOLLIN)
             stdin_fd = self._watch_stdin_fd(ep)
-            flush_at: float | None = None  # when the partial line waiting now goes out
+            flush_at: float | None = None  # when partial output waiting now goes out
             while m.stop_reason is None:
-                if flush_at is None and self.serial.pending:
-                    flush_at = time.monotonic() + OUTPUT_FLUSH_INTERVAL_S
                 timeout = None if flush_at is None else max(0.0, flush_at - time.monotonic())
                 for fd, _ in ep.poll(timeout):
                     if fd == r:
@@ -283,27 +287,29 @@ class VirtualMachine:
                                 pass
                         except BlockingIOError:
                             pass
+                        if flush_at is None:  # whatever woke it, a partial line may wait
+                            flush_at = time.monotonic() + OUTPUT_FLUSH_INTERVAL_S
                     elif fd == stdin_fd and not self._pass_terminal_input(fd):
                         ep.unregister(fd)
                         stdin_fd = None
                 if flush_at is not None and time.monotonic() >= flush_at:
-                    self.serial.flush()
+                    self.serial.flush_partial()
                     flush_at = None
             reason = m.stop_reason
             m.join()  # under this wait's handlers still: a signal now changes nothing
         finally:
-            if old_wakeup != -1 or previous:
+            if wakeup_set:
                 signal.set_wakeup_fd(old_wakeup)
-            for signum, handler in previous.items():
-                signal.signal(signum, handler)
             with lock:
                 closed = True
-                m.on_stop = None
-                self.serial.on_partial = None
             if ep is not None:
                 ep.close()
-            os.close(r)
-            os.close(w)
+            for fd in (r, w):
+                if fd >= 0:
+                    os.close(fd)
+            # Last: until here a signal is this wait's, and cannot raise out of the cleanup.
+            for signum, handler in previous.items():
+                signal.signal(signum, signal.SIG_DFL if handler is None else handler)
         self.serial.flush()
         return reason
 
@@ -422,6 +428,9 @@ def run_vm(config: VmConfig, api_socket: Path | None = None) -> int:
     started = time.monotonic()
     api_socket = api_socket if api_socket is not None else config.api.socket
     if api_socket is not None:
+        from .api import load_server_modules
+
+        load_server_modules()  # before anything imports aiohttp (its TLS contexts: issue 15)
         from .api.server import check_socket_path
 
         check_socket_path(api_socket)  # a live VMM there: refuse before building anything

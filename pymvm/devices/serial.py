@@ -94,8 +94,10 @@ class Serial8250:
         self._out_lock = threading.Lock()  # orders flushes; separate so I/O never blocks registers
         self._out_buf = bytearray()
         #: Called (from a vCPU thread, under the output lock) when a partial line starts to
-        #: wait for flush(); it must not block.
+        #: wait for flush(), at most once until the owner's next flush_partial(); it must
+        #: not block.
         self.on_partial: Callable[[], None] | None = None
+        self._partial_told = False
         self._write_out: Callable[[bytes], None] | None
         if out is None:
             self._write_out = None
@@ -295,9 +297,19 @@ class Serial8250:
         with self._out_lock:
             self._out_buf.append(byte)
             if byte != 0x0A and len(self._out_buf) < OUTPUT_FLUSH_SIZE:
-                if len(self._out_buf) == 1 and self.on_partial is not None:
-                    self.on_partial()
+                if len(self._out_buf) == 1 and not self._partial_told:
+                    told = self.on_partial
+                    if told is not None:
+                        self._partial_told = True
+                        told()
                 return
+        self.flush()
+
+    def flush_partial(self) -> None:
+        """The owner's timed flush: write out what waits, and let on_partial tell of the
+        next partial line again."""
+        with self._out_lock:
+            self._partial_told = False
         self.flush()
 
     @property

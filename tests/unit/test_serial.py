@@ -138,20 +138,22 @@ def test_partial_line_waits_for_the_owners_flush(uart: Uart) -> None:
     assert b"".join(uart.written) == b">"
 
 
-def test_owner_is_told_once_when_a_partial_line_starts_to_wait(uart: Uart) -> None:
-    # VirtualMachine.wait sleeps until told: once per partial line, never for whole lines.
+def test_owner_is_told_of_partial_lines_once_per_timed_flush(uart: Uart) -> None:
+    # VirtualMachine.wait sleeps until told; then it flushes once per interval
+    # (flush_partial): however many lines the guest prints meanwhile, one call.
     calls = []
     uart.dev.on_partial = lambda: calls.append(uart.dev.pending)
-    for b in b"done\n":
+    for b in b"done\nnext\nlogin: ":
         uart.outb(s.RBR_THR, b)
-    assert calls == [True] and not uart.dev.pending  # 'd' started one; the newline flushed it
-    for b in b"login: ":
-        uart.outb(s.RBR_THR, b)
-    assert calls == [True, True] and uart.dev.pending  # one call for the whole prompt
-    uart.dev.flush()
-    assert not uart.dev.pending and b"".join(uart.written) == b"done\nlogin: "
+    assert calls == [True] and uart.dev.pending  # 'd' told; whole lines went out at once
+    assert b"".join(uart.written) == b"done\nnext\n"
+    uart.dev.flush()  # a plain flush (a newline, the VM's end) re-arms nothing
+    uart.outb(s.RBR_THR, ord(">"))
+    assert len(calls) == 1
+    uart.dev.flush_partial()  # the owner's timed flush: out, and the next one is news again
+    assert not uart.dev.pending and b"".join(uart.written) == b"done\nnext\nlogin: >"
     uart.outb(s.RBR_THR, ord("x"))
-    assert len(calls) == 3  # the next partial line after a flush is news again
+    assert len(calls) == 2
 
 
 def test_large_output_is_flushed_without_newline(uart: Uart) -> None:
