@@ -174,15 +174,18 @@ def test_binary_stream_output_receives_bytes() -> None:
 def test_output_none_discards_bytes() -> None:
     dev = Serial8250(None, lambda: None)
     dev.write(s.RBR_THR, b"x")
+    assert dev.pending
     dev.flush()  # must not raise
+    assert not dev.pending  # dropped, not kept for later
 
 
 def test_broken_output_stream_does_not_raise_into_the_vcpu() -> None:
     stream = io.BytesIO()
     stream.close()
     uart = Uart(out=stream)
+    uart.outb(s.RBR_THR, ord("\n"))  # the write fails: logged, output switched off
     uart.outb(s.RBR_THR, ord("\n"))
-    uart.outb(s.RBR_THR, ord("\n"))
+    assert not uart.dev.pending and uart.inb(s.LSR) & s.LSR_THRE  # the guest may go on
 
 
 def test_input_sets_data_ready_and_reads_in_order(uart: Uart) -> None:
