@@ -165,9 +165,6 @@ class VirtualMachine:
             ctrl_alt_del=self.i8042.send_ctrl_alt_del)
 
     async def _start_api(self, path: Path):
-        from .api import load_server_modules
-
-        load_server_modules()  # without aiohttp's client TLS contexts (run_vm did it first)
         from .api.controller import Controller
         from .api.metrics import VmMetrics
         from .api.server import ApiServer

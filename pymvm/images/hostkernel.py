@@ -91,9 +91,13 @@ def cache_key(fragment: bytes, tarball: Path, virtme_version: str) -> str:
     return h.hexdigest()[:16]
 
 
-def host_kernel_dir(cache_dir: Path | None = None, fragment_path: Path = FRAGMENT_PATH) -> Path:
-    """Where the kernel for the current fragment, source and virtme-ng lives (built or not)."""
-    key = cache_key(fragment_path.read_bytes(), find_source_tarball(), _virtme_version())
+def host_kernel_dir(cache_dir: Path | None = None, fragment_path: Path = FRAGMENT_PATH,
+                    *, fragment: bytes | None = None, tarball: Path | None = None) -> Path:
+    """Where the kernel for the current fragment, source and virtme-ng lives (built or not);
+    ``fragment`` and ``tarball`` when the caller has them already."""
+    fragment = fragment_path.read_bytes() if fragment is None else fragment
+    tarball = find_source_tarball() if tarball is None else tarball
+    key = cache_key(fragment, tarball, _virtme_version())
     return cache_root(cache_dir) / "kernels" / f"{CACHE_PREFIX}{key}"
 
 
@@ -122,8 +126,8 @@ def build_host_kernel(cache_dir: Path | None = None, jobs: int | None = None,
     """Build (or return the cached) nested-host kernel; see the module docstring."""
     tarball = find_source_tarball()
     fragment = fragment_path.read_bytes()
-    kernel = HostKernel(cache_root(cache_dir) / "kernels" / (
-        CACHE_PREFIX + cache_key(fragment, tarball, _virtme_version())))
+    kernel = HostKernel(host_kernel_dir(cache_dir, fragment_path, fragment=fragment,
+                                        tarball=tarball))
     if kernel.complete():
         log(f"[kernel] nested-host kernel already built: {kernel.folder}")
         return kernel

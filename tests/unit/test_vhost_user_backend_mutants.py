@@ -224,6 +224,14 @@ def test_ring_part_outside_guest_memory_is_named_in_the_disconnect_reason(
     assert reasons == [f"protocol error: {which} address {outside:#x} is in no memory region"]
 
 
+async def inflight_region(fe: Frontend) -> m.InflightFdReply:
+    """GET_INFLIGHT_FD for the one test queue (after inflight_session); the caller owns the
+    reply's fd."""
+    reply = await request_with_fds(fe, m.GetInflightFd(num_queues=1, queue_size=QSIZE))
+    assert isinstance(reply, m.InflightFdReply)
+    return reply
+
+
 async def own_with_reply_ack(fe: Frontend, features: int) -> None:
     """The handshake these tests share: ``features`` set, REPLY_ACK negotiated, SET_OWNER."""
     await fe.request(m.GetFeatures())
@@ -702,8 +710,7 @@ def test_chain_a_device_holds_is_recorded_in_flight_for_the_next_back_end(
     async def body(server: VhostUserServer, connect) -> None:
         fe = await connect()
         await inflight_session(fe)
-        reply = await request_with_fds(fe, m.GetInflightFd(num_queues=1, queue_size=QSIZE))
-        assert isinstance(reply, m.InflightFdReply)
+        reply = await inflight_region(fe)
         record = mmap.mmap(reply.fd, reply.mmap_size)
         os.close(reply.fd)
         kick, call = await start_ring(fe, ram, ram.uva)
@@ -729,8 +736,7 @@ def test_malformed_chain_handed_back_moves_the_inflight_used_index_and_the_ring_
     async def body(server: VhostUserServer, connect) -> None:
         fe = await connect()
         await inflight_session(fe)
-        reply = await request_with_fds(fe, m.GetInflightFd(num_queues=1, queue_size=QSIZE))
-        assert isinstance(reply, m.InflightFdReply)
+        reply = await inflight_region(fe)
         record = mmap.mmap(reply.fd, reply.mmap_size)
         os.close(reply.fd)
         kick, call = await start_ring(fe, ram, ram.uva)
@@ -1117,16 +1123,14 @@ def test_new_inflight_region_asked_for_while_a_tracked_ring_runs_keeps_the_sessi
     async def body(server: VhostUserServer, connect) -> None:
         fe = await connect()
         await inflight_session(fe)
-        first = await request_with_fds(fe, m.GetInflightFd(num_queues=1, queue_size=QSIZE))
-        assert isinstance(first, m.InflightFdReply)
+        first = await inflight_region(fe)
         os.close(first.fd)
         kick, call = await start_ring(fe, ram, ram.uva)
         ram.desc(3, ram.gpa + DATA, 16)
         ram.publish(3)
         os.eventfd_write(kick, 1)
         await until(lambda: device.held == [3])
-        second = await request_with_fds(fe, m.GetInflightFd(num_queues=1, queue_size=QSIZE))
-        assert isinstance(second, m.InflightFdReply)
+        second = await inflight_region(fe)
         os.close(second.fd)
         base = await fe.request(m.GetVringBase(0))  # answered: the session goes on
         assert isinstance(base, m.VringBaseReply) and base.num == 1
