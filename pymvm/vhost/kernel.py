@@ -12,11 +12,11 @@ from __future__ import annotations
 import errno
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, Self
 
 import structlog
 
+from pymvm.record import FrozenRecord
 from pymvm.vhost._vhost_cffi import ffi, lib
 from pymvm.vhost.errors import VhostError, VhostIoctlError
 from pymvm.vhost.queue_state import RingPosition, used_idx_at
@@ -120,20 +120,27 @@ class VringLike(Protocol):
     def device_addr(self) -> int: ...
 
 
-@dataclass(frozen=True)
-class Vring:
+class Vring(FrozenRecord):
+    __slots__ = ("index", "size", "desc_addr", "driver_addr", "device_addr")
     index: int
     size: int
     desc_addr: int
     driver_addr: int
     device_addr: int
 
+    def __init__(self, index: int, size: int, desc_addr: int, driver_addr: int,
+                 device_addr: int) -> None:
+        self._init(index, size, desc_addr, driver_addr, device_addr)
 
-@dataclass(frozen=True)
-class VringHostAddrs:
+
+class VringHostAddrs(FrozenRecord):
+    __slots__ = ("desc", "avail", "used")
     desc: int
     avail: int
     used: int
+
+    def __init__(self, desc: int, avail: int, used: int) -> None:
+        self._init(desc, avail, used)
 
 
 def offered_features(vhost_features: int) -> int:

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import structlog
+
+from pymvm.record import FrozenRecord
 
 log = structlog.get_logger()
 
@@ -29,10 +30,10 @@ class VirtioActivationError(VirtioError):
     """A device refused the driver's setup at DRIVER_OK (missing queue, bad back-end...)."""
 
 
-@dataclass(frozen=True)
-class QueueConfig:
+class QueueConfig(FrozenRecord):
     """One virtqueue as the driver set it up (spec 2.7, split ring); addresses are GPAs."""
 
+    __slots__ = ("index", "size", "ready", "desc_addr", "driver_addr", "device_addr")
     index: int
     size: int
     ready: bool
@@ -40,9 +41,12 @@ class QueueConfig:
     driver_addr: int  # the available ring
     device_addr: int  # the used ring
 
+    def __init__(self, index: int, size: int, ready: bool, desc_addr: int, driver_addr: int,
+                 device_addr: int) -> None:
+        self._init(index, size, ready, desc_addr, driver_addr, device_addr)
 
-@dataclass(frozen=True)
-class ActivationContext:
+
+class ActivationContext(FrozenRecord):
     """Everything a device needs to start its data plane at DRIVER_OK.
 
     ``queues`` holds only the queues the driver marked ready, in index order; ``kick_fds[i]``
@@ -51,11 +55,18 @@ class ActivationContext:
     through untouched for back-ends that map guest memory (vhost SET_MEM_TABLE).
     """
 
+    __slots__ = ("acked_features", "queues", "kick_fds", "call_fds", "mem_regions")
     acked_features: int
     queues: list[QueueConfig]
-    kick_fds: list[int] = field(default_factory=list)
-    call_fds: list[int] = field(default_factory=list)
-    mem_regions: Sequence[Any] = ()
+    kick_fds: list[int]
+    call_fds: list[int]
+    mem_regions: Sequence[Any]
+
+    def __init__(self, acked_features: int, queues: list[QueueConfig],
+                 kick_fds: list[int] | None = None, call_fds: list[int] | None = None,
+                 mem_regions: Sequence[Any] = ()) -> None:
+        self._init(acked_features, queues, [] if kick_fds is None else kick_fds,
+                   [] if call_fds is None else call_fds, mem_regions)
 
     def has_feature(self, bit: int) -> bool:
         return bool(self.acked_features >> bit & 1)

@@ -13,13 +13,13 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 import structlog
 
 from pymvm.devices.virtio import constants as c
 from pymvm.devices.virtio.device import ActivationContext, QueueConfig, VirtioDevice, VirtioError
+from pymvm.record import Record
 
 log = structlog.get_logger()
 
@@ -63,14 +63,23 @@ def virtio_mmio_cmdline(base: int, irq: int, size: int = c.VIRTIO_MMIO_PAGE_SIZE
     return f"virtio_mmio.device={size_text}@{base:#x}:{irq}"
 
 
-@dataclass
-class _Queue:
+class _Queue(Record):
+    __slots__ = ("max_size", "size", "ready", "desc_addr", "driver_addr", "device_addr")
     max_size: int
     size: int
-    ready: bool = False
-    desc_addr: int = 0
-    driver_addr: int = 0
-    device_addr: int = 0
+    ready: bool
+    desc_addr: int
+    driver_addr: int
+    device_addr: int
+
+    def __init__(self, max_size: int, size: int, ready: bool = False, desc_addr: int = 0,
+                 driver_addr: int = 0, device_addr: int = 0) -> None:
+        self.max_size = max_size
+        self.size = size
+        self.ready = ready
+        self.desc_addr = desc_addr
+        self.driver_addr = driver_addr
+        self.device_addr = device_addr
 
     @classmethod
     def fresh(cls, max_size: int) -> _Queue:
