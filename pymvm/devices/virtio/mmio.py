@@ -18,7 +18,12 @@ from typing import Any, Protocol
 import structlog
 
 from pymvm.devices.virtio import constants as c
-from pymvm.devices.virtio.device import ActivationContext, QueueConfig, VirtioDevice, VirtioError
+from pymvm.devices.virtio.device import (
+    ActivationContext,
+    QueueConfig,
+    VirtioDevice,
+    VirtioError,
+)
 from pymvm.record import Record
 
 log = structlog.get_logger()
