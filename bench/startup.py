@@ -15,7 +15,8 @@ the development machine's kvm_pvm, where Linux guests do not boot) and measures 
   - for pymvm, `python -X importtime` of one run more counts the modules it imported (the
     interpreter's own included).
 
-Prints per-run lines, then medians and `native_startup_cpu_ratio=X` (pymvm / QEMU; QEMU is
+``--api`` and ``--vsock`` add pymvm with a control API socket and with a vsock device (the VMs
+of the testing kit and of bench/boot's first-exec part). Prints per-run lines, then medians and `native_startup_cpu_ratio=X` (pymvm / QEMU; QEMU is
 skipped with --no-qemu). Run it directly: python3 bench/startup.py [-n RUNS].
 """
 
@@ -159,6 +160,12 @@ def main() -> int:
                    help="also measure, interleaved, the pymvm package in DIR/pymvm (say an older "
                         "commit's: git archive COMMIT pymvm | tar -x -C DIR, its built *.so "
                         "copied in and compiled with python -m compileall DIR)")
+    p.add_argument("--api", action="store_true",
+                   help="also measure pymvm with a control API socket (--api-sock): the API's "
+                        "server modules load before its vCPUs")
+    p.add_argument("--vsock", action="store_true",
+                   help="also measure pymvm with a vsock device (bench/boot's first-exec VM; "
+                        "needs /dev/vhost-vsock)")
     args = p.parse_args()
 
     from pymvm.images.initramfs import build_initramfs, encode_cmd
@@ -177,6 +184,15 @@ def main() -> int:
         if args.compare is not None:
             vmms["other"] = vmms["pymvm"]
             where["other"] = args.compare.resolve()
+        if args.api:
+            argv = vmms["pymvm"]
+            vmms["api"] = [*argv[:-1], "--api-sock", str(tmp / "api.sock"), argv[-1]]
+        if args.vsock:
+            vsock_toml = tmp / "vsock.toml"
+            argv = pymvm_argv(vsock_toml, kernel.bzimage, initramfs, cmdline)
+            vsock_toml.write_text(vsock_toml.read_text().replace('id = "bench"', 'id = "bench-vsock"')
+                                  + f"[vsock]\ncid = {10000 + os.getpid() % 50000}\n")
+            vmms["vsock"] = argv
         if args.without_pth:
             vmms["no-pth"] = without_pth(vmms["pymvm"])
             where["no-pth"] = ROOT
