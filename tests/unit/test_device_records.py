@@ -16,6 +16,7 @@ def test_the_device_records_behave_as_values() -> None:
                        "device_addr=3)")
     a, b = ActivationContext(1, [q]), ActivationContext(1, [q])
     assert a.kick_fds == [] and a.kick_fds is not b.kick_fds  # a fresh list each, as default_factory
+    assert a.call_fds == [] and a.call_fds is not b.call_fds and a.mem_regions == ()
     assert a.queue(0) is q and a.queue(1) is None
     assert Vring(1, 256, 2, 3, 4).replace(size=128) == Vring(1, 128, 2, 3, 4)
     assert VringHostAddrs(desc=1, avail=2, used=3) != VringHostAddrs(1, 2, 4)
