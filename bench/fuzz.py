@@ -484,6 +484,7 @@ def make_api():
 
     import aiohttp
     import atheris
+    import yarl
     from aiohttp.test_utils import TestServer
 
     from pymvm.api.server import ApiServer
@@ -519,6 +520,8 @@ def make_api():
             body = fdp.PickValueInList(bodies) if fdp.ConsumeBool() else fdp.ConsumeBytes(
                 fdp.ConsumeIntInRange(0, 300))
             try:
+                if yarl.URL(path).absolute:
+                    continue  # "//host..." once the client has read it: it would go elsewhere
                 resp = await client.request(method, path, data=body)
             except ValueError:
                 continue  # a path aiohttp's client will not send
@@ -559,9 +562,11 @@ def child(name: str, runs: int, corpus: Path, crashes: Path, seeds: list[Path]) 
 
 
 def seeds_for(name: str) -> list[Path]:
-    if name == "config":
-        return [REPO / "examples"]
-    return []
+    """Inputs every run of ``name`` starts with: the examples for the config harness, and the
+    inputs that once crashed a harness (bench/fuzz_seeds/NAME/), kept as regressions."""
+    seeds = [REPO / "examples"] if name == "config" else []
+    kept = REPO / "bench" / "fuzz_seeds" / name
+    return seeds + ([kept] if kept.is_dir() else [])
 
 
 def run_harness(name: str, runs: int, corpus_root: Path) -> dict[str, float]:
