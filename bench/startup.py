@@ -16,8 +16,10 @@ the development machine's kvm_pvm, where Linux guests do not boot) and measures 
     interpreter's own included).
 
 ``--api`` and ``--vsock`` add pymvm with a control API socket and with a vsock device (the VMs
-of the testing kit and of bench/boot's first-exec part). Prints per-run lines, then medians and `native_startup_cpu_ratio=X` (pymvm / QEMU; QEMU is
-skipped with --no-qemu). Run it directly: python3 bench/startup.py [-n RUNS].
+of the testing kit and of bench/boot's first-exec part). Prints per-run lines, then medians
+and `native_startup_cpu_ratio=X` (pymvm / QEMU; QEMU is skipped with --no-qemu). Run it
+directly: python3 bench/startup.py [-n RUNS], or inside the nested host:
+python -m pymvm.nested -- python3 bench/startup.py.
 """
 
 from __future__ import annotations
