@@ -3,26 +3,13 @@ accounting, from scripts/test's own output."""
 
 from __future__ import annotations
 
-import importlib.machinery
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "clean-clone-runs"
+from tests.unit.script_loader import load_script
 
-
-def load_script():
-    loader = importlib.machinery.SourceFileLoader("pymvm_clean_clone_runs", str(SCRIPT))
-    spec = importlib.util.spec_from_loader(loader.name, loader)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[loader.name] = module  # its dataclass looks its module up there
-    loader.exec_module(module)
-    return module
-
-
-ccr = load_script()
+ccr = load_script("clean-clone-runs", "pymvm_clean_clone_runs")
 
 ONE_ATTEMPT = """setup: done
 scripts/test: unit, kvm and interop tiers (07:09:32)

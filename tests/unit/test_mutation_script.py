@@ -3,26 +3,18 @@ smoke-tested by scripts/test)."""
 
 from __future__ import annotations
 
-import importlib.machinery
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from tests.unit.script_loader import load_script
+
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "mutation"
 
 
-def load_script():
-    loader = importlib.machinery.SourceFileLoader("pymvm_mutation_script", str(SCRIPT))
-    spec = importlib.util.spec_from_loader(loader.name, loader)
-    module = importlib.util.module_from_spec(spec)
-    loader.exec_module(module)
-    return module
-
-
-mutation = load_script()
+mutation = load_script("mutation", "pymvm_mutation_script")
 
 RESULTS = """\
     pymvm.net.host.x__ipr__mutmut_1: killed
