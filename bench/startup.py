@@ -16,7 +16,12 @@ the development machine's kvm_pvm, where Linux guests do not boot) and measures 
     interpreter's own included).
 
 ``--api`` and ``--vsock`` add pymvm with a control API socket and with a vsock device (the VMs
-of the testing kit and of bench/boot's first-exec part). Prints per-run lines, then medians
+of the testing kit and of bench/boot's first-exec part). ``--floor`` adds what CPython costs
+before any of pymvm's code runs, in the same interleaved runs: the interpreter alone
+(`python -S -c pass`) and the interpreter importing every module that is not pymvm's which
+pymvm imports up to its first KVM_RUN (read from `-X importtime` of pymvm started with
+`python -S`), and prints `python_floor_ratio=X` (the second / QEMU): a pymvm start-up ratio
+below it would need fewer of those modules, not a faster pymvm. Prints per-run lines, then medians
 and `native_startup_cpu_ratio=X` (pymvm / QEMU; QEMU is skipped with --no-qemu). Run it
 directly: python3 bench/startup.py [-n RUNS], or inside the nested host:
 python -m pymvm.nested -- python3 bench/startup.py.
@@ -83,10 +88,11 @@ def _die_at_first_kvm_run() -> None:
         os._exit(121)
 
 
-def run_to_first_kvm_run(argv: list[str], timeout: float = 60.0, cwd: Path = ROOT
-                         ) -> tuple[float, float, int]:
+def run_to_first_kvm_run(argv: list[str], timeout: float = 60.0, cwd: Path = ROOT,
+                         exits: bool = False) -> tuple[float, float, int]:
     """(CPU seconds, wall seconds, page faults) from exec to the first KVM_RUN, which kills
-    the process.
+    the process; with ``exits``, from exec to the process's exit with status 0 (a program
+    that never gets to a KVM_RUN: the floor's).
     ``python -m pymvm.cli`` imports the pymvm package found in ``cwd``."""
     start = time.monotonic()
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
@@ -104,7 +110,10 @@ def run_to_first_kvm_run(argv: list[str], timeout: float = 60.0, cwd: Path = ROO
         time.sleep(0.0005)
     wall = time.monotonic() - start
     proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode != -31:  # SIGSYS: the filter killed it at KVM_RUN
+    if exits:
+        if proc.returncode != 0:
+            raise RuntimeError(f"{argv[0]}: exited {proc.returncode}")
+    elif proc.returncode != -31:  # SIGSYS: the filter killed it at KVM_RUN
         raise RuntimeError(f"{argv[0]}: exited {proc.returncode} before any KVM_RUN")
     return usage.ru_utime + usage.ru_stime, wall, usage.ru_minflt + usage.ru_majflt
 
@@ -139,15 +148,77 @@ def count_syscalls(argv: list[str], tmp: Path, cwd: Path = ROOT) -> tuple[int, d
     return total, per_call
 
 
-def count_modules(argv: list[str], cwd: Path = ROOT) -> int:
-    """Modules `-X importtime` reports for pymvm up to its first KVM_RUN."""
+def _importtime_lines(importtime: str) -> list[tuple[int, str]]:
+    """(depth, module) of each `-X importtime` line, in the order the imports finished (each
+    one's own imports, one level deeper, before it)."""
+    lines = []
+    for line in importtime.splitlines():
+        if line.startswith("import time:") and line.count("|") == 2:
+            field = line.split("|")[2]
+            name = field.strip()
+            if name != "imported package":  # the header
+                lines.append(((len(field) - len(field.lstrip()) - 1) // 2, name))
+    return lines
+
+
+def imported_modules(importtime: str) -> list[str]:
+    """The modules `-X importtime` output names, in the order their imports finished."""
+    return [name for _, name in _importtime_lines(importtime)]
+
+
+def _is_pymvms(module: str) -> bool:
+    return module == "pymvm" or module.startswith("pymvm.")
+
+
+def dependency_imports(importtime: str) -> list[str]:
+    """The imports, not of pymvm's modules, that pymvm's code and the interpreter's start
+    make, in the order they started: importing these, in this order, loads every module of
+    the output that is not pymvm's (each brings its own imports), and nothing of pymvm.
+    Except: a submodule whose package the output does not list (structlog.contextvars:
+    pymvm.lazy loads it with structlog's ``__init__`` pending) would load that package too,
+    so it is left out, and only its own imports are made: the floor understates, never
+    overstates, what pymvm's dependencies cost."""
+    pending: dict[int, list[tuple[str, list]]] = {}
+    for depth, name in _importtime_lines(importtime):
+        children = pending.pop(depth + 1, [])
+        pending.setdefault(depth, []).append((name, children))
+    listed = set(imported_modules(importtime))
+    order: list[str] = []
+
+    def visit(nodes: list[tuple[str, list]]) -> None:
+        for name, children in nodes:
+            if _is_pymvms(name) or name.partition(".")[0] not in listed:
+                visit(children)  # what pymvm's own module (or the bare submodule) imported
+            else:
+                order.append(name)
+
+    for depth in sorted(pending):
+        visit(pending[depth])
+    return order
+
+
+def run_importtime(argv: list[str], cwd: Path = ROOT) -> str:
+    """`-X importtime` output of pymvm's ``argv`` up to its first KVM_RUN."""
     python_argv = [argv[0], "-X", "importtime", *argv[1:]]
     proc = subprocess.run(python_argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                           stderr=subprocess.PIPE, preexec_fn=_die_at_first_kvm_run, timeout=120,
                           check=False, cwd=cwd)
-    return sum(1 for line in proc.stderr.decode(errors="replace").splitlines()
-               if line.startswith("import time:") and line.count("|") == 2
-               and not line.rstrip().endswith("imported package"))
+    return proc.stderr.decode(errors="replace")
+
+
+def count_modules(argv: list[str], cwd: Path = ROOT) -> int:
+    """Modules `-X importtime` reports for pymvm up to its first KVM_RUN."""
+    return len(imported_modules(run_importtime(argv, cwd)))
+
+
+def floor_argv(python: str, imports: list[str]) -> list[str]:
+    """``python -S`` importing ``imports`` in their order, then exiting. The interpreter's
+    own modules, loaded before ``-c`` runs, cost nothing more. `-X importtime` lists failed
+    imports too (``nt`` on Linux, tried by the modules that import it inside a ``try``): the
+    same failures are let pass here."""
+    code = ("for m in " + repr(imports) + ":\n"
+            "    try:\n        __import__(m)\n    except ImportError:\n        pass")
+    return [python, "-S", "-c", code]
 
 
 def main() -> int:
@@ -168,6 +239,9 @@ def main() -> int:
     p.add_argument("--vsock", action="store_true",
                    help="also measure pymvm with a vsock device (bench/boot's first-exec VM; "
                         "needs /dev/vhost-vsock)")
+    p.add_argument("--floor", action="store_true",
+                   help="also measure the interpreter alone (python -S -c pass) and the "
+                        "interpreter importing the modules, not pymvm's, that pymvm imports")
     args = p.parse_args()
 
     from pymvm.images.initramfs import build_initramfs, encode_cmd
@@ -198,6 +272,17 @@ def main() -> int:
         if args.without_pth:
             vmms["no-pth"] = without_pth(vmms["pymvm"])
             where["no-pth"] = ROOT
+        # Programs that exit before any KVM_RUN: the floor under pymvm's start-up.
+        exiting: set[str] = set()
+        if args.floor:
+            importtime = run_importtime(without_pth(vmms["pymvm"]))
+            modules = imported_modules(importtime)
+            vmms["interp"] = [sys.executable, "-S", "-c", "pass"]
+            vmms["deps"] = floor_argv(sys.executable, dependency_imports(importtime))
+            exiting = {"interp", "deps"}
+            print(f"floor: deps loads the {sum(not _is_pymvms(m) for m in modules)} modules, not "
+                  f"pymvm's, of the {len(modules)} that pymvm started with python -S imports",
+                  flush=True)
         if not args.no_qemu:
             qemu = shutil.which("qemu-system-x86_64")
             if qemu is None:
@@ -207,19 +292,27 @@ def main() -> int:
             vmms["qemu"] = qemu_argv(qemu, "microvm,acpi=off,x-option-roms=off,rtc=off,isa-serial=on",
                                      kernel.bzimage, initramfs, cmdline)
         for name, argv in vmms.items():  # warm the page cache
-            run_to_first_kvm_run(argv, cwd=where.get(name, ROOT))
+            run_to_first_kvm_run(argv, cwd=where.get(name, ROOT), exits=name in exiting)
         cpu: dict[str, list[float]] = {name: [] for name in vmms}
         wall: dict[str, list[float]] = {name: [] for name in vmms}
         faults: dict[str, list[int]] = {name: [] for name in vmms}
         for i in range(args.runs):
             for name, argv in vmms.items():
-                c, w, f = run_to_first_kvm_run(argv, cwd=where.get(name, ROOT))
+                c, w, f = run_to_first_kvm_run(argv, cwd=where.get(name, ROOT),
+                                               exits=name in exiting)
                 cpu[name].append(c)
                 wall[name].append(w)
                 faults[name].append(f)
-                print(f"run {i + 1:2d} {name:5s} exec to first KVM_RUN: CPU {c * 1000:7.1f} ms, "
+                until = "its exit" if name in exiting else "first KVM_RUN"
+                print(f"run {i + 1:2d} {name:6s} exec to {until}: CPU {c * 1000:7.1f} ms, "
                       f"wall {w * 1000:7.1f} ms, {f} page faults", flush=True)
         for name, argv in vmms.items():
+            if name in exiting:
+                print(f"{name}: CPU median {statistics.median(cpu[name]) * 1000:.1f} ms "
+                      f"(min {min(cpu[name]) * 1000:.1f}), wall median "
+                      f"{statistics.median(wall[name]) * 1000:.1f} ms, "
+                      f"{statistics.median(faults[name]):.0f} page faults (to its exit)", flush=True)
+                continue
             total, per_call = count_syscalls(argv, tmp, cwd=where.get(name, ROOT))
             top = ", ".join(f"{k} {v}" for k, v in sorted(per_call.items(), key=lambda kv: -kv[1])[:8])
             line = (f"{name}: CPU median {statistics.median(cpu[name]) * 1000:.1f} ms "
@@ -232,6 +325,9 @@ def main() -> int:
         if "qemu" in vmms:
             ratio = statistics.median(cpu["pymvm"]) / statistics.median(cpu["qemu"])
             print(f"native_startup_cpu_ratio={ratio:.3f}")
+            if args.floor:
+                floor = statistics.median(cpu["deps"]) / statistics.median(cpu["qemu"])
+                print(f"python_floor_ratio={floor:.3f}")
     return 0
 
 
