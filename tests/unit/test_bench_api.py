@@ -4,32 +4,21 @@ QMP JSON-lines client for QEMU, and the API server's small per-connection reads.
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import json
 import socket
-import sys
 import threading
-from pathlib import Path
 
 import pytest
 
 from pymvm.api.server import READ_SIZE, ApiServer
 
+from .script_loader import load_bench
 from .test_api import Vm
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
 def bench_api():
-    sys.path.insert(0, str(ROOT / "bench"))
-    try:
-        spec = importlib.util.spec_from_file_location("bench_api", ROOT / "bench" / "api.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
-    finally:
-        sys.path.remove(str(ROOT / "bench"))
+    return load_bench("api.py", "bench_api")
 
 
 def test_http_client_reads_answers_split_across_reads_and_keeps_what_follows(bench_api) -> None:

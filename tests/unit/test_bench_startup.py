@@ -4,15 +4,13 @@ own share is larger than QEMU's whole start-up)."""
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from .script_loader import load_bench
 
 # What `python -X importtime` writes: each module when its import finishes, its own imports
 # (two spaces deeper) before it. pymvm.cli imports json and pymvm.config; pymvm.config
@@ -37,14 +35,7 @@ import time:        10 |         10 | nt
 
 @pytest.fixture(scope="module")
 def startup():
-    sys.path.insert(0, str(ROOT / "bench"))
-    try:
-        spec = importlib.util.spec_from_file_location("bench_startup", ROOT / "bench" / "startup.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
-    finally:
-        sys.path.remove(str(ROOT / "bench"))
+    return load_bench("startup.py", "bench_startup")
 
 
 def test_imported_modules_are_read_in_the_order_they_finished(startup) -> None:

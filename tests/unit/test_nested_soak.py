@@ -3,20 +3,14 @@ setting whose boot was in progress, and completed boots are counted per setting.
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from .script_loader import load_bench
 
 
 @pytest.fixture(scope="module")
 def soak():
-    spec = importlib.util.spec_from_file_location("nested_soak", ROOT / "bench" / "nested_soak.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("nested_soak.py", "nested_soak")
 
 
 def _table(out: str) -> dict[str, list[int]]:
