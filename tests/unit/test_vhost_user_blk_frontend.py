@@ -6,7 +6,6 @@ inflight region is handed over (SET_INFLIGHT_FD) and requests flow again."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import struct
 import threading
@@ -25,6 +24,7 @@ from pymvm.vhost.user.backend import VhostUserServer
 from pymvm.vhost.user.frontend import RingPosition, VhostUserBlkBackend, VhostUserFrontendError
 from pymvm.vhost.user.messages import ProtocolFeature as PF
 from tests.unit.test_vhost_user_frontend import sock_dir  # noqa: F401 (fixture)
+from tests.unit.test_vhost_user_reconnect import ServerThread
 
 QSIZE = 16
 DESC, AVAIL, USED = 0x10000, 0x10000 + 16 * QSIZE, 0x11000
@@ -32,30 +32,15 @@ HDR, DATA, STATUS = 0x20000, 0x21000, 0x22000
 SECTORS = 128
 
 
-class BlkServer:
+class BlkServer(ServerThread):
     """pymvm's blk back-end on an asyncio loop in a thread (a stand-in for the process)."""
 
     def __init__(self, path: str, image: Path) -> None:
         self.fd = os.open(image, os.O_RDWR)
-        self.device = BlkBackend(self.fd, image.stat().st_size, serial="unit")
-        self.server = VhostUserServer(path, self.device)
-        self.server.listen()
-        self.loop = asyncio.new_event_loop()
-        self._task: asyncio.Task | None = None
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        asyncio.set_event_loop(self.loop)
-        self._task = self.loop.create_task(self.server.serve_forever())
-        with contextlib.suppress(asyncio.CancelledError):
-            self.loop.run_until_complete(self._task)
+        super().__init__(path, BlkBackend(self.fd, image.stat().st_size, serial="unit"))
 
     def stop(self) -> None:
-        if self._task is not None:
-            self.loop.call_soon_threadsafe(self._task.cancel)
-        self.thread.join(5)
-        self.loop.close()
+        super().stop()
         self.device.close()
         os.close(self.fd)
 

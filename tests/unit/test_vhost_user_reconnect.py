@@ -93,10 +93,11 @@ def test_reconnect_to_a_backend_that_lost_features_does_not_replay_the_rings(
 
 
 class ServerThread:
-    """pymvm's VhostUserServer with a RecordingDevice, on an asyncio loop in a thread."""
+    """pymvm's VhostUserServer with ``device`` (a RecordingDevice unless given), on an asyncio
+    loop in a thread."""
 
-    def __init__(self, path: str) -> None:
-        self.device = RecordingDevice()
+    def __init__(self, path: str, device=None) -> None:
+        self.device = RecordingDevice() if device is None else device
         self.server = VhostUserServer(path, self.device)
         self.server.listen()
         self.loop = asyncio.new_event_loop()
