@@ -101,18 +101,21 @@ class Frontend:
 class GuestRam:
     """A memfd the test (as the driver) writes rings into, shared with the back-end."""
 
-    def __init__(self) -> None:
+    def __init__(self, size: int = MEM_SIZE, gpa: int = MEM_GPA, uva: int = MEM_UVA,
+                 name: str = "vhost-user-test") -> None:
         # Sealable: the back-end seals it against shrinking (a truncated mapping is a SIGBUS).
-        self.fd = os.memfd_create("vhost-user-test", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
-        os.ftruncate(self.fd, MEM_SIZE)
-        self.map = mmap.mmap(self.fd, MEM_SIZE)
+        self.fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        os.ftruncate(self.fd, size)
+        self.map = mmap.mmap(self.fd, size)
+        self.size, self.gpa, self.uva = size, gpa, uva
         self.avail_idx = 0
 
     def region(self) -> m.MemoryRegion:
-        return m.MemoryRegion(MEM_GPA, MEM_SIZE, MEM_UVA, 0)
+        return m.MemoryRegion(self.gpa, self.size, self.uva, 0)
 
     def desc(self, i: int, offset: int, length: int, flags: int = 0, nxt: int = 0) -> None:
-        struct.pack_into("<QIHH", self.map, DESC + 16 * i, MEM_GPA + offset, length, flags, nxt)
+        """Descriptor ``i`` points at ``offset`` bytes into this memory."""
+        struct.pack_into("<QIHH", self.map, DESC + 16 * i, self.gpa + offset, length, flags, nxt)
 
     def publish(self, head: int) -> None:
         struct.pack_into("<H", self.map, AVAIL + 4 + 2 * (self.avail_idx % QSIZE), head)

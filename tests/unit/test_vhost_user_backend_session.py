@@ -25,6 +25,7 @@ from tests.unit.test_vhost_user_backend import (
     QSIZE,
     USED,
     Frontend,
+    GuestRam,
     RecordingDevice,
     run_server,
     until,
@@ -33,40 +34,17 @@ from tests.unit.test_vhost_user_backend import (
 PAGE = mmap.PAGESIZE
 
 
-class Ram:
+class Ram(GuestRam):
     """A memfd with a name of its own (to find its mappings in /proc/self/maps)."""
 
     def __init__(self, size: int, gpa: int, uva: int) -> None:
         self.name = f"pymvm-vu-session-{os.getpid()}-{os.urandom(4).hex()}"
-        # Sealable, as the back-end asks of guest memory (so the front-end cannot shrink it).
-        self.fd = os.memfd_create(self.name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
-        os.ftruncate(self.fd, size)
-        self.map = mmap.mmap(self.fd, size)
-        self.size, self.gpa, self.uva = size, gpa, uva
-        self.avail_idx = 0
-
-    def region(self) -> m.MemoryRegion:
-        return m.MemoryRegion(self.gpa, self.size, self.uva, 0)
+        super().__init__(size, gpa, uva, self.name)
 
     def mappings(self) -> int:
         """How many mappings of this memfd the process has (ours is one of them)."""
         with open("/proc/self/maps") as f:
             return sum(f"/memfd:{self.name} " in line for line in f)
-
-    def desc(self, i: int, gpa: int, length: int) -> None:
-        struct.pack_into("<QIHH", self.map, DESC + 16 * i, gpa, length, 0, 0)
-
-    def publish(self, head: int) -> None:
-        struct.pack_into("<H", self.map, AVAIL + 4 + 2 * (self.avail_idx % QSIZE), head)
-        self.avail_idx += 1
-        struct.pack_into("<H", self.map, AVAIL + 2, self.avail_idx)
-
-    def used_idx(self) -> int:
-        return struct.unpack_from("<H", self.map, USED + 2)[0]
-
-    def close(self) -> None:
-        self.map.close()
-        os.close(self.fd)
 
 
 def eventfds_open() -> int:
@@ -183,7 +161,7 @@ def test_ring_addresses_translate_through_the_region_that_contains_them(tmp_path
         await fe.negotiate()
         kick, call = await start_ring(fe, high, high.uva, mem=(low, high))
         high.map[DATA:DATA + 4] = b"ring"
-        high.desc(0, high.gpa + DATA, 4)
+        high.desc(0, DATA, 4)
         high.publish(0)
         os.eventfd_write(kick, 1)
         await until(lambda: device.payloads == [b"ring"])
@@ -316,7 +294,7 @@ def test_rem_mem_reg_unmaps_that_region_and_rings_in_the_others_keep_working(
         assert isinstance(ack, m.Ack) and ack.ok
         assert extra.mappings() == 1 and ram.mappings() == 2
         ram.map[DATA:DATA + 4] = b"kept"
-        ram.desc(0, ram.gpa + DATA, 4)
+        ram.desc(0, DATA, 4)
         ram.publish(0)
         os.eventfd_write(kick, 1)
         await until(lambda: device.payloads == [b"kept"])
@@ -465,7 +443,7 @@ def test_rings_restart_after_reset_owner(tmp_path, ram: Ram) -> None:
         device.events.clear()
         kick2, call2 = await start_ring(fe, ram, ram.uva)
         assert device.events == [("started", 0)]
-        ram.desc(0, ram.gpa + DATA, 2)
+        ram.desc(0, DATA, 2)
         ram.map[DATA:DATA + 2] = b"ok"
         ram.publish(0)
         os.eventfd_write(kick2, 1)
@@ -584,7 +562,7 @@ def test_buffers_published_before_the_ring_starts_are_processed_without_a_kick(
         fe = await connect()
         await fe.negotiate()
         ram.map[DATA:DATA + 5] = b"early"
-        ram.desc(0, ram.gpa + DATA, 5)
+        ram.desc(0, DATA, 5)
         ram.publish(0)
         kick, call = await start_ring(fe, ram, ram.uva)  # no eventfd_write(kick)
         await until(lambda: device.payloads == [b"early"])
