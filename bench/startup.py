@@ -275,6 +275,14 @@ def main() -> int:
         # Programs that exit before any KVM_RUN: the floor under pymvm's start-up.
         exiting: set[str] = set()
         if args.floor:
+            # Each run here is killed at its first KVM_RUN and leaves its state directory,
+            # which the next pymvm start cleans up (loading shutil for it): a normal start
+            # has none, so the floor's modules are read from one without.
+            from pymvm import logging as pymvm_logging
+            from pymvm.state import cleanup_stale
+
+            pymvm_logging.configure("warning")
+            cleanup_stale()
             importtime = run_importtime(without_pth(vmms["pymvm"]))
             modules = imported_modules(importtime)
             vmms["interp"] = [sys.executable, "-S", "-c", "pass"]
