@@ -368,7 +368,7 @@ def test_without_protocol_features_a_ring_runs_from_its_kick_without_set_vring_e
         await fe.request(m.SetOwner())
         kick, _ = await set_up_ring(fe, ram)
         ram.map[DATA:DATA + 5] = b"early"
-        ram.desc(0, ram.gpa + DATA, 5)
+        ram.desc(0, DATA, 5)
         ram.publish(0)
         os.eventfd_write(kick, 1)
         await until(lambda: device.payloads == [b"early"])
@@ -436,7 +436,7 @@ def test_ring_stopped_by_get_vring_base_runs_again_only_after_a_new_kick(
         ack = await fe.request(m.SetVringEnable(0, True, need_reply=True))
         assert isinstance(ack, m.Ack) and ack.ok
         ram.map[DATA:DATA + 4] = b"late"
-        ram.desc(0, ram.gpa + DATA, 4)
+        ram.desc(0, DATA, 4)
         ram.publish(0)
         await asyncio.sleep(0.1)
         assert device.payloads == [] and device.events.count(("started", 0)) == 1
@@ -474,7 +474,7 @@ def test_used_event_holds_back_the_call_only_when_event_idx_was_acked(
         struct.pack_into("<H", ram.map, AVAIL + 4 + 2 * QSIZE, 5)  # used_event: call me at 6
         for n, payload in enumerate((b"one", b"two"), 1):
             ram.map[DATA:DATA + 3] = payload
-            ram.desc(n - 1, ram.gpa + DATA, 3)
+            ram.desc(n - 1, DATA, 3)
             ram.publish(n - 1)
             os.eventfd_write(kick, 1)
             await until(lambda n=n: len(device.payloads) == n)
@@ -559,7 +559,7 @@ def test_features_withdrawn_while_a_ring_runs_stop_applying_to_it(tmp_path: Path
         struct.pack_into("<H", ram.map, AVAIL + 4 + 2 * QSIZE, 5)  # ignored without EVENT_IDX
         for n in (1, 2):
             ram.map[DATA:DATA + 5] = b"plain"
-            ram.desc(n - 1, ram.gpa + DATA, 5)
+            ram.desc(n - 1, DATA, 5)
             ram.publish(n - 1)
             os.eventfd_write(kick, 1)
             await until(lambda n=n: len(device.payloads) == n)
@@ -603,7 +603,7 @@ def test_ring_whose_device_failed_on_a_kick_takes_no_more_buffers(tmp_path: Path
         os.eventfd_write(kick, 1)
         await until(lambda: _readable(err))
         ram.map[DATA:DATA + 5] = b"after"
-        ram.desc(0, ram.gpa + DATA, 5)
+        ram.desc(0, DATA, 5)
         ram.publish(0)
         os.eventfd_write(kick, 1)
         await asyncio.sleep(0.2)
@@ -635,7 +635,7 @@ def test_replaced_kick_call_and_err_eventfds_are_closed_and_the_new_ones_used(
         await fe.request(m.GetFeatures())  # every fd above has arrived
         assert eventfds_open() == before + 6 + 3  # ours, and the back-end's copies of the new
         ram.map[DATA:DATA + 3] = b"new"
-        ram.desc(0, ram.gpa + DATA, 3)
+        ram.desc(0, DATA, 3)
         ram.publish(0)
         os.eventfd_write(new[0], 1)
         await until(lambda: device.payloads == [b"new"])
@@ -714,7 +714,7 @@ def test_chain_a_device_holds_is_recorded_in_flight_for_the_next_back_end(
         record = mmap.mmap(reply.fd, reply.mmap_size)
         os.close(reply.fd)
         kick, call = await start_ring(fe, ram, ram.uva)
-        ram.desc(3, ram.gpa + DATA, 16)
+        ram.desc(3, DATA, 16)
         ram.publish(3)
         os.eventfd_write(kick, 1)
         await until(lambda: device.held == [3])
@@ -740,9 +740,9 @@ def test_malformed_chain_handed_back_moves_the_inflight_used_index_and_the_ring_
         record = mmap.mmap(reply.fd, reply.mmap_size)
         os.close(reply.fd)
         kick, call = await start_ring(fe, ram, ram.uva)
-        ram.desc(1, ram.gpa + ram.size + PAGE, 16)  # outside guest memory: dropped as used
+        ram.desc(1, ram.size + PAGE, 16)  # outside guest memory: dropped as used
         ram.publish(1)
-        ram.desc(2, ram.gpa + DATA, 16)
+        ram.desc(2, DATA, 16)
         ram.publish(2)
         os.eventfd_write(kick, 1)
         await until(lambda: device.held == [2])
@@ -773,7 +773,7 @@ def test_ring_the_inflight_region_does_not_fit_runs_untracked(
         os.close(reply.fd)
         kick, call = await set_up_ring(fe, ram, index=ring, call=True)
         await enable(fe, ring)
-        ram.desc(3, ram.gpa + DATA, 16)
+        ram.desc(3, DATA, 16)
         ram.publish(3)
         os.eventfd_write(kick, 1)
         await until(lambda: device.held == [3])
@@ -852,7 +852,7 @@ def test_ring_of_a_front_end_that_never_sets_features_runs_from_its_kick(
         await fe.request(m.SetOwner())
         kick, _ = await set_up_ring(fe, ram)
         ram.map[DATA:DATA + 6] = b"legacy"
-        ram.desc(0, ram.gpa + DATA, 6)
+        ram.desc(0, DATA, 6)
         ram.publish(0)
         os.eventfd_write(kick, 1)
         await until(lambda: device.payloads == [b"legacy"])
@@ -1126,7 +1126,7 @@ def test_new_inflight_region_asked_for_while_a_tracked_ring_runs_keeps_the_sessi
         first = await inflight_region(fe)
         os.close(first.fd)
         kick, call = await start_ring(fe, ram, ram.uva)
-        ram.desc(3, ram.gpa + DATA, 16)
+        ram.desc(3, DATA, 16)
         ram.publish(3)
         os.eventfd_write(kick, 1)
         await until(lambda: device.held == [3])
