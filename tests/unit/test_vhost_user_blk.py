@@ -29,7 +29,6 @@ from tests.unit.test_vhost_user_backend import (
     AVAIL,
     DATA,
     MEM_GPA,
-    MEM_UVA,
     QSIZE,
     USED,
     GuestRam,
@@ -611,7 +610,6 @@ def bulk_request(memory, rtype: int, sector: int, segments: list[tuple[int, int]
 
 @pytest.fixture
 def guest_memory():
-    import mmap
 
     from pymvm.devices.virtio.queue import GuestMemoryMap
 
@@ -706,13 +704,7 @@ class BigRam(GuestRam):
     """GuestRam with room for 1 MiB of scattered data pages."""
 
     def __init__(self) -> None:
-        self.fd = os.memfd_create("vhost-user-blk-test", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
-        os.ftruncate(self.fd, BIG_MEM)
-        self.map = mmap.mmap(self.fd, BIG_MEM)
-        self.avail_idx = 0
-
-    def region(self) -> m.MemoryRegion:
-        return m.MemoryRegion(MEM_GPA, BIG_MEM, MEM_UVA, 0)
+        super().__init__(BIG_MEM, name="vhost-user-blk-test")
 
     def table(self, d: int, at: int, rtype: int, sector: int, pages: list[int], *,
               outside: int | None = None) -> int:
