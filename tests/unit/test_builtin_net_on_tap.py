@@ -33,6 +33,18 @@ def tap_fds_of(pid: int, tap_fd: int) -> str:
     return os.readlink(f"/proc/{pid}/fd/{tap_fd}")
 
 
+def open_files(pid: int) -> dict[str, str]:
+    """fd -> what it is, for the fds ``pid`` holds; one it closes between the listing and
+    the look-up (the ready back-end still opens and closes files) is left out."""
+    files = {}
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            files[fd] = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except FileNotFoundError:
+            pass
+    return files
+
+
 def test_two_builtin_backends_in_turn_serve_the_vmms_tap_through_its_fd(hostnet) -> None:
     tap = hostnet.tap
     with IPRoute() as ipr:
@@ -42,8 +54,8 @@ def test_two_builtin_backends_in_turn_serve_the_vmms_tap_through_its_fd(hostnet)
         try:
             assert tap_fds_of(proc.process.pid, tap.fd) == "/dev/net/tun"
             # Its only TAP is the inherited one: no other /dev/net/tun fd.
-            fds = os.listdir(f"/proc/{proc.process.pid}/fd")
-            tuns = [fd for fd in fds if tap_fds_of(proc.process.pid, int(fd)) == "/dev/net/tun"]
+            files = open_files(proc.process.pid)
+            tuns = [fd for fd, what in files.items() if what == "/dev/net/tun"]
             assert tuns == [str(tap.fd)]
             frontend = VhostUserNetBackend(proc.socket_path, "client", connect_timeout=30)
             try:
