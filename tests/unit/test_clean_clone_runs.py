@@ -90,6 +90,8 @@ def test_runs_clone_the_repository_run_ci_keep_each_log_and_point_setup_back(
 ) -> None:
     repo = fake_repository(tmp_path / "repo", "echo 'scripts/test: e2e tier, attempt 1 (x)'\n"
                            "echo 'scripts/test: all tiers passed (y)'\n"
+                           "mkdir -p results/mutation && echo '<x/>' > results/e2e-junit.xml\n"
+                           "touch results/mutation/big.log\n"
                            "test -d .git && test ! -e setup-ran\n")  # a fresh clone each time
     monkeypatch.setattr(ccr, "REPO", repo)
     assert ccr.main(["-n", "2", "--workdir", str(tmp_path)]) == 0
@@ -98,6 +100,9 @@ def test_runs_clone_the_repository_run_ci_keep_each_log_and_point_setup_back(
     assert out.strip().endswith("clean_clone_runs_first_attempt=2")
     logs = repo / "results" / "clean-clone-runs"
     assert "all tiers passed" in (logs / "run-2.log").read_text()
+    # What the tests left in the clone's results/ is kept, its folders are not.
+    assert (logs / "run-2" / "e2e-junit.xml").read_text() == "<x/>\n"
+    assert sorted(p.name for p in (logs / "run-1").iterdir()) == ["e2e-junit.xml"]
     assert (repo / "setup-ran").exists()  # the editable install pointed back here
     assert not list(tmp_path.glob("pymvm-clean-clone-*"))  # the clones are gone
 
