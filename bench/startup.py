@@ -178,11 +178,12 @@ def dependency_imports(importtime: str) -> list[str]:
     pymvm.lazy loads it with structlog's ``__init__`` pending) would load that package too,
     so it is left out, and only its own imports are made: the floor understates, never
     overstates, what pymvm's dependencies cost."""
+    lines = _importtime_lines(importtime)
     pending: dict[int, list[tuple[str, list]]] = {}
-    for depth, name in _importtime_lines(importtime):
+    for depth, name in lines:
         children = pending.pop(depth + 1, [])
         pending.setdefault(depth, []).append((name, children))
-    listed = set(imported_modules(importtime))
+    listed = {name for _, name in lines}
     order: list[str] = []
 
     def visit(nodes: list[tuple[str, list]]) -> None:
@@ -315,18 +316,16 @@ def main() -> int:
                 print(f"run {i + 1:2d} {name:6s} exec to {until}: CPU {c * 1000:7.1f} ms, "
                       f"wall {w * 1000:7.1f} ms, {f} page faults", flush=True)
         for name, argv in vmms.items():
-            if name in exiting:
-                print(f"{name}: CPU median {statistics.median(cpu[name]) * 1000:.1f} ms "
-                      f"(min {min(cpu[name]) * 1000:.1f}), wall median "
-                      f"{statistics.median(wall[name]) * 1000:.1f} ms, "
-                      f"{statistics.median(faults[name]):.0f} page faults (to its exit)", flush=True)
-                continue
-            total, per_call = count_syscalls(argv, tmp, cwd=where.get(name, ROOT))
-            top = ", ".join(f"{k} {v}" for k, v in sorted(per_call.items(), key=lambda kv: -kv[1])[:8])
             line = (f"{name}: CPU median {statistics.median(cpu[name]) * 1000:.1f} ms "
                     f"(min {min(cpu[name]) * 1000:.1f}), wall median "
                     f"{statistics.median(wall[name]) * 1000:.1f} ms, "
-                    f"{statistics.median(faults[name]):.0f} page faults, {total} system calls ({top})")
+                    f"{statistics.median(faults[name]):.0f} page faults")
+            if name in exiting:
+                print(f"{line} (to its exit)", flush=True)
+                continue
+            total, per_call = count_syscalls(argv, tmp, cwd=where.get(name, ROOT))
+            top = ", ".join(f"{k} {v}" for k, v in sorted(per_call.items(), key=lambda kv: -kv[1])[:8])
+            line += f", {total} system calls ({top})"
             if name in where and name != "no-pth":
                 line += f", {count_modules(argv, cwd=where[name])} modules imported"
             print(line, flush=True)
