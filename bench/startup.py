@@ -21,7 +21,11 @@ before any of pymvm's code runs, in the same interleaved runs: the interpreter a
 (`python -S -c pass`) and the interpreter importing every module that is not pymvm's which
 pymvm imports up to its first KVM_RUN (read from `-X importtime` of pymvm started with
 `python -S`), and prints `python_floor_ratio=X` (the second / QEMU): a pymvm start-up ratio
-below it would need fewer of those modules, not a faster pymvm. Prints per-run lines, then medians
+below it would need fewer of those modules, not a faster pymvm. It also adds the least that
+the chosen stack needs before any VMM on it can read its TOML file and make a KVM ioctl: the
+interpreter importing tomllib and pymvm's compiled cffi module of KVM's numbers and layouts
+(with _cffi_backend), loaded from its file without the pymvm package, and prints
+`stack_floor_ratio=X` (that / QEMU). Prints per-run lines, then medians
 and `native_startup_cpu_ratio=X` (pymvm / QEMU; QEMU is skipped with --no-qemu). Run it
 directly: python3 bench/startup.py [-n RUNS], or inside the nested host:
 python -m pymvm.nested -- python3 bench/startup.py.
@@ -222,6 +226,21 @@ def floor_argv(python: str, imports: list[str]) -> list[str]:
     return [python, "-S", "-c", code]
 
 
+def stack_floor_argv(python: str, root: Path = ROOT) -> list[str]:
+    """``python -S`` importing the least a VMM on this stack loads before it can read its
+    config and make its first KVM ioctl: tomllib, and ``root``'s compiled cffi module of
+    KVM's numbers and layouts (which loads ``_cffi_backend``), by its file name from its
+    folder, so that the pymvm package is not imported. Then it exits."""
+    import importlib.util
+
+    backend = importlib.util.find_spec("_cffi_backend")
+    if backend is None or backend.origin is None:
+        raise RuntimeError("_cffi_backend not found: pip install cffi")
+    path = [str(root / "pymvm" / "kvm"), os.path.dirname(backend.origin)]
+    code = f"import sys\nsys.path[:0] = {path!r}\nimport tomllib, _kvm_cffi"
+    return [python, "-S", "-c", code]
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("-n", "--runs", type=int, default=21, help="timed runs per VMM (interleaved)")
@@ -241,8 +260,9 @@ def main() -> int:
                    help="also measure pymvm with a vsock device (bench/boot's first-exec VM; "
                         "needs /dev/vhost-vsock)")
     p.add_argument("--floor", action="store_true",
-                   help="also measure the interpreter alone (python -S -c pass) and the "
-                        "interpreter importing the modules, not pymvm's, that pymvm imports")
+                   help="also measure the interpreter alone (python -S -c pass), the "
+                        "interpreter importing the modules, not pymvm's, that pymvm imports, "
+                        "and the interpreter importing tomllib and the compiled KVM module")
     args = p.parse_args()
 
     from pymvm.images.initramfs import build_initramfs, encode_cmd
@@ -288,7 +308,8 @@ def main() -> int:
             modules = imported_modules(importtime)
             vmms["interp"] = [sys.executable, "-S", "-c", "pass"]
             vmms["deps"] = floor_argv(sys.executable, dependency_imports(importtime))
-            exiting = {"interp", "deps"}
+            vmms["stack"] = stack_floor_argv(sys.executable)
+            exiting = {"interp", "deps", "stack"}
             print(f"floor: deps loads the {sum(not _is_pymvms(m) for m in modules)} modules, not "
                   f"pymvm's, of the {len(modules)} that pymvm started with python -S imports",
                   flush=True)
@@ -335,6 +356,8 @@ def main() -> int:
             if args.floor:
                 floor = statistics.median(cpu["deps"]) / statistics.median(cpu["qemu"])
                 print(f"python_floor_ratio={floor:.3f}")
+                stack = statistics.median(cpu["stack"]) / statistics.median(cpu["qemu"])
+                print(f"stack_floor_ratio={stack:.3f}")
     return 0
 
 

@@ -74,3 +74,17 @@ def test_the_floor_reimports_what_pymvm_imported_and_lets_failed_imports_fail(st
     theirs = {m for m in startup.imported_modules(out) if not m.startswith("pymvm")}
     assert theirs <= set(startup.imported_modules(again))
     assert not any(m.startswith("pymvm") for m in startup.imported_modules(again))
+
+
+def test_the_stack_floor_loads_tomllib_and_the_compiled_kvm_module_without_pymvm(startup) -> None:
+    # The least a VMM on this stack loads before it reads its config and makes a KVM ioctl.
+    argv = startup.stack_floor_argv(sys.executable)
+    assert argv[:3] == [sys.executable, "-S", "-c"]
+    out = subprocess.run([argv[0], "-X", "importtime", *argv[1:]], capture_output=True,
+                         text=True, check=True, cwd="/").stderr
+    modules = startup.imported_modules(out)
+    assert {"tomllib", "_cffi_backend", "_kvm_cffi"} <= set(modules)
+    assert not any(m == "pymvm" or m.startswith("pymvm.") for m in modules)
+    # The module it loads is pymvm's own build (the file under ROOT/pymvm/kvm).
+    check = argv[-1] + "\nassert _kvm_cffi.__file__.startswith(sys.path[0]), _kvm_cffi.__file__"
+    subprocess.run([*argv[:-1], check], check=True, cwd="/")
